@@ -1,0 +1,275 @@
+"""The public Python API the CLI is written on.
+
+    from clapcli import load_model
+    m = load_model("laion/clap-htsat-fused")          # hub id, local directory or LAION .pt
+    a = m.embed_audio(["kick.wav", "rain.flac"])       # (2, 512), L2-normalised
+    t = m.embed_text(["a kick drum", "rain"])           # (2, 512)
+    scores = a @ t.T
+
+Audio rules (see README "How audio is embedded"): decode → mono → 48 kHz → int16 round trip; clips
+≤ 10 s are repeat-padded; a fused model embeds a longer file in one pass with feature fusion, an
+unfused one as the normalised mean of full-coverage 10 s windows. Files longer than 10 s also get
+one embedding per window ("segments"), the last window aligned to the file end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .audio.decode import load_audio, to_model_rate
+from .audio.features import FeatureBuilder, window_starts
+from .errors import ClapError
+from .models.checkpoints import LoadedCheckpoint, load_checkpoint, save_own
+from .models.registry import DEFAULT_MODEL
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class Segment:
+    start: float  # seconds
+    end: float  # seconds
+    embedding: np.ndarray  # (D,) L2-normalised
+
+
+@dataclass
+class AudioEmbedding:
+    path: str | None
+    duration: float  # seconds
+    embedding: np.ndarray | None  # (D,) L2-normalised file-level embedding; None on error
+    segments: list[Segment] = field(default_factory=list)  # 10 s windows, only for files longer than 10 s
+    error: str | None = None
+    sample_rate: int | None = None  # of the source file
+    channels: int | None = None  # of the source file
+
+
+def resolve_device(device: str | None) -> torch.device:
+    device = (device or "auto").lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ClapError("--device cuda was asked for, but torch sees no CUDA device")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ClapError(f"unknown device {device!r}; use auto, cpu or cuda") from exc
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 matrix work runs natively: recent CUDA GPUs, CPUs with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return " avx512_bf16" in flags or " amx_bf16" in flags
+    return False
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    precision = (precision or "auto").lower()
+    if precision not in PRECISIONS:
+        raise ClapError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+class Clap:
+    """A loaded model plus its front end, on one device, at one precision."""
+
+    def __init__(self, loaded: LoadedCheckpoint, device: torch.device, precision: str):
+        self.loaded = loaded
+        self.model = loaded.model.to(device).eval()
+        self.tokenizer = loaded.tokenizer
+        self.config = self.model.config
+        self.device = device
+        self.precision = precision
+        self.features = FeatureBuilder(self.config.frontend, self.config.fused, device)
+
+    # ---- identity -------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def dim(self) -> int:
+        return self.config.projection_dim
+
+    @property
+    def fused(self) -> bool:
+        return self.config.fused
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale_a.detach().exp())
+
+    @property
+    def identity_dict(self) -> dict:
+        """What must match for two embeddings to be comparable: weights, front end, dim."""
+        return {
+            "model": self.loaded.name,
+            "weights": self.loaded.fingerprint,
+            "frontend": self.config.frontend.__dict__,
+            "fused": self.fused,
+            "dim": self.dim,
+        }
+
+    @property
+    def identity(self) -> str:
+        return json.dumps(self.identity_dict, sort_keys=True)
+
+    # ---- text ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed_text(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        if isinstance(texts, str):
+            texts = [texts]
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tok = self.tokenizer(
+                list(texts[i : i + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.config.text.max_length,
+                return_tensors="pt",
+            )
+            with self._autocast():
+                emb = self.model.encode_text(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device))
+            out.append(emb.float().cpu().numpy())
+        return np.concatenate(out)
+
+    # ---- audio -----------------------------------------------------------------------------------------
+    def embed_audio(self, paths_or_arrays, sample_rate: int | None = None, batch_size: int = 8) -> np.ndarray:
+        """File-level embeddings (N, D). Arrays are mono or (T, C) samples at `sample_rate` (default 48 kHz)."""
+        items = [paths_or_arrays] if isinstance(paths_or_arrays, (str, os.PathLike, np.ndarray)) else paths_or_arrays
+        waves = []
+        for item in items:
+            if isinstance(item, (str, os.PathLike)):
+                waves.append(load_audio(item, self.config.frontend.sample_rate, self.config.frontend.quantize_int16))
+            else:
+                sr = sample_rate or self.config.frontend.sample_rate
+                waves.append(to_model_rate(np.asarray(item, dtype=np.float32), sr,
+                                           self.config.frontend.sample_rate, self.config.frontend.quantize_int16))
+        embs = self.embed_waveforms(waves, segments=False, batch_size=batch_size)
+        return np.stack([e.embedding for e in embs]) if embs else np.zeros((0, self.dim), np.float32)
+
+    def embed_waveforms(
+        self,
+        waves: Sequence[np.ndarray],
+        segments: bool = True,
+        batch_size: int = 8,
+        crop_starts: Sequence[tuple[int, int, int] | None] | None = None,
+    ) -> list[AudioEmbedding]:
+        """48 kHz mono (already quantised) waveforms → file embeddings and, if asked, window segments."""
+        sr, clip = self.config.frontend.sample_rate, self.config.frontend.clip_samples
+        # Every forward pass is a "job": (wave index, kind, samples, crop starts); kind is "file" or a window start.
+        jobs: list[tuple[int, object, np.ndarray, tuple | None]] = []
+        for i, wave in enumerate(waves):
+            n = len(wave)
+            if n == 0:
+                raise ClapError("cannot embed an empty waveform")
+            long = n > clip
+            if self.fused or not long:
+                jobs.append((i, "file", wave, crop_starts[i] if crop_starts else None))
+            if long and (segments or not self.fused):
+                for start in window_starts(n, clip):
+                    jobs.append((i, start, wave[start : start + clip], None))
+        vectors = self._run_jobs(jobs, batch_size)
+        results = [AudioEmbedding(None, len(w) / sr, None) for w in waves]
+        windows: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for (i, kind, _, _), vec in zip(jobs, vectors):
+            if kind == "file":
+                results[i].embedding = vec
+            else:
+                windows.setdefault(i, []).append((kind, vec))
+        for i, wins in windows.items():
+            if results[i].embedding is None:  # unfused long file: mean of normalised windows, renormalised
+                mean = np.mean([v for _, v in wins], axis=0)
+                results[i].embedding = (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)
+            if segments:
+                results[i].segments = [Segment(s / sr, min(s + clip, len(waves[i])) / sr, v) for s, v in wins]
+        return results
+
+    @torch.inference_mode()
+    def _run_jobs(self, jobs, batch_size: int) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        for b in range(0, len(jobs), batch_size):
+            chunk = jobs[b : b + batch_size]
+            feats, longer = self.features.clip_features([j[2] for j in chunk], [j[3] for j in chunk])
+            with self._autocast():
+                emb = self.model.encode_audio(feats, longer)
+            out.extend(emb.float().cpu().numpy())
+        return out
+
+    def embed_files(
+        self,
+        paths: Iterable[str | os.PathLike],
+        batch_size: int = 8,
+        segments: bool = True,
+        workers: int = 0,
+        on_error: Callable[[str, str], None] | None = None,
+    ) -> Iterator[AudioEmbedding]:
+        """Decode (in `workers` DataLoader processes when > 0) and embed, yielding one result per path, in order.
+
+        A file that cannot be decoded yields an AudioEmbedding with `error` set; the run goes on."""
+        from .audio.loader import iter_decoded
+
+        pending: list = []
+
+        def flush():
+            good = [d for d in pending if d.error is None]
+            embs = self.embed_waveforms([d.samples for d in good], segments=segments, batch_size=batch_size)
+            it = iter(embs)
+            for d in pending:
+                if d.error is not None:
+                    if on_error:
+                        on_error(d.path, d.error)
+                    yield AudioEmbedding(d.path, 0.0, None, error=d.error)
+                else:
+                    e = next(it)
+                    e.path, e.sample_rate, e.channels = d.path, d.sample_rate, d.channels
+                    yield e
+            pending.clear()
+
+        sr, quantize = self.config.frontend.sample_rate, self.config.frontend.quantize_int16
+        for decoded in iter_decoded(paths, sr, quantize, workers):
+            pending.append(decoded)
+            if len(pending) >= batch_size:
+                yield from flush()
+        if pending:
+            yield from flush()
+
+    # ---- misc ------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the project's own format: config.json + model.safetensors + tokenizer files."""
+        return save_own(self.model, self.tokenizer, directory, {"source": self.loaded.name})
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    tokenizer: str | None = None,
+) -> Clap:
+    """Load a model: a hub id (default `laion/clap-htsat-fused`), a local directory, or an original .pt."""
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    loaded = load_checkpoint(name_or_path or os.environ.get("CLAP_MODEL") or DEFAULT_MODEL, tokenizer=tokenizer)
+    return Clap(loaded, dev, prec)

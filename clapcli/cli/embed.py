@@ -1,0 +1,105 @@
+"""`clap embed`: write audio and text embeddings to a .npy file or JSON lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import options, output
+
+
+def embed(
+    files: Optional[List[Path]] = typer.Argument(None, help="Audio files to embed.", show_default=False),
+    text: Optional[List[str]] = typer.Option(None, "--text", "-t", help="Text to embed (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write a float32 .npy of shape (N, D): "
+                                       "audio rows in argument order, then text rows."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line with the embedding."),
+    segments: bool = typer.Option(False, "--segments", help="With --json: add the 10 s window embeddings."),
+    model: Optional[str] = options.MODEL,
+    device: str = options.DEVICE,
+    precision: str = options.PRECISION,
+    batch_size: int = options.BATCH_SIZE,
+    tokenizer: Optional[str] = options.TOKENIZER,
+) -> None:
+    """Embed audio files and/or texts with the model (L2-normalised vectors)."""
+    import numpy as np
+
+    from ..errors import ClapError
+
+    files, text = files or [], text or []
+    if not files and not text:
+        raise ClapError("nothing to embed: give audio files and/or --text")
+    if out is not None and out.suffix != ".npy":
+        raise ClapError(f"--out must end in .npy, got {out}")
+    m = options.load(model, device, precision, tokenizer)
+    rows, records, failed = [], [], 0
+    with _progress(len(files)) as advance:
+        for e in m.embed_files(files, batch_size=batch_size, segments=segments):
+            advance()
+            if e.error:
+                failed += 1
+                output.stderr_console().print(f"[red]skipped:[/] {e.error}", highlight=False)
+                records.append({"type": "audio", "path": e.path, "error": e.error})
+                continue
+            rows.append(e.embedding)
+            rec = {"type": "audio", "path": e.path, "duration": round(e.duration, 4),
+                   "embedding": e.embedding.tolist()}
+            if segments and e.segments:
+                rec["segments"] = [{"start": round(s.start, 3), "end": round(s.end, 3),
+                                    "embedding": s.embedding.tolist()} for s in e.segments]
+            records.append(rec)
+    if text:
+        for t, vec in zip(text, m.embed_text(text)):
+            rows.append(vec)
+            records.append({"type": "text", "text": t, "embedding": vec.tolist()})
+    if out is not None:
+        np.save(out, np.stack(rows).astype(np.float32) if rows else np.zeros((0, m.dim), np.float32))
+        output.stderr_console().print(f"wrote {len(rows)} × {m.dim} embeddings to {out}", highlight=False)
+    if as_json or (out is None and not output.is_terminal()):
+        for rec in records:
+            output.json_line(rec)
+    elif out is None:
+        _table(records, m.dim)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _table(records, dim) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"embeddings ({dim}-d, L2-normalised; use --out or --json for the vectors)")
+    for col in ("type", "input", "duration", "first values"):
+        table.add_column(col)
+    for r in records:
+        head = " ".join(f"{v:+.3f}" for v in r.get("embedding", [])[:4]) if "embedding" in r else r.get("error", "")
+        table.add_row(r["type"], r.get("path") or r.get("text"), f"{r.get('duration', '')}", head)
+    output.stdout_console().print(table)
+
+
+class _progress:
+    """A rich progress bar on stderr for more than one file; a no-op otherwise."""
+
+    def __init__(self, total: int, label: str = "embedding"):
+        self.total, self.label, self.bar = total, label, None
+
+    def __enter__(self):
+        import sys
+
+        if self.total > 1 and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+            self.bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), console=output.stderr_console(), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=self.total)
+        return (lambda: self.bar.advance(self.task)) if self.bar else (lambda: None)
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.stop()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("embed")(embed)

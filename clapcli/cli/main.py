@@ -1,0 +1,49 @@
+"""The `clap` command: a typer app with one thin module per command.
+
+Torch, transformers and the model code are imported inside the commands, so `clap --help`
+and shell completion stay instant.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from . import embed, models, output
+
+app = typer.Typer(
+    name="clap",
+    help="Tag and search audio with contrastive language-audio models (LAION-CLAP).",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    output.state.debug = debug
+
+
+embed.register(app)
+models.register(app)
+
+for _module in ("tag", "index", "search"):
+    try:
+        __import__(f"{__package__}.{_module}", fromlist=["register"]).register(app)
+    except ModuleNotFoundError as _exc:  # a command still being built is simply absent
+        if _exc.name != f"{__package__}.{_module}":
+            raise
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except SystemExit as exc:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every error becomes one line and an exit code
+        sys.exit(output.report_exception(exc))

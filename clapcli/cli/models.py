@@ -1,0 +1,53 @@
+"""`clap models list|pull`: the known released models and the local cache."""
+
+from __future__ import annotations
+
+import typer
+
+from . import output
+
+models_app = typer.Typer(help="List and download released CLAP models.", no_args_is_help=True)
+
+
+@models_app.command("list")
+def list_models(as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
+    """Known models: name, architecture, fused, embedding dim, and whether the weights are cached."""
+    from ..models.registry import DEFAULT_MODEL, KNOWN_MODELS, is_cached
+
+    rows = [
+        {"name": m.name, "architecture": m.architecture, "fused": m.fused, "dim": m.dim,
+         "cached": is_cached(m.name), "default": m.name == DEFAULT_MODEL, "note": m.note}
+        for m in KNOWN_MODELS.values()
+    ]
+    if as_json or not output.is_terminal():
+        for r in rows:
+            output.json_line(r)
+        return
+    from rich.table import Table
+
+    table = Table(title="CLAP models")
+    for col in ("name", "architecture", "fused", "dim", "cached", "note"):
+        table.add_column(col)
+    for r in rows:
+        name = r["name"] + (" (default)" if r["default"] else "")
+        table.add_row(name, r["architecture"], "yes" if r["fused"] else "no", str(r["dim"]),
+                      "[green]yes[/]" if r["cached"] else "no", r["note"])
+    output.stdout_console().print(table)
+
+
+@models_app.command("pull")
+def pull(name: str = typer.Argument(..., help="A name from `clap models list` or any hub id.")) -> None:
+    """Download a model's weights into the Hugging Face cache (needs network)."""
+    from ..models.registry import ROBERTA_TOKENIZER, fetch, lookup
+
+    path = fetch(name, download=True)
+    known = lookup(name)
+    if known is not None and known.filename:  # original .pt files carry no tokenizer
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(ROBERTA_TOKENIZER)
+    output.stderr_console().print(f"{name}: cached at {path}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(models_app, name="models")

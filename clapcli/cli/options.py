@@ -1,0 +1,23 @@
+"""Options shared by every command that runs a model."""
+
+from __future__ import annotations
+
+import typer
+
+MODEL = typer.Option(
+    None, "--model", "-m", envvar="CLAP_MODEL",
+    help="Hub id, local model directory or LAION .pt file. [default: laion/clap-htsat-fused]",
+)
+DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda.")
+PRECISION = typer.Option(
+    "auto", "--precision",
+    help="auto (bf16 where the device runs it natively, else fp32), fp32 (exact) or bf16.",
+)
+BATCH_SIZE = typer.Option(8, "--batch-size", "-b", min=1, help="Clips per forward pass.")
+TOKENIZER = typer.Option(None, "--tokenizer", help="Tokenizer directory or hub id for .pt checkpoints.")
+
+
+def load(model, device, precision, tokenizer=None):
+    from ..api import load_model
+
+    return load_model(model, device=device, precision=precision, tokenizer=tokenizer)

@@ -1,0 +1,315 @@
+"""Every checkpoint format, auto-detected and loaded strictly.
+
+1. Hugging Face CLAP directories and hub ids (`config.json` with `audio_config`, `model.safetensors`).
+2. Original LAION `.pt` files: architecture inferred from the state dict, keys renamed to ours.
+3. The project's own format: `config.json` (`"format": "clapcli"`) + `model.safetensors` + tokenizer.
+
+Nothing here executes pickled code: `.pt` files go through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, WeightsNotAvailable
+from . import registry
+from .clap import ClapModel, from_checkpoint_key
+from .config import AudioConfig, ClapConfig, FrontEndConfig, TextConfig
+
+OWN_FORMAT = "clapcli"
+OWN_FORMAT_VERSION = 1
+
+# Buffers a model rebuilds from its config. Checkpoints may carry them or not; they are never compared.
+DERIVED_KEY = re.compile(r"(embeddings\.position_ids|embeddings\.token_type_ids|relative_position_index|attn_mask)$")
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: ClapModel
+    tokenizer: Any
+    name: str  # what the user asked for
+    source: str  # resolved local path
+    kind: str  # "huggingface" | "laion" | "clapcli"
+    fingerprint: str  # short hash of the weights file(s)
+
+
+def load_checkpoint(name_or_path: str | os.PathLike, tokenizer: str | None = None, download: bool = True):
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if not path.exists():
+        if registry.lookup(name) is None and (name.startswith((".", "/", "~")) or name.endswith((".pt", ".pth"))):
+            raise CheckpointError(f"no such checkpoint file or directory: {name}")
+        path = Path(registry.fetch(name, download=download))
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.exists():
+            raise CheckpointError(f"{path} has no config.json: not a CLAP model directory")
+        config = json.loads(config_file.read_text())
+        if config.get("format") == OWN_FORMAT:
+            return _load_own(path, config, name)
+        if "audio_config" in config:
+            return _load_hf(path, config, name)
+        raise CheckpointError(f"{path}/config.json is not a CLAP config (no audio_config, not a clapcli model)")
+    if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        return _load_laion(path, name, tokenizer, download)
+    raise CheckpointError(f"cannot tell what kind of checkpoint {path} is (expected a directory or a .pt file)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loaders
+
+
+def _load_hf(path: Path, config: dict, name: str) -> LoadedCheckpoint:
+    pre_file = path / "preprocessor_config.json"
+    pre = json.loads(pre_file.read_text()) if pre_file.exists() else {}
+    cfg = ClapConfig.from_hf_dict(config, pre)
+    state = _read_safetensors(path)
+    model = build_and_load(cfg, state, str(path))
+    return LoadedCheckpoint(model, _tokenizer_from_dir(path), name, str(path), "huggingface", _fingerprint(path))
+
+
+def _load_own(path: Path, config: dict, name: str) -> LoadedCheckpoint:
+    version = config.get("format_version", 0)
+    if version > OWN_FORMAT_VERSION:
+        raise CheckpointError(f"{path} was saved by a newer clapcli (format {version}); upgrade clapcli to load it")
+    cfg = ClapConfig.from_dict(config["config"])
+    model = build_and_load(cfg, _read_safetensors(path), str(path))
+    return LoadedCheckpoint(model, _tokenizer_from_dir(path), name, str(path), "clapcli", _fingerprint(path))
+
+
+def _load_laion(path: Path, name: str, tokenizer: str | None, download: bool) -> LoadedCheckpoint:
+    raw = safe_torch_load(path)
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    if any(k.startswith(("audio_encoder.", "audio_transform.")) for k in state) and not any(
+        "audio_branch" in k for k in state
+    ):
+        raise CheckpointError(f"{path} looks like a Wav2CLIP checkpoint; Wav2CLIP is not supported yet")
+    hf_state = convert_laion_state_dict(state)
+    cfg = infer_laion_config(hf_state)
+    model = build_and_load(cfg, hf_state, str(path))
+    tok_source = tokenizer or (registry.ROBERTA_TOKENIZER if cfg.text.model_type == "roberta" else "bert-base-uncased")
+    tok = _tokenizer_from_source(tok_source, download)
+    return LoadedCheckpoint(model, tok, name, str(path), "laion", _fingerprint(path))
+
+
+def safe_torch_load(path: Path) -> Any:
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"refusing to load {path}: it holds pickled objects other than tensors, which could run code "
+            f"({reason[:160]}). Only plain state dicts are loaded; convert it with a trusted tool first"
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"cannot read {path} as a torch checkpoint: {str(exc).splitlines()[0]}") from exc
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} has no *.safetensors weights (pytorch_model.bin is not loaded: it is a pickle)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+def _tokenizer_from_dir(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def _tokenizer_from_source(source: str, download: bool):
+    from transformers import AutoTokenizer
+
+    if Path(source).expanduser().is_dir():
+        return _tokenizer_from_dir(Path(source).expanduser())
+    for local_only in ([True, False] if download else [True]):
+        try:
+            return AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        except Exception:
+            continue
+    raise WeightsNotAvailable(
+        f"the tokenizer {source!r} is not in the Hugging Face cache and cannot be downloaded here; "
+        f"fetch it on a connected machine or pass --tokenizer PATH"
+    )
+
+
+def _fingerprint(path: Path) -> str:
+    """Hash of size + first and last 4 MiB of each weights file: cheap, and changes with any re-save."""
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    h = hashlib.blake2b(digest_size=8)
+    for f in files:
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(4 << 20))
+            if size > 8 << 20:
+                fh.seek(-(4 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Strict loading with a readable diff
+
+
+def build_and_load(cfg: ClapConfig, state: dict[str, torch.Tensor], source: str) -> ClapModel:
+    model = ClapModel(cfg)
+    expected = {k: v for k, v in model.hf_state_dict().items() if not DERIVED_KEY.search(k)}
+    given = {k: v for k, v in state.items() if not DERIVED_KEY.search(k)}
+    diff = state_dict_diff(expected, given)
+    if diff:
+        raise CheckpointError(f"{source} does not match the architecture it declares:\n{diff}")
+    model.load_state_dict({from_checkpoint_key(k): v for k, v in given.items()}, strict=False)
+    return model.eval()
+
+
+def state_dict_diff(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], limit: int = 12) -> str:
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    shapes = [
+        f"  {k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(given))
+        if tuple(expected[k].shape) != tuple(given[k].shape)
+    ]
+    parts = []
+    for title, rows in (
+        ("missing from the checkpoint", [f"  {k}" for k in missing]),
+        ("not used by the model", [f"  {k}" for k in unexpected]),
+        ("shape mismatches", shapes),
+    ):
+        if rows:
+            more = f"\n  … and {len(rows) - limit} more" if len(rows) > limit else ""
+            parts.append(f"{len(rows)} {title}:\n" + "\n".join(rows[:limit]) + more)
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Original LAION checkpoints: key names and architecture
+
+LAION_RENAMES = [
+    ("text_branch", "text_model"),
+    ("audio_branch", "audio_model.audio_encoder"),
+    ("attn", "attention.self"),
+    ("self.proj", "output.dense"),
+    ("attention.self_mask", "attn_mask"),
+    ("mlp.fc1", "intermediate.dense"),
+    ("mlp.fc2", "output.dense"),
+    ("norm1", "layernorm_before"),
+    ("norm2", "layernorm_after"),
+    ("bn0", "batch_norm"),
+]
+# Tensors of the original model that inference does not use (front-end buffers, AudioSet heads, MLP-loss heads).
+LAION_UNUSED = re.compile(
+    r"^(audio_branch\.(spectrogram_extractor|logmel_extractor|tscam_conv|head)\.|(audio|text)_transform\.)"
+)
+
+
+def convert_laion_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original LAION-CLAP keys → ours (= the transformers port's), qkv split into query/key/value."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("module."):
+            key = key[len("module.") :]
+        if LAION_UNUSED.match(key):
+            continue
+        for old, new in LAION_RENAMES:
+            key = key.replace(old, new)
+        key = re.sub(r"_projection\.(\d+)\.", lambda m: "_projection.linear1." if m.group(1) == "0" else
+                     "_projection.linear2.", key)
+        if ".qkv." in key:
+            third = value.shape[0] // 3
+            for i, part in enumerate(("query", "key", "value")):
+                out[key.replace("qkv", part)] = value[i * third : (i + 1) * third]
+            continue
+        out[key] = value
+    return out
+
+
+def infer_laion_config(state: dict[str, torch.Tensor]) -> ClapConfig:
+    enc = "audio_model.audio_encoder."
+    if enc + "patch_embed.proj.weight" not in state:
+        raise CheckpointError("not a LAION-CLAP HTSAT checkpoint (no audio_branch.patch_embed.proj.weight); "
+                              "PANN audio encoders are not supported yet")
+    if "text_model.token_embedding.weight" in state:
+        raise CheckpointError("LAION checkpoints with the CLIP-transformer text tower are not supported yet")
+    width = state[enc + "patch_embed.proj.weight"].shape[0]
+    depths, heads = [], []
+    for stage in range(8):
+        blocks = {int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(enc)}layers\.{stage}\.blocks\.(\d+)\.", k))}
+        if not blocks:
+            break
+        depths.append(max(blocks) + 1)
+        heads.append(state[f"{enc}layers.{stage}.blocks.0.attention.self.relative_position_bias_table"].shape[1])
+    fused = enc + "patch_embed.mel_conv2d.weight" in state
+    audio = AudioConfig(
+        patch_embeds_hidden_size=width,
+        depths=depths,
+        num_attention_heads=heads,
+        enable_fusion=fused,
+        hidden_size=width * 2 ** (len(depths) - 1),
+    )
+    vocab, hidden = state["text_model.embeddings.word_embeddings.weight"].shape
+    positions = state["text_model.embeddings.position_embeddings.weight"].shape[0]
+    types = state["text_model.embeddings.token_type_embeddings.weight"].shape[0]
+    layers = len({m.group(1) for k in state if (m := re.match(r"text_model\.encoder\.layer\.(\d+)\.", k))})
+    roberta = types == 1
+    text = TextConfig(
+        model_type="roberta" if roberta else "bert",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),  # head width 64 in every released tower; not stored
+        intermediate_size=state["text_model.encoder.layer.0.intermediate.dense.weight"].shape[0],
+        max_position_embeddings=positions,
+        type_vocab_size=types,
+        layer_norm_eps=1e-5 if roberta else 1e-12,  # the original towers' own configs
+        pad_token_id=1 if roberta else 0,
+        bos_token_id=0 if roberta else 101,
+        eos_token_id=2 if roberta else 102,
+    )
+    return ClapConfig(
+        audio=audio,
+        text=text,
+        frontend=FrontEndConfig(mel_scale="htk" if fused else "slaney"),
+        projection_dim=state["audio_projection.linear2.weight"].shape[0],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving in the project's own format
+
+
+def save_own(model: ClapModel, tokenizer, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.hf_state_dict().items() if not DERIVED_KEY.search(k)}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": OWN_FORMAT})
+    config = {"format": OWN_FORMAT, "format_version": OWN_FORMAT_VERSION, "config": model.config.to_dict()}
+    config.update(extra or {})
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    return directory

@@ -1,0 +1,228 @@
+"""HTSAT: the hierarchical token-semantic audio transformer (a Swin transformer over a folded mel).
+
+Parameter names follow the transformers port (`audio_model.audio_encoder.*`), so Hugging Face
+checkpoints load without renaming and original LAION checkpoints need one documented key map
+(see checkpoints.py). Inference-only details that matter for fidelity:
+- BatchNorm over the mel-bin axis, then a bicubic (align_corners=True) stretch 1001 → 1024 frames;
+- the (1024, 64) mel is folded into a 256×256 image: row = time block k·64 + mel bin, column = frame;
+- fused models mix three local crops into the patch embedding with AFF, but only for clips marked
+  `is_longer`; every other clip runs the global path alone (the original evaluation rule).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AudioConfig
+from .fusion import AFFBlock
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        width, p = cfg.patch_embeds_hidden_size, cfg.patch_size
+        self.enable_fusion = cfg.enable_fusion
+        self.proj = nn.Conv2d(1, width, kernel_size=p, stride=p)
+        self.norm = nn.LayerNorm(width)
+        if cfg.enable_fusion:
+            self.fusion_model = AFFBlock(width, cfg.aff_block_r)
+            self.mel_conv2d = nn.Conv2d(1, width, kernel_size=(p, 3 * p), stride=(p, 3 * p))
+
+    def forward(self, image: torch.Tensor, longer_idx: torch.Tensor | None) -> torch.Tensor:
+        # image: (B, C, 256, 256), C = 4 for fused inputs (global + three local crops)
+        x = self.proj(image[:, 0:1])  # (B, D, 64, 64)
+        if self.enable_fusion and longer_idx is not None and longer_idx.numel() > 0:
+            local = image[longer_idx, 1:]  # (B', 3, 256, 256)
+            b, crops, h, w = local.shape
+            local = self.mel_conv2d(local.reshape(b * crops, 1, h, w))  # (B'·3, D, 64, 21)
+            _, d, lh, lw = local.shape
+            local = local.view(b, crops, d, lh, lw).permute(0, 2, 3, 1, 4).flatten(3)  # (B', D, 64, 63)
+            local = F.pad(local, (0, x.shape[-1] - local.shape[-1]))  # (B', D, 64, 64)
+            x = x.clone()
+            x[longer_idx] = self.fusion_model(x[longer_idx], local)
+        x = x.flatten(2).transpose(1, 2)  # (B, 64·64, D)
+        return self.norm(x)
+
+
+def window_partition(x: torch.Tensor, w: int) -> torch.Tensor:
+    b, h, wd, c = x.shape  # (B, H, W, C) -> (B·nW, w·w, C)
+    x = x.view(b, h // w, w, wd // w, w, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, w * w, c)
+
+
+def window_reverse(windows: torch.Tensor, w: int, h: int, wd: int) -> torch.Tensor:
+    c = windows.shape[-1]  # (B·nW, w·w, C) -> (B, H, W, C)
+    x = windows.view(-1, h // w, wd // w, w, w, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, h, wd, c)
+
+
+def relative_position_index(w: int) -> torch.Tensor:
+    coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)  # (2, w²)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (w - 1)  # (w², w², 2)
+    return rel[..., 0] * (2 * w - 1) + rel[..., 1]
+
+
+def shift_mask(h: int, wd: int, w: int, shift: int) -> torch.Tensor:
+    """Additive mask (nW, w², w²): −100 between tokens that came from different regions after the roll."""
+
+    def regions(n: int) -> torch.Tensor:
+        idx = torch.arange(n)
+        return (idx >= n - w).long() + (idx >= n - shift).long()
+
+    img = (regions(h)[:, None] * 3 + regions(wd)[None, :]).float()[None, :, :, None]  # (1, H, W, 1)
+    win = window_partition(img, w).squeeze(-1)  # (nW, w²)
+    diff = win[:, None, :] - win[:, :, None]
+    return torch.where(diff != 0, torch.tensor(-100.0), torch.tensor(0.0))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, window: int, qkv_bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Linear(dim, dim, bias=qkv_bias)
+        self.key = nn.Linear(dim, dim, bias=qkv_bias)
+        self.value = nn.Linear(dim, dim, bias=qkv_bias)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+        self.register_buffer("relative_position_index", relative_position_index(window))
+
+
+class AttentionOutput(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, window: int, qkv_bias: bool):
+        super().__init__()
+        setattr(self, "self", SelfAttention(dim, heads, window, qkv_bias))
+        self.output = AttentionOutput(dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        att: SelfAttention = getattr(self, "self")
+        bw, n, c = x.shape  # (B·nW, w², C)
+        hd = c // att.heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(bw, n, att.heads, hd).transpose(1, 2)  # (B·nW, heads, w², hd)
+
+        q, k, v = split(att.query(x)), split(att.key(x)), split(att.value(x))
+        bias = att.relative_position_bias_table[att.relative_position_index.view(-1)]
+        bias = bias.view(n, n, att.heads).permute(2, 0, 1).to(q.dtype)  # (heads, w², w²)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None])
+        else:
+            nw = mask.shape[0]
+            full = bias[None] + mask.to(q.dtype)[:, None]  # (nW, heads, w², w²)
+            q, k, v = (t.reshape(bw // nw, nw, att.heads, n, hd) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=full[None])
+        out = out.reshape(bw, att.heads, n, hd).transpose(1, 2).reshape(bw, n, c)
+        return self.output.dense(out)
+
+
+class Dense(nn.Module):
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.dense = nn.Linear(d_in, d_out)
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, cfg: AudioConfig, dim: int, heads: int, resolution: int, shift: int):
+        super().__init__()
+        self.window = min(cfg.window_size, resolution)
+        self.shift = 0 if resolution <= cfg.window_size else shift
+        self.resolution = resolution
+        hidden = int(dim * cfg.mlp_ratio)
+        self.layernorm_before = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.attention = Attention(dim, heads, self.window, cfg.qkv_bias)
+        self.layernorm_after = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.intermediate = Dense(dim, hidden)
+        self.output = Dense(hidden, dim)
+        mask = shift_mask(resolution, resolution, self.window, self.shift) if self.shift else None
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape  # (B, H·W, C)
+        r, w, s = self.resolution, self.window, self.shift
+        h = self.layernorm_before(x).view(b, r, r, c)
+        if s:
+            h = torch.roll(h, shifts=(-s, -s), dims=(1, 2))
+        h = self.attention(window_partition(h, w), self.attn_mask)
+        h = window_reverse(h, w, r, r)
+        if s:
+            h = torch.roll(h, shifts=(s, s), dims=(1, 2))
+        x = x + h.reshape(b, n, c)
+        return x + self.output.dense(F.gelu(self.intermediate.dense(self.layernorm_after(x))))
+
+
+class PatchMerging(nn.Module):
+    def __init__(self, dim: int, resolution: int):
+        super().__init__()
+        self.resolution = resolution
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, c = x.shape
+        r = self.resolution
+        x = x.view(b, r, r, c)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x.view(b, -1, 4 * c)))  # (B, H·W/4, 2C)
+
+
+class Stage(nn.Module):
+    def __init__(self, cfg: AudioConfig, dim: int, depth: int, heads: int, resolution: int, downsample: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            SwinBlock(cfg, dim, heads, resolution, 0 if i % 2 == 0 else cfg.window_size // 2) for i in range(depth)
+        )
+        self.downsample = PatchMerging(dim, resolution) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+class HTSAT(nn.Module):
+    """Mel features (B, C, 1001, 64) + is_longer (B,) → pooled audio features (B, 8·width)."""
+
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.freq_ratio = cfg.spec_size // cfg.num_mel_bins  # 4
+        self.batch_norm = nn.BatchNorm2d(cfg.num_mel_bins)
+        self.patch_embed = PatchEmbed(cfg)
+        grid = cfg.spec_size // cfg.patch_size  # 64
+        widths = [cfg.patch_embeds_hidden_size * 2**i for i in range(len(cfg.depths))]
+        self.layers = nn.ModuleList(
+            Stage(cfg, widths[i], cfg.depths[i], cfg.num_attention_heads[i], grid // 2**i, i < len(cfg.depths) - 1)
+            for i in range(len(cfg.depths))
+        )
+        self.norm = nn.LayerNorm(widths[-1], eps=cfg.layer_norm_eps)
+
+    def fold(self, mel: torch.Tensor) -> torch.Tensor:
+        b, c, t, f = mel.shape  # (B, C, 1001, 64)
+        width, height = self.cfg.spec_size * self.freq_ratio, self.cfg.spec_size // self.freq_ratio
+        if t > width or f > height:
+            raise ValueError(f"mel of {t} frames × {f} bins exceeds the encoder input ({width} × {height})")
+        if t < width:
+            mel = F.interpolate(mel, (width, f), mode="bicubic", align_corners=True)
+        if f < height:
+            mel = F.interpolate(mel, (mel.shape[2], height), mode="bicubic", align_corners=True)
+        b, c, t, f = mel.shape  # (B, C, 1024, 64)
+        mel = mel.reshape(b, c * self.freq_ratio, t // self.freq_ratio, f).permute(0, 1, 3, 2)
+        return mel.reshape(b, c, f * self.freq_ratio, t // self.freq_ratio)  # (B, C, 256, 256)
+
+    def forward(self, features: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.batch_norm(features.transpose(1, 3)).transpose(1, 3)  # BN over mel bins
+        longer_idx = None
+        if self.cfg.enable_fusion and is_longer is not None:
+            longer_idx = torch.nonzero(is_longer.reshape(-1).to(x.device)).flatten()
+        x = self.patch_embed(self.fold(x), longer_idx)  # (B, 4096, D)
+        for stage in self.layers:
+            x = stage(x)
+        x = self.norm(x)  # (B, 64, 8D)
+        return x.mean(dim=1)  # mean over all final tokens

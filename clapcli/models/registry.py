@@ -1,0 +1,99 @@
+"""Known released models: where they live and what they are. Data, not code paths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import WeightsNotAvailable
+
+DEFAULT_MODEL = "laion/clap-htsat-fused"
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    name: str  # what users type: a hub id, or a LAION file name without .pt
+    repo: str  # Hugging Face repository holding the weights
+    filename: str | None  # a single original .pt inside `repo`; None for a transformers directory
+    architecture: str  # audio encoder size
+    fused: bool  # feature fusion for > 10 s input
+    dim: int  # joint embedding width
+    note: str = ""
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    m.name: m
+    for m in [
+        KnownModel("laion/clap-htsat-fused", "laion/clap-htsat-fused", None, "HTSAT-tiny", True, 512,
+                   "default; converted from 630k-audioset-fusion-best.pt"),
+        KnownModel("laion/clap-htsat-unfused", "laion/clap-htsat-unfused", None, "HTSAT-tiny", False, 512,
+                   "converted from 630k-audioset-best.pt"),
+        KnownModel("laion/larger_clap_general", "laion/larger_clap_general", None, "HTSAT-base", False, 512,
+                   "general audio, music and speech"),
+        KnownModel("laion/larger_clap_music_and_speech", "laion/larger_clap_music_and_speech", None,
+                   "HTSAT-base", False, 512, "music and speech"),
+        KnownModel("laion/larger_clap_music", "laion/larger_clap_music", None, "HTSAT-base", False, 512,
+                   "text tower reported near-constant upstream; prefer larger_clap_general"),
+        KnownModel("630k-audioset-fusion-best", "lukewys/laion_clap", "630k-audioset-fusion-best.pt",
+                   "HTSAT-tiny", True, 512, "original LAION checkpoint"),
+        KnownModel("630k-audioset-best", "lukewys/laion_clap", "630k-audioset-best.pt", "HTSAT-tiny", False, 512,
+                   "original LAION checkpoint"),
+        KnownModel("630k-fusion-best", "lukewys/laion_clap", "630k-fusion-best.pt", "HTSAT-tiny", True, 512,
+                   "original LAION checkpoint"),
+        KnownModel("630k-best", "lukewys/laion_clap", "630k-best.pt", "HTSAT-tiny", False, 512,
+                   "original LAION checkpoint"),
+        KnownModel("music_audioset_epoch_15_esc_90.14", "lukewys/laion_clap",
+                   "music_audioset_epoch_15_esc_90.14.pt", "HTSAT-base", False, 512, "original LAION checkpoint"),
+        KnownModel("music_speech_epoch_15_esc_89.25", "lukewys/laion_clap",
+                   "music_speech_epoch_15_esc_89.25.pt", "HTSAT-base", False, 512, "original LAION checkpoint"),
+        KnownModel("music_speech_audioset_epoch_15_esc_89.98", "lukewys/laion_clap",
+                   "music_speech_audioset_epoch_15_esc_89.98.pt", "HTSAT-base", False, 512,
+                   "original LAION checkpoint"),
+    ]
+}
+
+# The tokenizer every released checkpoint was trained with (original .pt files do not carry one).
+ROBERTA_TOKENIZER = "FacebookAI/roberta-base"
+
+
+def lookup(name: str) -> KnownModel | None:
+    key = name[:-3] if name.endswith(".pt") else name
+    return KNOWN_MODELS.get(key)
+
+
+def hint(name: str) -> str:
+    return (
+        f"weights for {name!r} are not in the Hugging Face cache and cannot be downloaded here; "
+        f"run `clap models pull {name}` on a connected machine (the cache is $HF_HOME, "
+        f"~/.cache/huggingface by default), or pass --model PATH to a local copy"
+    )
+
+
+def fetch(name: str, download: bool) -> str:
+    """Local path of a known model (directory or .pt), from the cache or, if allowed, the hub."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    known = lookup(name)
+    repo = known.repo if known else name
+    filename = known.filename if known else None
+    attempts = [True, False] if download else [True]
+    last: Exception | None = None
+    for local_only in attempts:
+        try:
+            if filename:
+                return hf_hub_download(repo, filename, local_files_only=local_only)
+            return snapshot_download(
+                repo,
+                local_files_only=local_only,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "tokenizer*", "vocab*", "merges*"],
+            )
+        except Exception as exc:  # the hub raises many types for "not cached" and "no network"
+            last = exc
+    raise WeightsNotAvailable(hint(name)) from last
+
+
+def is_cached(name: str) -> bool:
+    try:
+        fetch(name, download=False)
+        return True
+    except WeightsNotAvailable:
+        return False

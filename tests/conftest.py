@@ -1,0 +1,52 @@
+"""Shared fixtures: an isolated CLAP_HOME, no hub access, and tiny random checkpoints on disk."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(autouse=True)
+def clap_home(tmp_path, monkeypatch):
+    home = tmp_path / "clap-home"
+    monkeypatch.setenv("CLAP_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("CLAP_MODEL", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_fused(tmp_path_factory):
+    """(directory, transformers ClapModel, tokenizer, feature extractor) of a fused tiny model."""
+    from tiny_models import save_hf_clap
+
+    d = tmp_path_factory.mktemp("tiny-fused")
+    return (d, *save_hf_clap(d, fused=True, seed=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_unfused(tmp_path_factory):
+    from tiny_models import save_hf_clap
+
+    d = tmp_path_factory.mktemp("tiny-unfused")
+    return (d, *save_hf_clap(d, fused=False, seed=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_fused) -> Path:
+    """A saved tiny random fused model, usable as `--model PATH`."""
+    return tiny_fused[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_unfused_dir(tiny_unfused) -> Path:
+    return tiny_unfused[0]
