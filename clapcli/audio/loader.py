@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import ClapError
-from .decode import _read_mono, to_model_rate
+from .decode import read_mono, to_model_rate
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Decoded:
 
 def decode_one(path: str, sample_rate: int, quantize: bool) -> Decoded:
     try:
-        mono, info = _read_mono(path)
+        mono, info = read_mono(path)
         if len(mono) == 0:
             return Decoded(path, None, info.sample_rate, info.channels, error="no audio frames")
         samples = to_model_rate(mono, info.sample_rate, sample_rate, quantize)

@@ -1,0 +1,183 @@
+"""Decode audio files to the waveform the models expect: float32 mono at 48 kHz, int16-quantised.
+
+Every format libsndfile reads (WAV, FLAC, OGG/Vorbis/Opus, MP3, AIFF, ...) at any sample rate, bit depth
+and channel count goes through `load_audio`. Channels are averaged to mono, the result is resampled with
+`torchaudio.functional.resample` at its default settings and then sent through the int16 round trip that
+the original LAION-CLAP API applies (`int16_to_float32(float32_to_int16(x))`). Any failure to read a
+file becomes an `AudioDecodeError` whose message is one line naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import AudioDecodeError
+
+# Frames decoded per block when reading a file: bounds the memory of multichannel files to one mono copy.
+_BLOCK_FRAMES = 1 << 20
+
+# Compressed formats whose header frame count can be an estimate (no exact sample count in the stream).
+_ESTIMATED_LENGTH_FORMATS = {"MP3", "MPEG"}
+
+
+@dataclass
+class AudioInfo:
+    path: str  # the file as given
+    sample_rate: int  # Hz, as stored in the file
+    channels: int  # interleaved channels in the file
+    frames: int  # samples per channel, as declared by the container
+    duration: float  # seconds = frames / sample_rate
+    format: str  # libsndfile major format name: "WAV", "FLAC", "OGG", "MP3", "AIFF", ...
+
+
+def _fail(path, reason: str) -> AudioDecodeError:
+    reason = " ".join(str(reason).split())  # one line, whatever libsndfile said
+    return AudioDecodeError(f"{os.fspath(path)}: {reason}")
+
+
+def _check_file(path) -> None:
+    """Reasons that need no decoder: a missing path, a directory, a 0-byte file."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise _fail(p, "file not found")
+    if os.path.isdir(p):
+        raise _fail(p, "is a directory, not an audio file")
+    if os.path.getsize(p) == 0:
+        raise _fail(p, "empty file (0 bytes)")
+
+
+def _raw_reason(err) -> str:
+    return (getattr(err, "error_string", "") or str(err) or type(err).__name__).strip().rstrip(".")
+
+
+def _libsndfile_reason(err) -> str:
+    raw = _raw_reason(err)
+    if "Format not recognised" in raw:
+        return "not a recognised audio file (supported: WAV, FLAC, OGG, MP3, AIFF and other libsndfile formats)"
+    if "System error" in raw:
+        return "cannot be opened (system error: permissions or I/O)"
+    return f"cannot be decoded ({raw})"
+
+
+def _open(path):
+    import soundfile as sf
+
+    _check_file(path)
+    try:
+        return sf.SoundFile(os.fspath(path))
+    except sf.LibsndfileError as err:
+        raise _fail(path, _libsndfile_reason(err)) from err
+    except (RuntimeError, OSError, ValueError, TypeError) as err:
+        raise _fail(path, f"cannot be opened ({err})") from err
+
+
+def _info_of(path, f) -> AudioInfo:
+    if f.samplerate <= 0 or f.channels <= 0:
+        raise _fail(path, f"invalid header (sample rate {f.samplerate}, channels {f.channels})")
+    if f.frames <= 0:
+        raise _fail(path, "contains no audio frames")
+    return AudioInfo(
+        path=os.fspath(path),
+        sample_rate=int(f.samplerate),
+        channels=int(f.channels),
+        frames=int(f.frames),
+        duration=f.frames / f.samplerate,
+        format=str(f.format),
+    )
+
+
+def probe(path) -> AudioInfo:
+    """Header facts of an audio file, without decoding it; AudioDecodeError if it is not usable audio."""
+    with _open(path) as f:
+        return _info_of(path, f)
+
+
+def read_mono(path) -> tuple[np.ndarray, AudioInfo]:
+    """Decode the whole file as float32, averaging channels block by block. -> ((T,) float32, info)"""
+    import soundfile as sf
+
+    with _open(path) as f:
+        info = _info_of(path, f)
+        blocks = []
+        decoded = 0
+        try:
+            while True:
+                block = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)  # (n, C)
+                if len(block) == 0:
+                    break
+                decoded += len(block)
+                blocks.append(block[:, 0].copy() if info.channels == 1 else block.mean(axis=1, dtype=np.float32))
+        except sf.LibsndfileError as err:
+            raise _fail(
+                path,
+                f"truncated or corrupt stream after {decoded} of {info.frames} frames "
+                f"({_raw_reason(err)})",
+            ) from err
+        except (RuntimeError, MemoryError) as err:
+            raise _fail(path, f"decoding failed after {decoded} of {info.frames} frames ({err})") from err
+    if decoded == 0:
+        raise _fail(path, "contains no audio frames")
+    shortfall = info.frames - decoded
+    tolerance = 0 if info.format not in _ESTIMATED_LENGTH_FORMATS else info.frames // 100
+    if shortfall > tolerance:
+        raise _fail(
+            path, f"truncated stream: the header declares {info.frames} frames but only {decoded} could be decoded"
+        )
+    mono = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    return mono, info
+
+
+def quantize_int16(x):
+    """int16 round trip of the original CLAP API: clip to ±1, ×32767, truncate toward zero, ÷32767.
+
+    Accepts a numpy array or a torch tensor and returns the same kind, float32. The product is formed in
+    the input's float precision (float32 for decoded audio) and the truncating cast matches numpy's
+    `astype(np.int16)` and torch's `.to(torch.int16)`, so values like 0.99999 map to 32766/32767.
+    NaN becomes 0.
+    """
+    if isinstance(x, np.ndarray) or np.isscalar(x):
+        a = np.asarray(x)
+        if not np.issubdtype(a.dtype, np.floating):
+            a = a.astype(np.float32)
+        a = np.nan_to_num(a, nan=0.0)
+        ints = (np.clip(a, -1.0, 1.0) * a.dtype.type(32767.0)).astype(np.int16)
+        return (ints / 32767.0).astype(np.float32)
+    import torch
+
+    t = x if x.is_floating_point() else x.to(torch.float32)
+    t = torch.nan_to_num(t, nan=0.0)
+    ints = (t.clamp(-1.0, 1.0) * 32767.0).to(torch.int16)
+    return (ints.to(torch.float64) / 32767.0).to(torch.float32)
+
+
+def to_model_rate(samples: np.ndarray, sr: int, target_sr: int = 48_000, quantize: bool = True) -> np.ndarray:
+    """(T,) or (T, C) samples at `sr` -> (T',) float32 mono at `target_sr`, int16-quantised if asked.
+
+    Channels are averaged in float32; resampling is `torchaudio.functional.resample` with its defaults
+    (sinc interpolation, Hann window, lowpass width 6, rolloff 0.99) and is skipped at equal rates.
+    """
+    x = np.asarray(samples)
+    if x.ndim == 2:
+        x = x.astype(np.float32, copy=False)
+        x = x[:, 0].copy() if x.shape[1] == 1 else x.mean(axis=1, dtype=np.float32)
+    elif x.ndim != 1:
+        raise ValueError(f"expected samples of shape (T,) or (T, C), got {x.shape}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    sr, target_sr = int(sr), int(target_sr)
+    if sr <= 0 or target_sr <= 0:
+        raise ValueError(f"sample rates must be positive, got {sr} -> {target_sr}")
+    if sr != target_sr and len(x):
+        import torch
+        import torchaudio.functional as AF
+
+        x = AF.resample(torch.from_numpy(x), sr, target_sr).numpy()
+    return quantize_int16(x) if quantize else x
+
+
+def load_audio(path, sample_rate: int = 48_000, quantize: bool = True) -> np.ndarray:
+    """Decode a file to (T,) float32 mono at `sample_rate` (int16-quantised by default)."""
+    mono, info = read_mono(path)
+    return to_model_rate(mono, info.sample_rate, sample_rate, quantize=quantize)
