@@ -1,0 +1,156 @@
+"""Find the candidate audio files under some roots for `clap index`.
+
+The scan picks files by extension only to decide what to *try*: every regular file with a known audio
+extension is yielded, and decoding decides the rest (a `.wav` that is not audio becomes an error row
+with its reason). Files named explicitly as roots are yielded whatever their extension. Symlinked
+directories are followed, with loops detected by (st_dev, st_ino); unreadable directories and files,
+broken links and loops are reported as `ScanProblem`s and never stop the scan. Hidden directories are
+scanned too (exclude them with `--exclude '.*'`).
+
+Paths are absolute and resolved (symlinks replaced by their targets), each yielded once, in sorted
+order, so two scans of the same tree give the same sequence.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+# Extensions worth handing to the decoder (lower case, without the dot). m4a is included although
+# libsndfile cannot read it: such files are then reported as skipped with the reason instead of being
+# silently ignored.
+AUDIO_EXTENSIONS = frozenset(
+    {"wav", "wave", "flac", "ogg", "oga", "opus", "mp3", "aif", "aiff", "aifc", "au", "snd", "caf", "w64",
+     "rf64", "m4a"}
+)
+
+
+@dataclass(frozen=True)
+class ScanEntry:
+    path: Path  # absolute, resolved
+    size: int  # bytes
+    mtime_ns: int  # st_mtime_ns
+
+
+@dataclass(frozen=True)
+class ScanProblem:
+    path: Path  # as reached by the walk (not resolved: it may be a broken link)
+    reason: str  # one line, for the "skipped" summary
+
+
+def scan(
+    roots: Iterable[str | os.PathLike],
+    exclude: Iterable[str] = (),
+    problems: list[ScanProblem] | None = None,
+    extensions: Iterable[str] = AUDIO_EXTENSIONS,
+) -> Iterator[ScanEntry]:
+    """Yield the candidate audio files under `roots`, sorted by path, each once.
+
+    `exclude` holds fnmatch globs tested against each file or directory name, its path relative to
+    the root, and its absolute path (so `*.tmp`, `.git`, `drafts/*` and `*/old/*` all work); an excluded
+    directory is not entered. Problems met on the way are appended to `problems` if given.
+
+    The whole tree is walked before the first entry is yielded (that is what makes the order global);
+    the indexer needs the full list anyway, for its totals and for pruning deleted files.
+    """
+    walker = _Walker(list(exclude), {e.lower().lstrip(".") for e in extensions})
+    for root in roots:
+        walker.scan_root(Path(root))
+    if problems is not None:
+        problems.extend(walker.problems)
+    yield from sorted(walker.entries.values(), key=lambda e: str(e.path))
+
+
+class _Walker:
+    def __init__(self, exclude: list[str], extensions: set[str]):
+        self.exclude = exclude
+        self.extensions = extensions
+        self.entries: dict[str, ScanEntry] = {}  # by resolved path
+        self.problems: list[ScanProblem] = []
+        self.scanned_dirs: set[tuple[int, int]] = set()  # (st_dev, st_ino) of directories walked
+
+    def scan_root(self, root: Path) -> None:
+        root = Path(os.path.abspath(os.path.expanduser(root)))
+        try:
+            st = root.stat()
+        except FileNotFoundError:
+            reason = "broken symbolic link" if root.is_symlink() else "no such file or directory"
+            self.problems.append(ScanProblem(root, reason))
+            return
+        except OSError as e:
+            self.problems.append(ScanProblem(root, _reason(e)))
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self._walk(root, root, (), st)
+        elif stat.S_ISREG(st.st_mode):
+            self._add_file(root, os.path.realpath(root), st)  # named explicitly: any extension
+        else:
+            self.problems.append(ScanProblem(root, "not a regular file or directory"))
+
+    def _walk(self, directory: Path, root: Path, ancestors: tuple[tuple[int, int], ...], st: os.stat_result) -> None:
+        key = (st.st_dev, st.st_ino)
+        if key in ancestors:
+            self.problems.append(ScanProblem(directory, "symbolic link loop (points back to a parent directory)"))
+            return
+        if key in self.scanned_dirs:
+            return  # reached again through another link: already scanned
+        self.scanned_dirs.add(key)
+        real_dir = os.path.realpath(directory)
+        try:
+            with os.scandir(directory) as it:
+                children = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            self.problems.append(ScanProblem(directory, f"cannot read directory: {_reason(e)}"))
+            return
+        ancestors = ancestors + (key,)
+        for child in children:
+            path = directory / child.name
+            if self._excluded(child.name, path, root):
+                continue
+            try:
+                is_link = child.is_symlink()
+                child_st = child.stat(follow_symlinks=True)
+            except FileNotFoundError:
+                self.problems.append(ScanProblem(path, "broken symbolic link"))
+                continue
+            except OSError as e:
+                self.problems.append(ScanProblem(path, _reason(e)))
+                continue
+            if stat.S_ISDIR(child_st.st_mode):
+                self._walk(path, root, ancestors, child_st)
+            elif stat.S_ISREG(child_st.st_mode):
+                if _extension(child.name) not in self.extensions:
+                    continue
+                resolved = os.path.realpath(path) if is_link else os.path.join(real_dir, child.name)
+                self._add_file(path, resolved, child_st)
+
+    def _add_file(self, path: Path, resolved: str, st: os.stat_result) -> None:
+        if not os.access(resolved, os.R_OK):
+            self.problems.append(ScanProblem(path, "permission denied"))
+            return
+        if resolved not in self.entries:
+            self.entries[resolved] = ScanEntry(Path(resolved), st.st_size, st.st_mtime_ns)
+
+    def _excluded(self, name: str, path: Path, root: Path) -> bool:
+        if not self.exclude:
+            return False
+        relative = path.relative_to(root).as_posix()
+        absolute = str(path)
+        return any(
+            fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(relative, pattern) or fnmatch.fnmatch(absolute, pattern)
+            for pattern in self.exclude
+        )
+
+
+def _extension(name: str) -> str:
+    return os.path.splitext(name)[1][1:].lower()
+
+
+def _reason(error: OSError) -> str:
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    return error.strerror or str(error)

@@ -1,0 +1,862 @@
+"""The SQLite store of an index: files, their segments, one float32 embedding per segment, and meta.
+
+Layout of an index directory:
+
+    index.sqlite          this store (WAL mode; -wal/-shm files appear beside it while open)
+    vectors.hnsw[.json]   the hnswlib file and its sidecar, derived from this store (see ann.py)
+    writer.lock[.pid]     the one-writer lock (see paths.py)
+
+Crash safety comes from SQLite: WAL journal, `synchronous=NORMAL` (a committed transaction survives a
+killed process; a power cut may lose the last commits but never corrupts the file) and foreign keys
+with `ON DELETE CASCADE`, so deleting a file row removes its segments and their embeddings in the same
+transaction. The indexer groups many files in one `transaction()`; whatever was not committed when the
+process died is simply absent on the next open.
+
+Ids: `segments.id` is `INTEGER PRIMARY KEY AUTOINCREMENT`, so a segment id is never reused, even after
+its row is deleted; the embedding of a segment is keyed by the same id, and the hnswlib label of a
+vector is that id too. A deleted segment therefore maps to exactly one `mark_deleted(label)`, and a
+label coming back from the hnswlib file can always be checked against the store. `meta.generation` is
+incremented by every write that adds or removes segments, so the hnswlib sidecar can tell cheaply
+whether it is current, and `meta.index_uuid` changes when the store is cleared (`--rebuild`), so an
+hnswlib file from an earlier life of the directory is never reused.
+
+Schema versions follow numbered migrations: `MIGRATIONS[i]` upgrades version i to i + 1. An older
+store is migrated when opened; a newer one is refused with a message saying what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from ..errors import IndexStoreError
+
+DB_FILENAME = "index.sqlite"
+SEGMENT_KINDS = ("file", "window")  # a whole-file embedding, or one 10 s window of a long file
+_VECTOR_DTYPE = np.dtype("<f4")  # embeddings are stored as little-endian float32 blobs
+_IN_CHUNK = 900  # ids per `IN (...)` list, below SQLite's oldest variable limit (999)
+_BUSY_TIMEOUT_S = 30.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schema and migrations
+
+
+def _migrate_to_1(conn: sqlite3.Connection) -> None:
+    statements = [
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        """CREATE TABLE files (
+            id INTEGER PRIMARY KEY,
+            path TEXT NOT NULL UNIQUE,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            content_hash TEXT,
+            duration REAL,
+            sample_rate INTEGER,
+            channels INTEGER,
+            status TEXT NOT NULL CHECK (status IN ('ok', 'error')),
+            error TEXT,
+            indexed_at REAL NOT NULL
+        )""",
+        """CREATE TABLE segments (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+            start REAL NOT NULL,
+            "end" REAL NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('file', 'window'))
+        )""",
+        "CREATE INDEX segments_file_id ON segments(file_id)",
+        """CREATE TABLE embeddings (
+            segment_id INTEGER PRIMARY KEY REFERENCES segments(id) ON DELETE CASCADE,
+            vector BLOB NOT NULL
+        )""",
+    ]
+    for statement in statements:
+        conn.execute(statement)
+    now = repr(time.time())
+    conn.executemany(
+        "INSERT INTO meta (key, value) VALUES (?, ?)",
+        [("index_uuid", uuid.uuid4().hex), ("generation", "0"), ("created_at", now), ("updated_at", now)],
+    )
+
+
+# MIGRATIONS[i] upgrades a store at schema version i to version i + 1 (version 0 = an empty database).
+# Append a function to change the schema; never edit a released one.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1]
+
+
+def schema_version_supported() -> int:
+    """The schema version this code writes (the number of migrations)."""
+    return len(MIGRATIONS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One row of `files`: what the indexer knows about a path."""
+
+    id: int
+    path: str
+    size: int  # bytes, at indexing time
+    mtime_ns: int  # st_mtime_ns, at indexing time
+    content_hash: str | None  # see `content_hash()`
+    duration: float | None  # seconds (None for error rows)
+    sample_rate: int | None  # Hz of the source file
+    channels: int | None
+    status: str  # 'ok' or 'error'
+    error: str | None  # why the file was skipped (status 'error')
+    indexed_at: float  # unix time of the last write of this row
+
+
+class SegmentRow(NamedTuple):
+    """A segment joined with its file, for rendering search hits."""
+
+    segment_id: int
+    path: str
+    start: float  # seconds from the start of the file
+    end: float  # seconds
+    kind: str  # 'file' or 'window'
+    duration: float | None  # of the whole file, seconds
+
+
+class Counts(NamedTuple):
+    files: int  # all file rows
+    ok_files: int
+    error_files: int
+    segments: int
+    embeddings: int
+
+
+# (start s, end s, kind, embedding (D,) float32)
+Segment = tuple[float, float, str, np.ndarray]
+
+_FILE_COLUMNS = "id, path, size, mtime_ns, content_hash, duration, sample_rate, channels, status, error, indexed_at"
+
+
+def content_hash(path: str | os.PathLike, block_size: int = 1 << 20) -> str:
+    """BLAKE2b-128 of the file's bytes, as 32 hex digits.
+
+    BLAKE2b is in the standard library, runs at roughly 1 GB/s per core (well above disk speed for a
+    sound library) and is collision-resistant, so an equal hash means an unchanged file. The indexer
+    only hashes when size or mtime changed, so a touched-but-identical file is not re-embedded. The file
+    is streamed in 1 MiB blocks through one reusable buffer.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    buffer = bytearray(block_size)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buffer)
+            if not n:
+                break
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The store
+
+
+class IndexStore:
+    """The SQLite part of an index. Open with `IndexStore.open(dir)`; use as a context manager to close.
+
+    Every write method can be called alone (it then commits at once) or inside `transaction()`, which
+    commits all writes of the block together or none of them. A single write (one `upsert_file`, one
+    `record_error`, one `remove_files`) is atomic on its own too: if it raises, none of its rows stay,
+    and the enclosing transaction can go on.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, index_dir: Path, readonly: bool):
+        self._conn = conn
+        self.index_dir = index_dir
+        self.readonly = readonly
+        self._tx_kind: str | None = None  # None, 'read' (snapshot) or 'write' (transaction)
+        self._savepoints = 0
+
+    # -- opening ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def exists(index_dir: str | os.PathLike) -> bool:
+        return (Path(index_dir) / DB_FILENAME).is_file()
+
+    @classmethod
+    def open(cls, index_dir: str | os.PathLike, create: bool = False, readonly: bool = False) -> "IndexStore":
+        """Open the index in `index_dir`, migrating an older schema; `create=True` makes a new one.
+
+        Raises IndexStoreError when there is no index (and `create` is False), when the file is not a
+        clap index, or when its schema is newer than this version of clap understands.
+        """
+        if create and readonly:
+            raise ValueError("create=True needs a writable store")
+        index_dir = Path(index_dir)
+        db_path = index_dir / DB_FILENAME
+        if not db_path.is_file():
+            if not create:
+                raise IndexStoreError(f"no index at {index_dir}; build one with `clap index DIR…`")
+            try:
+                index_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise IndexStoreError(f"cannot create index directory {index_dir}: {e.strerror or e}") from e
+        conn = _connect(db_path, readonly)
+        try:
+            version = _read_schema_version(conn, db_path)
+            target = schema_version_supported()
+            if version > target:
+                raise IndexStoreError(
+                    f"index {index_dir} has schema version {version}, newer than this clap understands "
+                    f"({target}); upgrade clapcli, or rebuild the index with `clap index --rebuild`"
+                )
+            if version == 0 and not create:
+                raise IndexStoreError(f"no index at {index_dir}; build one with `clap index DIR…`")
+            if version < target:
+                if readonly:
+                    _migrate_with_writer_connection(db_path, index_dir)
+                else:
+                    _migrate(conn, db_path)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, index_dir, readonly)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "IndexStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def db_path(self) -> Path:
+        return self.index_dir / DB_FILENAME
+
+    # -- transactions ---------------------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator["IndexStore"]:
+        """All writes in the block commit together at its end, or roll back if it raises (any exception,
+        KeyboardInterrupt included). Nested blocks are savepoints: an inner failure undoes only the inner
+        block when the outer one catches it."""
+        self._check_writable()
+        if self._tx_kind == "read":
+            raise RuntimeError("cannot write inside a read snapshot")
+        if self._tx_kind == "write":
+            self._savepoints += 1
+            name = f"sp{self._savepoints}"
+            self._conn.execute(f"SAVEPOINT {name}")
+            try:
+                yield self
+            except BaseException:
+                self._conn.execute(f"ROLLBACK TO {name}")
+                self._conn.execute(f"RELEASE {name}")
+                raise
+            else:
+                self._conn.execute(f"RELEASE {name}")
+            finally:
+                self._savepoints -= 1
+            return
+        self._execute_locked("BEGIN IMMEDIATE")
+        self._tx_kind = "write"
+        try:
+            yield self
+        except BaseException:
+            self._tx_kind = None
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the original exception is the one to report
+            raise
+        else:
+            self._tx_kind = None
+            try:
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def snapshot(self) -> Iterator["IndexStore"]:
+        """Reads in the block all see one committed state of the store (a WAL read transaction); a
+        concurrent writer neither blocks them nor shows through. Inside `transaction()` it is a no-op."""
+        if self._tx_kind is not None:
+            yield self
+            return
+        self._conn.execute("BEGIN")
+        self._tx_kind = "read"
+        try:
+            yield self
+        finally:
+            self._tx_kind = None
+            self._conn.execute("COMMIT")
+
+    # -- meta -----------------------------------------------------------------------------------------------
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"meta values are strings, got {type(value).__name__}")
+        with self.transaction():
+            self._conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def meta(self) -> dict[str, str]:
+        """All meta keys and values."""
+        return dict(self._conn.execute("SELECT key, value FROM meta ORDER BY key"))
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.get_meta("schema_version", "0"))
+
+    @property
+    def index_uuid(self) -> str:
+        """Identifies this store's life: it changes when the store is cleared, never otherwise."""
+        return self.get_meta("index_uuid", "")
+
+    @property
+    def generation(self) -> int:
+        """Incremented by every write that adds or removes segments (hence embeddings)."""
+        return int(self.get_meta("generation", "0"))
+
+    @property
+    def dim(self) -> int | None:
+        """The embedding dimension, once the model identity is set or the first vector stored."""
+        value = self.get_meta("dim")
+        return None if value is None else int(value)
+
+    @property
+    def model_identity(self) -> dict | None:
+        value = self.get_meta("model_identity")
+        return None if value is None else json.loads(value)
+
+    def set_model_identity(self, identity: dict) -> None:
+        """Record which model (name, weights hash, front-end settings, dim) the embeddings come from.
+
+        `identity` is any JSON-serialisable dict; its "model" (or "name") entry is the name shown in
+        messages and its "dim" entry, if present, fixes `dim`. Replacing a different identity is refused
+        while the store holds embeddings (call `clear()` first, as `--rebuild` does).
+        """
+        canonical = _canonical_identity(identity)
+        with self.transaction():
+            if self.counts().embeddings:
+                self.check_model_identity(identity)
+            dim = identity.get("dim")
+            if dim is not None:
+                dim = int(dim)
+                stored_dim = self.dim
+                if stored_dim is not None and stored_dim != dim and self.counts().embeddings:
+                    raise IndexStoreError(
+                        f"index {self.index_dir} holds {stored_dim}-dimensional embeddings, "
+                        f"the model gives {dim}; pass the same --model or --rebuild"
+                    )
+                self.set_meta("dim", str(dim))
+            self.set_meta("model_identity", canonical)
+
+    def check_model_identity(self, identity: dict) -> None:
+        """Raise IndexStoreError if the index was built with a different model identity.
+
+        An index without an identity yet accepts any (the caller then calls `set_model_identity`).
+        """
+        stored = self.model_identity
+        if stored is None:
+            return
+        wanted = json.loads(_canonical_identity(identity))
+        if stored == wanted:
+            return
+        differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+        built_with = _identity_name(stored)
+        asked_for = _identity_name(wanted)
+        detail = f", not {asked_for}" if asked_for != built_with else f" (different {', '.join(differing)})"
+        raise IndexStoreError(
+            f"index {self.index_dir} was built with model {built_with}{detail}; "
+            "pass the same --model or --rebuild"
+        )
+
+    # -- files ----------------------------------------------------------------------------------------------
+
+    def file_state(self, path: str | os.PathLike) -> FileRecord | None:
+        """The stored row for a path, or None if the path is not in the index."""
+        row = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE path = ?", (os.fspath(path),)).fetchone()
+        return None if row is None else FileRecord(*row)
+
+    def file_states(self) -> dict[str, FileRecord]:
+        """Every file row, keyed by path (one query, for comparing a whole scan against the store)."""
+        rows = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM files")
+        return {row[1]: FileRecord(*row) for row in rows}
+
+    def all_paths(self) -> list[str]:
+        """Every stored path (ok and error rows), sorted."""
+        return [row[0] for row in self._conn.execute("SELECT path FROM files ORDER BY path")]
+
+    def error_files(self) -> list[FileRecord]:
+        """The files that were skipped, with their reasons, sorted by path."""
+        rows = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE status = 'error' ORDER BY path")
+        return [FileRecord(*row) for row in rows]
+
+    def upsert_file(
+        self,
+        path: str | os.PathLike,
+        size: int,
+        mtime_ns: int,
+        content_hash: str | None,
+        duration: float,
+        sample_rate: int,
+        channels: int,
+        segments: Sequence[Segment],
+    ) -> int:
+        """Store a successfully embedded file, replacing any previous row and segments of that path.
+
+        `segments` is a non-empty list of (start s, end s, kind, vector (D,)) with kind 'file' or
+        'window'; vectors are stored as float32. Returns the file id (kept when the path was already
+        stored). The old segments' ids disappear for good; the new ones are fresh ids.
+        """
+        self._check_writable()
+        prepared = self._prepare_segments(segments)
+        path = os.fspath(path)
+        with self.transaction():
+            if self.dim is None:
+                self.set_meta("dim", str(len(prepared[0][3]) // _VECTOR_DTYPE.itemsize))
+            file_id = self._write_file_row(
+                path, size, mtime_ns, content_hash, duration, sample_rate, channels, "ok", None
+            )
+            self._conn.execute("DELETE FROM segments WHERE file_id = ?", (file_id,))
+            for start, end, kind, blob in prepared:
+                cursor = self._conn.execute(
+                    'INSERT INTO segments (file_id, start, "end", kind) VALUES (?, ?, ?, ?)',
+                    (file_id, start, end, kind),
+                )
+                self._conn.execute(
+                    "INSERT INTO embeddings (segment_id, vector) VALUES (?, ?)", (cursor.lastrowid, blob)
+                )
+            self._bump_generation()
+        return file_id
+
+    def record_error(
+        self,
+        path: str | os.PathLike,
+        size: int,
+        mtime_ns: int,
+        content_hash: str | None,
+        error: str,
+    ) -> int:
+        """Store a file that could not be indexed, with the reason; drops any previous segments of it.
+
+        An unchanged error file (same size and mtime) is skipped by the next run like any other file.
+        Returns the file id.
+        """
+        self._check_writable()
+        path = os.fspath(path)
+        with self.transaction():
+            file_id = self._write_file_row(path, size, mtime_ns, content_hash, None, None, None, "error", str(error))
+            deleted = self._conn.execute("DELETE FROM segments WHERE file_id = ?", (file_id,)).rowcount
+            if deleted:
+                self._bump_generation()
+        return file_id
+
+    def update_file_stat(self, path: str | os.PathLike, size: int, mtime_ns: int) -> bool:
+        """Record a new size/mtime for a file whose content hash showed it unchanged (e.g. touched).
+
+        Returns False if the path is not stored. Segments and embeddings are kept as they are.
+        """
+        self._check_writable()
+        with self.transaction():
+            cursor = self._conn.execute(
+                "UPDATE files SET size = ?, mtime_ns = ? WHERE path = ?", (int(size), int(mtime_ns), os.fspath(path))
+            )
+        return cursor.rowcount > 0
+
+    def remove_files(self, paths: Iterable[str | os.PathLike]) -> int:
+        """Delete these paths with their segments and embeddings; unknown paths are ignored.
+
+        Returns the number of file rows removed.
+        """
+        self._check_writable()
+        paths = [os.fspath(p) for p in paths]
+        removed = 0
+        with self.transaction():
+            for chunk in _chunks(paths, _IN_CHUNK):
+                marks = ",".join("?" * len(chunk))
+                removed += self._conn.execute(f"DELETE FROM files WHERE path IN ({marks})", chunk).rowcount
+            if removed:
+                self._bump_generation()
+        return removed
+
+    def clear(self) -> None:
+        """Remove every file, segment and embedding and forget the model identity (for `--rebuild`).
+
+        Segment ids still never repeat, and the index gets a new `index_uuid`, so an hnswlib file built
+        before is recognised as belonging to another life of the directory and rebuilt.
+        """
+        with self.transaction():
+            self._conn.execute("DELETE FROM files")
+            self._conn.execute("DELETE FROM meta WHERE key IN ('model_identity', 'dim')")
+            self.set_meta("index_uuid", uuid.uuid4().hex)
+            self._bump_generation()
+
+    # -- vectors and segments -----------------------------------------------------------------------------
+
+    def iter_vectors(self, after_id: int = 0, chunk_size: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Embeddings with segment id > `after_id`, in id order, as chunks (ids (n,) int64, vectors (n, D)
+        float32). One SELECT, so all chunks come from one committed state even without `snapshot()`."""
+        dim = self.dim
+        cursor = self._conn.execute(
+            "SELECT segment_id, vector FROM embeddings WHERE segment_id > ? ORDER BY segment_id", (int(after_id),)
+        )
+        try:
+            while True:
+                rows = cursor.fetchmany(chunk_size)
+                if not rows:
+                    return
+                yield self._decode_rows(rows, dim)
+        finally:
+            cursor.close()
+
+    def vectors(self, after_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """All embeddings with segment id > `after_id`: (ids (N,) int64 ascending, vectors (N, D) float32)."""
+        return self._concat(self.iter_vectors(after_id))
+
+    def vectors_by_id(self, ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The embeddings of these segment ids (missing ids are left out), in ascending id order."""
+        wanted = sorted({int(i) for i in ids})
+        dim = self.dim
+        chunks = []
+        for chunk in _chunks(wanted, _IN_CHUNK):
+            marks = ",".join("?" * len(chunk))
+            rows = self._conn.execute(
+                f"SELECT segment_id, vector FROM embeddings WHERE segment_id IN ({marks}) ORDER BY segment_id", chunk
+            ).fetchall()
+            if rows:
+                chunks.append(self._decode_rows(rows, dim))
+        return self._concat(chunks)
+
+    def segment_ids(self) -> np.ndarray:
+        """The ids of all segments that have an embedding, ascending, int64 (N,)."""
+        rows = self._conn.execute("SELECT segment_id FROM embeddings ORDER BY segment_id").fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def max_segment_id(self) -> int:
+        """The largest segment id ever assigned (0 for none), deleted ones included."""
+        row = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'segments'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def segment_rows(self, ids: Iterable[int]) -> list[SegmentRow]:
+        """The segments with these ids joined with their files, in the order of `ids`.
+
+        Ids that are not (or no longer) in the store are left out: search uses this to drop hits from an
+        hnswlib file that lags behind the store.
+        """
+        ids = [int(i) for i in ids]
+        found: dict[int, SegmentRow] = {}
+        for chunk in _chunks(sorted(set(ids)), _IN_CHUNK):
+            marks = ",".join("?" * len(chunk))
+            rows = self._conn.execute(
+                f"""SELECT s.id, f.path, s.start, s."end", s.kind, f.duration
+                    FROM segments s JOIN files f ON f.id = s.file_id
+                    WHERE s.id IN ({marks})""",
+                chunk,
+            )
+            for row in rows:
+                found[row[0]] = SegmentRow(*row)
+        return [found[i] for i in ids if i in found]
+
+    def file_segments(self, path: str | os.PathLike) -> list[SegmentRow]:
+        """The segments of one file, by start time."""
+        rows = self._conn.execute(
+            """SELECT s.id, f.path, s.start, s."end", s.kind, f.duration
+               FROM segments s JOIN files f ON f.id = s.file_id
+               WHERE f.path = ? ORDER BY s.start, s.id""",
+            (os.fspath(path),),
+        )
+        return [SegmentRow(*row) for row in rows]
+
+    # -- statistics -----------------------------------------------------------------------------------------
+
+    def counts(self) -> Counts:
+        files, ok, errors = self._conn.execute(
+            "SELECT count(*), coalesce(sum(status = 'ok'), 0), coalesce(sum(status = 'error'), 0) FROM files"
+        ).fetchone()
+        segments = self._conn.execute("SELECT count(*) FROM segments").fetchone()[0]
+        embeddings = self._conn.execute("SELECT count(*) FROM embeddings").fetchone()[0]
+        return Counts(files, ok, errors, segments, embeddings)
+
+    def stats(self) -> dict:
+        """A summary for `clap index` output and `--json`: counts, audio hours, model, sizes."""
+        with self.snapshot():
+            counts = self.counts()
+            total_duration = self._conn.execute(
+                "SELECT coalesce(sum(duration), 0) FROM files WHERE status = 'ok'"
+            ).fetchone()[0]
+            windows = self._conn.execute("SELECT count(*) FROM segments WHERE kind = 'window'").fetchone()[0]
+            meta = self.meta()
+        identity = json.loads(meta["model_identity"]) if "model_identity" in meta else None
+        db_bytes = sum(
+            p.stat().st_size for p in self.index_dir.glob(DB_FILENAME + "*") if p.is_file()
+        )
+        return {
+            "index": str(self.index_dir),
+            "schema_version": int(meta.get("schema_version", 0)),
+            "files": counts.files,
+            "ok_files": counts.ok_files,
+            "error_files": counts.error_files,
+            "segments": counts.segments,
+            "window_segments": windows,
+            "embeddings": counts.embeddings,
+            "audio_seconds": float(total_duration),
+            "dim": int(meta["dim"]) if "dim" in meta else None,
+            "model": _identity_name(identity) if identity else None,
+            "model_identity": identity,
+            "generation": int(meta.get("generation", 0)),
+            "created_at": float(meta["created_at"]) if "created_at" in meta else None,
+            "updated_at": float(meta["updated_at"]) if "updated_at" in meta else None,
+            "db_bytes": db_bytes,
+        }
+
+    def integrity_problems(self) -> list[str]:
+        """Everything wrong with the store, as sentences; empty when it is consistent.
+
+        SQLite's own integrity and foreign-key checks, plus the store's rules: every segment has an
+        embedding and vice versa, ok files have segments, error files have none, every vector has `dim`
+        floats.
+        """
+        problems = []
+        for (message,) in self._conn.execute("PRAGMA integrity_check"):
+            if message != "ok":
+                problems.append(f"integrity_check: {message}")
+        for row in self._conn.execute("PRAGMA foreign_key_check"):
+            problems.append(f"foreign key violation: {row}")
+        checks = {
+            "segments without an embedding": "SELECT count(*) FROM segments s LEFT JOIN embeddings e "
+            "ON e.segment_id = s.id WHERE e.segment_id IS NULL",
+            "embeddings without a segment": "SELECT count(*) FROM embeddings e LEFT JOIN segments s "
+            "ON s.id = e.segment_id WHERE s.id IS NULL",
+            "segments without a file": "SELECT count(*) FROM segments s LEFT JOIN files f "
+            "ON f.id = s.file_id WHERE f.id IS NULL",
+            "ok files without segments": "SELECT count(*) FROM files f WHERE f.status = 'ok' "
+            "AND NOT EXISTS (SELECT 1 FROM segments s WHERE s.file_id = f.id)",
+            "error files with segments": "SELECT count(*) FROM files f WHERE f.status = 'error' "
+            "AND EXISTS (SELECT 1 FROM segments s WHERE s.file_id = f.id)",
+        }
+        for what, sql in checks.items():
+            n = self._conn.execute(sql).fetchone()[0]
+            if n:
+                problems.append(f"{n} {what}")
+        dim = self.dim
+        if dim is not None:
+            n = self._conn.execute(
+                "SELECT count(*) FROM embeddings WHERE length(vector) != ?", (dim * _VECTOR_DTYPE.itemsize,)
+            ).fetchone()[0]
+            if n:
+                problems.append(f"{n} embeddings without {dim} float32 values")
+        return problems
+
+    # -- internals ------------------------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise IndexStoreError(f"index {self.index_dir} was opened read-only")
+
+    def _execute_locked(self, sql: str) -> None:
+        try:
+            self._conn.execute(sql)
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise IndexStoreError(
+                    f"index {self.index_dir} is locked by another writer (waited {_BUSY_TIMEOUT_S:g} s)"
+                ) from e
+            raise
+
+    def _bump_generation(self) -> None:
+        self._conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+        self._conn.execute("UPDATE meta SET value = ? WHERE key = 'updated_at'", (repr(time.time()),))
+
+    def _write_file_row(
+        self, path, size, mtime_ns, content_hash, duration, sample_rate, channels, status, error
+    ) -> int:
+        values = (
+            int(size),
+            int(mtime_ns),
+            content_hash,
+            None if duration is None else float(duration),
+            None if sample_rate is None else int(sample_rate),
+            None if channels is None else int(channels),
+            status,
+            error,
+            time.time(),
+        )
+        row = self._conn.execute("SELECT id FROM files WHERE path = ?", (path,)).fetchone()
+        if row is None:
+            cursor = self._conn.execute(
+                "INSERT INTO files (size, mtime_ns, content_hash, duration, sample_rate, channels, status, "
+                "error, indexed_at, path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                values + (path,),
+            )
+            return cursor.lastrowid
+        self._conn.execute(
+            "UPDATE files SET size = ?, mtime_ns = ?, content_hash = ?, duration = ?, sample_rate = ?, "
+            "channels = ?, status = ?, error = ?, indexed_at = ? WHERE id = ?",
+            values + (row[0],),
+        )
+        return row[0]
+
+    def _prepare_segments(self, segments: Sequence[Segment]) -> list[tuple[float, float, str, bytes]]:
+        """Validate segments before touching the database; vectors become float32 blobs."""
+        if not segments:
+            raise ValueError("a file needs at least one segment (its file-level embedding)")
+        dim = self.dim
+        prepared = []
+        for start, end, kind, vector in segments:
+            start, end = float(start), float(end)
+            if kind not in SEGMENT_KINDS:
+                raise ValueError(f"segment kind must be one of {SEGMENT_KINDS}, got {kind!r}")
+            if not (math.isfinite(start) and math.isfinite(end) and 0.0 <= start <= end):
+                raise ValueError(f"bad segment bounds {start}..{end}")
+            vector = np.asarray(vector, dtype=_VECTOR_DTYPE)
+            if vector.ndim != 1 or vector.size == 0:
+                raise ValueError(f"a segment vector must have shape (D,), got {vector.shape}")
+            if dim is None:
+                dim = vector.shape[0]
+            elif vector.shape[0] != dim:
+                raise IndexStoreError(
+                    f"index {self.index_dir} holds {dim}-dimensional embeddings, got {vector.shape[0]}; "
+                    "pass the same --model or --rebuild"
+                )
+            if not np.isfinite(vector).all():
+                raise ValueError("a segment vector contains NaN or infinity")
+            prepared.append((start, end, kind, np.ascontiguousarray(vector).tobytes()))
+        return prepared
+
+    def _decode_rows(self, rows: list, dim: int | None) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        data = b"".join(r[1] for r in rows)
+        if dim is None:
+            dim = len(rows[0][1]) // _VECTOR_DTYPE.itemsize
+        if len(data) != len(rows) * dim * _VECTOR_DTYPE.itemsize:
+            raise IndexStoreError(
+                f"index {self.index_dir} has embeddings of the wrong size (expected {dim} floats); "
+                "rebuild it with `clap index --rebuild`"
+            )
+        vectors = np.frombuffer(data, dtype=_VECTOR_DTYPE).reshape(len(rows), dim)  # (n, D)
+        return ids, vectors.astype(np.float32, copy=False)
+
+    def _concat(self, chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        chunks = list(chunks)
+        if not chunks:
+            return np.empty(0, dtype=np.int64), np.empty((0, self.dim or 0), dtype=np.float32)
+        return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _connect(db_path: Path, readonly: bool) -> sqlite3.Connection:
+    try:
+        if readonly:
+            conn = sqlite3.connect(
+                db_path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None, timeout=_BUSY_TIMEOUT_S
+            )
+        else:
+            conn = sqlite3.connect(str(db_path), isolation_level=None, timeout=_BUSY_TIMEOUT_S)
+    except sqlite3.Error as e:
+        raise IndexStoreError(f"cannot open index database {db_path}: {e}") from e
+    try:
+        if not readonly:
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise IndexStoreError(f"{db_path} is not a clap index database ({e})") from e
+    return conn
+
+
+def _read_schema_version(conn: sqlite3.Connection, db_path: Path) -> int:
+    try:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "meta" not in tables:
+            if tables:
+                raise IndexStoreError(f"{db_path} is not a clap index database (no meta table)")
+            return 0
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise IndexStoreError(f"{db_path} is not a clap index database ({e})") from e
+    if row is None:
+        # Version 1 stores written before the version key existed do not exist; a meta table without
+        # the key means someone else's database.
+        raise IndexStoreError(f"{db_path} is not a clap index database (no schema version)")
+    return int(row[0])
+
+
+def _migrate(conn: sqlite3.Connection, db_path: Path) -> None:
+    """Apply the missing migrations, each in its own transaction with its version bump."""
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = _read_schema_version(conn, db_path)  # re-read under the lock: another process may have
+            if version >= len(MIGRATIONS):
+                conn.execute("COMMIT")
+                return
+            MIGRATIONS[version](conn)
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(version + 1),),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+
+def _migrate_with_writer_connection(db_path: Path, index_dir: Path) -> None:
+    """A read-only open of an older store migrates it through a short-lived writable connection."""
+    try:
+        conn = _connect(db_path, readonly=False)
+        try:
+            _migrate(conn, db_path)
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError) as e:
+        raise IndexStoreError(
+            f"index {index_dir} uses an older schema and could not be upgraded ({e}); "
+            "run `clap index` on it with write access"
+        ) from e
+
+
+def _canonical_identity(identity: dict) -> str:
+    if not isinstance(identity, dict):
+        raise TypeError("a model identity is a dict")
+    try:
+        return json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"a model identity must be JSON-serialisable: {e}") from e
+
+
+def _identity_name(identity: dict) -> str:
+    return str(identity.get("model") or identity.get("name") or "<unnamed>")
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])

@@ -1,0 +1,752 @@
+"""The index storage layer: SQLite store, hnswlib file, index paths and the writer lock.
+
+Random float32 vectors stand in for embeddings; no model is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clapcli.errors import IndexStoreError
+from clapcli.index import store as store_mod
+from clapcli.index.ann import ANN_FILENAME, SIDECAR_FILENAME, AnnIndex, write_json_atomic
+from clapcli.index.paths import WriterLock, clap_home, resolve_index
+from clapcli.index.store import DB_FILENAME, IndexStore, content_hash
+
+DIM = 16
+
+
+@pytest.fixture(autouse=True)
+def clap_home_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLAP_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture
+def index_dir(tmp_path) -> Path:
+    return tmp_path / "idx"
+
+
+@pytest.fixture
+def store(index_dir):
+    with IndexStore.open(index_dir, create=True) as s:
+        yield s
+
+
+def _segments(rng, n_windows: int = 0, dim: int = DIM):
+    segments = [(0.0, 10.0 * max(n_windows, 1), "file", rng.standard_normal(dim).astype(np.float32))]
+    for w in range(n_windows):
+        segments.append((10.0 * w, 10.0 * (w + 1), "window", rng.standard_normal(dim).astype(np.float32)))
+    return segments
+
+
+def _add(store, path, rng, n_windows=0, size=100, mtime_ns=1):
+    segments = _segments(rng, n_windows)
+    store.upsert_file(path, size, mtime_ns, f"hash-{path}", 10.0 * max(n_windows, 1), 48000, 2, segments)
+    return segments
+
+
+def _brute_force(store, queries, k):
+    ids, vectors = store.vectors()
+    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    scores = queries @ vectors.T  # (Q, N)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return ids[order], np.take_along_axis(scores, order, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schema, opening, migrations
+
+
+def test_create_sets_up_wal_schema_and_meta(store, index_dir):
+    assert (index_dir / DB_FILENAME).is_file()
+    assert store.schema_version == len(store_mod.MIGRATIONS)
+    assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert store.generation == 0 and len(store.index_uuid) == 32
+    assert store.dim is None and store.model_identity is None
+    assert store.counts() == (0, 0, 0, 0, 0)
+
+
+def test_reopen_keeps_data_and_identity(index_dir):
+    rng = np.random.default_rng(0)
+    with IndexStore.open(index_dir, create=True) as s:
+        _add(s, "/lib/a.wav", rng, n_windows=2)
+        uuid, generation = s.index_uuid, s.generation
+    with IndexStore.open(index_dir) as s:
+        assert s.index_uuid == uuid and s.generation == generation
+        assert s.all_paths() == ["/lib/a.wav"] and s.counts().embeddings == 3 and s.dim == DIM
+
+
+def test_open_without_index_says_how_to_build_one(index_dir):
+    with pytest.raises(IndexStoreError, match=r"no index at .*clap index"):
+        IndexStore.open(index_dir)
+    assert not index_dir.exists()
+    with pytest.raises(IndexStoreError, match="no index"):
+        IndexStore.open(index_dir, readonly=True)
+
+
+def test_foreign_file_is_not_an_index(index_dir):
+    index_dir.mkdir()
+    (index_dir / DB_FILENAME).write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(IndexStoreError, match="not a clap index"):
+        IndexStore.open(index_dir)
+    (index_dir / DB_FILENAME).unlink()
+    sqlite3.connect(index_dir / DB_FILENAME).execute("CREATE TABLE other (x)").connection.commit()
+    with pytest.raises(IndexStoreError, match="not a clap index"):
+        IndexStore.open(index_dir)
+
+
+def test_newer_schema_is_refused_with_what_to_do(store, index_dir):
+    store.set_meta("schema_version", "99")
+    store.close()
+    for readonly in (False, True):
+        with pytest.raises(IndexStoreError, match=r"schema version 99, newer .*upgrade clapcli.*--rebuild"):
+            IndexStore.open(index_dir, readonly=readonly)
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_older_schema_is_migrated_on_open(index_dir, monkeypatch, readonly):
+    rng = np.random.default_rng(1)
+    with IndexStore.open(index_dir, create=True) as s:
+        _add(s, "/lib/a.wav", rng)
+        assert s.schema_version == 1
+
+    def add_tags_table(conn):
+        conn.execute("CREATE TABLE tags (file_id INTEGER REFERENCES files(id) ON DELETE CASCADE, tag TEXT)")
+        conn.execute("INSERT INTO tags SELECT id, 'migrated' FROM files")
+
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS + [add_tags_table])
+    with IndexStore.open(index_dir, readonly=readonly) as s:
+        assert s.schema_version == 2
+        assert s._conn.execute("SELECT tag FROM tags").fetchall() == [("migrated",)]
+        assert s.all_paths() == ["/lib/a.wav"]
+    with IndexStore.open(index_dir) as s:  # already migrated: not applied twice
+        assert s._conn.execute("SELECT count(*) FROM tags").fetchone()[0] == 1
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
+    with pytest.raises(IndexStoreError, match="schema version 2, newer"):
+        IndexStore.open(index_dir)
+
+
+def test_failed_migration_leaves_the_old_version(index_dir, monkeypatch):
+    with IndexStore.open(index_dir, create=True):
+        pass
+
+    def broken(conn):
+        conn.execute("CREATE TABLE half_done (x)")
+        raise RuntimeError("migration bug")
+
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS + [broken])
+    with pytest.raises(RuntimeError, match="migration bug"):
+        IndexStore.open(index_dir)
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
+    with IndexStore.open(index_dir) as s:
+        assert s.schema_version == 1
+        assert s._conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'half_done'").fetchone()[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files, segments, embeddings
+
+
+def test_upsert_stores_file_segments_and_vectors(store):
+    rng = np.random.default_rng(2)
+    segments = _add(store, "/lib/long.flac", rng, n_windows=3, size=1234, mtime_ns=99)
+    row = store.file_state("/lib/long.flac")
+    assert (row.path, row.size, row.mtime_ns, row.status, row.error) == ("/lib/long.flac", 1234, 99, "ok", None)
+    assert (row.duration, row.sample_rate, row.channels, row.content_hash) == (30.0, 48000, 2, "hash-/lib/long.flac")
+    assert store.file_state("/lib/other.wav") is None
+    rows = store.file_segments("/lib/long.flac")
+    assert [(r.start, r.end, r.kind) for r in rows] == [
+        (0.0, 30.0, "file"), (0.0, 10.0, "window"), (10.0, 20.0, "window"), (20.0, 30.0, "window")
+    ]
+    ids, vectors = store.vectors()
+    assert ids.dtype == np.int64 and vectors.dtype == np.float32 and vectors.shape == (4, DIM)
+    np.testing.assert_array_equal(vectors, np.stack([s[3] for s in segments]))
+    assert store.counts() == (1, 1, 0, 4, 4) and store.integrity_problems() == []
+
+
+def test_replacing_a_file_swaps_its_segments_and_never_reuses_ids(store):
+    rng = np.random.default_rng(3)
+    _add(store, "/lib/a.wav", rng, n_windows=3)
+    _add(store, "/lib/b.wav", rng)
+    file_id = store.file_state("/lib/a.wav").id
+    old_ids = {r.segment_id for r in store.file_segments("/lib/a.wav")}
+    new_segments = _add(store, "/lib/a.wav", rng, n_windows=0)
+    assert store.file_state("/lib/a.wav").id == file_id  # same row, updated
+    new_rows = store.file_segments("/lib/a.wav")
+    assert len(new_rows) == 1 and new_rows[0].segment_id > max(old_ids)
+    assert store.vectors_by_id(old_ids)[0].size == 0  # old embeddings are gone with their segments
+    np.testing.assert_array_equal(store.vectors_by_id([new_rows[0].segment_id])[1][0], new_segments[0][3])
+    assert store.counts() == (2, 2, 0, 2, 2) and store.integrity_problems() == []
+
+    before = store.max_segment_id()
+    assert store.remove_files(["/lib/a.wav", "/lib/b.wav", "/lib/never-indexed.wav"]) == 2
+    assert store.counts() == (0, 0, 0, 0, 0)
+    _add(store, "/lib/a.wav", rng)
+    assert store.segment_ids()[0] == before + 1  # AUTOINCREMENT: a removed id is never handed out again
+
+
+def test_cascading_delete_leaves_no_orphans(store):
+    rng = np.random.default_rng(4)
+    for i in range(10):
+        _add(store, f"/lib/{i}.wav", rng, n_windows=i % 3)
+    store.remove_files([f"/lib/{i}.wav" for i in range(0, 10, 2)])
+    c = store._conn
+    orphans = "SELECT count(*) FROM embeddings WHERE segment_id NOT IN (SELECT id FROM segments)"
+    assert c.execute(orphans).fetchone()[0] == 0
+    assert c.execute("SELECT count(*) FROM segments WHERE file_id NOT IN (SELECT id FROM files)").fetchone()[0] == 0
+    assert store.all_paths() == sorted(f"/lib/{i}.wav" for i in range(1, 10, 2))
+    assert store.integrity_problems() == []
+
+
+def test_record_error_replaces_previous_segments(store):
+    rng = np.random.default_rng(5)
+    _add(store, "/lib/a.wav", rng, n_windows=2)
+    store.record_error("/lib/a.wav", 10, 5, "h", "not an audio file (unknown format)")
+    row = store.file_state("/lib/a.wav")
+    assert (row.status, row.error, row.duration, row.size, row.mtime_ns) == (
+        "error", "not an audio file (unknown format)", None, 10, 5
+    )
+    assert store.counts() == (1, 0, 1, 0, 0)
+    assert [r.path for r in store.error_files()] == ["/lib/a.wav"]
+    assert store.integrity_problems() == []
+
+
+def test_update_file_stat_keeps_embeddings(store):
+    rng = np.random.default_rng(6)
+    _add(store, "/lib/a.wav", rng, size=10, mtime_ns=1)
+    ids, generation = store.segment_ids(), store.generation
+    assert store.update_file_stat("/lib/a.wav", 10, 2) is True
+    assert store.update_file_stat("/lib/missing.wav", 1, 1) is False
+    assert store.file_state("/lib/a.wav").mtime_ns == 2
+    np.testing.assert_array_equal(store.segment_ids(), ids)
+    assert store.generation == generation  # no segment changed: the hnswlib file stays current
+
+
+def test_generation_counts_segment_changes(store):
+    rng = np.random.default_rng(7)
+    g0 = store.generation
+    _add(store, "/lib/a.wav", rng)
+    g1 = store.generation
+    store.record_error("/lib/b.wav", 1, 1, None, "bad")  # no segments removed
+    assert g1 > g0 and store.generation == g1
+    store.remove_files(["/lib/a.wav"])
+    assert store.generation > g1
+
+
+def test_bad_segments_are_rejected_before_anything_is_written(store):
+    rng = np.random.default_rng(8)
+    _add(store, "/lib/a.wav", rng)
+    before = (store.counts(), store.generation)
+    vec = rng.standard_normal(DIM).astype(np.float32)
+    with pytest.raises(ValueError, match="at least one segment"):
+        store.upsert_file("/lib/b.wav", 1, 1, None, 1.0, 48000, 1, [])
+    with pytest.raises(ValueError, match="kind"):
+        store.upsert_file("/lib/b.wav", 1, 1, None, 1.0, 48000, 1, [(0, 1, "clip", vec)])
+    with pytest.raises(ValueError, match="NaN"):
+        store.upsert_file("/lib/b.wav", 1, 1, None, 1.0, 48000, 1, [(0, 1, "file", vec * np.nan)])
+    with pytest.raises(IndexStoreError, match="16-dimensional"):
+        store.upsert_file("/lib/b.wav", 1, 1, None, 1.0, 48000, 1, [(0, 1, "file", vec[:8])])
+    assert (store.counts(), store.generation) == before
+
+
+def test_vectors_stream_in_chunks_and_segment_rows_follow_ids(store):
+    rng = np.random.default_rng(9)
+    for i in range(7):
+        _add(store, f"/lib/{i}.wav", rng, n_windows=2)
+    all_ids, all_vectors = store.vectors()
+    chunks = list(store.iter_vectors(chunk_size=5))
+    assert [len(c[0]) for c in chunks] == [5, 5, 5, 5, 1]
+    np.testing.assert_array_equal(np.concatenate([c[0] for c in chunks]), all_ids)
+    np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), all_vectors)
+    after = int(all_ids[10])
+    np.testing.assert_array_equal(store.vectors(after_id=after)[0], all_ids[11:])
+    assert store.vectors(after_id=int(all_ids[-1]))[1].shape == (0, DIM)
+
+    wanted = [int(all_ids[4]), 10**9, int(all_ids[0])]
+    rows = store.segment_rows(wanted)
+    assert [r.segment_id for r in rows] == [wanted[0], wanted[2]]  # input order, unknown ids left out
+    assert rows[1].path == "/lib/0.wav" and rows[1].kind == "file" and rows[1].duration == 20.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Transactions and crash safety
+
+
+def _snapshot(store):
+    return store.all_paths(), store.counts(), store.generation, store.segment_ids().tolist()
+
+
+def test_failed_batch_rolls_back_to_the_previous_commit(store):
+    rng = np.random.default_rng(10)
+    _add(store, "/lib/keep.wav", rng, n_windows=1)
+    before = _snapshot(store)
+    with pytest.raises(RuntimeError, match="crash"):
+        with store.transaction():
+            _add(store, "/lib/new1.wav", rng)
+            _add(store, "/lib/keep.wav", rng, n_windows=3)  # replacement of a committed file
+            store.remove_files(["/lib/keep.wav"])
+            _add(store, "/lib/new2.wav", rng)
+            raise RuntimeError("crash in the middle of a batch")
+    assert _snapshot(store) == before
+    assert store.integrity_problems() == []
+
+
+def test_keyboard_interrupt_rolls_back_too(store):
+    rng = np.random.default_rng(11)
+    before = _snapshot(store)
+    with pytest.raises(KeyboardInterrupt):
+        with store.transaction():
+            _add(store, "/lib/a.wav", rng)
+            raise KeyboardInterrupt
+    assert _snapshot(store) == before
+    with store.transaction():  # the connection is usable again
+        _add(store, "/lib/a.wav", rng)
+    assert store.all_paths() == ["/lib/a.wav"]
+
+
+def test_a_failed_file_inside_a_batch_can_be_undone_alone(store):
+    rng = np.random.default_rng(12)
+    with store.transaction():
+        _add(store, "/lib/a.wav", rng)
+        with pytest.raises(RuntimeError):
+            with store.transaction():  # a savepoint
+                _add(store, "/lib/b.wav", rng)
+                raise RuntimeError("decoder blew up after writing")
+        _add(store, "/lib/c.wav", rng)
+    assert store.all_paths() == ["/lib/a.wav", "/lib/c.wav"]
+    assert store.integrity_problems() == []
+
+
+def test_readers_see_the_last_commit_while_a_batch_is_open(store, index_dir):
+    rng = np.random.default_rng(13)
+    _add(store, "/lib/a.wav", rng)
+    with IndexStore.open(index_dir, readonly=True) as reader:
+        with pytest.raises(IndexStoreError, match="read-only"):
+            reader.remove_files(["/lib/a.wav"])
+        with store.transaction():
+            _add(store, "/lib/b.wav", rng)
+            store.remove_files(["/lib/a.wav"])
+            assert reader.all_paths() == ["/lib/a.wav"]
+            assert reader.counts().embeddings == 1
+        assert reader.all_paths() == ["/lib/b.wav"]
+
+
+_WRITER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from clapcli.index.store import IndexStore
+
+    store = IndexStore.open(sys.argv[1], create=True)
+    rng = np.random.default_rng(int(sys.argv[2]))
+    batch = int(store.get_meta("last_batch", "0"))
+    while True:
+        batch += 1
+        with store.transaction():
+            for i in range(20):
+                n = 20 * batch + i
+                windows = n % 4
+                segments = [(0.0, 10.0, "file", rng.standard_normal(16))] + [
+                    (10.0 * w, 10.0 * (w + 1), "window", rng.standard_normal(16)) for w in range(windows)
+                ]
+                # size = number of windows, mtime_ns = batch: lets the test check whole files and batches
+                store.upsert_file(f"/lib/{n % 150}.wav", windows, batch, "h", 10.0, 48000, 1, segments)
+            store.remove_files([f"/lib/{(20 * (batch - 3)) % 150}.wav"])
+            store.set_meta("last_batch", str(batch))
+        print(batch, flush=True)
+    """
+)
+
+
+def test_sigkill_mid_batch_leaves_a_consistent_index(index_dir, tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER_SCRIPT)
+    for attempt, (min_batches, delay) in enumerate([(1, 0.0), (3, 0.013), (6, 0.031)]):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(index_dir), str(attempt)], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            for _ in range(min_batches):
+                assert proc.stdout.readline(), "writer died early"
+            time.sleep(delay)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        with IndexStore.open(index_dir) as s:
+            assert s.integrity_problems() == []
+            last = int(s.get_meta("last_batch"))
+            assert last >= min_batches
+            c = s._conn
+            # the last committed batch is there whole, nothing of the killed one leaked in
+            assert c.execute("SELECT count(*) FROM files WHERE mtime_ns = ?", (last,)).fetchone()[0] == 20
+            assert c.execute("SELECT count(*) FROM files WHERE mtime_ns > ?", (last,)).fetchone()[0] == 0
+            # every file has its one file-level segment and all of its windows
+            bad = c.execute(
+                """SELECT count(*) FROM files f WHERE
+                   (SELECT count(*) FROM segments s WHERE s.file_id = f.id AND kind = 'window') != f.size
+                   OR (SELECT count(*) FROM segments s WHERE s.file_id = f.id AND kind = 'file') != 1"""
+            ).fetchone()[0]
+            assert bad == 0
+            ann = AnnIndex.sync(s, exact_below=0)
+            assert ann.count == s.counts().embeddings
+            ids, _ = ann.query(s.vectors()[1][:3], k=1)
+            assert len(s.segment_rows(ids[:, 0])) == 3
+
+
+def test_content_hash_is_blake2b_of_the_bytes(tmp_path):
+    data = os.urandom(3 * (1 << 20) + 12345)  # spans several 1 MiB blocks
+    path = tmp_path / "x.wav"
+    path.write_bytes(data)
+    assert content_hash(path) == hashlib.blake2b(data, digest_size=16).hexdigest()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert content_hash(path) != hashlib.blake2b(data, digest_size=16).hexdigest()
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    assert content_hash(empty) == hashlib.blake2b(b"", digest_size=16).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model identity
+
+
+IDENTITY = {"model": "laion/clap-htsat-fused", "weights_sha256": "abc", "frontend": {"fusion": True}, "dim": DIM}
+
+
+def test_model_identity_roundtrip_and_mismatch_messages(store):
+    rng = np.random.default_rng(14)
+    store.check_model_identity(IDENTITY)  # a fresh index takes any model
+    store.set_model_identity(IDENTITY)
+    assert store.model_identity == IDENTITY and store.dim == DIM
+    _add(store, "/lib/a.wav", rng)
+    store.check_model_identity(dict(IDENTITY))
+    other_model = dict(IDENTITY, model="laion/larger_clap_music")
+    with pytest.raises(IndexStoreError, match=r"built with model laion/clap-htsat-fused, not laion/larger_clap_music; "
+                       r"pass the same --model or --rebuild"):
+        store.check_model_identity(other_model)
+    with pytest.raises(IndexStoreError, match=r"built with model laion/clap-htsat-fused \(different weights_sha256\)"):
+        store.check_model_identity(dict(IDENTITY, weights_sha256="def"))
+    with pytest.raises(IndexStoreError, match="--rebuild"):
+        store.set_model_identity(other_model)  # refuses to mix models
+    assert store.model_identity == IDENTITY
+
+
+def test_clear_allows_another_model_and_changes_the_index_life(store):
+    rng = np.random.default_rng(15)
+    store.set_model_identity(IDENTITY)
+    _add(store, "/lib/a.wav", rng)
+    uuid, max_id = store.index_uuid, store.max_segment_id()
+    store.clear()
+    assert store.counts() == (0, 0, 0, 0, 0) and store.model_identity is None and store.dim is None
+    assert store.index_uuid != uuid
+    store.set_model_identity(dict(IDENTITY, model="other", dim=8))
+    store.upsert_file("/lib/a.wav", 1, 1, None, 1.0, 48000, 1, [(0, 1, "file", np.ones(8, np.float32))])
+    assert store.segment_ids()[0] > max_id and store.dim == 8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The hnswlib file
+
+
+def _fill(store, rng, start, count, windows=2):
+    for i in range(start, start + count):
+        _add(store, f"/lib/{i:05d}.wav", rng, n_windows=i % (windows + 1))
+
+
+def _assert_matches_brute_force(store, ann, rng, k=10, n_queries=20):
+    queries = rng.standard_normal((n_queries, DIM)).astype(np.float32)
+    ids, scores = ann.query(queries, k=k)
+    want_ids, want_scores = _brute_force(store, queries, k)
+    assert ids.shape == (n_queries, k) and ids.dtype == np.int64 and scores.dtype == np.float32
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    np.testing.assert_array_equal(np.sort(ids, axis=1), np.sort(want_ids, axis=1))
+    return ids
+
+
+def test_small_stores_are_searched_exactly(store, index_dir):
+    rng = np.random.default_rng(16)
+    _fill(store, rng, 0, 50)
+    ann = AnnIndex.sync(store)
+    assert ann.exact and ann.action == "exact" and ann.count == store.counts().embeddings
+    _assert_matches_brute_force(store, ann, rng)
+    assert not (index_dir / ANN_FILENAME).exists()  # nothing written for a small store
+
+
+def test_hnsw_build_top_up_and_delete_track_the_store(store, index_dir):
+    rng = np.random.default_rng(17)
+    _fill(store, rng, 0, 200)
+    ann = AnnIndex.sync(store, exact_below=0)
+    assert (ann.exact, ann.action, ann.persisted) == (False, "rebuilt", True)
+    assert (index_dir / ANN_FILENAME).is_file()
+    sidecar = json.loads((index_dir / SIDECAR_FILENAME).read_text())
+    assert sidecar["generation"] == store.generation and sidecar["index_uuid"] == store.index_uuid
+    assert sidecar["max_segment_id"] == store.max_segment_id() and sidecar["live"] == ann.count
+    assert sidecar["deleted"] == 0 and sidecar["file_size"] == (index_dir / ANN_FILENAME).stat().st_size
+    _assert_matches_brute_force(store, ann, rng)
+
+    again = AnnIndex.sync(store, exact_below=0)
+    assert (again.action, again.persisted) == ("loaded", False)
+
+    _fill(store, rng, 200, 60)  # new files
+    _add(store, "/lib/00003.wav", rng, n_windows=1)  # a changed file: old ids deleted, new ids added
+    removed_paths = [f"/lib/{i:05d}.wav" for i in range(10, 40)]
+    removed_ids = {r.segment_id for p in removed_paths for r in store.file_segments(p)}
+    store.remove_files(removed_paths)
+    ann = AnnIndex.sync(store, exact_below=0)
+    assert (ann.action, ann.persisted) == ("topped_up", True)
+    assert ann.count == store.counts().embeddings
+    sidecar = json.loads((index_dir / SIDECAR_FILENAME).read_text())
+    assert sidecar["deleted"] >= len(removed_ids) and sidecar["count"] == sidecar["live"] + sidecar["deleted"]
+    _assert_matches_brute_force(store, ann, rng)
+    # deleted ids never come back, even when asking for everything
+    ids, scores = ann.query(rng.standard_normal((5, DIM)).astype(np.float32), k=10**6)
+    assert ids.shape == (5, ann.count)
+    assert not set(ids.ravel().tolist()) & removed_ids
+    assert set(ids[0].tolist()) == set(store.segment_ids().tolist())
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+
+    reloaded = AnnIndex.sync(store, exact_below=0)
+    assert reloaded.action == "loaded"
+    _assert_matches_brute_force(store, reloaded, rng)
+
+
+def test_heavy_deletion_triggers_a_rebuild(store, index_dir):
+    rng = np.random.default_rng(18)
+    _fill(store, rng, 0, 100)
+    AnnIndex.sync(store, exact_below=0)
+    store.remove_files([f"/lib/{i:05d}.wav" for i in range(0, 50)])
+    ann = AnnIndex.sync(store, exact_below=0)
+    assert ann.action == "rebuilt"
+    sidecar = json.loads((index_dir / SIDECAR_FILENAME).read_text())
+    assert sidecar["deleted"] == 0 and sidecar["count"] == store.counts().embeddings
+    _assert_matches_brute_force(store, ann, rng)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["missing", "garbage", "truncated", "sidecar_garbage", "sidecar_missing", "torn_pair"],
+)
+def test_missing_or_damaged_hnsw_file_is_rebuilt(store, index_dir, damage):
+    rng = np.random.default_rng(19)
+    _fill(store, rng, 0, 80)
+    AnnIndex.sync(store, exact_below=0)
+    path, sidecar = index_dir / ANN_FILENAME, index_dir / SIDECAR_FILENAME
+    if damage == "missing":
+        path.unlink()
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(path.stat().st_size))
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "sidecar_garbage":
+        sidecar.write_text("{not json")
+    elif damage == "sidecar_missing":
+        sidecar.unlink()
+    elif damage == "torn_pair":  # a crash between replacing the file and replacing its sidecar
+        old_sidecar = sidecar.read_text()
+        _fill(store, rng, 80, 10)
+        AnnIndex.sync(store, exact_below=0)
+        sidecar.write_text(old_sidecar)
+    ann = AnnIndex.sync(store, exact_below=0)
+    assert ann.action == "rebuilt" and ann.persisted
+    assert ann.count == store.counts().embeddings
+    _assert_matches_brute_force(store, ann, rng)
+    assert AnnIndex.sync(store, exact_below=0).action == "loaded"
+
+
+def test_hnsw_file_of_a_cleared_store_is_not_reused(store):
+    rng = np.random.default_rng(20)
+    _fill(store, rng, 0, 60)
+    AnnIndex.sync(store, exact_below=0)
+    store.clear()
+    _fill(store, rng, 0, 60)  # same paths, new ids
+    ann = AnnIndex.sync(store, exact_below=0)
+    assert ann.action == "rebuilt"
+    _assert_matches_brute_force(store, ann, rng)
+
+
+def test_reader_tops_up_in_memory_while_a_writer_holds_the_lock(store, index_dir):
+    rng = np.random.default_rng(21)
+    _fill(store, rng, 0, 100)
+    AnnIndex.sync(store, exact_below=0)
+    stat_before = (index_dir / ANN_FILENAME).stat()
+    with WriterLock(index_dir):
+        _fill(store, rng, 100, 20)
+        store.remove_files(["/lib/00001.wav"])
+        with IndexStore.open(index_dir, readonly=True) as reader:
+            ann = AnnIndex.sync(reader, exact_below=0)
+            assert (ann.action, ann.persisted) == ("topped_up", False)
+            _assert_matches_brute_force(reader, ann, rng)
+        stat_after = (index_dir / ANN_FILENAME).stat()
+        assert (stat_after.st_mtime_ns, stat_after.st_size) == (stat_before.st_mtime_ns, stat_before.st_size)
+    with IndexStore.open(index_dir, readonly=True) as reader:
+        ann = AnnIndex.sync(reader, exact_below=0)  # the lock is free now: the reader saves its work
+        assert (ann.action, ann.persisted) == ("topped_up", True)
+        assert AnnIndex.sync(reader, exact_below=0).action == "loaded"
+
+
+def test_hits_from_a_lagging_index_are_dropped_by_segment_rows(store):
+    rng = np.random.default_rng(22)
+    _fill(store, rng, 0, 30)
+    ann = AnnIndex.sync(store, exact_below=0)
+    gone = {r.segment_id for r in store.file_segments("/lib/00002.wav")}
+    store.remove_files(["/lib/00002.wav"])
+    ids, _ = ann.query(rng.standard_normal(DIM).astype(np.float32), k=ann.count)
+    assert gone <= set(ids[0].tolist())  # the stale graph still has them...
+    rows = store.segment_rows(ids[0])
+    assert len(rows) == ann.count - len(gone) and not {r.segment_id for r in rows} & gone  # ...the store does not
+
+
+@pytest.mark.parametrize("exact_below", [0, 10**6])
+def test_query_shapes_and_k_larger_than_the_index(store, exact_below):
+    rng = np.random.default_rng(23)
+    empty = AnnIndex.sync(store, exact_below=exact_below)
+    ids, scores = empty.query(np.ones(DIM, np.float32), k=5)
+    assert ids.shape == (1, 0) and scores.shape == (1, 0)
+    _fill(store, rng, 0, 3, windows=0)
+    ann = AnnIndex.sync(store, exact_below=exact_below)
+    ids, scores = ann.query(rng.standard_normal(DIM), k=50)  # (D,) float64 input is accepted
+    assert ids.shape == (1, 3) and scores.shape == (1, 3)
+    vector = store.vectors()[1][1]
+    ids, scores = ann.query(vector * 3.0, k=1)  # cosine: scale does not matter
+    assert ids[0, 0] == store.vectors()[0][1] and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(IndexStoreError, match="dimensions"):
+        ann.query(np.ones(DIM + 1, np.float32), k=1)
+
+
+def test_query_falls_back_to_exact_when_the_graph_cannot_answer(store):
+    rng = np.random.default_rng(25)
+    _fill(store, rng, 0, 60)
+    store.remove_files([f"/lib/{i:05d}.wav" for i in range(0, 60, 4)])
+    ann = AnnIndex.sync(store, exact_below=0)
+
+    class Unreachable:  # hnswlib raises this when deletions leave too few reachable neighbours
+        def __init__(self, graph):
+            self.graph = graph
+
+        def __getattr__(self, name):
+            return getattr(self.graph, name)
+
+        def knn_query(self, *args, **kwargs):
+            raise RuntimeError("Cannot return the results in a contiguous 2D array")
+
+    ann._hnsw = Unreachable(ann._hnsw)
+    _assert_matches_brute_force(store, ann, rng)
+
+
+def test_write_json_atomic_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "vectors.hnsw.json"
+    write_json_atomic(target, {"generation": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(target, {"generation": object()})  # fails half-way through writing
+    assert json.loads(target.read_text()) == {"generation": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vectors.hnsw.json"]  # no temporary left behind
+
+
+def test_persisting_leaves_no_temporary_files(store, index_dir):
+    rng = np.random.default_rng(24)
+    _fill(store, rng, 0, 40)
+    AnnIndex.sync(store, exact_below=0, persist=True)
+    names = sorted(p.name for p in index_dir.iterdir())
+    assert ANN_FILENAME in names and SIDECAR_FILENAME in names
+    assert not [n for n in names if n.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Index locations and the writer lock
+
+
+def test_resolve_index(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    assert clap_home() == home
+    assert resolve_index(None) == home / "indexes" / "default"
+    assert resolve_index("drums") == home / "indexes" / "drums"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_index("./drums") == tmp_path / "drums"
+    assert resolve_index("sub/drums") == tmp_path / "sub" / "drums"
+    assert resolve_index(".hidden") == tmp_path / ".hidden"
+    assert resolve_index(str(tmp_path / "abs")) == tmp_path / "abs"
+    assert resolve_index(Path("drums")) == tmp_path / "drums"  # a Path is always a path
+    monkeypatch.delenv("CLAP_HOME")
+    import platformdirs
+
+    assert clap_home() == Path(platformdirs.user_data_dir("clap"))
+
+
+_LOCK_HOLDER = textwrap.dedent(
+    """
+    import sys
+    from clapcli.index.paths import WriterLock
+
+    with WriterLock(sys.argv[1]):
+        print("locked", flush=True)
+        sys.stdin.readline()
+    """
+)
+
+
+def test_writer_lock_refuses_a_second_writer_and_names_the_holder(index_dir, tmp_path):
+    script = tmp_path / "holder.py"
+    script.write_text(_LOCK_HOLDER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(index_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(IndexStoreError, match=rf"being written by another `clap index` \(pid {proc.pid}\); "
+                           r"wait for it or pass --wait"):
+            WriterLock(index_dir, wait=False).acquire()
+
+        acquired = threading.Event()
+
+        def waiter():
+            with WriterLock(index_dir, wait=True):
+                acquired.set()
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.3)
+        assert not acquired.is_set()  # still waiting for the holder
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        thread.join(timeout=10)
+        assert acquired.is_set()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_writer_lock_in_one_process_and_after_a_killed_holder(index_dir, tmp_path):
+    with WriterLock(index_dir) as held:
+        assert held.held
+        with pytest.raises(IndexStoreError, match=rf"pid {os.getpid()}"):
+            WriterLock(index_dir).acquire()
+        with pytest.raises(IndexStoreError, match="still being written"):
+            WriterLock(index_dir, wait=True, timeout=0.2).acquire()
+    with WriterLock(index_dir):  # released on exit
+        pass
+
+    script = tmp_path / "holder.py"
+    script.write_text(_LOCK_HOLDER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(index_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    proc.kill()
+    proc.wait()
+    with WriterLock(index_dir):  # the OS released a SIGKILLed holder's lock
+        pass
