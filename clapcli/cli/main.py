@@ -42,8 +42,9 @@ for _module in ("tag", "index", "search"):
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
-    except SystemExit as exc:
+        code = app(standalone_mode=False)  # in this mode typer returns an Exit's code instead of exiting
+    except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - every error becomes one line and an exit code
         sys.exit(output.report_exception(exc))
+    sys.exit(code if isinstance(code, int) else 0)

@@ -7,7 +7,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 
-import click
+import typer
 
 
 @dataclass
@@ -34,14 +34,15 @@ def report_exception(exc: BaseException) -> int:
     """Print one line for an error (a traceback too with --debug) and return the exit code."""
     from ..errors import ClapError
 
-    if isinstance(exc, click.exceptions.Exit):
+    # typer ships its own click; its Exit/Abort/usage errors are matched through typer's names
+    if isinstance(exc, typer.Exit):
         return exc.exit_code
-    if isinstance(exc, click.exceptions.Abort) or isinstance(exc, KeyboardInterrupt):
+    if isinstance(exc, (typer.Abort, KeyboardInterrupt)):
         print("aborted", file=sys.stderr)
         return 130
-    if isinstance(exc, click.ClickException):
+    if isinstance(exc, typer.TyperException) and hasattr(exc, "show"):
         exc.show()
-        return exc.exit_code
+        return getattr(exc, "exit_code", 2)
     if state.debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     if isinstance(exc, ClapError):

@@ -1,0 +1,232 @@
+"""`clap tag`: zero-shot tags for audio files from a built-in or custom label set.
+
+Thin by design: parse the options, call `clapcli.tagging.tag_files`, render each result as it comes.
+numpy, torch and the model are imported inside the command, so `clap --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from typing import TYPE_CHECKING, List, Optional, TextIO
+
+import typer
+
+from ..errors import ClapError
+from . import options, output
+
+if TYPE_CHECKING:
+    from ..tagging import FileTags
+
+DEFAULT_TOP = 5  # labels shown per file (and per window) in single-label mode
+
+
+class TagUsageError(ClapError):
+    """Options that do not fit together; reported as one line with the usage-error exit code."""
+
+    exit_code = 2
+
+
+def register(app: typer.Typer) -> None:
+    """Add `tag` to the main `clap` app."""
+    app.command("tag")(tag_command)
+
+
+def tag_command(
+    files: Optional[List[str]] = typer.Argument(None, metavar="FILE...", help="Audio files to tag.",
+                                                show_default=False),
+    labels: Optional[str] = typer.Option(
+        None, "--labels", "-l", show_default=False,
+        help="Label set: a built-in name (see --list-labelsets), a comma list 'dog,rain,siren', "
+        "or @FILE with one label per line.",
+    ),
+    top: Optional[int] = typer.Option(
+        None, "--top", "-k", min=1, show_default=False,
+        help=f"Labels to show per file and per window (default {DEFAULT_TOP}; with --multi-label, "
+        "all above the threshold).",
+    ),
+    template: Optional[List[str]] = typer.Option(
+        None, "--template", "-t", show_default=False,
+        help="Prompt template with one {} for the label; repeat it to ensemble several "
+        "(default 'This is a sound of {}.').",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per file per line."),
+    as_csv: bool = typer.Option(False, "--csv", help="CSV with a header, one row per (file, label)."),
+    timeline: bool = typer.Option(False, "--timeline", help="Also tag each 10 s window of files longer than 10 s."),
+    multi_label: bool = typer.Option(
+        False, "--multi-label",
+        help="Report every label whose cosine is at least --threshold (for sets where several labels apply, "
+        "such as audioset and fsd50k) instead of the top labels by probability.",
+    ),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", show_default=False,
+        help="Keep labels scoring at least this: a probability (0-1) normally, a cosine (-1..1) with "
+        "--multi-label, where it is required.",
+    ),
+    model: Optional[str] = options.MODEL,
+    device: str = options.DEVICE,
+    precision: str = options.PRECISION,
+    batch_size: int = options.BATCH_SIZE,
+    tokenizer: Optional[str] = options.TOKENIZER,
+    list_labelsets: bool = typer.Option(
+        False, "--list-labelsets", help="List the built-in label sets with their sizes and exit."
+    ),
+) -> None:
+    """Zero-shot tags for audio files: labels with probabilities (softmax of logit-scaled cosines) and cosines.
+
+    A table per file on a terminal, JSON lines when piped or with --json, CSV with --csv.
+    """
+    if list_labelsets:
+        _print_labelsets(as_json)
+        return
+    if not files:
+        raise TagUsageError("give at least one audio file (or --list-labelsets)")
+    if as_json and as_csv:
+        raise TagUsageError("--json and --csv cannot be used together")
+    if labels is None:
+        raise TagUsageError("choose a label set with --labels: a built-in name (see --list-labelsets), "
+                            "a comma list 'dog,rain,siren' or @FILE")
+    if multi_label and threshold is None:
+        raise TagUsageError("--multi-label needs --threshold, a cosine such as 0.2: CLAP has no calibrated "
+                            "per-label probability, so the cut-off depends on the model")
+    if threshold is not None:
+        low, what = (-1.0, "a cosine") if multi_label else (0.0, "a probability")
+        if not low <= threshold <= 1.0:
+            raise TagUsageError(f"--threshold {threshold:g} is not {what} in [{low:g}, 1]")
+    top_k = top if top is not None else (None if multi_label else DEFAULT_TOP)
+
+    from ..tagging import resolve_labels
+    from ..tagging.prompts import check_templates
+
+    labelset = resolve_labels(labels)  # before loading the model: a typo fails in milliseconds
+    templates = check_templates(template)
+    clap_model = options.load(model, device, precision, tokenizer)
+    failed = _run(clap_model, files, labelset, templates, top_k, multi_label, threshold, timeline, batch_size,
+                  as_json, as_csv)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _run(model, files, labelset, templates, top_k, multi_label, threshold, timeline, batch_size,
+         as_json, as_csv) -> int:
+    """Tag and render file by file; returns the number of files that failed."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ..tagging import tag_files
+
+    out, err = output.stdout_console(), output.stderr_console()
+    show_progress = err.is_terminal and len(files) > 1
+    progress = None
+    if show_progress:
+        # Redirect stdout through the bar only when both go to the terminal; piped output stays on stdout.
+        progress = Progress(
+            TextColumn("tagging"), BarColumn(), MofNCompleteColumn(), _files_per_second_column(),
+            TimeRemainingColumn(), console=err, transient=True, redirect_stdout=out.is_terminal, redirect_stderr=False,
+        )
+        task = progress.add_task("tagging", total=len(files))
+        progress.start()
+    failed = 0
+    csv_writer = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
+    if csv_writer is not None:
+        from ..tagging import CSV_HEADER
+
+        csv_writer.writerow(CSV_HEADER)
+    try:
+        for result in tag_files(model, files, labelset, templates, top_k=top_k, multi_label=multi_label,
+                                threshold=threshold, timeline=timeline, batch_size=batch_size):
+            if result.error is not None:
+                failed += 1
+                err.print(f"[red]skipped:[/] {escape(result.path)}: {escape(result.error)}", highlight=False,
+                          soft_wrap=True)
+            if as_json or (csv_writer is None and not out.is_terminal):  # pipes get JSON lines
+                write_json(result, sys.stdout)
+            elif csv_writer is not None:
+                csv_writer.writerows(result.csv_rows())
+                sys.stdout.flush()
+            elif result.error is None:
+                for renderable in render_tables(result):
+                    out.print(renderable)
+            if progress is not None:
+                progress.advance(task)
+    finally:
+        if progress is not None:
+            progress.stop()
+    return failed
+
+
+def _files_per_second_column():
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class FilesPerSecond(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text("" if task.speed is None else f"{task.speed:.1f} files/s")
+
+    return FilesPerSecond()
+
+
+def write_json(result: FileTags, stream: TextIO) -> None:
+    """One `--json` line: path, duration, labels, then timeline (with --timeline) and error (if failed)."""
+    stream.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+    stream.flush()
+
+
+def write_csv(results, stream: TextIO) -> None:
+    """A whole `--csv` document (header + rows) for `results`; the command streams the same rows."""
+    from ..tagging import CSV_HEADER
+
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
+    for result in results:
+        writer.writerows(result.csv_rows())
+
+
+def render_tables(result: FileTags) -> list:
+    """Rich tables for one tagged file: its labels, then its timeline when there is one."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    duration = "" if result.duration is None else f" ({result.duration:.1f} s)"
+    table = Table(title=f"{escape(result.path)}{duration}", title_justify="left", show_edge=False)
+    table.add_column("label")
+    table.add_column("prob", justify="right")
+    table.add_column("cosine", justify="right")
+    for s in result.labels:
+        table.add_row(escape(s.label), f"{s.prob:.3f}", "" if s.cosine is None else f"{s.cosine:.3f}")
+    if not result.labels:
+        table.add_row("(no label above the threshold)", "", "")
+    tables = [table]
+    if result.timeline is not None:
+        windows = Table(title="timeline", title_justify="left", show_edge=False)
+        windows.add_column("start", justify="right")
+        windows.add_column("end", justify="right")
+        windows.add_column("labels (prob)")
+        for w in result.timeline:
+            tags = ", ".join(f"{escape(s.label)} ({s.prob:.2f})" for s in w.labels)
+            windows.add_row(f"{w.start:.1f}", f"{w.end:.1f}", tags)
+        tables.append(windows)
+    return tables
+
+
+def _print_labelsets(as_json: bool) -> None:
+    from ..tagging import builtin_labelsets
+
+    sets = builtin_labelsets()
+    if as_json:
+        for name, size in sets.items():
+            output.json_line({"name": name, "size": size})
+        return
+    if not output.is_terminal():
+        for name, size in sets.items():
+            sys.stdout.write(f"{name}\t{size}\n")
+        return
+    from rich.table import Table
+
+    table = Table(show_edge=False)
+    table.add_column("label set")
+    table.add_column("labels", justify="right")
+    for name, size in sets.items():
+        table.add_row(name, str(size))
+    output.stdout_console().print(table)

@@ -1,0 +1,117 @@
+"""On-disk cache of ensembled label text embeddings, so a label set is encoded once per model.
+
+Key: (model identity, label set content hash, templates). Files, under `label_cache_dir()`:
+`<sha256 of the key>.npy` (the (L, D) float32 label embeddings) and `<sha256>.json` (the key itself plus
+a little context, for people looking at the directory). Both are written atomically (temp file +
+os.replace), the array first, so a reader sees either a complete entry or a miss; a corrupt or
+mismatching entry is a miss and is rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .labels import LabelSet
+from .prompts import check_templates, render
+from .scoring import label_embeddings
+
+CACHE_FORMAT = 1  # bump when the stored embeddings change meaning; old entries then simply miss
+
+
+class TextEmbedder(Protocol):
+    identity: str  # stable id of the weights and front end
+
+    def embed_text(self, texts: list[str]) -> np.ndarray: ...  # (N, D) L2-normalised
+
+
+def label_cache_dir() -> Path:
+    """`$CLAP_HOME/label-cache` when CLAP_HOME is set, else the user cache dir's `clap/label-cache`."""
+    home = os.environ.get("CLAP_HOME")
+    if home:
+        return Path(home).expanduser() / "label-cache"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("clap")) / "label-cache"
+
+
+def cache_key(model_identity: str, labelset: LabelSet, templates: Sequence[str]) -> dict:
+    return {
+        "format": CACHE_FORMAT,
+        "model": model_identity,
+        "labels_sha256": labelset.content_hash,
+        "n_labels": len(labelset),
+        "templates": list(templates),
+    }
+
+
+def _key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def cached_label_embeddings(
+    model: TextEmbedder,
+    labelset: LabelSet,
+    templates: Sequence[str] | None,
+    cache_dir: Path | None = None,
+) -> np.ndarray:
+    """Ensembled label embeddings (L, D): from the cache, or encoded with `model.embed_text` and stored."""
+    templates = check_templates(templates)
+    key = cache_key(str(model.identity), labelset, templates)
+    directory = Path(cache_dir) if cache_dir is not None else label_cache_dir()
+    digest = _key_digest(key)
+    array_path, meta_path = directory / f"{digest}.npy", directory / f"{digest}.json"
+
+    cached = _load(array_path, meta_path, key)
+    if cached is not None:
+        return cached
+
+    prompts = render(templates, labelset.labels)
+    text_emb = np.asarray(model.embed_text(prompts), dtype=np.float32)  # (T*L, D)
+    emb = label_embeddings(text_emb, len(templates), len(labelset))  # (L, D)
+    meta = {"key": key, "labelset": labelset.name, "dim": int(emb.shape[1])}
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write(array_path, lambda f: np.save(f, emb, allow_pickle=False))
+        _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8")))
+    except OSError as err:
+        # A read-only or full cache costs speed, never the result.
+        warnings.warn(f"could not cache label embeddings in {directory}: {err}", stacklevel=2)
+    return emb
+
+
+def _load(array_path: Path, meta_path: Path, key: dict) -> np.ndarray | None:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("key") != key:
+            return None  # a digest collision or a hand-edited entry: recompute
+        emb = np.load(array_path, allow_pickle=False)
+    except (OSError, ValueError, AttributeError):
+        return None  # missing, truncated or not ours: a miss
+    if emb.ndim != 2 or emb.shape[0] != key["n_labels"] or emb.dtype != np.float32 or not np.isfinite(emb).all():
+        return None
+    return emb
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
