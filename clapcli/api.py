@@ -103,6 +103,12 @@ class Clap:
         return self.loaded.name
 
     @property
+    def model_ref(self) -> str:
+        """How to load this model again: the hub id / registry name, or the absolute local path."""
+        local = Path(self.loaded.name).expanduser()
+        return str(local.resolve()) if local.exists() else self.loaded.name
+
+    @property
     def dim(self) -> int:
         return self.config.projection_dim
 
@@ -118,7 +124,7 @@ class Clap:
     def identity_dict(self) -> dict:
         """What must match for two embeddings to be comparable: weights, front end, dim."""
         return {
-            "model": self.loaded.name,
+            "model": self.model_ref,
             "weights": self.loaded.fingerprint,
             "frontend": self.config.frontend.__dict__,
             "fused": self.fused,

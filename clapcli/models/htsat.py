@@ -100,25 +100,25 @@ class Attention(nn.Module):
         setattr(self, "self", SelfAttention(dim, heads, window, qkv_bias))
         self.output = AttentionOutput(dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, batch: int) -> torch.Tensor:
         att: SelfAttention = getattr(self, "self")
         bw, n, c = x.shape  # (B·nW, w², C)
-        hd = c // att.heads
-
-        def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(bw, n, att.heads, hd).transpose(1, 2)  # (B·nW, heads, w², hd)
-
-        q, k, v = split(att.query(x)), split(att.key(x)), split(att.value(x))
-        bias = att.relative_position_bias_table[att.relative_position_index.view(-1)]
-        bias = bias.view(n, n, att.heads).permute(2, 0, 1).to(q.dtype)  # (heads, w², w²)
+        heads, hd, nw = att.heads, c // att.heads, bw // batch
+        # One GEMM for query, key and value; then fold windows into the head axis, so one additive mask
+        # (nW·heads, w², w²) broadcasts over the batch instead of being copied per clip.
+        weight = torch.cat([att.query.weight, att.key.weight, att.value.weight])
+        bias = None if att.query.bias is None else torch.cat([att.query.bias, att.key.bias, att.value.bias])
+        qkv = F.linear(x, weight, bias).view(batch, nw, n, 3, heads, hd).permute(3, 0, 1, 4, 2, 5)
+        q, k, v = (t.reshape(batch, nw * heads, n, hd) for t in qkv)  # (B, nW·heads, w², hd)
+        rel = att.relative_position_bias_table[att.relative_position_index.view(-1)]
+        rel = rel.view(n, n, heads).permute(2, 0, 1)  # (heads, w², w²)
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None])
+            add = rel.expand(nw, heads, n, n)
         else:
-            nw = mask.shape[0]
-            full = bias[None] + mask.to(q.dtype)[:, None]  # (nW, heads, w², w²)
-            q, k, v = (t.reshape(bw // nw, nw, att.heads, n, hd) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=full[None])
-        out = out.reshape(bw, att.heads, n, hd).transpose(1, 2).reshape(bw, n, c)
+            add = rel[None] + mask[:, None]  # (nW, heads, w², w²)
+        add = add.reshape(1, nw * heads, n, n).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=add)  # (B, nW·heads, w², hd)
+        out = out.view(batch, nw, heads, n, hd).transpose(2, 3).reshape(bw, n, c)
         return self.output.dense(out)
 
 
@@ -149,7 +149,7 @@ class SwinBlock(nn.Module):
         h = self.layernorm_before(x).view(b, r, r, c)
         if s:
             h = torch.roll(h, shifts=(-s, -s), dims=(1, 2))
-        h = self.attention(window_partition(h, w), self.attn_mask)
+        h = self.attention(window_partition(h, w), self.attn_mask, b)
         h = window_reverse(h, w, r, r)
         if s:
             h = torch.roll(h, shifts=(s, s), dims=(1, 2))

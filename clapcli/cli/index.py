@@ -1,0 +1,111 @@
+"""`clap index`: embed a sound library into an index (incremental, crash-safe)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import options, output
+
+INDEX = typer.Option(None, "--index", "-i", envvar="CLAP_INDEX",
+                     help="Index name (under $CLAP_HOME/indexes) or directory. [default: default]")
+
+
+def index_command(
+    dirs: List[Path] = typer.Argument(..., help="Folders (or files) to index, recursively.", show_default=False),
+    index: Optional[str] = INDEX,
+    model: Optional[str] = typer.Option(None, "--model", "-m", envvar="CLAP_MODEL",
+                                        help="Model for new indexes [default: laion/clap-htsat-fused]; "
+                                             "an existing index keeps the model it was built with."),
+    device: str = options.DEVICE,
+    precision: str = options.PRECISION,
+    batch_size: int = options.BATCH_SIZE,
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0,
+                                          help="Decoding processes beside the model [default: cores − 1, max 4]."),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", "-x", help="Glob of paths or names to skip "
+                                                "(repeatable), e.g. '*.tmp' or '.git'."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Drop everything in the index and embed again "
+                                 "(also the way to switch models)."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for another `clap index` on this index to finish."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    commit_every: int = typer.Option(64, "--commit-every", min=1, help="Files per database commit: a crash "
+                                     "loses at most this many files' work."),
+    tokenizer: Optional[str] = options.TOKENIZER,
+) -> None:
+    """Embed audio files under DIR… into an index; unchanged files are skipped, deleted ones pruned."""
+    import os
+
+    from ..index.indexer import build_index
+    from ..index.paths import resolve_index
+
+    index_dir = resolve_index(index)
+    if workers is None:
+        workers = max(0, min(4, (os.cpu_count() or 1) - 1))
+    progress = _IndexProgress(enabled=sys.stderr.isatty() and not as_json)
+    try:
+        summary = build_index(
+            dirs, index_dir, lambda name: options.load(name, device, precision, tokenizer),
+            model_name=model, exclude=exclude or (), batch_size=batch_size, workers=workers,
+            rebuild=rebuild, wait=wait, on_plan=progress.start, on_file=progress.advance, commit_every=commit_every,
+        )
+    finally:
+        progress.stop()
+    if as_json:
+        output.json_line(summary.to_dict())
+    else:
+        _print_summary(summary)
+
+
+def _print_summary(s) -> None:
+    con = output.stderr_console()
+    rate = f", {s.audio_seconds / 3600:.2f} h of audio at {s.audio_seconds / s.seconds:.1f}× real time" \
+        if s.audio_seconds and s.seconds else ""
+    con.print(f"[bold]{s.index}[/]: {s.added} added, {s.updated} updated, {s.removed} removed, "
+              f"{s.unchanged + s.touched} unchanged, {len(s.skipped)} skipped in {s.seconds:.1f} s{rate}",
+              highlight=False)
+    con.print(f"now {s.total_files} files, {s.total_segments} segments; model {s.model}", highlight=False)
+    for path, reason in s.skipped[:20]:
+        con.print(f"  [yellow]skipped[/] {path}: {reason.replace(path + ': ', '')}", highlight=False)
+    if len(s.skipped) > 20:
+        con.print(f"  … and {len(s.skipped) - 20} more (see --json)", highlight=False)
+
+
+class _IndexProgress:
+    """Files done / total, files/s, audio hours/s and ETA on stderr."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar, self.task, self.audio = enabled, None, None, 0.0
+
+    def start(self, plan) -> None:
+        if not self.enabled or not plan.to_embed:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("embedding"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+            console=output.stderr_console(), transient=True,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task("embed", total=len(plan.to_embed), rate="")
+
+    def advance(self, result) -> None:
+        if self.bar is None:
+            return
+        self.audio += result.duration or 0.0
+        elapsed = max(self.bar.tasks[0].elapsed or 0.0, 1e-6)
+        done = self.bar.tasks[0].completed + 1
+        self.bar.update(self.task, advance=1,
+                        rate=f"{done / elapsed:.1f} files/s · {self.audio / 3600 / elapsed * 3600:.2f} audio-h/h")
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("index")(index_command)

@@ -1,0 +1,208 @@
+"""Scan → compare with the store → embed what changed → commit in batches → sync the hnswlib file.
+
+Crash safety comes from the store: each batch of files is one SQLite transaction, so a kill at any
+moment leaves the last committed batch, and a re-run sees those files as unchanged and carries on.
+Pruning only touches paths under the roots being indexed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..errors import ClapError
+from .paths import WriterLock
+from .scan import ScanEntry, ScanProblem, scan
+from .store import IndexStore, content_hash
+
+COMMIT_EVERY_FILES = 64  # files per SQLite transaction
+COMMIT_EVERY_SECONDS = 30.0  # or sooner, so a slow batch never holds back a commit for long
+
+
+@dataclass
+class IndexSummary:
+    index: str
+    model: str
+    scanned: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    touched: int = 0  # size/mtime changed but the content hash did not: no model work
+    removed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
+    audio_seconds: float = 0.0  # embedded in this run
+    seconds: float = 0.0
+    total_files: int = 0
+    total_segments: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index,
+            "model": self.model,
+            "scanned": self.scanned,
+            "added": self.added,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "touched": self.touched,
+            "removed": self.removed,
+            "skipped": len(self.skipped),
+            "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped],
+            "audio_seconds": round(self.audio_seconds, 3),
+            "seconds": round(self.seconds, 3),
+            "files_per_second": round((self.added + self.updated) / self.seconds, 3) if self.seconds else 0.0,
+            "audio_seconds_per_second": round(self.audio_seconds / self.seconds, 3) if self.seconds else 0.0,
+            "total_files": self.total_files,
+            "total_segments": self.total_segments,
+        }
+
+
+@dataclass
+class Plan:
+    to_embed: list[ScanEntry]  # new or changed content
+    new_paths: set[str]
+    touched: list[ScanEntry]  # same content, new size/mtime
+    unchanged: int
+    to_remove: list[str]
+
+
+def plan_changes(store: IndexStore, entries: Sequence[ScanEntry], roots: Sequence[Path]) -> Plan:
+    states = store.file_states()
+    to_embed, touched, new_paths, unchanged = [], [], set(), 0
+    seen = set()
+    for entry in entries:
+        path = str(entry.path)
+        seen.add(path)
+        state = states.get(path)
+        if state is None:
+            to_embed.append(entry)
+            new_paths.add(path)
+        elif state.size == entry.size and state.mtime_ns == entry.mtime_ns:
+            unchanged += 1
+        elif state.size == entry.size and state.content_hash and _hash_or_none(path) == state.content_hash:
+            touched.append(entry)
+        else:
+            to_embed.append(entry)
+    prefixes = [str(r) for r in roots]
+    to_remove = [
+        p for p in states
+        if p not in seen and any(p == r or p.startswith(r.rstrip(os.sep) + os.sep) for r in prefixes)
+    ]
+    return Plan(to_embed, new_paths, touched, unchanged, to_remove)
+
+
+def _hash_or_none(path: str) -> str | None:
+    try:
+        return content_hash(path)
+    except OSError:
+        return None
+
+
+def build_index(
+    roots: Sequence[str | os.PathLike],
+    index_dir: Path,
+    load_model: Callable[[str | None], object],
+    model_name: str | None = None,
+    exclude: Sequence[str] = (),
+    batch_size: int = 8,
+    workers: int = 0,
+    rebuild: bool = False,
+    wait: bool = False,
+    on_plan: Callable[[Plan], None] | None = None,
+    on_file: Callable[[object], None] | None = None,
+    commit_every: int = COMMIT_EVERY_FILES,
+) -> IndexSummary:
+    """Index `roots` into `index_dir`. `load_model(name)` is called only when something needs embedding."""
+    started = time.monotonic()
+    root_paths = []
+    for r in roots:
+        p = Path(r).expanduser()
+        if not p.exists():
+            raise ClapError(f"no such file or directory: {r}")
+        root_paths.append(p.resolve())
+
+    with WriterLock(index_dir, wait=wait):
+        with IndexStore.open(index_dir, create=True) as store:
+            stored_identity = store.model_identity
+            if rebuild:
+                store.clear()
+                stored_identity = None
+            # Without --model, keep using the model the index was built with.
+            name = model_name or (stored_identity or {}).get("model")
+            problems: list[ScanProblem] = []
+            entries = list(scan(root_paths, exclude=exclude, problems=problems))
+            plan = plan_changes(store, entries, root_paths)
+            summary = IndexSummary(str(index_dir), name or "")
+            summary.scanned = len(entries)
+            summary.unchanged = plan.unchanged
+            summary.skipped.extend((str(p.path), p.reason) for p in problems)
+            if on_plan:
+                on_plan(plan)
+
+            model = None
+            if plan.to_embed or stored_identity is None or model_name:
+                model = load_model(name)
+                summary.model = model.model_ref
+                # Refuses a different model unless the store is empty; --rebuild cleared it above.
+                store.set_model_identity(model.identity_dict)
+
+            with store.transaction():
+                store.remove_files(plan.to_remove)
+                for entry in plan.touched:
+                    store.update_file_stat(str(entry.path), entry.size, entry.mtime_ns)
+            summary.removed, summary.touched = len(plan.to_remove), len(plan.touched)
+
+            if plan.to_embed:
+                _embed_and_commit(store, model, plan, summary, batch_size, workers, on_file, commit_every)
+
+            from .ann import AnnIndex
+
+            AnnIndex.sync(store, persist=True)
+            counts = store.counts()
+            summary.total_files, summary.total_segments = counts.ok_files, counts.segments
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_size, workers, on_file,
+                      commit_every: int) -> None:
+    by_path = {str(e.path): e for e in plan.to_embed}
+    results = model.embed_files(list(by_path), batch_size=batch_size, segments=True, workers=workers)
+    pending = 0
+    last_commit = time.monotonic()
+    tx = store.transaction()
+    tx.__enter__()
+    try:
+        for result in results:
+            entry = by_path[result.path]
+            digest = _hash_or_none(result.path)
+            if result.error is not None:
+                store.record_error(result.path, entry.size, entry.mtime_ns, digest, result.error)
+                summary.skipped.append((result.path, result.error))
+            else:
+                segments = [(0.0, result.duration, "file", result.embedding)]
+                segments += [(s.start, s.end, "window", s.embedding) for s in result.segments]
+                store.upsert_file(result.path, entry.size, entry.mtime_ns, digest, result.duration,
+                                  result.sample_rate or 0, result.channels or 0, segments)
+                summary.audio_seconds += result.duration
+                if result.path in plan.new_paths:
+                    summary.added += 1
+                else:
+                    summary.updated += 1
+            pending += 1
+            if on_file:
+                on_file(result)
+            if pending >= commit_every or time.monotonic() - last_commit > COMMIT_EVERY_SECONDS:
+                tx.__exit__(None, None, None)
+                tx = store.transaction()
+                tx.__enter__()
+                pending, last_commit = 0, time.monotonic()
+    except KeyboardInterrupt:
+        tx.__exit__(None, None, None)  # the files finished so far are complete: keep them
+        raise
+    except BaseException as exc:
+        tx.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    tx.__exit__(None, None, None)

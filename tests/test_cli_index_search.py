@@ -1,0 +1,271 @@
+"""`clap index` and `clap search` end to end, through the real CLI, on a tiny random model.
+
+A session-scoped library of 42 good files (nested folders; wav/flac/ogg/mp3/aiff; 8–96 kHz; 1, 2 and
+6 channels; 0.2 s to 90 s) plus three broken ones is indexed once and then queried, re-indexed,
+modified, killed and compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from clapcli.cli.main import app
+from library import BROKEN, GOOD, make_library, write_window_query
+
+runner = CliRunner()
+HIT_KEYS = {"rank", "score", "path", "start", "end", "duration"}
+
+
+def clap(*args, ok=True):
+    result = runner.invoke(app, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def index_contents(index_dir: Path) -> dict[str, tuple]:
+    """Everything an index stores, keyed by path, without the (run-dependent) row ids."""
+    con = sqlite3.connect(index_dir / "index.sqlite")
+    files = {}
+    for fid, path, size, mtime, digest, duration, status, error in con.execute(
+        "SELECT id, path, size, mtime_ns, content_hash, duration, status, error FROM files"
+    ):
+        segs = con.execute(
+            'SELECT s.start, s."end", s.kind, e.vector FROM segments s JOIN embeddings e ON e.segment_id = s.id '
+            "WHERE s.file_id = ? ORDER BY s.start, s.kind",
+            (fid,),
+        ).fetchall()
+        files[path] = (size, mtime, digest, duration, status, error is not None,
+                       [(a, b, k, np.frombuffer(v, np.float32)) for a, b, k, v in segs])
+    orphans = con.execute(
+        "SELECT count(*) FROM embeddings WHERE segment_id NOT IN (SELECT id FROM segments)"
+    ).fetchone()[0] + con.execute("SELECT count(*) FROM segments WHERE file_id NOT IN (SELECT id FROM files)").fetchone()[0]
+    con.close()
+    assert orphans == 0
+    return files
+
+
+def assert_same_contents(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for path in a:
+        *meta_a, segs_a = a[path]
+        *meta_b, segs_b = b[path]
+        assert meta_a == meta_b, path
+        assert [s[:3] for s in segs_a] == [s[:3] for s in segs_b], path
+        for sa, sb in zip(segs_a, segs_b):
+            assert np.allclose(sa[3], sb[3], atol=1e-5), path
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    root = tmp_path_factory.mktemp("library")
+    durations = make_library(root)
+    return root, durations
+
+
+@pytest.fixture(scope="module")
+def built(library, tiny_model_dir, tmp_path_factory):
+    """The library indexed once with the real CLI; returns (index dir, summary)."""
+    root, _ = library
+    index_dir = tmp_path_factory.mktemp("idx") / "main"
+    result = clap("index", root, "--index", index_dir, "--model", tiny_model_dir, "--json", "--workers", "1")
+    return index_dir, json_lines(result.stdout)[-1]
+
+
+def test_index_reports_broken_files_and_embeds_everything_else(library, built):
+    root, durations = library
+    index_dir, summary = built
+    assert summary["added"] == len(GOOD) and summary["scanned"] == len(GOOD) + len(BROKEN)
+    skipped = {Path(s["path"]).relative_to(root).as_posix(): s["reason"] for s in summary["skipped_files"]}
+    assert set(skipped) == set(BROKEN)
+    assert "empty" in skipped["broken/empty.wav"]
+    assert "not a recognised audio file" in skipped["broken/not_audio.wav"]
+    assert "truncated" in skipped["broken/truncated.flac"] or "lost sync" in skipped["broken/truncated.flac"]
+    contents = index_contents(index_dir)
+    good = {p: c for p, c in contents.items() if c[4] == "ok"}
+    assert set(good) == set(durations)
+    for path, (_, _, _, duration, _, _, segs) in good.items():
+        assert duration == pytest.approx(durations[path], abs=0.03)
+        windows = [s for s in segs if s[2] == "window"]
+        assert sum(s[2] == "file" for s in segs) == 1
+        if duration > 10.0:  # full coverage: windows from 0, the last one ending at the file end
+            assert windows[0][0] == 0.0 and windows[-1][1] == pytest.approx(duration, abs=1e-3)
+            assert all(b[0] <= a[1] for a, b in zip(windows, windows[1:]))
+        else:
+            assert not windows
+
+
+def test_every_good_file_is_searchable(library, built, tiny_model_dir):
+    _, durations = library
+    index_dir, _ = built
+    result = clap("search", "rain on a roof", "--index", index_dir, "-k", "100", "--json")
+    hits = json_lines(result.stdout)
+    assert {h["path"] for h in hits} == set(durations)
+    assert [h["rank"] for h in hits] == list(range(1, len(hits) + 1))
+    assert all(set(h) == HIT_KEYS for h in hits)
+    assert all(a["score"] >= b["score"] for a, b in zip(hits, hits[1:]))
+    for h in hits:
+        assert (h["start"] is None) == (durations[h["path"]] <= 10.0)
+
+
+def test_query_by_example_finds_the_window_and_its_offset(library, built, tmp_path):
+    from clapcli.audio.decode import load_audio
+
+    root, _ = library
+    index_dir, _ = built
+    long_file = root / "ambience/field_recording_long.wav"  # 90 s float WAV at 48 kHz
+    samples = load_audio(long_file, quantize=False)
+    query = tmp_path / "query.wav"
+    write_window_query(query, samples[2 * 480_000 : 3 * 480_000])
+    hits = json_lines(clap("search", "--audio", query, "--index", index_dir, "--json", "-k", "3").stdout)
+    assert hits[0]["path"] == str(long_file.resolve())
+    assert (hits[0]["start"], hits[0]["end"]) == (20.0, 30.0)
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_search_paths_min_score_and_not_terms(built):
+    index_dir, _ = built
+    paths = clap("search", "glass shattering", "--index", index_dir, "--paths", "-k", "5").stdout.split()
+    assert len(paths) == 5 and all(Path(p).is_absolute() for p in paths)
+    scored = json_lines(clap("search", "glass shattering", "--index", index_dir, "--json", "-k", "50").stdout)
+    cut = scored[10]["score"]
+    kept = json_lines(clap("search", "glass shattering", "--index", index_dir, "--json", "-k", "50",
+                           "--min-score", cut).stdout)
+    assert kept and all(h["score"] >= cut for h in kept) and len(kept) <= 11
+    pushed = json_lines(clap("search", "glass shattering", "--not", "rain", "--index", index_dir, "--json").stdout)
+    assert [h["path"] for h in pushed] != [h["path"] for h in scored[:10]] or pushed[0]["score"] != scored[0]["score"]
+
+
+def test_search_errors_are_one_line(tmp_path, built, tiny_unfused_dir):
+    missing = clap("search", "dog", "--index", tmp_path / "nothing", ok=False)
+    assert missing.exit_code != 0 and "no index at" in str(missing.exception)
+    index_dir, _ = built
+    other = clap("search", "dog", "--index", index_dir, "--model", tiny_unfused_dir, ok=False)
+    assert other.exit_code != 0 and "pass the same --model or --rebuild" in str(other.exception)
+
+
+def test_index_with_another_model_is_refused(library, built, tiny_unfused_dir):
+    root, _ = library
+    index_dir, _ = built
+    result = clap("index", root, "--index", index_dir, "--model", tiny_unfused_dir, ok=False)
+    assert result.exit_code != 0 and "pass the same --model or --rebuild" in str(result.exception)
+
+
+def test_incremental_rerun_modify_and_delete(tiny_model_dir, tmp_path):
+    root = tmp_path / "lib"
+    make_library(root, good=GOOD[:6] + GOOD[22:23])
+    index_dir = tmp_path / "idx"
+    first = json_lines(clap("index", root, "--index", index_dir, "--model", tiny_model_dir, "--json").stdout)[-1]
+    assert first["added"] == 7
+    before = index_contents(index_dir)
+
+    again = json_lines(clap("index", root, "--index", index_dir, "--json").stdout)[-1]
+    assert (again["added"], again["updated"], again["removed"], again["audio_seconds"]) == (0, 0, 0, 0.0)
+    assert again["unchanged"] == 7 + len(BROKEN)
+    assert_same_contents(before, index_contents(index_dir))
+
+    touched = root / GOOD[1][0]
+    os.utime(touched, ns=(time.time_ns(), time.time_ns()))  # new mtime, same bytes: no model work
+    modified = root / GOOD[0][0]
+    from audio_synth import tone_noise, write_audio
+
+    write_audio(modified, tone_noise(0.7, 44_100, seed=1234), 44_100, subtype="PCM_16")
+    deleted = root / GOOD[2][0]
+    deleted.unlink()
+    third = json_lines(clap("index", root, "--index", index_dir, "--json").stdout)[-1]
+    assert (third["added"], third["updated"], third["removed"], third["touched"]) == (0, 1, 1, 1)
+    after = index_contents(index_dir)
+    assert str(deleted.resolve()) not in after
+    assert after[str(modified.resolve())][3] == pytest.approx(0.7, abs=1e-3)
+    assert not np.allclose(after[str(modified.resolve())][6][0][3], before[str(modified.resolve())][6][0][3])
+    for path in set(after) - {str(modified.resolve()), str(touched.resolve())}:
+        assert after[path][2] == before[path][2]
+    hits = json_lines(clap("search", "dog", "--index", index_dir, "--json", "-k", "50").stdout)
+    assert str(deleted.resolve()) not in {h["path"] for h in hits} and len(hits) == 6
+
+
+def test_second_writer_is_refused(tiny_model_dir, tmp_path):
+    from clapcli.index.paths import WriterLock
+
+    root = tmp_path / "lib"
+    make_library(root, good=GOOD[:2])
+    index_dir = tmp_path / "idx"
+    with WriterLock(index_dir):
+        result = clap("index", root, "--index", index_dir, "--model", tiny_model_dir, ok=False)
+    assert result.exit_code != 0 and "being written by another" in str(result.exception)
+
+
+def test_empty_index_search_is_an_error(tiny_model_dir, tmp_path):
+    root = tmp_path / "lib"
+    (root / "broken").mkdir(parents=True)
+    (root / "broken" / "x.wav").write_text("not audio")
+    clap("index", root, "--index", tmp_path / "idx", "--model", tiny_model_dir)
+    result = clap("search", "dog", "--index", tmp_path / "idx", ok=False)
+    assert result.exit_code != 0 and "is empty" in str(result.exception)
+
+
+def _committed_files(index_dir: Path) -> int:
+    try:
+        con = sqlite3.connect(f"file:{index_dir / 'index.sqlite'}?mode=ro", uri=True, timeout=1)
+        n = con.execute("SELECT count(*) FROM files").fetchone()[0]
+        con.close()
+        return n
+    except sqlite3.Error:
+        return -1
+
+
+def test_sigkill_at_any_point_then_rerun_equals_a_clean_build(tiny_model_dir, tmp_path):
+    root = tmp_path / "lib"
+    make_library(root, good=[g for g in GOOD if g[1] <= 16.0][:14])
+    clean_dir = tmp_path / "clean"
+    clap("index", root, "--index", clean_dir, "--model", tiny_model_dir, "--commit-every", "2")
+    clean = index_contents(clean_dir)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "clapcli", "index", str(root), "--model", str(tiny_model_dir),
+           "--commit-every", "2", "--batch-size", "2", "--workers", "0"]
+    for kill_at in (0, 4, 10):  # committed file rows when the indexer is killed
+        index_dir = tmp_path / f"killed-{kill_at}"
+        proc = subprocess.Popen(cmd + ["--index", str(index_dir)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while _committed_files(index_dir) < kill_at and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, "the indexer finished before it could be killed"
+        assert _committed_files(index_dir) < len(clean)  # killed part-way, not after the last commit
+        if (index_dir / "index.sqlite").exists():  # what was committed opens and searches
+            con = sqlite3.connect(index_dir / "index.sqlite")
+            assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            con.close()
+            if _committed_files(index_dir) > 0:
+                clap("search", "dog", "--index", index_dir, "--json")
+        clap("index", root, "--index", index_dir, "--model", tiny_model_dir)  # the same command again
+        assert_same_contents(clean, index_contents(index_dir))
+        hits = json_lines(clap("search", "dog", "--index", index_dir, "--json", "-k", "100").stdout)
+        assert len(hits) == len({p for p, c in clean.items() if c[4] == "ok"})
+
+
+def test_entry_point_index_and_search(tiny_model_dir, tmp_path):
+    root = tmp_path / "lib"
+    make_library(root, good=GOOD[:3])
+    env = dict(os.environ, CLAP_HOME=str(tmp_path / "home"))
+    subprocess.run(["clap", "index", str(root), "--model", str(tiny_model_dir)], env=env, check=True,
+                   capture_output=True, timeout=300)
+    out = subprocess.run(["clap", "search", "a kick", "--json"], env=env, check=True, capture_output=True,
+                         text=True, timeout=300).stdout
+    assert len(json_lines(out)) == 3
