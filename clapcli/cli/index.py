@@ -11,20 +11,20 @@ import typer
 from . import options, output
 
 INDEX = typer.Option(None, "--index", "-i", envvar="CLAP_INDEX",
-                     help="Index name (under $CLAP_HOME/indexes) or directory. [default: default]")
+                     help="Index name (under $CLAP_HOME/indexes) or directory. (default: default)")
 
 
 def index_command(
     dirs: List[Path] = typer.Argument(..., help="Folders (or files) to index, recursively.", show_default=False),
     index: Optional[str] = INDEX,
     model: Optional[str] = typer.Option(None, "--model", "-m", envvar="CLAP_MODEL",
-                                        help="Model for new indexes [default: laion/clap-htsat-fused]; "
+                                        help="Model for new indexes (default: laion/clap-htsat-fused); "
                                              "an existing index keeps the model it was built with."),
     device: str = options.DEVICE,
     precision: str = options.PRECISION,
     batch_size: int = options.BATCH_SIZE,
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0,
-                                          help="Decoding processes beside the model [default: cores − 1, max 4]."),
+                                          help="Decoding processes beside the model (default: cores − 1, max 4)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", "-x", help="Glob of paths or names to skip "
                                                 "(repeatable), e.g. '*.tmp' or '.git'."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Drop everything in the index and embed again "

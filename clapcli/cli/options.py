@@ -6,7 +6,7 @@ import typer
 
 MODEL = typer.Option(
     None, "--model", "-m", envvar="CLAP_MODEL",
-    help="Hub id, local model directory or LAION .pt file. [default: laion/clap-htsat-fused]",
+    help="Hub id, local model directory or LAION .pt file. (default: laion/clap-htsat-fused)",
 )
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda.")
 PRECISION = typer.Option(

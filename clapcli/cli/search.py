@@ -24,7 +24,7 @@ def search_command(
     paths: bool = typer.Option(False, "--paths", help="Print matching paths only (for piping)."),
     index: Optional[str] = INDEX,
     model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="Must match the index's model [default: the model that built it]."),
+                                        help="Must match the index's model (default: the model that built it)."),
     device: str = options.DEVICE,
     precision: str = options.PRECISION,
     tokenizer: Optional[str] = options.TOKENIZER,

@@ -30,11 +30,10 @@ class PatchEmbed(nn.Module):
             self.fusion_model = AFFBlock(width, cfg.aff_block_r)
             self.mel_conv2d = nn.Conv2d(1, width, kernel_size=(p, 3 * p), stride=(p, 3 * p))
 
-    def forward(self, image: torch.Tensor, longer_idx: torch.Tensor | None) -> torch.Tensor:
-        # image: (B, C, 256, 256), C = 4 for fused inputs (global + three local crops)
-        x = self.proj(image[:, 0:1])  # (B, D, 64, 64)
-        if self.enable_fusion and longer_idx is not None and longer_idx.numel() > 0:
-            local = image[longer_idx, 1:]  # (B', 3, 256, 256)
+    def forward(self, image: torch.Tensor, local: torch.Tensor | None, longer_idx: torch.Tensor | None) -> torch.Tensor:
+        # image: (B, 1, 256, 256) global view; local: (B', 3, 256, 256) crops of the clips in longer_idx
+        x = self.proj(image)  # (B, D, 64, 64)
+        if self.enable_fusion and local is not None and longer_idx is not None and longer_idx.numel() > 0:
             b, crops, h, w = local.shape
             local = self.mel_conv2d(local.reshape(b * crops, 1, h, w))  # (B'·3, D, 64, 21)
             _, d, lh, lw = local.shape
@@ -217,12 +216,19 @@ class HTSAT(nn.Module):
         return mel.reshape(b, c, f * self.freq_ratio, t // self.freq_ratio)  # (B, C, 256, 256)
 
     def forward(self, features: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.batch_norm(features.transpose(1, 3)).transpose(1, 3)  # BN over mel bins
-        longer_idx = None
+        # Only channel 0 (the global view) of every clip is used, plus the three local crops of the clips
+        # marked is_longer; the copies of a short clip's mel in channels 1-3 are never normalised or folded.
+        longer_idx, local = None, None
         if self.cfg.enable_fusion and is_longer is not None:
-            longer_idx = torch.nonzero(is_longer.reshape(-1).to(x.device)).flatten()
-        x = self.patch_embed(self.fold(x), longer_idx)  # (B, 4096, D)
+            longer_idx = torch.nonzero(is_longer.reshape(-1).to(features.device)).flatten()
+            if longer_idx.numel() > 0:
+                local = self.fold(self.normalise(features[longer_idx, 1:]))  # (B', 3, 256, 256)
+        image = self.fold(self.normalise(features[:, :1]))  # (B, 1, 256, 256)
+        x = self.patch_embed(image, local, longer_idx)  # (B, 4096, D)
         for stage in self.layers:
             x = stage(x)
         x = self.norm(x)  # (B, 64, 8D)
         return x.mean(dim=1)  # mean over all final tokens
+
+    def normalise(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.batch_norm(mel.transpose(1, 3)).transpose(1, 3)  # BatchNorm over the mel-bin axis
