@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from audio_synth import tone_noise
+from tiny_models import HUB_PREPROCESSOR
 from clapcli.audio import (
     FeatureBuilder,
     MelFrontEnd,
@@ -26,19 +27,6 @@ SR = 48_000
 CLIP = 480_000
 TOLERANCE_DB = 1e-3
 LENGTHS_S = [0.3, 1.0, 9.99, 10.0, 10.005, 12.0, 61.0]
-
-HUB_PREPROCESSOR = dict(  # laion/clap-htsat-{fused,unfused} preprocessor_config.json
-    feature_size=64,
-    sampling_rate=SR,
-    fft_window_size=1024,
-    hop_length=480,
-    max_length_s=10,
-    frequency_min=50,
-    frequency_max=14_000,
-    top_db=None,
-    padding="repeatpad",
-)
-
 
 @pytest.fixture(scope="module")
 def hf_fused():

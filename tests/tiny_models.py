@@ -69,21 +69,24 @@ def hf_clap(fused: bool, vocab_size: int, seed: int = 0):
     return model
 
 
+# The hub's preprocessor_config.json of laion/clap-htsat-{fused,unfused}, less the truncation mode.
+HUB_PREPROCESSOR = dict(
+    feature_size=64,
+    sampling_rate=48_000,
+    fft_window_size=1024,
+    hop_length=480,
+    max_length_s=10,
+    frequency_min=50,
+    frequency_max=14_000,
+    top_db=None,
+    padding="repeatpad",
+)
+
+
 def feature_extractor(fused: bool):
     from transformers import ClapFeatureExtractor
 
-    return ClapFeatureExtractor(
-        feature_size=64,
-        sampling_rate=48_000,
-        hop_length=480,
-        max_length_s=10,
-        fft_window_size=1024,
-        frequency_min=50,
-        frequency_max=14_000,
-        top_db=None,
-        truncation="fusion" if fused else "rand_trunc",
-        padding="repeatpad",
-    )
+    return ClapFeatureExtractor(**HUB_PREPROCESSOR, truncation="fusion" if fused else "rand_trunc")
 
 
 def save_hf_clap(directory: Path, fused: bool, seed: int = 0):
