@@ -158,3 +158,22 @@ def test_missing_weights_without_network_is_one_line_error(tmp_path, env):
     assert len(lines) == 1, proc.stderr
     assert "clap models pull laion/clap-htsat-fused" in lines[0] and "--model PATH" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name,audio", [
+    ("htsat-tiny-fused", dict(enable_fusion=True)),
+    ("htsat-base", dict(patch_embeds_hidden_size=128, depths=[2, 2, 12, 2], hidden_size=1024)),
+])
+def test_presets_have_the_released_architectures(name, audio):
+    """Our presets hold exactly the tensors of the hub's configs (clap-htsat-fused, larger_clap_*)."""
+    from transformers import ClapConfig, ClapModel
+
+    from clapcli.models.checkpoints import DERIVED_KEY
+    from clapcli.models.clap import ClapModel as Ours
+    from clapcli.models.config import preset
+
+    with torch.device("meta"):
+        ref = ClapModel(ClapConfig(audio_config=audio)).state_dict()
+        ours = Ours(preset(name)).hf_state_dict()
+    shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items() if not DERIVED_KEY.search(k)}  # noqa: E731
+    assert shapes(ours) == shapes(ref)
