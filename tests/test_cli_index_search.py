@@ -21,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from clapcli.cli.main import app
+from entry_point import clap_executable
 from library import BROKEN, GOOD, make_library, write_window_query
 
 runner = CliRunner()
@@ -264,8 +265,8 @@ def test_entry_point_index_and_search(tiny_model_dir, tmp_path):
     root = tmp_path / "lib"
     make_library(root, good=GOOD[:3])
     env = dict(os.environ, CLAP_HOME=str(tmp_path / "home"))
-    subprocess.run(["clap", "index", str(root), "--model", str(tiny_model_dir)], env=env, check=True,
+    subprocess.run([clap_executable(), "index", str(root), "--model", str(tiny_model_dir)], env=env, check=True,
                    capture_output=True, timeout=300)
-    out = subprocess.run(["clap", "search", "a kick", "--json"], env=env, check=True, capture_output=True,
+    out = subprocess.run([clap_executable(), "search", "a kick", "--json"], env=env, check=True, capture_output=True,
                          text=True, timeout=300).stdout
     assert len(json_lines(out)) == 3

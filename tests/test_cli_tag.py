@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import typer
 from typer.testing import CliRunner
 
 from clapcli.cli import tag as tag_cli
+from entry_point import clap_executable
 from clapcli.errors import ClapError
 from clapcli.tagging import builtin_labelsets
 
@@ -113,14 +113,6 @@ def test_top_must_be_positive(app):
     result = invoke(app, "x.wav", "--labels", "esc50", "--top", "0")
     assert result.exit_code == 2
     assert "--top" in result.output
-
-
-def clap_executable():
-    pytest.importorskip("clapcli.cli.main", reason="the main app (clapcli.cli.main) is not written yet")
-    clap = shutil.which("clap", path=str(Path(sys.executable).parent)) or shutil.which("clap")
-    if clap is None:
-        pytest.skip("the `clap` entry point is not installed")
-    return clap
 
 
 def run_clap(*args):
