@@ -178,6 +178,7 @@ def test_incremental_rerun_modify_and_delete(tiny_model_dir, tmp_path):
     again = json_lines(clap("index", root, "--index", index_dir, "--json").stdout)[-1]
     assert (again["added"], again["updated"], again["removed"], again["audio_seconds"]) == (0, 0, 0, 0.0)
     assert again["unchanged"] == 7 + len(BROKEN)
+    assert again["total_errors"] == len(BROKEN) and len(again["unreadable_files"]) == len(BROKEN)
     assert_same_contents(before, index_contents(index_dir))
 
     touched = root / GOOD[1][0]

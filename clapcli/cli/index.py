@@ -66,7 +66,8 @@ def _print_summary(s) -> None:
     con.print(f"[bold]{s.index}[/]: {s.added} added, {s.updated} updated, {s.removed} removed, "
               f"{s.unchanged + s.touched} unchanged, {len(s.skipped)} skipped in {s.seconds:.1f} s{rate}",
               highlight=False)
-    con.print(f"now {s.total_files} files, {s.total_segments} segments; model {s.model}", highlight=False)
+    errors = f", {len(s.unreadable)} unreadable (listed by --json)" if s.unreadable else ""
+    con.print(f"now {s.total_files} files, {s.total_segments} segments{errors}; model {s.model}", highlight=False)
     for path, reason in s.skipped[:20]:
         con.print(f"  [yellow]skipped[/] {path}: {reason.replace(path + ': ', '')}", highlight=False)
     if len(s.skipped) > 20:

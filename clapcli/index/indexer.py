@@ -37,6 +37,7 @@ class IndexSummary:
     seconds: float = 0.0
     total_files: int = 0
     total_segments: int = 0
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, error) of every error row stored
 
     def to_dict(self) -> dict:
         return {
@@ -56,6 +57,8 @@ class IndexSummary:
             "audio_seconds_per_second": round(self.audio_seconds / self.seconds, 3) if self.seconds else 0.0,
             "total_files": self.total_files,
             "total_segments": self.total_segments,
+            "total_errors": len(self.unreadable),
+            "unreadable_files": [{"path": p, "reason": r} for p, r in self.unreadable],
         }
 
 
@@ -162,6 +165,7 @@ def build_index(
             AnnIndex.sync(store, persist=True)
             counts = store.counts()
             summary.total_files, summary.total_segments = counts.ok_files, counts.segments
+            summary.unreadable = [(r.path, r.error or "") for r in store.error_files()]
     summary.seconds = time.monotonic() - started
     return summary
 

@@ -1,0 +1,10 @@
+_clap_completion() {
+    local IFS=$'
+'
+    COMPREPLY=( $( env COMP_WORDS="${COMP_WORDS[*]}" \
+                   COMP_CWORD=$COMP_CWORD \
+                   _CLAP_COMPLETE=complete_bash $1 ) )
+    return 0
+}
+
+complete -o default -F _clap_completion clap
