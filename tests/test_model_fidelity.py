@@ -140,3 +140,15 @@ def test_logit_scale_and_dim(fused):
     ours, hf_model, _, _ = fused
     assert ours.dim == 24
     assert ours.logit_scale == pytest.approx(float(hf_model.logit_scale_a.detach().exp()), rel=1e-6)
+
+
+def test_bf16_autocast_stays_within_cosine_0999_of_fp32(tiny_fused):
+    exact = load_model(tiny_fused[0], device="cpu", precision="fp32")
+    fast = load_model(tiny_fused[0], device="cpu", precision="bf16")
+    assert (exact.precision, fast.precision) == ("fp32", "bf16")
+    waves = [tone_noise(s, SR, seed=60 + i) for i, s in enumerate([1.0, 7.0, 14.0, 30.0])]
+    a = np.stack([e.embedding for e in exact.embed_waveforms(waves)])
+    b = np.stack([e.embedding for e in fast.embed_waveforms(waves)])
+    assert cosine(a, b).min() >= 0.999 and not np.array_equal(a, b)
+    texts = ["a dog", "rain on a roof"]
+    assert cosine(exact.embed_text(texts), fast.embed_text(texts)).min() >= 0.999
