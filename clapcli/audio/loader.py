@@ -54,9 +54,13 @@ def _identity(x):
     return x
 
 
+# Starting worker processes costs about a second each; below this many files decoding inline is faster.
+MIN_FILES_FOR_WORKERS = 32
+
+
 def iter_decoded(paths: Iterable, sample_rate: int, quantize: bool = True, workers: int = 0) -> Iterator[Decoded]:
     paths = [os.fspath(p) for p in paths]
-    if workers <= 0 or len(paths) < 2:
+    if workers <= 0 or len(paths) < MIN_FILES_FOR_WORKERS:
         for p in paths:
             yield decode_one(p, sample_rate, quantize)
         return
