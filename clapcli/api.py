@@ -229,15 +229,24 @@ class Clap:
     ) -> Iterator[AudioEmbedding]:
         """Decode (in `workers` DataLoader processes when > 0) and embed, yielding one result per path, in order.
 
-        A file that cannot be decoded yields an AudioEmbedding with `error` set; the run goes on."""
+        A file that cannot be decoded, or whose forward pass fails (say, out of memory on a very long file),
+        yields an AudioEmbedding with `error` set; the run goes on."""
         from .audio.loader import iter_decoded
 
         pending: list = []
 
+        def embed(decoded: list) -> list[AudioEmbedding]:
+            waves = [d.samples for d in decoded]
+            try:
+                return self.embed_waveforms(waves, segments=segments, batch_size=batch_size)
+            except (RuntimeError, ValueError, MemoryError) as exc:
+                if len(decoded) == 1:
+                    decoded[0].error = f"cannot embed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                    return []
+                return [e for d in decoded for e in embed([d])]  # find the file at fault, keep the rest
+
         def flush():
-            good = [d for d in pending if d.error is None]
-            embs = self.embed_waveforms([d.samples for d in good], segments=segments, batch_size=batch_size)
-            it = iter(embs)
+            it = iter(embed([d for d in pending if d.error is None]))
             for d in pending:
                 if d.error is not None:
                     if on_error:

@@ -143,3 +143,31 @@ def test_other_text_towers_round_trip_in_our_format(tower, tiny_fused, tmp_path)
     with torch.no_grad():
         ref = model.encode_text(tok["input_ids"], tok["attention_mask"]).numpy()
     assert np.allclose(emb[0], ref[0], atol=1e-5)
+
+
+def test_embed_out_keeps_rows_aligned_with_a_nan_row_for_a_bad_file(tiny_model_dir, clips, tmp_path):
+    a, b, bad = clips
+    out = tmp_path / "e.npy"
+    res = runner.invoke(app, ["embed", a, bad, b, "--model", str(tiny_model_dir), "--out", str(out)])
+    assert res.exit_code == 1
+    arr = np.load(out)
+    assert arr.shape[0] == 3 and np.isnan(arr[1]).all() and not np.isnan(arr[[0, 2]]).any()
+    res = runner.invoke(app, ["embed", a, "--model", str(tiny_model_dir), "--out", str(tmp_path / "no" / "e.npy")])
+    assert res.exit_code != 0 and "no such directory" in str(res.exception)
+
+
+def test_a_failing_forward_pass_costs_only_its_own_file(tiny_model_dir, clips, monkeypatch):
+    """A batch that fails (say, out of memory on one huge file) is retried file by file."""
+    a, b, _ = clips
+    m = load_model(tiny_model_dir, device="cpu")
+    real = m.embed_waveforms
+
+    def fails_on_long(waves, **kw):
+        if any(len(w) > 480_000 for w in waves):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(waves, **kw)
+
+    monkeypatch.setattr(m, "embed_waveforms", fails_on_long)
+    results = list(m.embed_files([a, b, a]))
+    assert [r.error is None for r in results] == [True, False, True]
+    assert "out of memory" in results[1].error and results[0].embedding is not None

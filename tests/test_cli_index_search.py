@@ -271,3 +271,40 @@ def test_entry_point_index_and_search(tiny_model_dir, tmp_path):
     out = subprocess.run([clap_executable(), "search", "a kick", "--json"], env=env, check=True, capture_output=True,
                          text=True, timeout=300).stdout
     assert len(json_lines(out)) == 3
+
+
+def test_undecodable_file_name_is_skipped_not_fatal(tiny_model_dir, tmp_path):
+    root = tmp_path / "lib"
+    make_library(root, good=GOOD[:2])
+    from audio_synth import tone_noise, write_audio
+
+    plain = write_audio(root / "plain.wav", tone_noise(0.5, 44_100), 44_100)
+    os.rename(os.fsencode(plain), os.path.join(os.fsencode(root), b"bad-\xff-name.wav"))  # not UTF-8
+    summary = json_lines(clap("index", root, "--index", tmp_path / "idx", "--model", tiny_model_dir,
+                              "--json").stdout)[-1]
+    assert summary["added"] == 2
+    assert any("not valid UTF-8" in s["reason"] for s in summary["skipped_files"])
+
+
+def test_files_under_an_unreadable_folder_are_not_pruned(tmp_path):
+    from clapcli.index.indexer import plan_changes
+    from clapcli.index.scan import ScanEntry
+    from clapcli.index.store import IndexStore
+
+    lib = tmp_path.resolve() / "lib"  # stored paths are resolved ones
+    with IndexStore.open(tmp_path / "idx", create=True) as store:
+        vec = np.ones(4, np.float32) / 2
+        for name in ("a/x.wav", "b/y.wav", "c/z.wav"):
+            store.upsert_file(str(lib / name), 1, 1, "h", 1.0, 48_000, 1, [(0.0, 1.0, "file", vec)])
+        plan = plan_changes(store, [ScanEntry(lib / "c/z.wav", 1, 1)], [lib], unread_dirs=[lib / "a"])
+    assert plan.to_remove == [str(lib / "b/y.wav")] and plan.unchanged == 1
+
+
+def test_moved_model_directory_still_matches_its_index(library, built, tiny_model_dir, tmp_path):
+    import shutil
+
+    index_dir, _ = built
+    moved = tmp_path / "moved-model"
+    shutil.copytree(tiny_model_dir, moved)
+    hits = json_lines(clap("search", "rain", "--index", index_dir, "--model", moved, "--json", "-k", "2").stdout)
+    assert len(hits) == 2

@@ -435,7 +435,8 @@ def test_model_identity_roundtrip_and_mismatch_messages(store):
     assert store.model_identity == IDENTITY and store.dim == DIM
     _add(store, "/lib/a.wav", rng)
     store.check_model_identity(dict(IDENTITY))
-    other_model = dict(IDENTITY, model="laion/larger_clap_music")
+    store.check_model_identity(dict(IDENTITY, model="/copies/clap-htsat-fused"))  # same weights, other name
+    other_model = dict(IDENTITY, model="laion/larger_clap_music", weights_sha256="b1g")
     with pytest.raises(IndexStoreError, match=r"built with model laion/clap-htsat-fused, not laion/larger_clap_music; "
                        r"pass the same --model or --rebuild"):
         store.check_model_identity(other_model)

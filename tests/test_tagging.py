@@ -387,7 +387,7 @@ def test_tag_files_ranks_reports_bad_files_and_builds_timelines(tmp_path):
     short, missing, broken, long = results
     assert short.error is None and short.labels[0].label == "siren" and len(short.labels) == 2
     assert short.labels[0].cosine == pytest.approx(1.0, abs=1e-5)
-    assert short.timeline == [WindowTags(0.0, 4.0, short.labels)]  # ≤ 10 s: one window, the whole file
+    assert short.timeline == []  # ≤ 10 s: no windows beside the file-level labels
     assert missing.error == "no such file" and missing.labels == []
     assert broken.error == "not a sound file (unrecognised header)"  # the path is in FileTags.path already
     assert broken.duration is None

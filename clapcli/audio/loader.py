@@ -69,7 +69,7 @@ def iter_decoded(paths: Iterable, sample_rate: int, quantize: bool = True, worke
         batch_size=None,
         num_workers=min(workers, len(paths)),
         collate_fn=_identity,
-        prefetch_factor=4,
+        prefetch_factor=2,  # decoded files waiting per worker: bounded, long files are big
         persistent_workers=False,
     )
     yield from loader

@@ -33,6 +33,8 @@ def embed(
         raise ClapError("nothing to embed: give audio files and/or --text")
     if out is not None and out.suffix != ".npy":
         raise ClapError(f"--out must end in .npy, got {out}")
+    if out is not None and not out.parent.is_dir():
+        raise ClapError(f"--out: no such directory {out.parent}")
     m = options.load(model, device, precision, tokenizer)
     rows, records, failed = [], [], 0
     with _progress(len(files)) as advance:
@@ -42,6 +44,7 @@ def embed(
                 failed += 1
                 output.stderr_console().print(f"[red]skipped:[/] {e.error}", highlight=False)
                 records.append({"type": "audio", "path": e.path, "error": e.error})
+                rows.append(None)  # a NaN row keeps the .npy aligned with the arguments
                 continue
             rows.append(e.embedding)
             rec = {"type": "audio", "path": e.path, "duration": round(e.duration, 4),
@@ -55,7 +58,9 @@ def embed(
             rows.append(vec)
             records.append({"type": "text", "text": t, "embedding": vec.tolist()})
     if out is not None:
-        np.save(out, np.stack(rows).astype(np.float32) if rows else np.zeros((0, m.dim), np.float32))
+        nan = np.full(m.dim, np.nan, np.float32)
+        matrix = np.stack([nan if r is None else r for r in rows]) if rows else np.zeros((0, m.dim))
+        np.save(out, matrix.astype(np.float32))
         output.stderr_console().print(f"wrote {len(rows)} × {m.dim} embeddings to {out}", highlight=False)
     if as_json or (out is None and not output.is_terminal()):
         for rec in records:

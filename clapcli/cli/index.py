@@ -17,8 +17,9 @@ INDEX = typer.Option(None, "--index", "-i", envvar="CLAP_INDEX",
 def index_command(
     dirs: List[Path] = typer.Argument(..., help="Folders (or files) to index, recursively.", show_default=False),
     index: Optional[str] = INDEX,
-    model: Optional[str] = typer.Option(None, "--model", "-m", envvar="CLAP_MODEL",
-                                        help="Model for new indexes (default: laion/clap-htsat-fused); "
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Model for new indexes (default: $CLAP_MODEL, else "
+                                             "laion/clap-htsat-fused); "
                                              "an existing index keeps the model it was built with."),
     device: str = options.DEVICE,
     precision: str = options.PRECISION,

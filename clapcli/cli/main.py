@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from . import embed, models, output
+from . import embed, index, models, output, search, tag
 
 app = typer.Typer(
     name="clap",
@@ -29,15 +29,8 @@ def _root(
     output.state.debug = debug
 
 
-embed.register(app)
-models.register(app)
-
-for _module in ("tag", "index", "search"):
-    try:
-        __import__(f"{__package__}.{_module}", fromlist=["register"]).register(app)
-    except ModuleNotFoundError as _exc:  # a command still being built is simply absent
-        if _exc.name != f"{__package__}.{_module}":
-            raise
+for _command in (index, search, tag, embed, models):
+    _command.register(app)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from .store import IndexStore, content_hash
 
 COMMIT_EVERY_FILES = 64  # files per SQLite transaction
 COMMIT_EVERY_SECONDS = 30.0  # or sooner, so a slow batch never holds back a commit for long
+LOCK_GRACE_SECONDS = 5.0  # how long a writer waits for the lock without --wait
 
 
 @dataclass
@@ -71,7 +72,10 @@ class Plan:
     to_remove: list[str]
 
 
-def plan_changes(store: IndexStore, entries: Sequence[ScanEntry], roots: Sequence[Path]) -> Plan:
+def plan_changes(store: IndexStore, entries: Sequence[ScanEntry], roots: Sequence[Path],
+                 unread_dirs: Sequence[Path] = ()) -> Plan:
+    """What to embed, re-stat and prune. Stored files under `unread_dirs` (folders whose listing failed
+    this time) are kept: a passing I/O or permission error must not empty part of the index."""
     states = store.file_states()
     to_embed, touched, new_paths, unchanged = [], [], set(), 0
     seen = set()
@@ -88,12 +92,18 @@ def plan_changes(store: IndexStore, entries: Sequence[ScanEntry], roots: Sequenc
             touched.append(entry)
         else:
             to_embed.append(entry)
-    prefixes = [str(r) for r in roots]
-    to_remove = [
-        p for p in states
-        if p not in seen and any(p == r or p.startswith(r.rstrip(os.sep) + os.sep) for r in prefixes)
-    ]
+    keep = [os.path.realpath(d) for d in unread_dirs]
+    to_remove = [p for p in states if p not in seen and _under(p, roots) and not _under(p, keep)]
     return Plan(to_embed, new_paths, touched, unchanged, to_remove)
+
+
+def _under(path: str, dirs: Sequence) -> bool:
+    return any(path == str(d) or path.startswith(str(d).rstrip(os.sep) + os.sep) for d in dirs)
+
+
+def _without_path(path: str, reason: str) -> str:
+    """Decode errors name their file; the summary already does."""
+    return reason[len(path) + 2 :] if reason.startswith(path + ": ") else reason
 
 
 def _hash_or_none(path: str) -> str | None:
@@ -126,7 +136,8 @@ def build_index(
             raise ClapError(f"no such file or directory: {r}")
         root_paths.append(p.resolve())
 
-    with WriterLock(index_dir, wait=wait):
+    # Without --wait, still allow a few seconds: a `clap search` may hold the lock while it saves the hnsw file.
+    with WriterLock(index_dir, wait=True, timeout=None if wait else LOCK_GRACE_SECONDS):
         with IndexStore.open(index_dir, create=True) as store:
             stored_identity = store.model_identity
             if rebuild:
@@ -136,7 +147,7 @@ def build_index(
             name = model_name or (stored_identity or {}).get("model")
             problems: list[ScanProblem] = []
             entries = list(scan(root_paths, exclude=exclude, problems=problems))
-            plan = plan_changes(store, entries, root_paths)
+            plan = plan_changes(store, entries, root_paths, [p.path for p in problems if p.unread_dir])
             summary = IndexSummary(str(index_dir), name or "")
             summary.scanned = len(entries)
             summary.unchanged = plan.unchanged
@@ -183,8 +194,9 @@ def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_siz
             entry = by_path[result.path]
             digest = _hash_or_none(result.path)
             if result.error is not None:
-                store.record_error(result.path, entry.size, entry.mtime_ns, digest, result.error)
-                summary.skipped.append((result.path, result.error))
+                reason = _without_path(result.path, result.error)
+                store.record_error(result.path, entry.size, entry.mtime_ns, digest, reason)
+                summary.skipped.append((result.path, reason))
             else:
                 segments = [(0.0, result.duration, "file", result.embedding)]
                 segments += [(s.start, s.end, "window", s.embedding) for s in result.segments]

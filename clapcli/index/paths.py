@@ -98,7 +98,7 @@ class WriterLock:
             if self.wait:
                 raise IndexStoreError(
                     f"index {self.index_dir} is still being written by another `clap index` ({who}) "
-                    f"after waiting {self.timeout:g} s"
+                    f"after waiting {self.timeout:g} s; pass --wait to wait until it is done"
                 ) from None
             raise IndexStoreError(
                 f"index {self.index_dir} is being written by another `clap index` ({who}); "

@@ -40,6 +40,7 @@ class ScanEntry:
 class ScanProblem:
     path: Path  # as reached by the walk (not resolved: it may be a broken link)
     reason: str  # one line, for the "skipped" summary
+    unread_dir: bool = False  # a directory whose listing failed: what it held is unknown, not gone
 
 
 def scan(
@@ -104,7 +105,7 @@ class _Walker:
             with os.scandir(directory) as it:
                 children = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            self.problems.append(ScanProblem(directory, f"cannot read directory: {_reason(e)}"))
+            self.problems.append(ScanProblem(directory, f"cannot read directory: {_reason(e)}", unread_dir=True))
             return
         ancestors = ancestors + (key,)
         for child in children:
@@ -129,6 +130,12 @@ class _Walker:
                 self._add_file(path, resolved, child_st)
 
     def _add_file(self, path: Path, resolved: str, st: os.stat_result) -> None:
+        try:
+            resolved.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes in the name: the index stores UTF-8 text
+            printable = Path(os.fsencode(path).decode("utf-8", "replace"))  # so reports can print it
+            self.problems.append(ScanProblem(printable, "file name is not valid UTF-8; rename the file to index it"))
+            return
         if not os.access(resolved, os.R_OK):
             self.problems.append(ScanProblem(path, "permission denied"))
             return

@@ -64,6 +64,11 @@ def open_for_search(index_dir: Path) -> IndexStore:
 
 
 def search(store: IndexStore, query: np.ndarray, k: int = 10, min_score: float | None = None) -> list[Hit]:
+    with store.snapshot():  # one consistent state, even while `clap index` commits
+        return _search(store, query, k, min_score)
+
+
+def _search(store: IndexStore, query: np.ndarray, k: int, min_score: float | None) -> list[Hit]:
     from .ann import AnnIndex
 
     ann = AnnIndex.sync(store, persist=None)

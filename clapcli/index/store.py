@@ -381,7 +381,9 @@ class IndexStore:
         if stored is None:
             return
         wanted = json.loads(_canonical_identity(identity))
-        if stored == wanted:
+        # The name is how to load the model again, not what it is: the same weights and front end under
+        # another name (a moved directory, a local copy of a hub model) are the same model.
+        if _without_name(stored) == _without_name(wanted):
             return
         differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         built_with = _identity_name(stored)
@@ -851,6 +853,10 @@ def _canonical_identity(identity: dict) -> str:
         return json.dumps(identity, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError) as e:
         raise TypeError(f"a model identity must be JSON-serialisable: {e}") from e
+
+
+def _without_name(identity: dict) -> dict:
+    return {k: v for k, v in identity.items() if k not in ("model", "name")}
 
 
 def _identity_name(identity: dict) -> str:

@@ -13,10 +13,6 @@ from torch import nn
 
 from .config import TextConfig
 
-# Buffers a tower recomputes from its config; checkpoints may or may not carry them.
-DERIVED_TEXT_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
-
-
 def transformers_config(cfg: TextConfig):
     from transformers import AutoConfig
 

@@ -100,8 +100,7 @@ def tag_files(
 
     `model` follows `clapcli.api`'s contract (identity, logit_scale, embed_text, embed_files). Labels are
     chosen by `scoring.select` (top_k, multi_label, threshold). With `timeline`, files longer than 10 s get
-    labels per 10 s window (the model's segments); a shorter file's timeline is one window over the whole
-    file, with the file-level labels. `scorer` replaces zero-shot scoring (labelset and templates are then
+    labels per 10 s window (the model's segments); a shorter file's timeline is empty. `scorer` replaces zero-shot scoring (labelset and templates are then
     unused), e.g. with a trained classifier head. `on_error(path, message)` is called for each failed file
     and `on_progress(file_tags)` once per file, failed or not.
     """
@@ -155,7 +154,7 @@ def _tag_one(path: str, item, pick, timeline: bool) -> FileTags:
                 for s, seg_labels in zip(segments, pick(seg_emb))
             ]
         else:
-            windows = [WindowTags(0.0, duration or 0.0, file_labels)]  # ≤ 10 s: the file is one window
+            windows = []  # ≤ 10 s: the file-level labels are the whole story; no window repeats them
     return FileTags(path, duration, file_labels, windows, None)
 
 
