@@ -66,6 +66,7 @@ class IndexSummary:
 @dataclass
 class Plan:
     to_embed: list[ScanEntry]  # new or changed content
+    hashes: dict[str, str | None]  # content hash of each file to embed, taken before it is decoded
     new_paths: set[str]
     touched: list[ScanEntry]  # same content, new size/mtime
     unchanged: int
@@ -77,7 +78,7 @@ def plan_changes(store: IndexStore, entries: Sequence[ScanEntry], roots: Sequenc
     """What to embed, re-stat and prune. Stored files under `unread_dirs` (folders whose listing failed
     this time) are kept: a passing I/O or permission error must not empty part of the index."""
     states = store.file_states()
-    to_embed, touched, new_paths, unchanged = [], [], set(), 0
+    to_embed, touched, new_paths, unchanged, hashes = [], [], set(), 0, {}
     seen = set()
     for entry in entries:
         path = str(entry.path)
@@ -88,13 +89,20 @@ def plan_changes(store: IndexStore, entries: Sequence[ScanEntry], roots: Sequenc
             new_paths.add(path)
         elif state.size == entry.size and state.mtime_ns == entry.mtime_ns:
             unchanged += 1
-        elif state.size == entry.size and state.content_hash and _hash_or_none(path) == state.content_hash:
-            touched.append(entry)
         else:
-            to_embed.append(entry)
+            hashes[path] = _hash_or_none(path)
+            if state.size == entry.size and state.content_hash and hashes[path] == state.content_hash:
+                touched.append(entry)
+            else:
+                to_embed.append(entry)
     keep = [os.path.realpath(d) for d in unread_dirs]
     to_remove = [p for p in states if p not in seen and _under(p, roots) and not _under(p, keep)]
-    return Plan(to_embed, new_paths, touched, unchanged, to_remove)
+    # Hash what will be embedded now, before decoding: if a file is rewritten while it is being embedded,
+    # its stored hash is the old content's, so the next run sees the change instead of a mere touch.
+    for entry in to_embed:
+        if str(entry.path) not in hashes:
+            hashes[str(entry.path)] = _hash_or_none(str(entry.path))
+    return Plan(to_embed, hashes, new_paths, touched, unchanged, to_remove)
 
 
 def _under(path: str, dirs: Sequence) -> bool:
@@ -192,7 +200,7 @@ def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_siz
     try:
         for result in results:
             entry = by_path[result.path]
-            digest = _hash_or_none(result.path)
+            digest = plan.hashes.get(result.path)
             if result.error is not None:
                 reason = _without_path(result.path, result.error)
                 store.record_error(result.path, entry.size, entry.mtime_ns, digest, reason)
