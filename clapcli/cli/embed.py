@@ -37,9 +37,9 @@ def embed(
         raise ClapError(f"--out: no such directory {out.parent}")
     m = options.load(model, device, precision, tokenizer)
     rows, records, failed = [], [], 0
-    with _progress(len(files)) as advance:
+    with output.ProgressBar("embedding", len(files)) as bar:
         for e in m.embed_files(files, batch_size=batch_size, segments=segments):
-            advance()
+            bar.advance()
             if e.error:
                 failed += 1
                 output.stderr_console().print(f"[red]skipped:[/] {e.error}", highlight=False)
@@ -81,29 +81,6 @@ def _table(records, dim) -> None:
         head = " ".join(f"{v:+.3f}" for v in r.get("embedding", [])[:4]) if "embedding" in r else r.get("error", "")
         table.add_row(r["type"], r.get("path") or r.get("text"), f"{r.get('duration', '')}", head)
     output.stdout_console().print(table)
-
-
-class _progress:
-    """A rich progress bar on stderr for more than one file; a no-op otherwise."""
-
-    def __init__(self, total: int, label: str = "embedding"):
-        self.total, self.label, self.bar = total, label, None
-
-    def __enter__(self):
-        import sys
-
-        if self.total > 1 and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-            self.bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                                TimeRemainingColumn(), console=output.stderr_console(), transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task(self.label, total=self.total)
-        return (lambda: self.bar.advance(self.task)) if self.bar else (lambda: None)
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.stop()
 
 
 def register(app: typer.Typer) -> None:

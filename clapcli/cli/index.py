@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -45,12 +44,12 @@ def index_command(
     index_dir = resolve_index(index)
     if workers is None:
         workers = max(0, min(4, (os.cpu_count() or 1) - 1))
-    progress = _IndexProgress(enabled=sys.stderr.isatty() and not as_json)
+    progress = _IndexProgress(enabled=not as_json)
     try:
         summary = build_index(
             dirs, index_dir, lambda name: options.load(name, device, precision, tokenizer),
             model_name=model, exclude=exclude or (), batch_size=batch_size, workers=workers,
-            rebuild=rebuild, wait=wait, on_plan=progress.start, on_file=progress.advance, commit_every=commit_every,
+            rebuild=rebuild, wait=wait, on_plan=progress.on_plan, on_file=progress.on_file, commit_every=commit_every,
         )
     finally:
         progress.stop()
@@ -75,38 +74,22 @@ def _print_summary(s) -> None:
         con.print(f"  … and {len(s.skipped) - 20} more (see --json)", highlight=False)
 
 
-class _IndexProgress:
-    """Files done / total, files/s, audio hours/s and ETA on stderr."""
+class _IndexProgress(output.ProgressBar):
+    """The shared bar, sized once the plan is known, with audio hours per hour beside files/s."""
 
     def __init__(self, enabled: bool):
-        self.enabled, self.bar, self.task, self.audio = enabled, None, None, 0.0
+        super().__init__("embedding")
+        self.enabled, self.audio = enabled, 0.0
 
-    def start(self, plan) -> None:
-        if not self.enabled or not plan.to_embed:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    def on_plan(self, plan) -> None:
+        if self.enabled:
+            self.start(len(plan.to_embed))
 
-        self.bar = Progress(
-            TextColumn("embedding"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-            console=output.stderr_console(), transient=True,
-        )
-        self.bar.start()
-        self.task = self.bar.add_task("embed", total=len(plan.to_embed), rate="")
-
-    def advance(self, result) -> None:
-        if self.bar is None:
-            return
-        self.audio += result.duration or 0.0
-        elapsed = max(self.bar.tasks[0].elapsed or 0.0, 1e-6)
-        done = self.bar.tasks[0].completed + 1
-        self.bar.update(self.task, advance=1,
-                        rate=f"{done / elapsed:.1f} files/s · {self.audio / 3600 / elapsed * 3600:.2f} audio-h/h")
-
-    def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+    def on_file(self, result) -> None:
+        if self._bar is not None:
+            self.audio += result.duration or 0.0
+            elapsed = max(self._bar.tasks[0].elapsed or 0.0, 1e-6)
+            self.advance(f"{self.audio / elapsed:.1f} audio-h/h")
 
 
 def register(app: typer.Typer) -> None:

@@ -58,3 +58,49 @@ def json_line(obj) -> None:
 
 def is_terminal() -> bool:
     return sys.stdout.isatty()
+
+
+class ProgressBar:
+    """Files done / total, files/s, an optional rate text and ETA on stderr.
+
+    Shown only when stderr is a terminal and there is more than one item; otherwise every call is a no-op,
+    so piped and scripted runs print nothing but their results."""
+
+    def __init__(self, label: str, total: int = 0, redirect_stdout: bool = False):
+        self.label, self.total, self.redirect_stdout = label, total, redirect_stdout
+        self._bar = None
+
+    def start(self, total: int | None = None) -> "ProgressBar":
+        if total is not None:
+            self.total = total
+        if self._bar is None and self.total > 1 and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn(self.label), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                console=stderr_console(), transient=True,
+                redirect_stdout=self.redirect_stdout and sys.stdout.isatty(), redirect_stderr=False,
+            )
+            self._task = self._bar.add_task(self.label, total=self.total, rate="")
+            self._bar.start()
+        return self
+
+    def advance(self, extra: str = "") -> None:
+        if self._bar is None:
+            return
+        task = self._bar.tasks[0]
+        done, elapsed = task.completed + 1, max(task.elapsed or 0.0, 1e-6)
+        rate = f"{done / elapsed:.1f} files/s" + (f" · {extra}" if extra else "")
+        self._bar.update(self._task, advance=1, rate=rate)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def __enter__(self) -> "ProgressBar":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -112,21 +112,12 @@ def _run(model, files, labelset, templates, top_k, multi_label, threshold, timel
          as_json, as_csv) -> int:
     """Tag and render file by file; returns the number of files that failed."""
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..tagging import tag_files
 
     out, err = output.stdout_console(), output.stderr_console()
-    show_progress = err.is_terminal and len(files) > 1
-    progress = None
-    if show_progress:
-        # Redirect stdout through the bar only when both go to the terminal; piped output stays on stdout.
-        progress = Progress(
-            TextColumn("tagging"), BarColumn(), MofNCompleteColumn(), _files_per_second_column(),
-            TimeRemainingColumn(), console=err, transient=True, redirect_stdout=out.is_terminal, redirect_stderr=False,
-        )
-        task = progress.add_task("tagging", total=len(files))
-        progress.start()
+    # stdout goes through the bar only when both are on the terminal; piped output stays plain.
+    progress = output.ProgressBar("tagging", len(files), redirect_stdout=True).start()
     failed = 0
     csv_writer = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
     if csv_writer is not None:
@@ -148,23 +139,10 @@ def _run(model, files, labelset, templates, top_k, multi_label, threshold, timel
             elif result.error is None:
                 for renderable in render_tables(result):
                     out.print(renderable)
-            if progress is not None:
-                progress.advance(task)
+            progress.advance()
     finally:
-        if progress is not None:
-            progress.stop()
+        progress.stop()
     return failed
-
-
-def _files_per_second_column():
-    from rich.progress import ProgressColumn
-    from rich.text import Text
-
-    class FilesPerSecond(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text("" if task.speed is None else f"{task.speed:.1f} files/s")
-
-    return FilesPerSecond()
 
 
 def write_json(result: FileTags, stream: TextIO) -> None:
