@@ -308,3 +308,18 @@ def test_moved_model_directory_still_matches_its_index(library, built, tiny_mode
     shutil.copytree(tiny_model_dir, moved)
     hits = json_lines(clap("search", "rain", "--index", index_dir, "--model", moved, "--json", "-k", "2").stdout)
     assert len(hits) == 2
+
+
+def test_deleted_file_behind_a_symlinked_folder_is_pruned(tiny_model_dir, tmp_path):
+    outside = tmp_path / "external"
+    make_library(outside, good=GOOD[:2])
+    root = tmp_path / "lib"
+    root.mkdir()
+    (root / "ext").symlink_to(outside, target_is_directory=True)
+    index_dir = tmp_path / "idx"
+    first = json_lines(clap("index", root, "--index", index_dir, "--model", tiny_model_dir, "--json").stdout)[-1]
+    assert first["added"] == 2
+    gone = outside / GOOD[0][0]
+    gone.unlink()
+    again = json_lines(clap("index", root, "--index", index_dir, "--json").stdout)[-1]
+    assert again["removed"] == 1 and str(gone.resolve()) not in index_contents(index_dir)

@@ -74,9 +74,11 @@ class Plan:
 
 
 def plan_changes(store: IndexStore, entries: Sequence[ScanEntry], roots: Sequence[Path],
-                 unread_dirs: Sequence[Path] = ()) -> Plan:
-    """What to embed, re-stat and prune. Stored files under `unread_dirs` (folders whose listing failed
-    this time) are kept: a passing I/O or permission error must not empty part of the index."""
+                 unread_dirs: Sequence[Path] = (), linked_dirs: Sequence[str] = ()) -> Plan:
+    """What to embed, re-stat and prune. Stored files are pruned when they were not seen under the roots
+    or under a directory the scan reached through a symbolic link (stored paths are resolved, so those
+    can lie outside every root). Files under `unread_dirs` (folders whose listing failed this time) are
+    kept: a passing I/O or permission error must not empty part of the index."""
     states = store.file_states()
     to_embed, touched, new_paths, unchanged, hashes = [], [], set(), 0, {}
     seen = set()
@@ -96,7 +98,8 @@ def plan_changes(store: IndexStore, entries: Sequence[ScanEntry], roots: Sequenc
             else:
                 to_embed.append(entry)
     keep = [os.path.realpath(d) for d in unread_dirs]
-    to_remove = [p for p in states if p not in seen and _under(p, roots) and not _under(p, keep)]
+    scope = [*roots, *linked_dirs]
+    to_remove = [p for p in states if p not in seen and _under(p, scope) and not _under(p, keep)]
     # Hash what will be embedded now, before decoding: if a file is rewritten while it is being embedded,
     # its stored hash is the old content's, so the next run sees the change instead of a mere touch.
     for entry in to_embed:
@@ -154,8 +157,9 @@ def build_index(
             # Without --model, keep using the model the index was built with.
             name = model_name or (stored_identity or {}).get("model")
             problems: list[ScanProblem] = []
-            entries = list(scan(root_paths, exclude=exclude, problems=problems))
-            plan = plan_changes(store, entries, root_paths, [p.path for p in problems if p.unread_dir])
+            linked: list[str] = []
+            entries = list(scan(root_paths, exclude=exclude, problems=problems, linked_dirs=linked))
+            plan = plan_changes(store, entries, root_paths, [p.path for p in problems if p.unread_dir], linked)
             summary = IndexSummary(str(index_dir), name or "")
             summary.scanned = len(entries)
             summary.unchanged = plan.unchanged

@@ -48,12 +48,14 @@ def scan(
     exclude: Iterable[str] = (),
     problems: list[ScanProblem] | None = None,
     extensions: Iterable[str] = AUDIO_EXTENSIONS,
+    linked_dirs: list[str] | None = None,
 ) -> Iterator[ScanEntry]:
     """Yield the candidate audio files under `roots`, sorted by path, each once.
 
     `exclude` holds fnmatch globs tested against each file or directory name, its path relative to
     the root, and its absolute path (so `*.tmp`, `.git`, `drafts/*` and `*/old/*` all work); an excluded
-    directory is not entered. Problems met on the way are appended to `problems` if given.
+    directory is not entered. Problems met on the way are appended to `problems` if given, and the real
+    paths of directories reached through symbolic links (which may lie outside every root) to `linked_dirs`.
 
     The whole tree is walked before the first entry is yielded (that is what makes the order global);
     the indexer needs the full list anyway, for its totals and for pruning deleted files.
@@ -63,6 +65,8 @@ def scan(
         walker.scan_root(Path(root))
     if problems is not None:
         problems.extend(walker.problems)
+    if linked_dirs is not None:
+        linked_dirs.extend(walker.linked_dirs)
     yield from sorted(walker.entries.values(), key=lambda e: str(e.path))
 
 
@@ -73,6 +77,7 @@ class _Walker:
         self.entries: dict[str, ScanEntry] = {}  # by resolved path
         self.problems: list[ScanProblem] = []
         self.scanned_dirs: set[tuple[int, int]] = set()  # (st_dev, st_ino) of directories walked
+        self.linked_dirs: list[str] = []  # real paths of directories entered through a symbolic link
 
     def scan_root(self, root: Path) -> None:
         root = Path(os.path.abspath(os.path.expanduser(root)))
@@ -122,6 +127,8 @@ class _Walker:
                 self.problems.append(ScanProblem(path, _reason(e)))
                 continue
             if stat.S_ISDIR(child_st.st_mode):
+                if is_link:
+                    self.linked_dirs.append(os.path.realpath(path))
                 self._walk(path, root, ancestors, child_st)
             elif stat.S_ISREG(child_st.st_mode):
                 if _extension(child.name) not in self.extensions:
