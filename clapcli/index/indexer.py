@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from ..errors import ClapError
 from .paths import WriterLock
@@ -197,40 +197,39 @@ def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_siz
                       commit_every: int) -> None:
     by_path = {str(e.path): e for e in plan.to_embed}
     results = model.embed_files(list(by_path), batch_size=batch_size, segments=True, workers=workers)
-    pending = 0
-    last_commit = time.monotonic()
-    tx = store.transaction()
-    tx.__enter__()
-    try:
-        for result in results:
-            entry = by_path[result.path]
-            digest = plan.hashes.get(result.path)
-            if result.error is not None:
-                reason = _without_path(result.path, result.error)
-                store.record_error(result.path, entry.size, entry.mtime_ns, digest, reason)
-                summary.skipped.append((result.path, reason))
-            else:
-                segments = [(0.0, result.duration, "file", result.embedding)]
-                segments += [(s.start, s.end, "window", s.embedding) for s in result.segments]
-                store.upsert_file(result.path, entry.size, entry.mtime_ns, digest, result.duration,
-                                  result.sample_rate or 0, result.channels or 0, segments)
-                summary.audio_seconds += result.duration
-                if result.path in plan.new_paths:
-                    summary.added += 1
-                else:
-                    summary.updated += 1
-            pending += 1
-            if on_file:
-                on_file(result)
-            if pending >= commit_every or time.monotonic() - last_commit > COMMIT_EVERY_SECONDS:
-                tx.__exit__(None, None, None)
-                tx = store.transaction()
-                tx.__enter__()
-                pending, last_commit = 0, time.monotonic()
-    except KeyboardInterrupt:
-        tx.__exit__(None, None, None)  # the files finished so far are complete: keep them
-        raise
-    except BaseException as exc:
-        tx.__exit__(type(exc), exc, exc.__traceback__)
-        raise
-    tx.__exit__(None, None, None)
+    for batch in _commit_batches(results, commit_every, on_file):
+        with store.transaction():  # the batch lands whole or not at all
+            for result in batch:
+                _store_result(store, result, by_path[result.path], plan, summary)
+
+
+def _commit_batches(results, commit_every: int, on_file) -> Iterator[list]:
+    """Group embedded files for one commit: `commit_every` files, or fewer after COMMIT_EVERY_SECONDS."""
+    batch, started = [], time.monotonic()
+    for result in results:
+        batch.append(result)
+        if on_file:
+            on_file(result)
+        if len(batch) >= commit_every or time.monotonic() - started > COMMIT_EVERY_SECONDS:
+            yield batch
+            batch, started = [], time.monotonic()
+    if batch:
+        yield batch
+
+
+def _store_result(store, result, entry: ScanEntry, plan: Plan, summary: IndexSummary) -> None:
+    digest = plan.hashes.get(result.path)
+    if result.error is not None:
+        reason = _without_path(result.path, result.error)
+        store.record_error(result.path, entry.size, entry.mtime_ns, digest, reason)
+        summary.skipped.append((result.path, reason))
+        return
+    segments = [(0.0, result.duration, "file", result.embedding)]
+    segments += [(s.start, s.end, "window", s.embedding) for s in result.segments]
+    store.upsert_file(result.path, entry.size, entry.mtime_ns, digest, result.duration,
+                      result.sample_rate or 0, result.channels or 0, segments)
+    summary.audio_seconds += result.duration
+    if result.path in plan.new_paths:
+        summary.added += 1
+    else:
+        summary.updated += 1
