@@ -29,6 +29,7 @@ from .audio.features import FeatureBuilder, window_starts
 from .errors import ClapError
 from .models.checkpoints import LoadedCheckpoint, load_checkpoint, save_own
 from .models.registry import DEFAULT_MODEL
+from .vectors import l2_normalize
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -202,8 +203,7 @@ class Clap:
                 windows.setdefault(i, []).append((kind, vec))
         for i, wins in windows.items():
             if results[i].embedding is None:  # unfused long file: mean of normalised windows, renormalised
-                mean = np.mean([v for _, v in wins], axis=0)
-                results[i].embedding = (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)
+                results[i].embedding = l2_normalize(np.mean([v for _, v in wins], axis=0))
             if segments:
                 results[i].segments = [Segment(s / sr, min(s + clip, len(waves[i])) / sr, v) for s, v in wins]
         return results

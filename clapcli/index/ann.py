@@ -33,6 +33,8 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
+from ..vectors import l2_normalize
+
 from ..errors import IndexStoreError
 from .paths import WriterLock
 from .store import IndexStore
@@ -119,7 +121,7 @@ class AnnIndex:
                 ids, vectors = store.vectors()
                 return cls(
                     index_dir, dim, generation, len(ids),
-                    exact_ids=ids, exact_vectors=_normalise(vectors), action="exact",
+                    exact_ids=ids, exact_vectors=l2_normalize(vectors), action="exact",
                 )
 
             if same_life and not tried_file:
@@ -198,7 +200,7 @@ class AnnIndex:
         return self._exact_query(queries, k)
 
     def _exact_query(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores = _normalise(queries) @ self._exact_vectors.T  # (Q, N)
+        scores = l2_normalize(queries) @ self._exact_vectors.T  # (Q, N)
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(
             np.arange(scores.shape[1]), (scores.shape[0], 1)
         )  # (Q, k) unordered
@@ -218,7 +220,7 @@ class AnnIndex:
             except RuntimeError:
                 pass
         self._exact_ids = np.array([label for label, _ in live], dtype=np.int64)
-        self._exact_vectors = _normalise(np.array([v for _, v in live], dtype=np.float32).reshape(-1, self.dim))
+        self._exact_vectors = l2_normalize(np.array([v for _, v in live], dtype=np.float32).reshape(-1, self.dim))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -364,12 +366,6 @@ def _load_checked(index_dir: Path, sidecar: dict, dim: int) -> tuple[hnswlib.Ind
             return None, sidecar
         sidecar = fresh
     return None, sidecar
-
-
-def _normalise(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
 
 
 def _fsync_file(path: str) -> None:

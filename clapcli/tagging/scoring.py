@@ -31,6 +31,8 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..vectors import l2_normalize
+
 from ..errors import ClapError
 
 
@@ -58,11 +60,6 @@ class Scorer(Protocol):
     labels: list[str]
 
     def __call__(self, audio_emb: np.ndarray) -> Scores: ...
-
-
-def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=axis, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
 
 
 def label_embeddings(text_emb: np.ndarray, n_templates: int, n_labels: int) -> np.ndarray:
