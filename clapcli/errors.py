@@ -8,7 +8,11 @@ class ClapError(Exception):
 
 
 class AudioDecodeError(ClapError):
-    """A file could not be read as audio (the message says why)."""
+    """A file could not be read as audio: the message is "PATH: reason"; `reason` alone says why."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
 
 
 class CheckpointError(ClapError):

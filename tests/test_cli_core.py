@@ -62,7 +62,8 @@ def test_embed_reports_a_bad_file_and_exits_1(tiny_model_dir, clips):
     res = runner.invoke(app, ["embed", a, bad, "--model", str(tiny_model_dir), "--json"])
     assert res.exit_code == 1
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    assert "embedding" in rows[0] and "not a recognised audio file" in rows[1]["error"]
+    assert "embedding" in rows[0] and rows[1]["error"].startswith("not a recognised audio file")
+    assert f"{bad}: not a recognised audio file" in " ".join(res.stderr.split())  # stderr names the file
 
 
 def test_embed_arrays_resample_and_downmix(tiny_model_dir):

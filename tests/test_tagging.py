@@ -359,7 +359,7 @@ class HandBuiltModel(CountingTextEmbedder):
         for path in paths:
             entry = self.audio[path.rsplit("/", 1)[-1]]
             if isinstance(entry, str):
-                yield AudioEmbedding(path, 0.0, None, [], f"{path}: {entry}")  # decode errors name the path
+                yield AudioEmbedding(path, 0.0, None, [], entry)  # like Clap.embed_files: the reason, path-free
             else:
                 yield AudioEmbedding(path, entry.duration, entry.embedding, entry.segments if segments else [])
 

@@ -35,7 +35,7 @@ class AudioInfo:
 
 def _fail(path, reason: str) -> AudioDecodeError:
     reason = " ".join(str(reason).split())  # one line, whatever libsndfile said
-    return AudioDecodeError(f"{os.fspath(path)}: {reason}")
+    return AudioDecodeError(os.fspath(path), reason)
 
 
 def _check_file(path) -> None:

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from ..errors import ClapError
+from ..errors import AudioDecodeError, ClapError
 from .decode import read_mono, to_model_rate
 
 
@@ -23,7 +23,7 @@ class Decoded:
     samples: np.ndarray | None  # (T,) float32 at the model rate; None on error
     sample_rate: int | None = None  # of the source file
     channels: int | None = None  # of the source file
-    error: str | None = None
+    error: str | None = None  # why it failed, without the path (callers report the path themselves)
 
 
 def decode_one(path: str, sample_rate: int, quantize: bool) -> Decoded:
@@ -33,6 +33,8 @@ def decode_one(path: str, sample_rate: int, quantize: bool) -> Decoded:
             return Decoded(path, None, info.sample_rate, info.channels, error="no audio frames")
         samples = to_model_rate(mono, info.sample_rate, sample_rate, quantize)
         return Decoded(path, samples, info.sample_rate, info.channels)
+    except AudioDecodeError as exc:
+        return Decoded(path, None, error=exc.reason)
     except ClapError as exc:
         return Decoded(path, None, error=str(exc))
     except (OSError, RuntimeError, ValueError, MemoryError) as exc:

@@ -42,7 +42,7 @@ def embed(
             bar.advance()
             if e.error:
                 failed += 1
-                output.stderr_console().print(f"[red]skipped:[/] {e.error}", highlight=False)
+                output.stderr_console().print(f"[red]skipped:[/] {e.path}: {e.error}", highlight=False)
                 records.append({"type": "audio", "path": e.path, "error": e.error})
                 rows.append(None)  # a NaN row keeps the .npy aligned with the arguments
                 continue

@@ -69,7 +69,7 @@ def _print_summary(s) -> None:
     errors = f", {len(s.unreadable)} unreadable (listed by --json)" if s.unreadable else ""
     con.print(f"now {s.total_files} files, {s.total_segments} segments{errors}; model {s.model}", highlight=False)
     for path, reason in s.skipped[:20]:
-        con.print(f"  [yellow]skipped[/] {path}: {reason.replace(path + ': ', '')}", highlight=False)
+        con.print(f"  [yellow]skipped[/] {path}: {reason}", highlight=False)
     if len(s.skipped) > 20:
         con.print(f"  … and {len(s.skipped) - 20} more (see --json)", highlight=False)
 

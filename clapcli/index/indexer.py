@@ -112,11 +112,6 @@ def _under(path: str, dirs: Sequence) -> bool:
     return any(path == str(d) or path.startswith(str(d).rstrip(os.sep) + os.sep) for d in dirs)
 
 
-def _without_path(path: str, reason: str) -> str:
-    """Decode errors name their file; the summary already does."""
-    return reason[len(path) + 2 :] if reason.startswith(path + ": ") else reason
-
-
 def _hash_or_none(path: str) -> str | None:
     try:
         return content_hash(path)
@@ -220,9 +215,8 @@ def _commit_batches(results, commit_every: int, on_file) -> Iterator[list]:
 def _store_result(store, result, entry: ScanEntry, plan: Plan, summary: IndexSummary) -> None:
     digest = plan.hashes.get(result.path)
     if result.error is not None:
-        reason = _without_path(result.path, result.error)
-        store.record_error(result.path, entry.size, entry.mtime_ns, digest, reason)
-        summary.skipped.append((result.path, reason))
+        store.record_error(result.path, entry.size, entry.mtime_ns, digest, result.error)
+        summary.skipped.append((result.path, result.error))
         return
     segments = [(0.0, result.duration, "file", result.embedding)]
     segments += [(s.start, s.end, "window", s.embedding) for s in result.segments]

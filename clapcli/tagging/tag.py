@@ -130,7 +130,7 @@ def tag_files(
             if item is None:
                 result = FileTags(path, None, [], None, "no result from the audio loader")
             elif item.error is not None:
-                result = FileTags(path, None, [], None, _without_path(str(item.error), path))
+                result = FileTags(path, None, [], None, str(item.error))  # the reason alone, path-free
             else:
                 result = _tag_one(path, item, pick, timeline)
         if result.error is not None and on_error is not None:
@@ -156,12 +156,6 @@ def _tag_one(path: str, item, pick, timeline: bool) -> FileTags:
         else:
             windows = []  # ≤ 10 s: the file-level labels are the whole story; no window repeats them
     return FileTags(path, duration, file_labels, windows, None)
-
-
-def _without_path(message: str, path: str) -> str:
-    """The reason alone: FileTags carries the path, and decode errors may start with it."""
-    prefix = f"{path}: "
-    return message[len(prefix):] if message.startswith(prefix) and len(message) > len(prefix) else message
 
 
 def _duration(item) -> float | None:
