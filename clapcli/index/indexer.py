@@ -2,7 +2,8 @@
 
 Crash safety comes from the store: each batch of files is one SQLite transaction, so a kill at any
 moment leaves the last committed batch, and a re-run sees those files as unchanged and carries on.
-Pruning only touches paths under the roots being indexed.
+Pruning only touches paths under the roots being indexed (and folders reached through symlinks there),
+never under a folder that could not be listed this time.
 """
 
 from __future__ import annotations

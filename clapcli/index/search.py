@@ -74,10 +74,9 @@ def _search(store: IndexStore, query: np.ndarray, k: int, min_score: float | Non
     ann = AnnIndex.sync(store, persist=None)
     total = ann.count
     fetch = min(total, max(4 * k, 32))
-    best: dict[str, tuple[float, object]] = {}
     while True:
         ids, scores = ann.query(query, fetch)
-        best.clear()
+        best: dict[str, tuple[float, object]] = {}  # path → (its best score, that segment)
         rows = {r.segment_id: r for r in store.segment_rows(ids[0])}
         for seg_id, score in zip(ids[0].tolist(), scores[0].tolist()):
             row = rows.get(seg_id)
