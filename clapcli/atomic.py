@@ -1,0 +1,156 @@
+"""Atomic file and directory writes: a reader sees the old content or the new, never a half-written file.
+
+    atomic_write(path, b"...")                       # bytes, or str (UTF-8)
+    atomic_write(path, writer=hnsw.save_index)       # a library that writes a file itself, given a path
+    with atomic_directory(run_dir / "step-100") as tmp:
+        save_checkpoint(tmp)                         # replaces step-100/ only once everything is written
+
+Files go to a temporary name in the target's own directory (same filesystem, so the rename is atomic),
+are fsynced, renamed over the target with `os.replace`, and the directory is fsynced so the rename
+survives a power cut. On any failure, KeyboardInterrupt included, the temporary is removed and the
+target is left as it was. Temporary names are `<name>.tmp-<pid>-<random><suffix>`: the target's suffix
+is kept at the end because some writers (`np.save`) append their own suffix otherwise. A writer killed
+mid-write (SIGKILL) leaves its temporary behind; `remove_stale_temps` clears them for a caller that
+knows no other writer is running.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_write", "atomic_directory", "remove_stale_temps", "temp_path"]
+
+
+def temp_path(target: str | os.PathLike) -> Path:
+    """A fresh temporary name beside `target` (not created)."""
+    target = Path(target)
+    return target.with_name(f"{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{target.suffix}")
+
+
+def atomic_write(
+    path: str | os.PathLike,
+    data: bytes | str | None = None,
+    *,
+    writer: Callable[[Path], object] | None = None,
+) -> Path:
+    """Replace `path` with `data`, or with what `writer(temp_path)` writes to the path it is given.
+
+    Exactly one of `data` and `writer` is given. A new file gets the usual permissions (0666 less the
+    umask), not the 0600 of `tempfile`. Returns `path` as a Path.
+    """
+    if (data is None) == (writer is None):
+        raise TypeError("atomic_write takes exactly one of data and writer")
+    target = Path(path)
+    tmp = temp_path(target)
+    try:
+        if writer is None:
+            payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            writer(tmp)
+            if not tmp.is_file():
+                raise OSError(f"the writer for {target} wrote no file at {tmp}")
+            _fsync_path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync_dir(target.parent)
+    return target
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `path`; on success it becomes `path`.
+
+    Everything written inside is fsynced, then the directory is renamed to `path`. An existing `path`
+    is replaced only at that moment: it is renamed aside to `<name>.old-…`, the new one renamed in, the
+    old one deleted. (POSIX has no atomic swap of two directories; a crash between the two renames
+    leaves the old directory under its `.old-…` name, never a half-written `path`.) On failure the
+    temporary directory is deleted and `path` is untouched.
+    """
+    target = Path(path)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        for root, _dirs, files in os.walk(tmp):
+            for name in files:
+                _fsync_path(Path(root) / name)
+            _fsync_dir(Path(root))
+        old = None
+        if target.exists() or target.is_symlink():
+            old = target.with_name(f"{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)  # put the previous one back
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(target.parent)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            _remove(old)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> int:
+    """Delete temporaries of `path` left by killed writers; call only while no other writer can run.
+
+    Returns how many were removed.
+    """
+    target = Path(path)
+    removed = 0
+    for stale in target.parent.glob(f"{_glob_escape(target.name)}.tmp-*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            _remove(stale)
+        removed += 1
+    return removed
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
