@@ -41,12 +41,14 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.hf_replay import replay_hf_fusion_crops
+
 from . import _common as C
 from .make_library import library_paths, make_library
 from .make_model import make_model
 
 CLIP = 480_000  # samples of one 10 s clip at 48 kHz
-HOP = 480
+MIN_COSINE = 0.9999  # ours vs transformers on the same samples and crops (DESIGN.md §2, fidelity)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -68,23 +70,6 @@ def hf_decode(path: str) -> tuple[np.ndarray, float]:
     return (ints / 32767.0).astype(np.float32), len(data) / sr
 
 
-def replay_hf_crops(waves: list[np.ndarray], seed: int) -> list[tuple[int, int, int] | None]:
-    """The (front, middle, back) crop frames ClapFeatureExtractor drew for each clip after np.random.seed(seed):
-    the same numpy calls in the same order as its `_random_mel_fusion`."""
-    rs = np.random.RandomState(seed)
-    crops: list[tuple[int, int, int] | None] = []
-    chunk = CLIP // HOP + 1  # 1001
-    for w in waves:
-        total = 1 + len(w) // HOP  # frames of the centred STFT of the whole clip
-        if len(w) <= CLIP or total == chunk:
-            crops.append(None)
-            continue
-        ranges = np.array_split(list(range(0, total - chunk + 1)), 3)
-        ranges = [r if len(r) else [0] for r in ranges]
-        crops.append(tuple(int(rs.choice(r)) for r in ranges))
-    return crops
-
-
 def load_hf(model_dir: Path):
     from transformers import ClapFeatureExtractor, ClapModel
 
@@ -104,7 +89,7 @@ def run_hf(hf_model, paths: list[str], batch_size: int, keep_long: int) -> dict:
         decoded = [hf_decode(p) for p in batch_paths]
         waves = [w for w, _ in decoded]
         t1 = time.perf_counter()
-        np.random.seed(seed)  # reproducible fusion crops, replayed by replay_hf_crops
+        np.random.seed(seed)  # reproducible fusion crops, replayed by replay_hf_fusion_crops
         inputs = extractor(waves, sampling_rate=48_000, return_tensors="pt")
         t2 = time.perf_counter()
         with torch.inference_mode():
@@ -125,7 +110,7 @@ def run_hf(hf_model, paths: list[str], batch_size: int, keep_long: int) -> dict:
         for b in range(0, len(paths), batch_size):
             seed = 1000 + b
             waves, durs, is_longer, emb = batch(paths[b : b + batch_size], seed, times)
-            crops = replay_hf_crops(waves, seed)
+            crops = replay_hf_fusion_crops([len(w) for w in waves], seed)
             for i, w in enumerate(waves):
                 samples.append(len(w))
                 forced.append(bool(is_longer[i]) and crops[i] is None)  # the batch rule's random fusion pick
@@ -417,9 +402,27 @@ def main(argv: list[str] | None = None) -> int:
         print("fidelity (cosine, ours fp32 vs transformers, same decoded samples):")
         for k, v in fidelity.items():
             print(f"- {k}: {v}")
+    failures = fidelity_failures(fidelity)
+    result["fidelity_failures"] = failures
     out = C.write_result("bench_index-quick" if args.quick else f"bench_index-{len(paths)}", result)
     print(f"\n# results written to {out}")
+    if failures:
+        for failure in failures:
+            print(f"FIDELITY CHECK FAILED: {failure}", file=sys.stderr)
+        return 1
     return 0
+
+
+def fidelity_failures(fidelity: dict) -> list[str]:
+    """The fidelity checks that failed, as sentences: the deterministic comparisons (short files not forced
+    onto the fusion path, long files given transformers' own crops) must reach MIN_COSINE."""
+    failures = []
+    for key, what in (("short_min_cosine", "files <= 10 s"),
+                      ("long_min_cosine_same_crops", "long files with transformers' crops")):
+        value = fidelity.get(key)
+        if value is not None and not value >= MIN_COSINE:  # `not >=` so that NaN fails too
+            failures.append(f"{what}: min cosine {value:.6f} < {MIN_COSINE}")
+    return failures
 
 
 def _progress(rnd: int, name: str, r: dict) -> None:

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -17,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @pytest.fixture(autouse=True)
 def clap_home(tmp_path, monkeypatch):
+    """Every test gets its own empty CLAP_HOME, no hub access and no CLAP_MODEL from the environment."""
     home = tmp_path / "clap-home"
     monkeypatch.setenv("CLAP_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

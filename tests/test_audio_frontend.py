@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from audio_synth import tone_noise
+from hf_replay import replay_hf_fusion_crops
 from tiny_models import HUB_PREPROCESSOR
 from clapcli.audio import (
     FeatureBuilder,
@@ -56,16 +57,6 @@ def unfused_builder():
 def clip(seconds: float, seed: int | None = None) -> np.ndarray:
     """Realistic int16-quantised mono audio at 48 kHz (cached: treat as read-only)."""
     return tone_noise(seconds, SR, seed=int(seconds * 1000) if seed is None else seed)
-
-
-def replay_hf_crop_draws(n_samples: int) -> tuple[int, int, int] | None:
-    """The crop starts HF's `_random_mel_fusion` draws for one clip from the (already seeded) global RNG."""
-    total = n_samples // 480 + 1
-    if n_samples <= CLIP or total == 1001:
-        return None  # no draws: padded clip, or the whole mel four times
-    ranges = np.array_split(list(range(0, total - 1001 + 1)), 3)
-    ranges = [r if len(r) else [0] for r in ranges]
-    return tuple(int(np.random.choice(r)) for r in ranges)
 
 
 # -- mel filters and STFT ------------------------------------------------------------------------------
@@ -126,9 +117,8 @@ def test_fused_features_match_transformers(seconds, hf_fused, fused_builder):
     wave = clip(seconds)
     np.random.seed(1234)
     ref = hf_fused([wave], sampling_rate=SR, return_tensors="pt")
-    np.random.seed(1234)
-    starts = replay_hf_crop_draws(len(wave))
-    ours, longer = fused_builder.clip_features([wave], crop_starts=[starts])
+    starts = replay_hf_fusion_crops([len(wave)], seed=1234)
+    ours, longer = fused_builder.clip_features([wave], crop_starts=starts)
     assert ours.shape == ref["input_features"].shape == (1, 4, 1001, 64)
     diff = (ours - ref["input_features"]).abs().max().item()
     assert diff <= TOLERANCE_DB, f"{seconds} s: max |dB diff| {diff}"
@@ -142,8 +132,7 @@ def test_fused_batch_matches_transformers(hf_fused, fused_builder):
     waves = [clip(s) for s in LENGTHS_S]
     np.random.seed(99)
     ref = hf_fused(waves, sampling_rate=SR, return_tensors="pt")
-    np.random.seed(99)
-    starts = [replay_hf_crop_draws(len(w)) for w in waves]  # HF draws clip by clip, in batch order
+    starts = replay_hf_fusion_crops([len(w) for w in waves], seed=99)  # HF draws clip by clip, in batch order
     ours, longer = fused_builder.clip_features(waves, crop_starts=starts)
     assert (ours - ref["input_features"]).abs().max().item() <= TOLERANCE_DB
     assert longer.tolist() == ref["is_longer"][:, 0].tolist() == [False] * 5 + [True] * 2

@@ -11,11 +11,6 @@ from clapcli.index import scan as scan_mod
 from clapcli.index.scan import ScanEntry, ScanProblem, scan
 
 
-@pytest.fixture(autouse=True)
-def clap_home_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("CLAP_HOME", str(tmp_path / "home"))
-
-
 def _touch(path: Path, data: bytes = b"RIFF....WAVE") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

@@ -29,11 +29,6 @@ from clapcli.index.store import DB_FILENAME, IndexStore, content_hash
 DIM = 16
 
 
-@pytest.fixture(autouse=True)
-def clap_home_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("CLAP_HOME", str(tmp_path / "home"))
-
-
 @pytest.fixture
 def index_dir(tmp_path) -> Path:
     return tmp_path / "idx"
@@ -672,7 +667,7 @@ def test_persisting_leaves_no_temporary_files(store, index_dir):
 
 
 def test_resolve_index(tmp_path, monkeypatch):
-    home = tmp_path / "home"
+    home = Path(os.environ["CLAP_HOME"])  # set by conftest's autouse fixture
     assert clap_home() == home
     assert resolve_index(None) == home / "indexes" / "default"
     assert resolve_index("drums") == home / "indexes" / "drums"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from audio_synth import tone_noise
+from hf_replay import replay_hf_fusion_crops
 from clapcli import load_model
 
 SR = 48_000
@@ -26,26 +27,12 @@ def hf_audio(hf_model, extractor, waves, is_longer=None, seed=0):
     """Reference embeddings; returns (embeddings, crop positions HF drew for the long fused clips)."""
     np.random.seed(seed)
     feats = extractor([w.astype(np.float64) for w in waves], sampling_rate=SR, return_tensors="pt")
-    crops = replay_crops(extractor, waves, seed)
+    fusion = extractor.truncation == "fusion"
+    crops = replay_hf_fusion_crops([len(w) for w in waves], seed) if fusion else [None] * len(waves)
     longer = feats["is_longer"].reshape(-1) if is_longer is None else torch.tensor(is_longer)
     with torch.no_grad():
         out = hf_model.get_audio_features(input_features=feats["input_features"], is_longer=longer[:, None])
     return out.pooler_output.numpy(), crops
-
-
-def replay_crops(extractor, waves, seed):
-    """The crop starts HF's fusion mode drew: the same np.random.choice calls, in the same order."""
-    np.random.seed(seed)
-    crops = []
-    for w in waves:
-        total = len(w) // 480 + 1
-        if extractor.truncation != "fusion" or len(w) <= 480_000 or total == 1001:
-            crops.append(None)
-            continue
-        ranges = np.array_split(list(range(0, total - 1001 + 1)), 3)
-        ranges = [r if len(r) else [0] for r in ranges]
-        crops.append(tuple(int(np.random.choice(r)) for r in ranges))
-    return crops
 
 
 @pytest.fixture(scope="module")
