@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from audio_synth import tone_noise
+from hf_replay import replay_hf_fusion_crops
 from clapcli import load_model
 from clapcli.errors import CheckpointError
 
@@ -81,9 +82,7 @@ def test_laion_pt_loads_with_inferred_architecture_and_matches_reference(laion_p
     waves = [tone_noise(3.0, SR, seed=1), tone_noise(14.0, SR, seed=2)]
     np.random.seed(0)
     feats = extractor(waves, sampling_rate=SR, return_tensors="pt")
-    np.random.seed(0)
-    total = len(waves[1]) // 480 + 1
-    crops = [None, tuple(int(np.random.choice(r)) for r in np.array_split(list(range(total - 1000)), 3))]
+    crops = replay_hf_fusion_crops([len(w) for w in waves], seed=0)
     with torch.no_grad():
         a_ref = ref.get_audio_features(input_features=feats["input_features"],
                                        is_longer=torch.tensor([[False], [True]])).pooler_output.numpy()
@@ -174,6 +173,6 @@ def test_presets_have_the_released_architectures(name, audio):
 
     with torch.device("meta"):
         ref = ClapModel(ClapConfig(audio_config=audio)).state_dict()
-        ours = Ours(preset(name)).hf_state_dict()
+        ours = Ours(preset(name)).state_dict()
     shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items() if not DERIVED_KEY.search(k)}  # noqa: E731
     assert shapes(ours) == shapes(ref)

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, WeightsNotAvailable
+from ..errors import CheckpointError, ClapError, WeightsNotAvailable
 from . import registry
-from .clap import ClapModel, from_checkpoint_key
+from .clap import ClapModel
 from .config import AudioConfig, ClapConfig, FrontEndConfig, TextConfig
 
 OWN_FORMAT = "clapcli"
@@ -70,7 +70,7 @@ def load_checkpoint(name_or_path: str | os.PathLike, tokenizer: str | None = Non
 def _load_hf(path: Path, config: dict, name: str) -> LoadedCheckpoint:
     pre_file = path / "preprocessor_config.json"
     pre = json.loads(pre_file.read_text()) if pre_file.exists() else {}
-    cfg = ClapConfig.from_hf_dict(config, pre)
+    cfg = _config_or_error(path, lambda: ClapConfig.from_hf_dict(config, pre))
     state = _read_safetensors(path)
     model = build_and_load(cfg, state, str(path))
     return LoadedCheckpoint(model, _tokenizer_from_dir(path), name, str(path), "huggingface", _fingerprint(path))
@@ -80,7 +80,7 @@ def _load_own(path: Path, config: dict, name: str) -> LoadedCheckpoint:
     version = config.get("format_version", 0)
     if version > OWN_FORMAT_VERSION:
         raise CheckpointError(f"{path} was saved by a newer clapcli (format {version}); upgrade clapcli to load it")
-    cfg = ClapConfig.from_dict(config["config"])
+    cfg = _config_or_error(path, lambda: ClapConfig.from_dict(config["config"]))
     model = build_and_load(cfg, _read_safetensors(path), str(path))
     return LoadedCheckpoint(model, _tokenizer_from_dir(path), name, str(path), "clapcli", _fingerprint(path))
 
@@ -100,6 +100,13 @@ def _load_laion(path: Path, name: str, tokenizer: str | None, download: bool) ->
     tok_source = tokenizer or (registry.ROBERTA_TOKENIZER if cfg.text.model_type == "roberta" else "bert-base-uncased")
     tok = _tokenizer_from_source(tok_source, download)
     return LoadedCheckpoint(model, tok, name, str(path), "laion", _fingerprint(path))
+
+
+def _config_or_error(path: Path, build) -> ClapConfig:
+    try:
+        return build()
+    except (ClapError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}/config.json describes no model this version can build: {exc}") from exc
 
 
 def safe_torch_load(path: Path) -> Any:
@@ -175,12 +182,12 @@ def _fingerprint(path: Path) -> str:
 
 def build_and_load(cfg: ClapConfig, state: dict[str, torch.Tensor], source: str) -> ClapModel:
     model = ClapModel(cfg)
-    expected = {k: v for k, v in model.hf_state_dict().items() if not DERIVED_KEY.search(k)}
+    expected = {k: v for k, v in model.state_dict().items() if not DERIVED_KEY.search(k)}
     given = {k: v for k, v in state.items() if not DERIVED_KEY.search(k)}
     diff = state_dict_diff(expected, given)
     if diff:
         raise CheckpointError(f"{source} does not match the architecture it declares:\n{diff}")
-    model.load_state_dict({from_checkpoint_key(k): v for k, v in given.items()}, strict=False)
+    model.load_state_dict(given, strict=False)  # strict in effect: the diff above is empty; derived buffers stay
     return model.eval()
 
 
@@ -267,7 +274,6 @@ def infer_laion_config(state: dict[str, torch.Tensor]) -> ClapConfig:
         depths=depths,
         num_attention_heads=heads,
         enable_fusion=fused,
-        hidden_size=width * 2 ** (len(depths) - 1),
     )
     vocab, hidden = state["text_model.embeddings.word_embeddings.weight"].shape
     positions = state["text_model.embeddings.position_embeddings.weight"].shape[0]
@@ -305,7 +311,7 @@ def save_own(model: ClapModel, tokenizer, directory: str | os.PathLike, extra: d
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.hf_state_dict().items() if not DERIVED_KEY.search(k)}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not DERIVED_KEY.search(k)}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": OWN_FORMAT})
     config = {"format": OWN_FORMAT, "format_version": OWN_FORMAT_VERSION, "config": model.config.to_dict()}
     config.update(extra or {})

@@ -1,18 +1,32 @@
 """The composite CLAP model: audio encoder + text tower + projection heads + logit scales.
 
 State-dict names equal the transformers port (`audio_model.audio_encoder.*`, `text_model.*`,
-`{audio,text}_projection.linear{1,2}`, `logit_scale_{a,t}`), which is also the project's own format.
+`{audio,text}_projection.linear{1,2}`, `logit_scale_{a,t}`): the module tree is laid out so that
+`state_dict()` IS the project's own format, and Hugging Face checkpoints load without renaming.
+
+The same module embeds (`encode_audio`/`encode_text`) and trains (`forward` → `ClapOutput`, for one
+DDP-wrapped module); nothing in here turns gradients off, the inference API does that itself.
 """
 
 from __future__ import annotations
+
+import re
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ClapConfig
-from .htsat import HTSAT
-from .text import TextTower
+from .encoders import build_audio_encoder
+from .text import build_text_model
+
+
+class ClapOutput(NamedTuple):
+    audio_embeds: torch.Tensor  # (B, projection_dim) float, L2-normalised
+    text_embeds: torch.Tensor  # (B', projection_dim) float, L2-normalised
+    logit_scale_a: torch.Tensor  # () the multiplier exp(parameter), as the loss uses it
+    logit_scale_t: torch.Tensor  # ()
 
 
 class Projection(nn.Module):
@@ -28,7 +42,12 @@ class Projection(nn.Module):
 class AudioModel(nn.Module):
     def __init__(self, cfg: ClapConfig):
         super().__init__()
-        self.audio_encoder = HTSAT(cfg.audio)
+        self.audio_encoder = build_audio_encoder(cfg.audio)
+
+
+# Parameter names that take no weight decay beyond the ndim < 2 rule (see ClapModel.no_weight_decay).
+NO_DECAY_NAME = re.compile(r"(bias$|norm|(^|\.)bn\d*(\.|$)|position|relative_position_bias_table|^logit_scale_)",
+                           re.IGNORECASE)
 
 
 class ClapModel(nn.Module):
@@ -36,41 +55,84 @@ class ClapModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.audio_model = AudioModel(cfg)
-        self.text_tower = TextTower(cfg.text)
-        self.audio_projection = Projection(cfg.audio.final_width, cfg.projection_dim)
+        self.text_model = build_text_model(cfg.text)
+        self.audio_projection = Projection(self.audio_model.audio_encoder.out_width, cfg.projection_dim)
         self.text_projection = Projection(cfg.text.hidden_size, cfg.projection_dim)
         self.logit_scale_a = nn.Parameter(torch.tensor(cfg.logit_scale_init))
         self.logit_scale_t = nn.Parameter(torch.tensor(cfg.logit_scale_init))
+        self.audio_tower_locked = False
+        self.text_tower_locked = False
 
-    @property
-    def text_model(self) -> nn.Module:
-        return self.text_tower.encoder
+    # ---- embedding --------------------------------------------------------------------------------------
+    def encode_audio(
+        self, features: torch.Tensor, is_longer: torch.Tensor | None = None, normalize: bool = True
+    ) -> torch.Tensor:
+        """(B, C, 1001, 64) mel features → (B, projection_dim) float embeddings, L2-normalised unless
+        `normalize=False` (then the raw projection output, as a linear probe wants it)."""
+        pooled = self.audio_model.audio_encoder(features, is_longer)  # (B, out_width)
+        projected = self.audio_projection(pooled).float()
+        return F.normalize(projected, dim=-1) if normalize else projected
 
-    def encode_audio(self, features: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, 1001, 64) mel features → (B, projection_dim) L2-normalised embeddings."""
-        pooled = self.audio_model.audio_encoder(features, is_longer)
-        return F.normalize(self.audio_projection(pooled).float(), dim=-1)
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        """Token ids (B, L) → (B, projection_dim) float embeddings, L2-normalised unless `normalize=False`."""
+        pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output  # (B, hidden)
+        projected = self.text_projection(pooled).float()
+        return F.normalize(projected, dim=-1) if normalize else projected
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, L) → (B, projection_dim) L2-normalised embeddings."""
-        pooled = self.text_tower(input_ids, attention_mask)
-        return F.normalize(self.text_projection(pooled).float(), dim=-1)
+    def forward(
+        self,
+        features: torch.Tensor,
+        is_longer: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> ClapOutput:
+        """Both towers in one call (what a DDP-wrapped module runs): normalised embeddings and the logit
+        scales as multipliers, so a contrastive loss is `out.logit_scale_a * out.audio_embeds @ out.text_embeds.T`."""
+        return ClapOutput(
+            self.encode_audio(features, is_longer),
+            self.encode_text(input_ids, attention_mask),
+            self.logit_scale_a.exp(),
+            self.logit_scale_t.exp(),
+        )
 
-    # The released checkpoints name the text tower `text_model`; our module tree holds it as
-    # `text_tower.encoder`. These two keep the on-disk names identical to theirs.
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for key, value in self.state_dict().items():
-            out[to_checkpoint_key(key)] = value
-        return out
+    # ---- training surface -------------------------------------------------------------------------------
+    def lock_audio_tower(self) -> None:
+        """Freeze the audio encoder (`audio_model.audio_encoder`) and keep it in eval mode, even after
+        `train()`: BatchNorm statistics stay put, dropout/drop path stay off. The projection stays trainable."""
+        self.audio_model.audio_encoder.requires_grad_(False)
+        self.audio_tower_locked = True
+        self.audio_model.audio_encoder.eval()
 
-    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.load_state_dict({from_checkpoint_key(k): v for k, v in state.items()}, strict=True)
+    def lock_text_tower(self) -> None:
+        """Freeze the transformers text model and keep it in eval mode, even after `train()`; the projection
+        and the logit scales stay trainable."""
+        self.text_model.requires_grad_(False)
+        self.text_tower_locked = True
+        self.text_model.eval()
 
+    def train(self, mode: bool = True) -> "ClapModel":
+        super().train(mode)
+        if self.audio_tower_locked:
+            self.audio_model.audio_encoder.eval()
+        if self.text_tower_locked:
+            self.text_model.eval()
+        return self
 
-def to_checkpoint_key(key: str) -> str:
-    return "text_model." + key[len("text_tower.encoder.") :] if key.startswith("text_tower.encoder.") else key
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Trade compute for memory in both towers: each Swin block and each text layer is recomputed in
+        backward instead of keeping its activations (only in training mode with gradients enabled)."""
+        self.audio_model.audio_encoder.set_grad_checkpointing(enable)
+        if enable:
+            self.text_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.text_model.gradient_checkpointing_disable()
 
-
-def from_checkpoint_key(key: str) -> str:
-    return "text_tower.encoder." + key[len("text_model.") :] if key.startswith("text_model.") else key
+    def no_weight_decay(self) -> set[str]:
+        """Names (as in `named_parameters()` of this module, not of a DDP wrapper) of the parameters that
+        take no weight decay. The rule: every parameter with fewer than 2 dimensions (biases, LayerNorm
+        and BatchNorm weights, the logit scales), plus any whose name ends in `bias` or contains `norm`,
+        a `bn` component, `position` (position embeddings) or `relative_position_bias_table`, plus the
+        logit scales by name. Linear and Conv weights, token embeddings and the projections' weights decay."""
+        return {name for name, p in self.named_parameters() if p.ndim < 2 or NO_DECAY_NAME.search(name)}

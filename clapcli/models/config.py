@@ -1,14 +1,16 @@
-"""Model configuration: dataclasses with every default written once, plus named presets.
+"""Model configuration: dataclasses with every default written once.
 
 The field names follow the transformers CLAP config where one exists, so a Hugging Face
-`config.json` maps onto these classes with no renaming table beyond `from_hf_dict`.
+`config.json` maps onto these classes with no renaming table beyond `from_hf_dict`. Fields a class
+does not know (a foreign config's extras) are kept in its `extra` dict and written back by `to_dict`.
+Named presets live in presets.py (`preset` is re-exported here for older imports).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 from ..errors import ClapError
@@ -25,15 +27,20 @@ class FrontEndConfig:
     mel_scale: str = "htk"  # "htk" (no filter norm, fused models) or "slaney" (Slaney norm, unfused)
     clip_samples: int = 480_000  # model input length: 10 s at 48 kHz = 1001 frames
     quantize_int16: bool = True  # int16 round trip as in the original training data
+    extra: dict[str, Any] = field(default_factory=dict)  # other fields of a foreign preprocessor config, unused
 
     @property
     def clip_frames(self) -> int:
         return self.clip_samples // self.hop_length + 1
 
+    def settings(self) -> dict[str, Any]:
+        """The fields that decide the features (everything but `extra`): what a model's identity compares."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+
 
 @dataclass
 class AudioConfig:
-    encoder: str = "htsat"  # "htsat" (the released checkpoints)
+    encoder: str = "htsat"  # audio encoder kind, a name in encoders.AUDIO_ENCODERS: "htsat" (the released checkpoints)
     patch_embeds_hidden_size: int = 96  # HTSAT width C: tiny 96, base 128
     depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])  # Swin blocks per stage
     num_attention_heads: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # heads per stage
@@ -46,11 +53,32 @@ class AudioConfig:
     layer_norm_eps: float = 1e-5  # LayerNorm epsilon inside HTSAT
     enable_fusion: bool = False  # attentional feature fusion (AFF) for > 10 s input
     aff_block_r: int = 4  # AFF channel reduction ratio
-    hidden_size: int = 768  # encoder output width = C * 8
+    drop_rate: float = 0.0  # dropout after the patch embedding, the attention output and in the MLPs (train only)
+    attn_drop_rate: float = 0.0  # dropout on attention probabilities (train only)
+    drop_path_rate: float = 0.0  # stochastic depth of the last Swin block, rising linearly from 0 over the blocks
+    # (LAION trained HTSAT with 0.1; train only)
+    extra: dict[str, Any] = field(default_factory=dict)  # other fields of a foreign config, kept, unused
+    # Legacy input only: configs written before the encoder owned its output width carry `hidden_size`
+    # (HTSAT: C * 8). Accepted, checked against the encoder's width, never stored; read `out_width`.
+    hidden_size: InitVar[int | None] = None
+
+    def __post_init__(self, hidden_size: int | None) -> None:
+        if hidden_size is None:
+            return
+        from .encoders import AUDIO_ENCODERS
+
+        if self.encoder in AUDIO_ENCODERS and int(hidden_size) != self.out_width:
+            raise ClapError(
+                f"audio config says hidden_size {hidden_size}, but a {self.encoder} encoder of this shape "
+                f"outputs {self.out_width} features"
+            )
 
     @property
-    def final_width(self) -> int:
-        return self.patch_embeds_hidden_size * 2 ** (len(self.depths) - 1)
+    def out_width(self) -> int:
+        """Width of the encoder's pooled output (the audio projection's input); the encoder defines it."""
+        from .encoders import audio_output_width
+
+        return audio_output_width(self)
 
 
 @dataclass
@@ -69,6 +97,9 @@ class TextConfig:
     bos_token_id: int = 0  # RoBERTa <s>
     eos_token_id: int = 2  # RoBERTa </s>
     max_length: int = 77  # tokens after truncation, as in the original CLAP tokeniser
+    hidden_dropout_prob: float = 0.0  # dropout on embeddings and layer outputs, train only (LAION's roberta-base
+    # training used the transformers default 0.1; the hub configs carry 0.1 and loading them keeps it)
+    attention_probs_dropout_prob: float = 0.0  # dropout on attention probabilities, train only (LAION: 0.1)
     extra: dict[str, Any] = field(default_factory=dict)  # other fields of a foreign tower's config
 
 
@@ -104,18 +135,19 @@ class ClapConfig:
         text = _build(TextConfig, t)
         if "model_type" not in t or t.get("model_type") == "clap_text_model":
             text.model_type = "roberta"
-        pre = preprocessor or {}
+            text.extra.pop("model_type", None)
+        pre = dict(preprocessor or {})
         fused = audio.enable_fusion
-        frontend = FrontEndConfig(
-            sample_rate=int(pre.get("sampling_rate", 48_000)),
-            n_fft=int(pre.get("fft_window_size", 1024)),
-            hop_length=int(pre.get("hop_length", 480)),
-            n_mels=int(pre.get("feature_size", audio.num_mel_bins)),
-            f_min=float(pre.get("frequency_min", 50.0)),
-            f_max=float(pre.get("frequency_max", 14_000.0)),
-            mel_scale="htk" if fused else "slaney",
-            clip_samples=int(pre.get("nb_max_samples", 480_000)),
+        mapped = dict(
+            sample_rate=int(pre.pop("sampling_rate", 48_000)),
+            n_fft=int(pre.pop("fft_window_size", 1024)),
+            hop_length=int(pre.pop("hop_length", 480)),
+            n_mels=int(pre.pop("feature_size", audio.num_mel_bins)),
+            f_min=float(pre.pop("frequency_min", 50.0)),
+            f_max=float(pre.pop("frequency_max", 14_000.0)),
+            clip_samples=int(pre.pop("nb_max_samples", 480_000)),
         )
+        frontend = FrontEndConfig(mel_scale="htk" if fused else "slaney", **mapped, extra=_foreign(pre))
         return cls(
             audio=audio,
             text=text,
@@ -125,36 +157,23 @@ class ClapConfig:
         )
 
 
+def _foreign(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if not k.startswith("_")}
+
+
 def _build(kind, values: dict[str, Any]):
-    names = {f.name for f in dataclasses.fields(kind)}
-    known = {k: v for k, v in values.items() if k in names and k != "extra"}
-    obj = kind(**known)
-    if "extra" in names:
-        obj.extra = {k: v for k, v in values.items() if k not in names and not k.startswith("_")}
-        obj.extra.update(values.get("extra") or {})
+    """An instance of dataclass `kind` from a dict: known fields set, the rest kept in `extra`.
+
+    Fields a previous version kept in `extra` but that are known now (say, dropout rates) become fields."""
+    merged = {**(values.get("extra") or {}), **{k: v for k, v in values.items() if k != "extra"}}
+    accepted = set(kind.__dataclass_fields__) - {"extra"}  # includes init-only (legacy) inputs
+    obj = kind(**{k: v for k, v in merged.items() if k in accepted})
+    obj.extra = _foreign({k: v for k, v in merged.items() if k not in accepted})
     return obj
 
 
-def _htsat(width: int, depths: list[int], fused: bool) -> AudioConfig:
-    return AudioConfig(
-        patch_embeds_hidden_size=width,
-        depths=depths,
-        enable_fusion=fused,
-        hidden_size=width * 8,
-    )
-
-
 def preset(name: str) -> ClapConfig:
-    """Architecture of a named model family; an unknown name fails with the list."""
-    presets = {
-        "htsat-tiny-fused": lambda: ClapConfig(audio=_htsat(96, [2, 2, 6, 2], True)),
-        "htsat-tiny": lambda: ClapConfig(
-            audio=_htsat(96, [2, 2, 6, 2], False), frontend=FrontEndConfig(mel_scale="slaney")
-        ),
-        "htsat-base": lambda: ClapConfig(
-            audio=_htsat(128, [2, 2, 12, 2], False), frontend=FrontEndConfig(mel_scale="slaney")
-        ),
-    }
-    if name not in presets:
-        raise ClapError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(presets))}")
-    return presets[name]()
+    """A named architecture (see presets.py); kept here for code that imports it from config."""
+    from .presets import preset as _preset
+
+    return _preset(name)

@@ -7,12 +7,16 @@ checkpoints load without renaming and original LAION checkpoints need one docume
 - the (1024, 64) mel is folded into a 256×256 image: row = time block k·64 + mel bin, column = frame;
 - fused models mix three local crops into the patch embedding with AFF, but only for clips marked
   `is_longer`; every other clip runs the global path alone (the original evaluation rule).
+Training knobs (all inert at 0 and in eval mode): dropout (`drop_rate`, `attn_drop_rate`) and stochastic
+depth (`drop_path_rate`, rising linearly over the blocks as in Swin/HTSAT); gradient checkpointing per
+Swin block (`set_grad_checkpointing`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import AudioConfig
@@ -76,6 +80,24 @@ def shift_mask(h: int, wd: int, w: int, shift: int) -> torch.Tensor:
     return torch.where(diff != 0, torch.tensor(-100.0), torch.tensor(0.0))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a residual branch for a random subset of the clips, rescaling the rest."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, window: int, qkv_bias: bool):
         super().__init__()
@@ -88,16 +110,18 @@ class SelfAttention(nn.Module):
 
 
 class AttentionOutput(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, drop: float):
         super().__init__()
         self.dense = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(drop)
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, window: int, qkv_bias: bool):
+    def __init__(self, dim: int, heads: int, window: int, qkv_bias: bool, drop: float, attn_drop: float):
         super().__init__()
         setattr(self, "self", SelfAttention(dim, heads, window, qkv_bias))
-        self.output = AttentionOutput(dim)
+        self.output = AttentionOutput(dim, drop)
+        self.attn_drop = attn_drop
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, batch: int) -> torch.Tensor:
         att: SelfAttention = getattr(self, "self")
@@ -116,9 +140,10 @@ class Attention(nn.Module):
         else:
             add = rel[None] + mask[:, None]  # (nW, heads, w², w²)
         add = add.reshape(1, nw * heads, n, n).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=add)  # (B, nW·heads, w², hd)
+        p = self.attn_drop if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=add, dropout_p=p)  # (B, nW·heads, w², hd)
         out = out.view(batch, nw, heads, n, hd).transpose(2, 3).reshape(bw, n, c)
-        return self.output.dense(out)
+        return self.output.dropout(self.output.dense(out))
 
 
 class Dense(nn.Module):
@@ -128,17 +153,19 @@ class Dense(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    def __init__(self, cfg: AudioConfig, dim: int, heads: int, resolution: int, shift: int):
+    def __init__(self, cfg: AudioConfig, dim: int, heads: int, resolution: int, shift: int, drop_path: float):
         super().__init__()
         self.window = min(cfg.window_size, resolution)
         self.shift = 0 if resolution <= cfg.window_size else shift
         self.resolution = resolution
         hidden = int(dim * cfg.mlp_ratio)
         self.layernorm_before = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
-        self.attention = Attention(dim, heads, self.window, cfg.qkv_bias)
+        self.attention = Attention(dim, heads, self.window, cfg.qkv_bias, cfg.drop_rate, cfg.attn_drop_rate)
         self.layernorm_after = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.intermediate = Dense(dim, hidden)
         self.output = Dense(hidden, dim)
+        self.mlp_drop = nn.Dropout(cfg.drop_rate)
+        self.drop_path = DropPath(drop_path)
         mask = shift_mask(resolution, resolution, self.window, self.shift) if self.shift else None
         self.register_buffer("attn_mask", mask, persistent=False)
 
@@ -152,8 +179,9 @@ class SwinBlock(nn.Module):
         h = window_reverse(h, w, r, r)
         if s:
             h = torch.roll(h, shifts=(s, s), dims=(1, 2))
-        x = x + h.reshape(b, n, c)
-        return x + self.output.dense(F.gelu(self.intermediate.dense(self.layernorm_after(x))))
+        x = x + self.drop_path(h.reshape(b, n, c))
+        h = self.mlp_drop(F.gelu(self.intermediate.dense(self.layernorm_after(x))))
+        return x + self.drop_path(self.mlp_drop(self.output.dense(h)))
 
 
 class PatchMerging(nn.Module):
@@ -172,35 +200,62 @@ class PatchMerging(nn.Module):
 
 
 class Stage(nn.Module):
-    def __init__(self, cfg: AudioConfig, dim: int, depth: int, heads: int, resolution: int, downsample: bool):
+    def __init__(self, cfg: AudioConfig, dim: int, heads: int, resolution: int, downsample: bool,
+                 drop_paths: list[float]):
         super().__init__()
         self.blocks = nn.ModuleList(
-            SwinBlock(cfg, dim, heads, resolution, 0 if i % 2 == 0 else cfg.window_size // 2) for i in range(depth)
+            SwinBlock(cfg, dim, heads, resolution, 0 if i % 2 == 0 else cfg.window_size // 2, p)
+            for i, p in enumerate(drop_paths)
         )
         self.downsample = PatchMerging(dim, resolution) if downsample else None
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only the block inputs; recompute the block in backward (RNG state replayed for drop path)
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.downsample(x) if self.downsample is not None else x
 
 
 class HTSAT(nn.Module):
-    """Mel features (B, C, 1001, 64) + is_longer (B,) → pooled audio features (B, 8·width)."""
+    """Mel features (B, C, 1001, 64) + is_longer (B,) → pooled audio features (B, out_width = 8·width)."""
 
     def __init__(self, cfg: AudioConfig):
         super().__init__()
         self.cfg = cfg
+        self.out_width = self.output_width(cfg)
         self.freq_ratio = cfg.spec_size // cfg.num_mel_bins  # 4
         self.batch_norm = nn.BatchNorm2d(cfg.num_mel_bins)
         self.patch_embed = PatchEmbed(cfg)
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
         grid = cfg.spec_size // cfg.patch_size  # 64
-        widths = [cfg.patch_embeds_hidden_size * 2**i for i in range(len(cfg.depths))]
+        widths = self.stage_widths(cfg)
+        n = sum(cfg.depths)  # one drop-path rate per block, 0 for the first, drop_path_rate for the last
+        drop_paths = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # (no tensor: meta-device safe)
+        first = [sum(cfg.depths[:i]) for i in range(len(cfg.depths))]
         self.layers = nn.ModuleList(
-            Stage(cfg, widths[i], cfg.depths[i], cfg.num_attention_heads[i], grid // 2**i, i < len(cfg.depths) - 1)
+            Stage(cfg, widths[i], cfg.num_attention_heads[i], grid // 2**i, i < len(cfg.depths) - 1,
+                  drop_paths[first[i] : first[i] + cfg.depths[i]])
             for i in range(len(cfg.depths))
         )
-        self.norm = nn.LayerNorm(widths[-1], eps=cfg.layer_norm_eps)
+        self.norm = nn.LayerNorm(self.out_width, eps=cfg.layer_norm_eps)
+
+    @staticmethod
+    def stage_widths(cfg: AudioConfig) -> list[int]:
+        """Token width of each stage: C, 2C, 4C, 8C (patch merging doubles it)."""
+        return [cfg.patch_embeds_hidden_size * 2**i for i in range(len(cfg.depths))]
+
+    @staticmethod
+    def output_width(cfg: AudioConfig) -> int:
+        return HTSAT.stage_widths(cfg)[-1]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each Swin block in backward instead of keeping its activations (training with grad only)."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
 
     def fold(self, mel: torch.Tensor) -> torch.Tensor:
         b, c, t, f = mel.shape  # (B, C, 1001, 64)
@@ -224,7 +279,7 @@ class HTSAT(nn.Module):
             if longer_idx.numel() > 0:
                 local = self.fold(self.normalise(features[longer_idx, 1:]))  # (B', 3, 256, 256)
         image = self.fold(self.normalise(features[:, :1]))  # (B, 1, 256, 256)
-        x = self.patch_embed(image, local, longer_idx)  # (B, 4096, D)
+        x = self.pos_drop(self.patch_embed(image, local, longer_idx))  # (B, 4096, D)
         for stage in self.layers:
             x = stage(x)
         x = self.norm(x)  # (B, 64, 8D)

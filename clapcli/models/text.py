@@ -1,17 +1,22 @@
-"""Text towers through transformers: RoBERTa (every released checkpoint), BERT, CLIP text, or any encoder.
+"""Text towers through transformers: RoBERTa (every released checkpoint), BERT, CLIP text, or any encoder,
+and the one tokenisation rule every caller (embedding, tagging, training collate) goes through.
 
-The tower is a plain transformers model built from its config; weights come from the CLAP checkpoint.
-Its pooled output is the `pooler_output` (RoBERTa/BERT: tanh(dense(h[<s>])); CLIP: the EOT token).
+The tower is a plain transformers model built from its config, held by `ClapModel` as `text_model`;
+weights come from the CLAP checkpoint. Its pooled output is the `pooler_output` (RoBERTa/BERT:
+tanh(dense(h[<s>])); CLIP: the EOT token).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from .config import TextConfig
+
+PADDING = ("longest", "max_length")
+
 
 def transformers_config(cfg: TextConfig):
     from transformers import AutoConfig
@@ -30,6 +35,11 @@ def transformers_config(cfg: TextConfig):
         bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id,
     )
+    if cfg.model_type == "clip_text_model":  # CLIP names its dropout rates differently
+        fields.update(dropout=cfg.hidden_dropout_prob, attention_dropout=cfg.attention_probs_dropout_prob)
+    else:
+        fields.update(hidden_dropout_prob=cfg.hidden_dropout_prob,
+                      attention_probs_dropout_prob=cfg.attention_probs_dropout_prob)
     if cfg.model_type in ("roberta", "bert"):
         fields["type_vocab_size"] = cfg.type_vocab_size
     for key in ("architectures", "model_type", "transformers_version", "torch_dtype", "dtype"):
@@ -37,21 +47,32 @@ def transformers_config(cfg: TextConfig):
     return AutoConfig.for_model(cfg.model_type, **fields)
 
 
-class TextTower(nn.Module):
-    """Wraps a transformers encoder; forward(input_ids, attention_mask) → pooled (B, hidden)."""
+def build_text_model(cfg: TextConfig) -> nn.Module:
+    """A randomly initialised transformers encoder with a pooler; forward(...).pooler_output is (B, hidden)."""
+    from transformers import AutoModel, CLIPTextModel
 
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        from transformers import AutoModel, CLIPTextModel
+    tcfg = transformers_config(cfg)
+    tcfg._attn_implementation = "sdpa"
+    if cfg.model_type == "clip_text_model":
+        return CLIPTextModel(tcfg)
+    return AutoModel.from_config(tcfg, add_pooling_layer=True)
 
-        tcfg = transformers_config(cfg)
-        tcfg._attn_implementation = "sdpa"
-        if cfg.model_type == "clip_text_model":
-            self.encoder = CLIPTextModel(tcfg)
-        else:
-            self.encoder = AutoModel.from_config(tcfg, add_pooling_layer=True)
-        self.model_type = cfg.model_type
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
-        return out.pooler_output
+def tokenize(
+    tokenizer, texts: Sequence[str], max_length: int, padding: str = "longest"
+) -> dict[str, torch.Tensor]:
+    """Token ids and attention mask (B, L) for `texts`, truncated at `max_length` tokens (the tower's limit,
+    `TextConfig.max_length` = 77 for CLAP). padding "longest" pads to the batch's longest text (L ≤ max_length),
+    "max_length" to exactly `max_length` (fixed shapes for training)."""
+    if padding not in PADDING:
+        raise ValueError(f"padding must be one of {', '.join(PADDING)}, not {padding!r}")
+    if isinstance(texts, str):
+        texts = [texts]
+    tok = tokenizer(
+        list(texts),
+        padding=True if padding == "longest" else "max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}

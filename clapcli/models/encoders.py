@@ -1,0 +1,37 @@
+"""The audio encoder factory: `AudioConfig.encoder` names the kind, the kind's class builds it.
+
+Each encoder class takes an `AudioConfig`, maps mel features (B, C, T, F) and `is_longer` (B,) to pooled
+features (B, out_width), and answers `output_width(cfg)` from the config alone, the one formula for its
+width (the audio projection's input). New encoders (PANN CNN14, the Wav2CLIP ResNet) register here.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import ClapError
+from .config import AudioConfig
+from .htsat import HTSAT
+
+AUDIO_ENCODERS: dict[str, type[nn.Module]] = {
+    "htsat": HTSAT,
+}
+
+
+def _encoder_class(name: str) -> type[nn.Module]:
+    try:
+        return AUDIO_ENCODERS[name]
+    except KeyError:
+        raise ClapError(
+            f"unknown audio encoder {name!r}; choose one of: {', '.join(sorted(AUDIO_ENCODERS))}"
+        ) from None
+
+
+def build_audio_encoder(cfg: AudioConfig) -> nn.Module:
+    """The encoder `cfg.encoder` names, with random weights; its `out_width` is its output width."""
+    return _encoder_class(cfg.encoder)(cfg)
+
+
+def audio_output_width(cfg: AudioConfig) -> int:
+    """Output width of the encoder `cfg` describes, without building it."""
+    return _encoder_class(cfg.encoder).output_width(cfg)

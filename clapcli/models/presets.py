@@ -1,0 +1,58 @@
+"""Named architectures, stored as data: each preset is a dict of overrides on the `ClapConfig` defaults.
+
+    htsat-tiny-fused   HTSAT-tiny (96, [2,2,6,2]) with feature fusion, RoBERTa-base: laion/clap-htsat-fused
+    htsat-tiny         the same without fusion (Slaney mel): laion/clap-htsat-unfused
+    htsat-base         HTSAT-base (128, [2,2,12,2]), unfused: laion/larger_clap_*
+    htsat-base-fused   HTSAT-base with feature fusion
+    tiny               a few-MB fused model for CPU training experiments and tests: HTSAT width 16,
+                       depths [2,2,2,1], heads [1,2,2,4]; a 2-layer RoBERTa of width 64 (2 heads, MLP 128,
+                       82 positions = 77 tokens + 2 offset + slack); joint dim 32. Its vocab_size is the
+                       RoBERTa tokenizer's (50265): a caller with another tokenizer sets it from len(tokenizer).
+    tiny-unfused       the same without fusion
+
+Fields not named take the dataclass defaults (config.py), so every default is still written once.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from ..errors import UsageError
+from .config import ClapConfig
+
+_UNFUSED_FRONTEND = {"mel_scale": "slaney"}  # unfused checkpoints were trained on Slaney mels
+_HTSAT_BASE = {"patch_embeds_hidden_size": 128, "depths": [2, 2, 12, 2]}
+_TINY_AUDIO = {"patch_embeds_hidden_size": 16, "depths": [2, 2, 2, 1], "num_attention_heads": [1, 2, 2, 4]}
+_TINY_TEXT = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 82,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "htsat-tiny-fused": {"audio": {"enable_fusion": True}},
+    "htsat-tiny": {"audio": {"enable_fusion": False}, "frontend": _UNFUSED_FRONTEND},
+    "htsat-base": {"audio": {**_HTSAT_BASE, "enable_fusion": False}, "frontend": _UNFUSED_FRONTEND},
+    "htsat-base-fused": {"audio": {**_HTSAT_BASE, "enable_fusion": True}},
+    "tiny": {"audio": {**_TINY_AUDIO, "enable_fusion": True}, "text": _TINY_TEXT, "projection_dim": 32},
+    "tiny-unfused": {
+        "audio": {**_TINY_AUDIO, "enable_fusion": False},
+        "text": _TINY_TEXT,
+        "frontend": _UNFUSED_FRONTEND,
+        "projection_dim": 32,
+    },
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def preset(name: str) -> ClapConfig:
+    """The architecture of a named model family; an unknown name fails with the list of valid ones."""
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+    return ClapConfig.from_dict(copy.deepcopy(PRESETS[name]))
