@@ -143,15 +143,11 @@ class Clap:
             texts = [texts]
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        from .models.text import tokenize
+
         out = []
         for i in range(0, len(texts), batch_size):
-            tok = self.tokenizer(
-                list(texts[i : i + batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=self.config.text.max_length,
-                return_tensors="pt",
-            )
+            tok = tokenize(self.tokenizer, texts[i : i + batch_size], self.config.text.max_length)
             with self._autocast():
                 emb = self.model.encode_text(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device))
             out.append(emb.float().cpu().numpy())
