@@ -1,0 +1,414 @@
+"""`clap shards make|info` and the shard reader: round trips, splits, interruption, LAION's own format, checks."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from audio_synth import tone_noise, write_audio
+from clapcli.audio.decode import load_audio
+from clapcli.cli.main import app, main
+from clapcli.errors import DataError
+from clapcli.train.shards import (
+    decode_audio,
+    inspect_shards,
+    iter_shard,
+    read_sizes,
+    resolve_split,
+    select_text,
+)
+
+runner = CliRunner()
+
+
+def _make(args: list[str]):
+    res = runner.invoke(app, ["shards", "make", *args, "--workers", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """Run `clap ARGS` in this process through the real entry point; (exit code, stdout + stderr)."""
+    monkeypatch.setattr(sys, "argv", ["clap", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out + captured.err
+
+
+def _read_all(split_dir: Path) -> list:
+    split = resolve_split(split_dir)
+    return [raw for url in split.urls for raw in iter_shard(url)]
+
+
+@pytest.fixture
+def clips(tmp_path) -> list[dict]:
+    """Seven short clips of different rates, channel counts and formats, with captions and tags in a CSV."""
+    folder = tmp_path / "src" / "audio"
+    folder.mkdir(parents=True)
+    specs = [
+        ("dog.bark.wav", 48_000, 1, 0.6, "a dog barks", None),
+        ("rain.flac", 44_100, 2, 1.1, ["rain on a roof", "steady rain"], ["rain", "water"]),
+        ("siren.wav", 22_050, 1, 0.4, "a siren wails", ["siren"]),
+        ("bird song.ogg", 32_000, 1, 0.8, "birds sing", None),
+        ("engine.wav", 16_000, 2, 0.5, "an engine idles", ["engine"]),
+        ("wind.flac", 48_000, 1, 0.3, "wind blows", None),
+        ("kick.wav", 48_000, 1, 0.2, "a kick drum", ["drum", "kick"]),
+    ]
+    out = []
+    for i, (name, sr, ch, seconds, caption, tags) in enumerate(specs):
+        path = write_audio(folder / name, tone_noise(seconds, sr, channels=ch, seed=i), sr)
+        out.append({"path": Path(path), "rel": f"audio/{name}", "caption": caption, "tags": tags})
+    return out
+
+
+def _write_csv(path: Path, clips, tags_as="json") -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "caption", "tags"])
+        for c in clips:
+            caption = json.dumps(c["caption"]) if isinstance(c["caption"], list) else c["caption"]
+            tags = "" if not c["tags"] else (json.dumps(c["tags"]) if tags_as == "json" else ";".join(c["tags"]))
+            w.writerow([c["rel"], caption, tags])
+    return path
+
+
+def test_round_trip_every_clip_and_caption_in_order(tmp_path, clips):
+    manifest = _write_csv(tmp_path / "src" / "manifest.csv", clips, tags_as="semicolons")
+    summary = _make([str(manifest), "--out", str(tmp_path / "shards"), "--shard-size", "3"])
+    assert summary["samples"] == len(clips) and summary["skipped"] == []
+    assert summary["splits"]["train"]["shards"] == 3  # 3 + 3 + 1
+
+    train = tmp_path / "shards" / "train"
+    assert sorted(p.name for p in train.iterdir()) == ["000000.tar", "000001.tar", "000002.tar", "sizes.json"]
+    assert read_sizes(train) == {"000000.tar": 3, "000001.tar": 3, "000002.tar": 1}
+    split = resolve_split(tmp_path / "shards")  # the make output folder itself: its train/ split
+    assert split.directory == train and split.num_samples == len(clips) and split.val_dir is None
+    assert split.urls == sorted(split.urls) and list(split.sizes.values()) == [3, 3, 1]
+
+    samples = _read_all(tmp_path / "shards")
+    assert len(samples) == len(clips)
+    total = 0.0
+    for raw, clip in zip(samples, clips):
+        assert "." not in raw.key and raw.audio_ext == "flac"
+        assert raw.meta["text"] == clip["caption"]
+        assert raw.meta.get("tag") == clip["tags"]
+        assert Path(raw.meta["original_path"]) == clip["path"].resolve()
+        audio = decode_audio(raw)
+        expected = load_audio(clip["path"])
+        assert audio.dtype == np.float32 and audio.shape == expected.shape
+        np.testing.assert_allclose(audio, expected, rtol=0, atol=1 / 32767 + 1e-7)
+        assert raw.meta["duration"] == pytest.approx(len(expected) / 48_000, abs=1e-5)
+        info = sf.info(io.BytesIO(raw.audio_bytes))
+        assert (info.samplerate, info.channels, info.subtype) == (48_000, 1, "PCM_16")
+        total += raw.meta["duration"]
+    assert summary["hours"] == pytest.approx(total / 3600, abs=1e-6)
+    assert len({raw.key for raw in samples}) == len(samples)
+
+    # members are adjacent pairs, in order, in the tar itself
+    with tarfile.open(split.urls[0]) as tar:
+        names = tar.getnames()
+    assert names == [f"{samples[i].key}.{ext}" for i in range(3) for ext in ("flac", "json")]
+
+
+def test_webdataset_library_reads_the_shards(tmp_path, clips):
+    wds = pytest.importorskip("webdataset")
+    manifest = _write_csv(tmp_path / "src" / "m.csv", clips)
+    _make([str(manifest), "--out", str(tmp_path / "shards"), "--shard-size", "4"])
+    split = resolve_split(tmp_path / "shards")
+    got = [(s["__key__"], json.loads(s["json"])["text"]) for s in wds.WebDataset(split.urls, shardshuffle=False)]
+    assert [t for _, t in got] == [c["caption"] for c in clips]
+    assert [k for k, _ in got] == [raw.key for raw in _read_all(tmp_path / "shards")]
+
+
+def test_jsonl_manifest_folder_with_sidecars_and_folder_with_captions(tmp_path, clips):
+    src = tmp_path / "src"
+    with open(src / "m.jsonl", "w") as f:
+        for c in clips:
+            f.write(json.dumps({"path": str(c["path"]) if c is clips[0] else c["rel"], "text": c["caption"],
+                                **({"tags": c["tags"]} if c["tags"] else {})}) + "\n")
+    samples = _make([str(src / "m.jsonl"), "--out", str(tmp_path / "a")])
+    assert samples["samples"] == len(clips)
+    assert [r.meta["text"] for r in _read_all(tmp_path / "a")] == [c["caption"] for c in clips]
+
+    # sidecars: x.txt (several lines -> list) and x.json with tags; a clip with none is skipped
+    folder = src / "audio"
+    (folder / "dog.bark.txt").write_text("a dog barks\nbarking\n")
+    (folder / "rain.json").write_text(json.dumps({"caption": "rain", "tags": ["rain", "water"]}))
+    (folder / "siren.txt").write_text("a siren\n")
+    summary = _make([str(folder), "--out", str(tmp_path / "b")])
+    got = {Path(r.meta["original_path"]).name: (r.meta["text"], r.meta.get("tag"))
+           for r in _read_all(tmp_path / "b")}
+    assert got == {"dog.bark.wav": (["a dog barks", "barking"], None), "rain.flac": ("rain", ["rain", "water"]),
+                   "siren.wav": ("a siren", None)}
+    assert len(summary["skipped"]) == len(clips) - 3
+    assert all("no caption" in s["reason"] for s in summary["skipped"])
+
+    # --captions: a manifest whose relative paths resolve against the folder; files without a row skipped
+    rows = [dict(c, rel=Path(c["rel"]).name) for c in clips[:4]]
+    manifest = _write_csv(tmp_path / "captions.csv", rows)
+    summary = _make([str(folder), "--captions", str(manifest), "--out", str(tmp_path / "c")])
+    assert sorted(r.meta["text"] if isinstance(r.meta["text"], str) else r.meta["text"][0]
+                  for r in _read_all(tmp_path / "c")) == sorted(["a dog barks", "rain on a roof", "a siren wails",
+                                                                  "birds sing"])
+    assert len(summary["skipped"]) == len(clips) - 4
+
+
+def test_bad_files_are_skipped_with_reasons_and_tags_need_a_caption_mode(tmp_path, clips, monkeypatch, capsys):
+    src = tmp_path / "src"
+    (src / "audio" / "broken.wav").write_bytes(b"RIFF not really audio")
+    rows = [*clips[:2], {"rel": "audio/broken.wav", "caption": "broken", "tags": None},
+            {"rel": "audio/missing.wav", "caption": "gone", "tags": None},
+            {"rel": "audio/siren.wav", "caption": "", "tags": ["siren"]}]
+    manifest = _write_csv(src / "m.csv", rows)
+    summary = _make([str(manifest), "--out", str(tmp_path / "s")])
+    reasons = {Path(s["path"]).name: s["reason"] for s in summary["skipped"]}
+    assert set(reasons) == {"broken.wav", "missing.wav", "siren.wav"}
+    assert "not found" in reasons["missing.wav"] and "--captions-from-tags" in reasons["siren.wav"]
+    assert summary["samples"] == 2
+
+    summary = _make([str(manifest), "--out", str(tmp_path / "t"), "--captions-from-tags", "template"])
+    texts = [r.meta["text"] for r in _read_all(tmp_path / "t")]
+    assert texts[-1] == "The sound of siren" and summary["samples"] == 3
+
+    # an output that already holds shards is refused (exit 2), nothing is overwritten
+    before = (tmp_path / "t" / "train" / "000000.tar").read_bytes()
+    code, text = _cli(monkeypatch, capsys, "shards", "make", str(manifest), "--out", str(tmp_path / "t"))
+    assert code == 2 and "already holds shards" in text
+    assert (tmp_path / "t" / "train" / "000000.tar").read_bytes() == before
+
+
+def test_val_split_sizes_disjoint_and_seeded(tmp_path, clips):
+    manifest = _write_csv(tmp_path / "src" / "m.csv", clips)
+
+    def split(seed, out):
+        summary = _make([str(manifest), "--out", str(tmp_path / out), "--val-fraction", "0.3",
+                         "--seed", str(seed), "--shard-size", "2"])
+        train = [r.meta["original_path"] for r in _read_all(tmp_path / out / "train")]
+        val = [r.meta["original_path"] for r in _read_all(tmp_path / out / "val")]
+        return summary, train, val
+
+    summary, train, val = split(0, "a")
+    assert len(val) == round(len(clips) * 0.3) == summary["splits"]["val"]["samples"]
+    assert len(train) == len(clips) - len(val) == summary["splits"]["train"]["samples"]
+    assert not set(train) & set(val) and set(train) | set(val) == {str(c["path"].resolve()) for c in clips}
+    order = [str(c["path"].resolve()) for c in clips]
+    assert train == [p for p in order if p in train] and val == [p for p in order if p in val]  # kept in order
+    assert resolve_split(tmp_path / "a").val_dir == tmp_path / "a" / "val"
+    assert sum(read_sizes(tmp_path / "a" / "val").values()) == len(val)
+    assert split(0, "b")[2] == val
+    assert any(split(s, f"c{s}")[2] != val for s in (1, 2, 3))
+
+
+def test_failure_mid_run_leaves_only_complete_shards(tmp_path, clips, monkeypatch):
+    import clapcli.train.shards as shards
+
+    manifest = _write_csv(tmp_path / "src" / "m.csv", clips)
+    real, calls = shards.encode_flac, []
+
+    def failing(samples, *a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # Ctrl-C while the second shard is being built
+        return real(samples, *a, **k)
+
+    monkeypatch.setattr(shards, "encode_flac", failing)
+    res = runner.invoke(app, ["shards", "make", str(manifest), "--out", str(tmp_path / "s"), "--shard-size", "2",
+                              "--workers", "0"])
+    assert res.exit_code != 0
+    train = tmp_path / "s" / "train"
+    assert sorted(p.name for p in train.iterdir()) == ["000000.tar", "sizes.json"]  # the temporary is gone
+    assert [r.meta["text"] for r in _read_all(train)] == [c["caption"] for c in clips[:2]]
+    assert runner.invoke(app, ["shards", "info", str(tmp_path / "s")]).exit_code == 0
+
+
+def test_sigkill_mid_run_leaves_no_shard_a_reader_accepts_half_written(tmp_path, clips):
+    """A real process killed with SIGKILL while a shard is being built (encoding slowed down to make room)."""
+    manifest = _write_csv(tmp_path / "src" / "m.csv", clips)
+    out = tmp_path / "s"
+    script = textwrap.dedent(f"""
+        import sys, time
+        import clapcli.train.shards as shards
+        real = shards.encode_flac
+        def slow(samples, *a, **k):
+            time.sleep(0.4)
+            return real(samples, *a, **k)
+        shards.encode_flac = slow
+        sys.argv = ["clap", "shards", "make", {str(manifest)!r}, "--out", {str(out)!r}, "--shard-size", "2",
+                    "--workers", "0"]
+        from clapcli.cli.main import main
+        main()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    train = out / "train"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (train / "000000.tar").exists() and list(train.glob("*.tar.tmp")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert list(train.glob("*.tar.tmp"))  # killed mid-shard
+    split = resolve_split(out)  # every *.tar is complete and listed
+    got = [r for url in split.urls for r in iter_shard(url)]
+    assert len(got) == split.num_samples >= 2 and len(got) % 2 == 0
+    assert [r.meta["text"] for r in got] == [c["caption"] for c in clips[:len(got)]]
+    res = runner.invoke(app, ["shards", "info", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.splitlines()[0])["samples"] == len(got)
+
+
+# ------------------------------------------------------------------------------------ hand-written shards
+
+
+def _flac_bytes(seconds=0.5, sr=48_000, channels=1, seed=0, fmt="FLAC") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, tone_noise(seconds, sr, channels=channels, seed=seed), sr, format=fmt, subtype="PCM_16")
+    return buf.getvalue()
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _laion_split(folder: Path) -> Path:
+    """Two shards in the layout of LAION's tardir: `N.tar`, members `KEY.flac` + `KEY.json`, sizes.json."""
+    folder.mkdir(parents=True)
+    metas = [
+        {"text": ["a man speaks", "speech"], "tag": ["Speech"], "original_data": {"title": "t0"},
+         "text_augment_t5": "a person is talking", "text_augment_all": ["a man speaks", "speech",
+                                                                       "a person is talking"]},
+        {"text": "a dog barks", "tag": ["Dog"], "original_data": {"id": 7}},
+        {"text": "The sound of Rain", "text_augment_t5": "rain falls on the ground"},
+    ]
+    _write_tar(folder / "0.tar", [("0.flac", _flac_bytes(seed=1)), ("0.json", json.dumps(metas[0]).encode()),
+                                  ("1.flac", _flac_bytes(seed=2)), ("1.json", json.dumps(metas[1]).encode())])
+    _write_tar(folder / "1.tar", [("2.wav", _flac_bytes(0.3, 44_100, 2, seed=3, fmt="WAV")),
+                                  ("2.json", json.dumps(metas[2]).encode())])
+    (folder / "sizes.json").write_text(json.dumps({"0.tar": 2, "1.tar": 1}))
+    return folder
+
+
+def test_reads_laion_shards_and_their_text_fields(tmp_path):
+    folder = _laion_split(tmp_path / "laion" / "train")
+    split = resolve_split(folder)
+    assert split.urls == [str(folder / "0.tar"), str(folder / "1.tar")] and split.num_samples == 3
+    samples = [r for url in split.urls for r in iter_shard(url)]
+    assert [r.key for r in samples] == ["0", "1", "2"]
+    assert [r.audio_ext for r in samples] == ["flac", "flac", "wav"]
+    a, b, c = (r.meta for r in samples)
+    assert select_text(a, "text") == ["a man speaks", "speech"]
+    assert select_text(a, "k2c") == ["a person is talking"]
+    assert select_text(a, "all") == ["a man speaks", "speech", "a person is talking"]
+    assert select_text(b, "text") == select_text(b, "k2c") == select_text(b, "all") == ["a dog barks"]
+    assert select_text(c, "all") == ["The sound of Rain", "rain falls on the ground"]  # text + t5 fallback
+    assert a["original_data"] == {"title": "t0"}
+    with pytest.raises(DataError, match="k9"):
+        select_text({"text": "", "tag": ["x"]}, "text", key="k9")
+
+    mono = decode_audio(samples[0])
+    expected = tone_noise(0.5, 48_000, seed=1)
+    np.testing.assert_allclose(mono, expected, atol=1 / 32767 + 1e-7)
+    stereo = decode_audio(samples[2])  # 44.1 kHz stereo: averaged and resampled like the front end
+    wav = tmp_path / "x.wav"
+    wav.write_bytes(samples[2].audio_bytes)
+    np.testing.assert_array_equal(stereo, load_audio(wav))
+    assert len(stereo) == round(0.3 * 48_000)
+
+    res = runner.invoke(app, ["shards", "info", str(folder), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert (info["shards"], info["samples"], info["with_text"], info["with_tag"], info["with_text_augment_t5"]) \
+        == (2, 3, 3, 2, 2)
+    assert info["hours"] == pytest.approx((0.5 + 0.5 + 0.3) / 3600, abs=1e-6)  # from the audio headers
+    assert info["examples"] == ["a man speaks", "a dog barks", "The sound of Rain"]
+
+
+def test_info_reports_a_sizes_mismatch_and_names_the_shard(tmp_path, monkeypatch, capsys):
+    folder = _laion_split(tmp_path / "d")
+    assert _cli(monkeypatch, capsys, "shards", "info", str(folder))[0] == 0
+    (folder / "sizes.json").write_text(json.dumps({"0.tar": 2, "1.tar": 4}))
+    code, text = _cli(monkeypatch, capsys, "shards", "info", str(folder))
+    assert code == 1
+    assert "1.tar: sizes.json says 4 samples, the shard holds 1" in text
+    assert "0.tar:" not in text
+
+    (folder / "sizes.json").write_text(json.dumps({"0.tar": 2, "1.tar": 1, "2.tar": 5}))
+    code, text = _cli(monkeypatch, capsys, "shards", "info", str(folder))
+    assert code == 1 and "2.tar: named in sizes.json but missing" in text
+    with pytest.raises(DataError, match="2.tar"):
+        resolve_split(folder)
+
+
+def test_missing_pair_bad_json_and_truncated_tar_name_the_shard_and_member(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    flac = _flac_bytes()
+    _write_tar(folder / "0.tar", [("a.flac", flac), ("a.json", b'{"text": "x"}'), ("b.flac", flac),
+                                  ("c.flac", flac), ("c.json", b'{"text": "y"}')])
+    (folder / "sizes.json").write_text(json.dumps({"0.tar": 3}))
+    with pytest.raises(DataError, match=r"0\.tar: member b\.flac has no b\.json"):
+        list(iter_shard(folder / "0.tar"))
+    code, text = _cli(monkeypatch, capsys, "shards", "info", str(folder))
+    assert code == 1 and "0.tar: member b.flac has no b.json" in text
+
+    _write_tar(folder / "0.tar", [("a.flac", flac), ("b.json", b'{"text": "x"}'), ("a.json", b'{"text": "y"}')])
+    with pytest.raises(DataError, match="a.flac has no a.json"):  # pairs that are not adjacent
+        list(iter_shard(folder / "0.tar"))
+
+    _write_tar(folder / "0.tar", [("a.flac", flac), ("a.json", b'{"text": ')])
+    with pytest.raises(DataError, match=r"a\.json is not valid JSON"):
+        list(iter_shard(folder / "0.tar"))
+
+    _write_tar(folder / "0.tar", [("a.flac", flac), ("a.json", b'{"text": "x"}'), ("b.flac", flac),
+                                  ("b.json", b'{"text": "y"}')])
+    whole = (folder / "0.tar").read_bytes()
+    (folder / "0.tar").write_bytes(whole[: len(whole) // 2 + 100])
+    with pytest.raises(DataError, match=r"0\.tar: truncated"):
+        list(iter_shard(folder / "0.tar"))
+    code, text = _cli(monkeypatch, capsys, "shards", "info", str(folder))
+    assert code == 1 and "0.tar: truncated" in text
+
+
+def test_resolve_split_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no .tar shards"):
+        resolve_split(empty)
+    folder = _laion_split(tmp_path / "x")
+    (folder / "sizes.json").unlink()
+    with pytest.raises(DataError, match="no sizes.json"):
+        resolve_split(folder)
+    (folder / "sizes.json").write_text("{not json")
+    with pytest.raises(DataError, match="sizes.json"):
+        resolve_split(folder)
+    (folder / "sizes.json").write_text(json.dumps({"0.tar": 2}))
+    with pytest.raises(DataError, match="not listed in sizes.json: 1.tar"):
+        resolve_split(folder)
+    with pytest.raises(DataError, match="not a folder"):
+        resolve_split(tmp_path / "nope")
