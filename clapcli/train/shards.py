@@ -725,7 +725,7 @@ def make_shards(
 
     val = val_indices(len(usable), val_fraction, seed)
     writers = {"train": ShardWriter(out / "train", shard_size)}
-    if val_fraction > 0:
+    if val:  # a fraction that rounds to no clip (a one-clip source) makes no val/ folder
         writers["val"] = ShardWriter(out / "val", shard_size)
     report = MakeReport(out=str(out), captions_from_tags=captions_from_tags)
     progress("writing", len(usable))
