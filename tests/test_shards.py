@@ -25,7 +25,6 @@ from clapcli.cli.main import app, main
 from clapcli.errors import DataError
 from clapcli.train.shards import (
     decode_audio,
-    inspect_shards,
     iter_shard,
     read_sizes,
     resolve_split,
@@ -393,6 +392,14 @@ def test_missing_pair_bad_json_and_truncated_tar_name_the_shard_and_member(tmp_p
         list(iter_shard(folder / "0.tar"))
     code, text = _cli(monkeypatch, capsys, "shards", "info", str(folder))
     assert code == 1 and "0.tar: truncated" in text
+
+    # cut exactly between two samples: a shorter tar that only lacks its end-of-archive marker
+    (folder / "0.tar").write_bytes(whole)
+    with tarfile.open(folder / "0.tar") as tar:
+        second = tar.getmember("b.flac").offset
+    (folder / "0.tar").write_bytes(whole[:second])
+    with pytest.raises(DataError, match=r"0\.tar: truncated tar after sample a \(no end-of-archive marker\)"):
+        list(iter_shard(folder / "0.tar"))
 
 
 def test_resolve_split_errors(tmp_path):

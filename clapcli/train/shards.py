@@ -122,6 +122,11 @@ def iter_shard(url: str | os.PathLike) -> Iterator[RawSample]:
             if ext in members:
                 raise DataError(f"member {info.name} appears twice", source=path)
             members[ext] = data
+        # A tar cut exactly between two members reads as a shorter valid archive; only the missing
+        # end-of-archive zero block tells (checked for plain tars: a compressed size says nothing).
+        if getattr(archive.fileobj, "comptype", None) == "tar" and os.path.getsize(path) < archive.offset + 512:
+            after = f" after sample {key}" if key is not None else ""
+            raise DataError(f"truncated tar{after} (no end-of-archive marker)", source=path)
         if key is not None:
             yield _sample(path, key, members)
 
@@ -196,8 +201,8 @@ def select_text(meta: dict, source: str = "text", key: str | None = None) -> lis
     else:
         chosen = text
     if not chosen:
-        raise DataError(f"no caption (the JSON has no non-empty 'text'{'' if source == 'text' else ' or augmented text'})",
-                        member=key)
+        fields = "'text'" if source == "text" else "'text' or augmented text"
+        raise DataError(f"no caption (the JSON has no non-empty {fields})", member=key)
     return chosen
 
 
