@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from audio_synth import tone_noise, write_audio
 from clapcli.cli.main import app
-from clapcli.errors import WeightsNotAvailable
+from clapcli.errors import UsageError, WeightsNotAvailable
 from clapcli.train.captions import DEBIAS_TABLE, KeywordToCaption, debias, template_caption
-from clapcli.train.shards import iter_shard, resolve_split, select_text
+from clapcli.train.shards import iter_shard, make_shards, resolve_split, select_text
 
 
 def test_template_caption_follows_audioset():
@@ -126,3 +126,12 @@ def test_k2c_model_not_available_is_one_line(tmp_path):
     assert "--k2c-model" in str(exc.value) and "\n" not in str(exc.value)
     with pytest.raises(WeightsNotAvailable):
         KeywordToCaption("nobody/no-such-k2c-model", device="cpu")  # HF_HUB_OFFLINE=1 in the tests
+
+
+def test_k2c_options_must_go_together(tmp_path):
+    (tmp_path / "m.csv").write_text("path,tags\nx.wav,dog\n")
+    with pytest.raises(UsageError, match="needs --k2c-model"):
+        make_shards(tmp_path / "m.csv", tmp_path / "out", captions_from_tags="k2c")
+    with pytest.raises(UsageError, match="only with --captions-from-tags k2c"):
+        make_shards(tmp_path / "m.csv", tmp_path / "out", captions_from_tags="template", k2c_model="t5")
+    assert not (tmp_path / "out").exists()

@@ -685,6 +685,8 @@ def make_shards(
                          f"not {captions_from_tags!r}")
     if captions_from_tags == "k2c" and not k2c_model:
         raise UsageError("--captions-from-tags k2c needs --k2c-model NAME|DIR")
+    if k2c_model and captions_from_tags != "k2c":
+        raise UsageError("--k2c-model is used only with --captions-from-tags k2c")
     if not 0.0 <= val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_size < 1:
