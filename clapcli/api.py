@@ -14,9 +14,7 @@ one embedding per window ("segments"), the last window aligned to the file end.
 
 from __future__ import annotations
 
-import json
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -27,11 +25,11 @@ import torch
 from .audio.decode import load_audio, to_model_rate
 from .audio.features import FeatureBuilder, window_starts
 from .errors import ClapError
+from .identity import fingerprint, model_identity
 from .models.checkpoints import LoadedCheckpoint, load_checkpoint, save_own
 from .models.registry import DEFAULT_MODEL
+from .runtime import autocast, resolve_device, resolve_precision
 from .vectors import l2_normalize
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -50,40 +48,6 @@ class AudioEmbedding:
     error: str | None = None
     sample_rate: int | None = None  # of the source file
     channels: int | None = None  # of the source file
-
-
-def resolve_device(device: str | None) -> torch.device:
-    device = (device or "auto").lower()
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ClapError("--device cuda was asked for, but torch sees no CUDA device")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise ClapError(f"unknown device {device!r}; use auto, cpu or cuda") from exc
-
-
-def native_bf16(device: torch.device) -> bool:
-    """True where bf16 matrix work runs natively: recent CUDA GPUs, CPUs with AVX512-BF16 or AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        return " avx512_bf16" in flags or " amx_bf16" in flags
-    return False
-
-
-def resolve_precision(precision: str | None, device: torch.device) -> str:
-    precision = (precision or "auto").lower()
-    if precision not in PRECISIONS:
-        raise ClapError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return precision
 
 
 class Clap:
@@ -123,18 +87,17 @@ class Clap:
 
     @property
     def identity_dict(self) -> dict:
-        """What must match for two embeddings to be comparable: weights, front end, dim."""
-        return {
-            "model": self.model_ref,
-            "weights": self.loaded.fingerprint,
-            "frontend": self.config.frontend.__dict__,
-            "fused": self.fused,
-            "dim": self.dim,
-        }
+        """What must match for two embeddings to be comparable (weights, front end, dim), plus `model_ref`.
+
+        The index stores this dict; see `clapcli.identity`."""
+        return model_identity(self.model_ref, self.loaded.fingerprint, self.config.frontend.settings(),
+                              self.fused, self.dim)
 
     @property
-    def identity(self) -> str:
-        return json.dumps(self.identity_dict, sort_keys=True)
+    def fingerprint(self) -> str:
+        """Short hash of the weights, front end and dim: the same for a copy of the model loaded from
+        elsewhere. Keys the label-embedding cache; classifiers and training runs record it."""
+        return fingerprint(self.identity_dict)
 
     # ---- text ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -264,9 +227,7 @@ class Clap:
 
     # ---- misc ------------------------------------------------------------------------------------------
     def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast(self.device, self.precision)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the project's own format: config.json + model.safetensors + tokenizer files."""

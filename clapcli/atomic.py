@@ -8,15 +8,16 @@
 Files go to a temporary name in the target's own directory (same filesystem, so the rename is atomic),
 are fsynced, renamed over the target with `os.replace`, and the directory is fsynced so the rename
 survives a power cut. On any failure, KeyboardInterrupt included, the temporary is removed and the
-target is left as it was. Temporary names are `<name>.tmp-<pid>-<random><suffix>`: the target's suffix
-is kept at the end because some writers (`np.save`) append their own suffix otherwise. A writer killed
-mid-write (SIGKILL) leaves its temporary behind; `remove_stale_temps` clears them for a caller that
-knows no other writer is running.
+target is left as it was. Temporary names are `<name>.<pid>.<8 hex>.tmp`. A writer that appends its own
+suffix to a path (`np.save` adds `.npy`) should be handed an open file instead:
+`writer=lambda p: np.save(open(p, "wb"), a)`. A writer killed mid-write (SIGKILL) leaves its temporary
+behind; `remove_stale_temps` clears them for a caller that knows no other writer is running.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ __all__ = ["atomic_write", "atomic_directory", "remove_stale_temps", "temp_path"
 def temp_path(target: str | os.PathLike) -> Path:
     """A fresh temporary name beside `target` (not created)."""
     target = Path(target)
-    return target.with_name(f"{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{target.suffix}")
+    return target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def atomic_write(
@@ -73,13 +74,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `path`; on success it becomes `path`.
 
     Everything written inside is fsynced, then the directory is renamed to `path`. An existing `path`
-    is replaced only at that moment: it is renamed aside to `<name>.old-…`, the new one renamed in, the
+    is replaced only at that moment: it is renamed aside to `<name>.<pid>.<hex>.old`, the new one renamed in, the
     old one deleted. (POSIX has no atomic swap of two directories; a crash between the two renames
-    leaves the old directory under its `.old-…` name, never a half-written `path`.) On failure the
+    leaves the old directory under that `.old` name, never a half-written `path`.) On failure the
     temporary directory is deleted and `path` is untouched.
     """
     target = Path(path)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = temp_path(target)
     tmp.mkdir()
     try:
         yield tmp
@@ -89,7 +90,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             _fsync_dir(Path(root))
         old = None
         if target.exists() or target.is_symlink():
-            old = target.with_name(f"{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            old = target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.old")
             os.replace(target, old)
         try:
             os.replace(tmp, target)
@@ -114,18 +115,21 @@ def remove_stale_temps(path: str | os.PathLike) -> int:
     Returns how many were removed.
     """
     target = Path(path)
+    pattern = re.compile(re.escape(target.name) + r"\.\d+\.[0-9a-f]{8}\.tmp")
     removed = 0
-    for stale in target.parent.glob(f"{_glob_escape(target.name)}.tmp-*"):
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return 0
+    for stale in siblings:
+        if not pattern.fullmatch(stale.name):
+            continue
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             _remove(stale)
         removed += 1
     return removed
-
-
-def _glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _fsync_path(path: Path) -> None:

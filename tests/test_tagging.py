@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from clapcli.cli.tag import write_csv, write_json
-from clapcli.errors import ClapError
+from clapcli.errors import UsageError
 from clapcli.tagging import (
     CSV_HEADER,
     DEFAULT_TEMPLATE,
@@ -101,7 +101,7 @@ def test_missing_or_empty_label_file_is_a_clear_error(tmp_path):
 
 
 def test_unknown_name_lists_the_builtin_sets():
-    with pytest.raises(ClapError) as info:
+    with pytest.raises(UsageError) as info:
         resolve_labels("esc-fifty")
     message = str(info.value)
     assert "unknown label set 'esc-fifty'" in message
@@ -237,9 +237,9 @@ def test_multi_label_keeps_every_label_above_the_cosine_threshold_independently_
 
 def test_multi_label_needs_a_threshold_and_k_must_be_positive():
     scores = score(unit(np.eye(2))[:1], unit(np.eye(2)), 10.0)
-    with pytest.raises(ClapError, match="threshold"):
+    with pytest.raises(UsageError, match="threshold"):
         select(scores, multi_label=True)
-    with pytest.raises(ClapError, match="at least 1"):
+    with pytest.raises(UsageError, match="at least 1"):
         select(scores, k=0)
 
 
@@ -259,8 +259,8 @@ def test_zero_shot_scorer_is_a_scorer():
 class CountingTextEmbedder:
     """Deterministic text embeddings (a hash-seeded vector per text) that count text-tower calls."""
 
-    def __init__(self, identity="tiny-test-model@1", dim=16):
-        self.identity = identity
+    def __init__(self, fingerprint="0123456789abcdef", dim=16):
+        self.fingerprint = fingerprint
         self.dim = dim
         self.calls = 0
         self.texts_seen = 0
@@ -292,7 +292,7 @@ def test_cache_hit_makes_no_text_tower_call():
     assert entries == [".json", ".npy"]
     assert label_cache_dir() == Path(os.environ["CLAP_HOME"]) / "label-cache"
     sidecar = json.loads(next(label_cache_dir().glob("*.json")).read_text())
-    assert sidecar["key"]["model"] == "tiny-test-model@1" and sidecar["key"]["templates"] == templates
+    assert sidecar["key"]["model_fingerprint"] == "0123456789abcdef" and sidecar["key"]["templates"] == templates
 
 
 def test_cache_is_invalidated_when_templates_labels_or_model_change():
@@ -303,7 +303,7 @@ def test_cache_is_invalidated_when_templates_labels_or_model_change():
     assert model.calls == 2
     cached_label_embeddings(model, LabelSet("a", ["dog", "rain", "siren"]), None)
     assert model.calls == 3
-    cached_label_embeddings(CountingTextEmbedder(identity="other-weights"), LabelSet("a", ["dog", "rain"]), None)
+    cached_label_embeddings(CountingTextEmbedder(fingerprint="fedcba9876543210"), LabelSet("a", ["dog", "rain"]), None)
     assert model.calls == 3
     # Same labels under another name, and the default template spelled out: both hit the first entry.
     cached_label_embeddings(model, LabelSet("b", ["dog", "rain"]), [DEFAULT_TEMPLATE])
@@ -440,3 +440,59 @@ def test_csv_parses_one_row_per_file_label_and_window_label():
                        "end": ""}
     assert rows[3]["start"] == "10.0" and rows[3]["end"] == "20.0" and rows[3]["label"] == "rain, heavy"
     assert rows[-1]["path"] == "c.wav" and rows[-1]["start"] == ""
+
+
+# ---------------------------------------------------------------- one model fingerprint
+
+
+def test_fingerprint_ignores_where_the_model_was_loaded_from(tiny_model_dir, tiny_unfused_dir, tmp_path):
+    import shutil
+
+    from clapcli.api import load_model
+    from clapcli.identity import fingerprint, same_model
+
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "moved" / "model")
+    here, there = load_model(tiny_model_dir, device="cpu"), load_model(copy, device="cpu")
+    assert here.identity_dict["model"] != there.identity_dict["model"]
+    assert here.fingerprint == there.fingerprint == fingerprint(here.identity_dict)
+    assert same_model(here.identity_dict, there.identity_dict)
+    assert set(here.identity_dict) == {"model", "weights", "frontend", "fused", "dim"}  # the index's format
+    other = load_model(tiny_unfused_dir, device="cpu")
+    assert other.fingerprint != here.fingerprint and not same_model(other.identity_dict, here.identity_dict)
+
+
+def test_a_moved_model_hits_the_label_cache(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import soundfile
+    from typer.testing import CliRunner
+
+    import clapcli.api
+    from clapcli.cli.main import app
+
+    clip = tmp_path / "beep.wav"
+    soundfile.write(clip, (0.3 * np.sin(2 * np.pi * 440 * np.arange(48_000) / 48_000)).astype(np.float32), 48_000)
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "elsewhere" / "model")
+    text_calls = []
+    real_load_model = clapcli.api.load_model
+
+    def counting_load_model(*args, **kwargs):
+        model = real_load_model(*args, **kwargs)
+        real_embed_text = model.embed_text
+        model.embed_text = lambda texts, *a, **k: (text_calls.append(len(texts)), real_embed_text(texts, *a, **k))[1]
+        return model
+
+    monkeypatch.setattr(clapcli.api, "load_model", counting_load_model)
+
+    def tag(model_dir):
+        result = CliRunner().invoke(app, ["tag", str(clip), "--labels", "dog,rain,siren", "--json",
+                                          "--model", str(model_dir), "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    first = tag(tiny_model_dir)
+    assert text_calls == [3]
+    second = tag(copy)
+    assert text_calls == [3]  # the copy's label embeddings came from the cache: no text-tower call
+    assert second == first
+    assert len(list(label_cache_dir().glob("*.npy"))) == 1

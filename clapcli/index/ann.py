@@ -12,8 +12,9 @@ which store state the file reflects:
                                         torn by a crash, or replaced; the file is then rebuilt)
 
 `AnnIndex.sync(store)` loads the file when the sidecar matches, tops it up when it lags, and rebuilds it
-when it is missing, unreadable, from another life of the store, or more than 30% deleted. Writing goes
-to a temporary file in the same directory, fsync, then `os.replace`, for the file and then the sidecar.
+when it is missing, unreadable, from another life of the store, or more than 30% deleted. Both files are
+written with `clapcli.atomic.atomic_write` (temporary in the same directory, fsync, `os.replace`), the
+graph first and then the sidecar.
 
 Readers (search) never need the writer lock: they sync in memory from one committed snapshot of the
 store and write the refreshed file back only if they can take the writer lock without waiting. Hits
@@ -26,16 +27,14 @@ a few thousand vectors from SQLite costs about as much as loading a graph, and t
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from pathlib import Path
 
 import hnswlib
 import numpy as np
 
-from ..vectors import l2_normalize
-
+from ..atomic import atomic_write, remove_stale_temps
 from ..errors import IndexStoreError
+from ..vectors import l2_normalize
 from .paths import WriterLock
 from .store import IndexStore
 
@@ -282,41 +281,17 @@ def _persist(index_dir: Path, hnsw: hnswlib.Index, state: dict, take_lock: bool)
 
 def _write_files(index_dir: Path, hnsw: hnswlib.Index, state: dict) -> None:
     target = index_dir / ANN_FILENAME
-    for stale in index_dir.glob(ANN_FILENAME + ".*.tmp"):  # left by a writer killed mid-save; we hold the lock
-        _unlink_quietly(str(stale))
-    tmp = _temp_name(target)
-    try:
-        hnsw.save_index(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
+    for name in (ANN_FILENAME, SIDECAR_FILENAME):  # left by a writer killed mid-save; we hold the lock
+        remove_stale_temps(index_dir / name)
+    atomic_write(target, writer=lambda tmp: hnsw.save_index(str(tmp)))
     st = target.stat()
     state = dict(state, file_size=st.st_size, file_mtime_ns=st.st_mtime_ns)
     write_json_atomic(index_dir / SIDECAR_FILENAME, state)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON next to `path`, fsync it, then rename over `path` and fsync the directory."""
-    tmp = _temp_name(path)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # permissions from the umask
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _temp_name(target: Path) -> str:
-    """A unique temporary name in the target's directory (same filesystem, so `os.replace` is atomic)."""
-    return str(target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
+    """Replace `path` with `data` as JSON (sorted keys), atomically."""
+    atomic_write(path, json.dumps(data, sort_keys=True) + "\n")
 
 
 def _read_sidecar(index_dir: Path) -> dict | None:
@@ -366,31 +341,3 @@ def _load_checked(index_dir: Path, sidecar: dict, dim: int) -> tuple[hnswlib.Ind
             return None, sidecar
         sidecar = fresh
     return None, sidecar
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync directories
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

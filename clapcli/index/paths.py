@@ -12,21 +12,13 @@ import os
 from pathlib import Path
 
 import filelock
-import platformdirs
 
-from ..errors import IndexStoreError
+from ..errors import IndexStoreError, UsageError
+from ..home import clap_home
 
 DEFAULT_INDEX_NAME = "default"
 LOCK_FILE = "writer.lock"
 LOCK_PID_FILE = "writer.lock.pid"  # sidecar naming the holder, so a refused writer can say who holds it
-
-
-def clap_home() -> Path:
-    """The base directory for clap's data: `$CLAP_HOME` if set, else the per-user data dir."""
-    env = os.environ.get("CLAP_HOME")
-    if env:
-        return Path(env).expanduser()
-    return Path(platformdirs.user_data_dir("clap"))
 
 
 def indexes_dir() -> Path:
@@ -44,7 +36,7 @@ def resolve_index(name_or_path: str | os.PathLike | None) -> Path:
         return indexes_dir() / DEFAULT_INDEX_NAME
     text = os.fspath(name_or_path)
     if not text:
-        raise IndexStoreError("empty index name; pass a name or a directory to --index")
+        raise UsageError("empty index name; pass a name or a directory to --index")
     separators = {os.sep} | ({os.altsep} if os.altsep else set())
     is_bare_name = not any(s in text for s in separators) and not text.startswith((".", "~"))
     if isinstance(name_or_path, os.PathLike) or not is_bare_name:

@@ -1,18 +1,18 @@
 """On-disk cache of ensembled label text embeddings, so a label set is encoded once per model.
 
-Key: (model identity, label set content hash, templates). Files, under `label_cache_dir()`:
-`<sha256 of the key>.npy` (the (L, D) float32 label embeddings) and `<sha256>.json` (the key itself plus
-a little context, for people looking at the directory). Both are written atomically (temp file +
-os.replace), the array first, so a reader sees either a complete entry or a miss; a corrupt or
-mismatching entry is a miss and is rewritten.
+Key: (model fingerprint, label set content hash, templates). The fingerprint (`clapcli.identity`) covers
+the weights, front end and dim, not where the model was loaded from, so a model moved or copied to
+another directory still hits its entries. Files, under `label_cache_dir()`: `<sha256 of the key>.npy`
+(the (L, D) float32 label embeddings) and `<sha256>.json` (the key itself plus a little context, for
+people looking at the directory). Both are written with `clapcli.atomic.atomic_write`, the array first,
+so a reader sees either a complete entry or a miss; a corrupt or mismatching entry is a miss and is
+rewritten.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,33 +20,30 @@ from typing import Protocol
 
 import numpy as np
 
+from ..atomic import atomic_write
+from ..home import cache_dir as clap_cache_dir
 from .labels import LabelSet
 from .prompts import check_templates, render
 from .scoring import label_embeddings
 
-CACHE_FORMAT = 1  # bump when the stored embeddings change meaning; old entries then simply miss
+CACHE_FORMAT = 2  # bump when the stored embeddings or the key change meaning; old entries then simply miss
 
 
 class TextEmbedder(Protocol):
-    identity: str  # stable id of the weights and front end
+    fingerprint: str  # the model fingerprint: weights, front end and dim, not the load path
 
     def embed_text(self, texts: list[str]) -> np.ndarray: ...  # (N, D) L2-normalised
 
 
 def label_cache_dir() -> Path:
-    """`$CLAP_HOME/label-cache` when CLAP_HOME is set, else the user cache dir's `clap/label-cache`."""
-    home = os.environ.get("CLAP_HOME")
-    if home:
-        return Path(home).expanduser() / "label-cache"
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("clap")) / "label-cache"
+    """`label-cache` under `clapcli.home.cache_dir()`: `$CLAP_HOME/label-cache`, else the user cache dir's."""
+    return clap_cache_dir() / "label-cache"
 
 
-def cache_key(model_identity: str, labelset: LabelSet, templates: Sequence[str]) -> dict:
+def cache_key(model_fingerprint: str, labelset: LabelSet, templates: Sequence[str]) -> dict:
     return {
         "format": CACHE_FORMAT,
-        "model": model_identity,
+        "model_fingerprint": model_fingerprint,
         "labels_sha256": labelset.content_hash,
         "n_labels": len(labelset),
         "templates": list(templates),
@@ -65,7 +62,7 @@ def cached_label_embeddings(
 ) -> np.ndarray:
     """Ensembled label embeddings (L, D): from the cache, or encoded with `model.embed_text` and stored."""
     templates = check_templates(templates)
-    key = cache_key(str(model.identity), labelset, templates)
+    key = cache_key(str(model.fingerprint), labelset, templates)
     directory = Path(cache_dir) if cache_dir is not None else label_cache_dir()
     digest = _key_digest(key)
     array_path, meta_path = directory / f"{digest}.npy", directory / f"{digest}.json"
@@ -80,8 +77,8 @@ def cached_label_embeddings(
     meta = {"key": key, "labelset": labelset.name, "dim": int(emb.shape[1])}
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(array_path, lambda f: np.save(f, emb, allow_pickle=False))
-        _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8")))
+        atomic_write(array_path, writer=lambda tmp: _save_array(tmp, emb))
+        atomic_write(meta_path, json.dumps(meta, ensure_ascii=False, indent=1))
     except OSError as err:
         # A read-only or full cache costs speed, never the result.
         warnings.warn(f"could not cache label embeddings in {directory}: {err}", stacklevel=2)
@@ -101,17 +98,6 @@ def _load(array_path: Path, meta_path: Path, key: dict) -> np.ndarray | None:
     return emb
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+def _save_array(path: Path, emb: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object, so np.save does not append ".npy" to the temporary name
+        np.save(f, emb, allow_pickle=False)

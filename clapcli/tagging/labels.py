@@ -9,16 +9,14 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ..errors import ClapError
+from ..errors import UsageError
 
 # Built-in sets, in the order `clap tag --list-labelsets` shows them; each is labelsets/<name>.txt.
 BUILTIN_NAMES = ("esc50", "urbansound8k", "audioset", "fsd50k", "vggsound")
 
 
-class LabelSetError(ClapError):
+class LabelSetError(UsageError):
     """A label set could not be resolved: unknown name, unreadable file, empty or duplicate labels."""
-
-    exit_code = 2  # a usage error: the command line names something that does not work as a label set
 
 
 @dataclass(frozen=True)

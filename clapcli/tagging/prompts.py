@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..errors import ClapError
+from ..errors import UsageError
 
 # The zero-shot prompt of the LAION-CLAP paper's evaluation protocol.
 DEFAULT_TEMPLATE = "This is a sound of {}."
 
 
-class TemplateError(ClapError):
+class TemplateError(UsageError):
     """A prompt template without exactly one `{}` slot for the label."""
-
-    exit_code = 2  # a usage error: the template came from the command line
 
 
 def check_templates(templates: Sequence[str] | None) -> list[str]:

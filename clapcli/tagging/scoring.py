@@ -33,7 +33,7 @@ import numpy as np
 
 from ..vectors import l2_normalize
 
-from ..errors import ClapError
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -142,11 +142,11 @@ def select(
 
 
 def check_selection(k: int | None, multi_label: bool, threshold: float | None) -> None:
-    """Raise ClapError for selection settings `select` cannot honour."""
+    """Raise UsageError for selection settings `select` cannot honour."""
     if k is not None and k < 1:
-        raise ClapError(f"the number of labels to show must be at least 1, got {k}")
+        raise UsageError(f"the number of labels to show must be at least 1, got {k}")
     if multi_label and threshold is None:
-        raise ClapError("multi-label tagging needs a threshold (a cosine for zero-shot scoring)")
+        raise UsageError("multi-label tagging needs a threshold (a cosine for zero-shot scoring)")
 
 
 class ZeroShotScorer:
