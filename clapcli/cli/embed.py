@@ -26,15 +26,16 @@ def embed(
     """Embed audio files and/or texts with the model (L2-normalised vectors)."""
     import numpy as np
 
-    from ..errors import ClapError
+    from ..atomic import atomic_write
+    from ..errors import UsageError
 
     files, text = files or [], text or []
     if not files and not text:
-        raise ClapError("nothing to embed: give audio files and/or --text")
+        raise UsageError("nothing to embed: give audio files and/or --text")
     if out is not None and out.suffix != ".npy":
-        raise ClapError(f"--out must end in .npy, got {out}")
+        raise UsageError(f"--out must end in .npy, got {out}")
     if out is not None and not out.parent.is_dir():
-        raise ClapError(f"--out: no such directory {out.parent}")
+        raise UsageError(f"--out: no such directory {out.parent}")
     m = options.load(model, device, precision, tokenizer)
     rows, records, failed = [], [], 0
     with output.ProgressBar("embedding", len(files)) as bar:
@@ -60,7 +61,7 @@ def embed(
     if out is not None:
         nan = np.full(m.dim, np.nan, np.float32)
         matrix = np.stack([nan if r is None else r for r in rows]) if rows else np.zeros((0, m.dim))
-        np.save(out, matrix.astype(np.float32))
+        atomic_write(out, writer=lambda tmp: _save_npy(tmp, matrix.astype(np.float32)))
         output.stderr_console().print(f"wrote {len(rows)} × {m.dim} embeddings to {out}", highlight=False)
     if as_json or (out is None and not output.is_terminal()):
         for rec in records:
@@ -69,6 +70,13 @@ def embed(
         _table(records, m.dim)
     if failed:
         raise typer.Exit(1)
+
+
+def _save_npy(path, matrix) -> None:
+    import numpy as np
+
+    with open(path, "wb") as f:  # a file object, so np.save keeps the temporary name as it is
+        np.save(f, matrix)
 
 
 def _table(records, dim) -> None:

@@ -30,14 +30,14 @@ def search_command(
     tokenizer: Optional[str] = options.TOKENIZER,
 ) -> None:
     """Search an index with text (and/or --audio FILE); results are files ranked by their best segment."""
-    from ..errors import ClapError
+    from ..errors import UsageError
     from ..index.paths import resolve_index
     from ..index.search import open_for_search, query_vector, search
 
     if as_json and paths:
-        raise ClapError("choose one of --json and --paths")
+        raise UsageError("choose one of --json and --paths")
     if not query and not audio:
-        raise ClapError("nothing to search for: give a text query and/or --audio FILE")
+        raise UsageError("nothing to search for: give a text query and/or --audio FILE")
     index_dir = resolve_index(index)
     with open_for_search(index_dir) as store:
         identity = store.model_identity or {}

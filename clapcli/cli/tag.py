@@ -13,19 +13,13 @@ from typing import TYPE_CHECKING, List, Optional, TextIO
 
 import typer
 
-from ..errors import ClapError
+from ..errors import UsageError
 from . import options, output
 
 if TYPE_CHECKING:
     from ..tagging import FileTags
 
 DEFAULT_TOP = 5  # labels shown per file (and per window) in single-label mode
-
-
-class TagUsageError(ClapError):
-    """Options that do not fit together; reported as one line with the usage-error exit code."""
-
-    exit_code = 2
 
 
 def register(app: typer.Typer) -> None:
@@ -81,19 +75,19 @@ def tag_command(
         _print_labelsets(as_json)
         return
     if not files:
-        raise TagUsageError("give at least one audio file (or --list-labelsets)")
+        raise UsageError("give at least one audio file (or --list-labelsets)")
     if as_json and as_csv:
-        raise TagUsageError("--json and --csv cannot be used together")
+        raise UsageError("--json and --csv cannot be used together")
     if labels is None:
-        raise TagUsageError("choose a label set with --labels: a built-in name (see --list-labelsets), "
-                            "a comma list 'dog,rain,siren' or @FILE")
+        raise UsageError("choose a label set with --labels: a built-in name (see --list-labelsets), "
+                        "a comma list 'dog,rain,siren' or @FILE")
     if multi_label and threshold is None:
-        raise TagUsageError("--multi-label needs --threshold, a cosine such as 0.2: CLAP has no calibrated "
-                            "per-label probability, so the cut-off depends on the model")
+        raise UsageError("--multi-label needs --threshold, a cosine such as 0.2: CLAP has no calibrated "
+                        "per-label probability, so the cut-off depends on the model")
     if threshold is not None:
         low, what = (-1.0, "a cosine") if multi_label else (0.0, "a probability")
         if not low <= threshold <= 1.0:
-            raise TagUsageError(f"--threshold {threshold:g} is not {what} in [{low:g}, 1]")
+            raise UsageError(f"--threshold {threshold:g} is not {what} in [{low:g}, 1]")
     top_k = top if top is not None else (None if multi_label else DEFAULT_TOP)
 
     from ..tagging import resolve_labels
