@@ -1,8 +1,8 @@
-"""`clap tag` end to end.
+"""`clap tag` end to end, through the real `clap` app (typer's CliRunner) and the installed entry point.
 
-The option checks and `--list-labelsets` run everywhere. The tests that tag audio need the model core
-(`clapcli.api`) and the `tiny_model_dir` fixture (a saved tiny random model, usable as `--model PATH`);
-they skip with the reason until both exist, and start running by themselves once they do.
+The option checks and `--list-labelsets` need no model; the CSV stream is checked row by row on hand-built
+results; everything else tags synthesised audio with the tiny random model of `conftest.tiny_model_dir`.
+Nothing here skips: a broken import of the model core fails these tests.
 """
 
 from __future__ import annotations
@@ -17,42 +17,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import typer
+import soundfile
 from typer.testing import CliRunner
 
-from clapcli.cli import tag as tag_cli
-from entry_point import clap_executable
+from clapcli.cli.main import app as clap_app
 from clapcli.errors import ClapError
-from clapcli.tagging import builtin_labelsets
+from clapcli.tagging import CSV_HEADER, FileTags, LabelScore, WindowTags, builtin_labelsets
+from entry_point import clap_executable
 
 runner = CliRunner()
 
 
 @pytest.fixture
 def app():
-    app = typer.Typer()
-
-    @app.callback()
-    def main():  # a callback keeps `tag` a subcommand, as in the real `clap` app
-        pass
-
-    tag_cli.register(app)
-    return app
+    return clap_app
 
 
 @pytest.fixture
-def model_dir(request):
-    pytest.importorskip("clapcli.api", reason="the model core (clapcli.api) is not written yet")
-    try:
-        return str(request.getfixturevalue("tiny_model_dir"))
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py has no tiny_model_dir fixture yet")
+def model_dir(tiny_model_dir):
+    return str(tiny_model_dir)
 
 
 @pytest.fixture
 def audio_files(tmp_path):
     """A 3 s and a 25 s synthesised file (48 kHz mono) and a file that is not audio."""
-    soundfile = pytest.importorskip("soundfile")
     rng = np.random.default_rng(0)
     sr = 48_000
     short = tmp_path / "beep.wav"
@@ -136,6 +124,42 @@ def test_importing_the_command_does_not_import_torch_or_numpy():
     code = "import sys, clapcli.cli.tag; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ---------------------------------------------------------------- the --csv stream, on hand-built results
+
+
+def test_csv_stream_has_the_header_then_one_row_per_file_label_and_window_label(app, monkeypatch, tmp_path):
+    """The rows `clap tag --csv` writes, parsed back with the csv module: file-level rows with empty
+    start/end, then that file's window rows; a label with a comma stays one field; a failed file has none."""
+    import clapcli.tagging
+    from clapcli.cli import options
+
+    results = [
+        FileTags("a b.wav", 25.0, [LabelScore("dog", 0.75, 0.31), LabelScore("rain, heavy", 0.25, 0.2)],
+                 [WindowTags(0.0, 10.0, [LabelScore("dog", 0.9, 0.33)]),
+                  WindowTags(10.0, 20.0, [LabelScore("rain, heavy", 0.6, 0.25)]),
+                  WindowTags(15.0, 25.0, [LabelScore("dog", 0.55, 0.29)])]),
+        FileTags("bad.wav", None, [], None, "no such file"),
+        FileTags("c.wav", 3.5, [LabelScore("siren", 1.0, 0.5)]),
+    ]
+    monkeypatch.setattr(options, "load", lambda *args, **kwargs: object())
+    monkeypatch.setattr(clapcli.tagging, "tag_files", lambda model, files, *args, **kwargs: iter(results))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("dog\nrain, heavy\nsiren\n")
+    result = invoke(app, "a b.wav", "bad.wav", "c.wav", "--labels", f"@{labels}", "--csv", "--timeline")
+    assert result.exit_code == 1, result.output  # one file failed
+    reader = csv.reader(io.StringIO(result.stdout))
+    assert tuple(next(reader)) == CSV_HEADER == ("path", "label", "prob", "cosine", "start", "end")
+    assert list(reader) == [
+        ["a b.wav", "dog", "0.75", "0.31", "", ""],
+        ["a b.wav", "rain, heavy", "0.25", "0.2", "", ""],
+        ["a b.wav", "dog", "0.9", "0.33", "0.0", "10.0"],
+        ["a b.wav", "rain, heavy", "0.6", "0.25", "10.0", "20.0"],
+        ["a b.wav", "dog", "0.55", "0.29", "15.0", "25.0"],
+        ["c.wav", "siren", "1.0", "0.5", "", ""],
+    ]
+    assert "skipped: bad.wav: no such file" in result.stderr
 
 
 # ---------------------------------------------------------------- with the tiny model
