@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -13,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clapcli.cli.tag import write_csv, write_json
+from clapcli.cli.tag import write_json
 from clapcli.errors import UsageError
 from clapcli.tagging import (
-    CSV_HEADER,
     DEFAULT_TEMPLATE,
     FileTags,
     LabelScore,
@@ -404,7 +402,7 @@ def test_tag_files_ranks_reports_bad_files_and_builds_timelines(tmp_path):
     assert again[0].timeline is None and model.embed_files_calls[-1][2] is False
 
 
-# ---------------------------------------------------------------- JSON and CSV
+# ---------------------------------------------------------------- JSON lines
 
 
 def _sample_results():
@@ -428,18 +426,6 @@ def test_json_lines_parse_with_stable_keys():
                                                                          "cosine": 0.25}]}
     assert list(plain) == ["path", "duration", "labels"]  # no timeline unless asked, no error unless failed
     assert failed == {"path": "bad.wav", "duration": None, "labels": [], "error": "no such file"}
-
-
-def test_csv_parses_one_row_per_file_label_and_window_label():
-    stream = io.StringIO()
-    write_csv(_sample_results(), stream)
-    rows = list(csv.DictReader(io.StringIO(stream.getvalue())))
-    assert tuple(csv.DictReader(io.StringIO(stream.getvalue())).fieldnames) == CSV_HEADER
-    assert len(rows) == 2 + 3 + 1  # file-level rows of "a b.wav", its 3 window rows, "c.wav"; none for bad.wav
-    assert rows[1] == {"path": "a b.wav", "label": "rain, heavy", "prob": "0.25", "cosine": "0.2", "start": "",
-                       "end": ""}
-    assert rows[3]["start"] == "10.0" and rows[3]["end"] == "20.0" and rows[3]["label"] == "rain, heavy"
-    assert rows[-1]["path"] == "c.wav" and rows[-1]["start"] == ""
 
 
 # ---------------------------------------------------------------- one model fingerprint

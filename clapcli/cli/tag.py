@@ -145,16 +145,6 @@ def write_json(result: FileTags, stream: TextIO) -> None:
     stream.flush()
 
 
-def write_csv(results, stream: TextIO) -> None:
-    """A whole `--csv` document (header + rows) for `results`; the command streams the same rows."""
-    from ..tagging import CSV_HEADER
-
-    writer = csv.writer(stream, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
-    for result in results:
-        writer.writerows(result.csv_rows())
-
-
 def render_tables(result: FileTags) -> list:
     """Rich tables for one tagged file: its labels, then its timeline when there is one."""
     from rich.markup import escape
