@@ -124,10 +124,17 @@ class ClapModel(nn.Module):
         """Trade compute for memory in both towers: each Swin block and each text layer is recomputed in
         backward instead of keeping its activations (only in training mode with gradients enabled)."""
         self.audio_model.audio_encoder.set_grad_checkpointing(enable)
-        if enable:
-            self.text_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.x renamed these to activation_checkpointing_* and warns on the old names
+        text = self.text_model
+        renamed = hasattr(text, "activation_checkpointing_enable")
+        if enable and renamed:
+            text.activation_checkpointing_enable({"use_reentrant": False})
+        elif enable:
+            text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif renamed:
+            text.activation_checkpointing_disable()
         else:
-            self.text_model.gradient_checkpointing_disable()
+            text.gradient_checkpointing_disable()
 
     def no_weight_decay(self) -> set[str]:
         """Names (as in `named_parameters()` of this module, not of a DDP wrapper) of the parameters that

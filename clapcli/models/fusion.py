@@ -33,5 +33,9 @@ class AFFBlock(nn.Module):
 
     def forward(self, global_x: torch.Tensor, local_x: torch.Tensor) -> torch.Tensor:
         mixed = global_x + local_x  # (B, C, H, W)
-        weight = torch.sigmoid(self.local_att(mixed) + self.global_att(mixed))
+        if self.training and mixed.shape[0] == 1:
+            # BatchNorm after the global pooling needs two values per channel in training: run the one
+            # clip twice and keep the first result, as the original does
+            mixed = mixed.repeat(2, 1, 1, 1)
+        weight = torch.sigmoid(self.local_att(mixed) + self.global_att(mixed))[: global_x.shape[0]]
         return 2 * global_x * weight + 2 * local_x * (1 - weight)
