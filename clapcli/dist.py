@@ -95,8 +95,8 @@ def _default_device(local_rank: int) -> torch.device:
 def detect(environ: Mapping[str, str] | None = None) -> DistContext:
     """The context the environment describes (`os.environ` unless given), with the default device.
 
-    Reads only; starts nothing. The device is cuda:<local_rank> where CUDA is available, else the CPU;
-    `init` resolves an explicit device request.
+    Reads only; starts nothing. The device is cuda:<local_rank> (modulo the GPUs this node sees) where CUDA
+    is available, else the CPU; `init` resolves an explicit device request.
     """
     environ = os.environ if environ is None else environ
     launcher, rank, local_rank, world_size = _launcher_values(environ)
