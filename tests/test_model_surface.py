@@ -15,7 +15,7 @@ from torch import nn
 
 from clapcli.errors import ClapError
 from clapcli.models.clap import ClapModel, ClapOutput
-from clapcli.models.config import AudioConfig, ClapConfig, TextConfig
+from clapcli.models.config import AudioConfig, ClapConfig
 from clapcli.models.presets import preset, preset_names
 
 VOCAB = 120
@@ -402,7 +402,8 @@ def test_presets_are_data_and_an_unknown_name_lists_them():
     assert (tiny.text.intermediate_size, tiny.text.max_position_embeddings) == (128, 82)
     assert not preset("tiny-unfused").fused and preset("tiny-unfused").frontend.mel_scale == "slaney"
     base_fused = preset("htsat-base-fused")
-    assert base_fused.fused and base_fused.audio.patch_embeds_hidden_size == 128 and base_fused.frontend.mel_scale == "htk"
+    assert base_fused.fused and base_fused.audio.patch_embeds_hidden_size == 128
+    assert base_fused.audio.depths == [2, 2, 12, 2] and base_fused.frontend.mel_scale == "htk"
     tiny.audio.depths.append(9)  # presets hand out copies
     assert preset("tiny").audio.depths == [2, 2, 2, 1]
 

@@ -135,7 +135,6 @@ class ClapConfig:
         text = _build(TextConfig, t)
         if "model_type" not in t or t.get("model_type") == "clap_text_model":
             text.model_type = "roberta"
-            text.extra.pop("model_type", None)
         pre = dict(preprocessor or {})
         fused = audio.enable_fusion
         mapped = dict(
