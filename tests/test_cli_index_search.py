@@ -200,7 +200,7 @@ def test_incremental_rerun_modify_and_delete(tiny_model_dir, tmp_path):
 
 
 def test_second_writer_is_refused(tiny_model_dir, tmp_path):
-    from clapcli.index.paths import WriterLock
+    from clapcli.index.lock import WriterLock
 
     root = tmp_path / "lib"
     make_library(root, good=GOOD[:2])

@@ -21,10 +21,13 @@ import numpy as np
 import pytest
 
 from clapcli.errors import IndexStoreError
-from clapcli.index import store as store_mod
+from clapcli.home import clap_home
+from clapcli.index import schema as schema_mod
 from clapcli.index.ann import ANN_FILENAME, SIDECAR_FILENAME, AnnIndex, write_json_atomic
-from clapcli.index.paths import WriterLock, clap_home, resolve_index
-from clapcli.index.store import DB_FILENAME, IndexStore, content_hash
+from clapcli.index.lock import WriterLock
+from clapcli.index.paths import resolve_index
+from clapcli.index.schema import DB_FILENAME
+from clapcli.index.store import IndexStore, content_hash
 
 DIM = 16
 
@@ -53,6 +56,49 @@ def _add(store, path, rng, n_windows=0, size=100, mtime_ns=1):
     return segments
 
 
+# Oracles read the database with SQL of their own, not with the store's methods under test.
+
+
+def schema_version(store) -> int:
+    return int(store._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+
+
+def file_state(store, path):
+    return store.file_states().get(path)
+
+
+def max_segment_id(store) -> int:
+    """The largest segment id ever handed out, deleted ones included (SQLite's AUTOINCREMENT counter)."""
+    row = store._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'segments'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def integrity_problems(store) -> list[str]:
+    """Everything wrong with the store, as sentences; empty when it is consistent: SQLite's own integrity
+    and foreign-key checks, plus the store's rules (every segment has an embedding and vice versa, ok files
+    have segments, error files none, every vector has `dim` float32 values)."""
+    conn = store._conn
+    problems = [f"integrity_check: {m}" for (m,) in conn.execute("PRAGMA integrity_check") if m != "ok"]
+    problems += [f"foreign key violation: {row}" for row in conn.execute("PRAGMA foreign_key_check")]
+    checks = {
+        "segments without an embedding": "SELECT count(*) FROM segments s LEFT JOIN embeddings e "
+        "ON e.segment_id = s.id WHERE e.segment_id IS NULL",
+        "embeddings without a segment": "SELECT count(*) FROM embeddings e LEFT JOIN segments s "
+        "ON s.id = e.segment_id WHERE s.id IS NULL",
+        "ok files without segments": "SELECT count(*) FROM files f WHERE f.status = 'ok' "
+        "AND NOT EXISTS (SELECT 1 FROM segments s WHERE s.file_id = f.id)",
+        "error files with segments": "SELECT count(*) FROM files f WHERE f.status = 'error' "
+        "AND EXISTS (SELECT 1 FROM segments s WHERE s.file_id = f.id)",
+        "embeddings of the wrong size": "SELECT count(*) FROM embeddings WHERE length(vector) != 4 * "
+        "(SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'dim')",
+    }
+    for what, sql in checks.items():
+        n = conn.execute(sql).fetchone()[0]
+        if n:
+            problems.append(f"{n} {what}")
+    return problems
+
+
 def _brute_force(store, queries, k):
     ids, vectors = store.vectors()
     vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -68,7 +114,7 @@ def _brute_force(store, queries, k):
 
 def test_create_sets_up_wal_schema_and_meta(store, index_dir):
     assert (index_dir / DB_FILENAME).is_file()
-    assert store.schema_version == len(store_mod.MIGRATIONS)
+    assert schema_version(store) == len(schema_mod.MIGRATIONS)
     assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
@@ -84,7 +130,7 @@ def test_reopen_keeps_data_and_identity(index_dir):
         uuid, generation = s.index_uuid, s.generation
     with IndexStore.open(index_dir) as s:
         assert s.index_uuid == uuid and s.generation == generation
-        assert s.all_paths() == ["/lib/a.wav"] and s.counts().embeddings == 3 and s.dim == DIM
+        assert sorted(s.file_states()) == ["/lib/a.wav"] and s.counts().embeddings == 3 and s.dim == DIM
 
 
 def test_open_without_index_says_how_to_build_one(index_dir):
@@ -119,20 +165,20 @@ def test_older_schema_is_migrated_on_open(index_dir, monkeypatch, readonly):
     rng = np.random.default_rng(1)
     with IndexStore.open(index_dir, create=True) as s:
         _add(s, "/lib/a.wav", rng)
-        assert s.schema_version == 1
+        assert schema_version(s) == 1
 
     def add_tags_table(conn):
         conn.execute("CREATE TABLE tags (file_id INTEGER REFERENCES files(id) ON DELETE CASCADE, tag TEXT)")
         conn.execute("INSERT INTO tags SELECT id, 'migrated' FROM files")
 
-    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS + [add_tags_table])
+    monkeypatch.setattr(schema_mod, "MIGRATIONS", schema_mod.MIGRATIONS + [add_tags_table])
     with IndexStore.open(index_dir, readonly=readonly) as s:
-        assert s.schema_version == 2
+        assert schema_version(s) == 2
         assert s._conn.execute("SELECT tag FROM tags").fetchall() == [("migrated",)]
-        assert s.all_paths() == ["/lib/a.wav"]
+        assert sorted(s.file_states()) == ["/lib/a.wav"]
     with IndexStore.open(index_dir) as s:  # already migrated: not applied twice
         assert s._conn.execute("SELECT count(*) FROM tags").fetchone()[0] == 1
-    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
+    monkeypatch.setattr(schema_mod, "MIGRATIONS", schema_mod.MIGRATIONS[:1])
     with pytest.raises(IndexStoreError, match="schema version 2, newer"):
         IndexStore.open(index_dir)
 
@@ -145,12 +191,12 @@ def test_failed_migration_leaves_the_old_version(index_dir, monkeypatch):
         conn.execute("CREATE TABLE half_done (x)")
         raise RuntimeError("migration bug")
 
-    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS + [broken])
+    monkeypatch.setattr(schema_mod, "MIGRATIONS", schema_mod.MIGRATIONS + [broken])
     with pytest.raises(RuntimeError, match="migration bug"):
         IndexStore.open(index_dir)
-    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
+    monkeypatch.setattr(schema_mod, "MIGRATIONS", schema_mod.MIGRATIONS[:1])
     with IndexStore.open(index_dir) as s:
-        assert s.schema_version == 1
+        assert schema_version(s) == 1
         assert s._conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'half_done'").fetchone()[0] == 0
 
 
@@ -161,10 +207,10 @@ def test_failed_migration_leaves_the_old_version(index_dir, monkeypatch):
 def test_upsert_stores_file_segments_and_vectors(store):
     rng = np.random.default_rng(2)
     segments = _add(store, "/lib/long.flac", rng, n_windows=3, size=1234, mtime_ns=99)
-    row = store.file_state("/lib/long.flac")
+    row = file_state(store, "/lib/long.flac")
     assert (row.path, row.size, row.mtime_ns, row.status, row.error) == ("/lib/long.flac", 1234, 99, "ok", None)
     assert (row.duration, row.sample_rate, row.channels, row.content_hash) == (30.0, 48000, 2, "hash-/lib/long.flac")
-    assert store.file_state("/lib/other.wav") is None
+    assert file_state(store, "/lib/other.wav") is None
     rows = store.file_segments("/lib/long.flac")
     assert [(r.start, r.end, r.kind) for r in rows] == [
         (0.0, 30.0, "file"), (0.0, 10.0, "window"), (10.0, 20.0, "window"), (20.0, 30.0, "window")
@@ -172,24 +218,24 @@ def test_upsert_stores_file_segments_and_vectors(store):
     ids, vectors = store.vectors()
     assert ids.dtype == np.int64 and vectors.dtype == np.float32 and vectors.shape == (4, DIM)
     np.testing.assert_array_equal(vectors, np.stack([s[3] for s in segments]))
-    assert store.counts() == (1, 1, 0, 4, 4) and store.integrity_problems() == []
+    assert store.counts() == (1, 1, 0, 4, 4) and integrity_problems(store) == []
 
 
 def test_replacing_a_file_swaps_its_segments_and_never_reuses_ids(store):
     rng = np.random.default_rng(3)
     _add(store, "/lib/a.wav", rng, n_windows=3)
     _add(store, "/lib/b.wav", rng)
-    file_id = store.file_state("/lib/a.wav").id
+    file_id = file_state(store, "/lib/a.wav").id
     old_ids = {r.segment_id for r in store.file_segments("/lib/a.wav")}
     new_segments = _add(store, "/lib/a.wav", rng, n_windows=0)
-    assert store.file_state("/lib/a.wav").id == file_id  # same row, updated
+    assert file_state(store, "/lib/a.wav").id == file_id  # same row, updated
     new_rows = store.file_segments("/lib/a.wav")
     assert len(new_rows) == 1 and new_rows[0].segment_id > max(old_ids)
     assert store.vectors_by_id(old_ids)[0].size == 0  # old embeddings are gone with their segments
     np.testing.assert_array_equal(store.vectors_by_id([new_rows[0].segment_id])[1][0], new_segments[0][3])
-    assert store.counts() == (2, 2, 0, 2, 2) and store.integrity_problems() == []
+    assert store.counts() == (2, 2, 0, 2, 2) and integrity_problems(store) == []
 
-    before = store.max_segment_id()
+    before = max_segment_id(store)
     assert store.remove_files(["/lib/a.wav", "/lib/b.wav", "/lib/never-indexed.wav"]) == 2
     assert store.counts() == (0, 0, 0, 0, 0)
     _add(store, "/lib/a.wav", rng)
@@ -205,21 +251,21 @@ def test_cascading_delete_leaves_no_orphans(store):
     orphans = "SELECT count(*) FROM embeddings WHERE segment_id NOT IN (SELECT id FROM segments)"
     assert c.execute(orphans).fetchone()[0] == 0
     assert c.execute("SELECT count(*) FROM segments WHERE file_id NOT IN (SELECT id FROM files)").fetchone()[0] == 0
-    assert store.all_paths() == sorted(f"/lib/{i}.wav" for i in range(1, 10, 2))
-    assert store.integrity_problems() == []
+    assert sorted(store.file_states()) == sorted(f"/lib/{i}.wav" for i in range(1, 10, 2))
+    assert integrity_problems(store) == []
 
 
 def test_record_error_replaces_previous_segments(store):
     rng = np.random.default_rng(5)
     _add(store, "/lib/a.wav", rng, n_windows=2)
     store.record_error("/lib/a.wav", 10, 5, "h", "not an audio file (unknown format)")
-    row = store.file_state("/lib/a.wav")
+    row = file_state(store, "/lib/a.wav")
     assert (row.status, row.error, row.duration, row.size, row.mtime_ns) == (
         "error", "not an audio file (unknown format)", None, 10, 5
     )
     assert store.counts() == (1, 0, 1, 0, 0)
     assert [r.path for r in store.error_files()] == ["/lib/a.wav"]
-    assert store.integrity_problems() == []
+    assert integrity_problems(store) == []
 
 
 def test_update_file_stat_keeps_embeddings(store):
@@ -228,7 +274,7 @@ def test_update_file_stat_keeps_embeddings(store):
     ids, generation = store.segment_ids(), store.generation
     assert store.update_file_stat("/lib/a.wav", 10, 2) is True
     assert store.update_file_stat("/lib/missing.wav", 1, 1) is False
-    assert store.file_state("/lib/a.wav").mtime_ns == 2
+    assert file_state(store, "/lib/a.wav").mtime_ns == 2
     np.testing.assert_array_equal(store.segment_ids(), ids)
     assert store.generation == generation  # no segment changed: the hnswlib file stays current
 
@@ -284,7 +330,7 @@ def test_vectors_stream_in_chunks_and_segment_rows_follow_ids(store):
 
 
 def _snapshot(store):
-    return store.all_paths(), store.counts(), store.generation, store.segment_ids().tolist()
+    return sorted(store.file_states()), store.counts(), store.generation, store.segment_ids().tolist()
 
 
 def test_failed_batch_rolls_back_to_the_previous_commit(store):
@@ -299,7 +345,7 @@ def test_failed_batch_rolls_back_to_the_previous_commit(store):
             _add(store, "/lib/new2.wav", rng)
             raise RuntimeError("crash in the middle of a batch")
     assert _snapshot(store) == before
-    assert store.integrity_problems() == []
+    assert integrity_problems(store) == []
 
 
 def test_keyboard_interrupt_rolls_back_too(store):
@@ -312,7 +358,7 @@ def test_keyboard_interrupt_rolls_back_too(store):
     assert _snapshot(store) == before
     with store.transaction():  # the connection is usable again
         _add(store, "/lib/a.wav", rng)
-    assert store.all_paths() == ["/lib/a.wav"]
+    assert sorted(store.file_states()) == ["/lib/a.wav"]
 
 
 def test_a_failed_file_inside_a_batch_can_be_undone_alone(store):
@@ -324,8 +370,8 @@ def test_a_failed_file_inside_a_batch_can_be_undone_alone(store):
                 _add(store, "/lib/b.wav", rng)
                 raise RuntimeError("decoder blew up after writing")
         _add(store, "/lib/c.wav", rng)
-    assert store.all_paths() == ["/lib/a.wav", "/lib/c.wav"]
-    assert store.integrity_problems() == []
+    assert sorted(store.file_states()) == ["/lib/a.wav", "/lib/c.wav"]
+    assert integrity_problems(store) == []
 
 
 def test_readers_see_the_last_commit_while_a_batch_is_open(store, index_dir):
@@ -337,9 +383,9 @@ def test_readers_see_the_last_commit_while_a_batch_is_open(store, index_dir):
         with store.transaction():
             _add(store, "/lib/b.wav", rng)
             store.remove_files(["/lib/a.wav"])
-            assert reader.all_paths() == ["/lib/a.wav"]
+            assert sorted(reader.file_states()) == ["/lib/a.wav"]
             assert reader.counts().embeddings == 1
-        assert reader.all_paths() == ["/lib/b.wav"]
+        assert sorted(reader.file_states()) == ["/lib/b.wav"]
 
 
 _WRITER_SCRIPT = textwrap.dedent(
@@ -384,7 +430,7 @@ def test_sigkill_mid_batch_leaves_a_consistent_index(index_dir, tmp_path):
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         with IndexStore.open(index_dir) as s:
-            assert s.integrity_problems() == []
+            assert integrity_problems(s) == []
             last = int(s.get_meta("last_batch"))
             assert last >= min_batches
             c = s._conn
@@ -446,7 +492,7 @@ def test_clear_allows_another_model_and_changes_the_index_life(store):
     rng = np.random.default_rng(15)
     store.set_model_identity(IDENTITY)
     _add(store, "/lib/a.wav", rng)
-    uuid, max_id = store.index_uuid, store.max_segment_id()
+    uuid, max_id = store.index_uuid, max_segment_id(store)
     store.clear()
     assert store.counts() == (0, 0, 0, 0, 0) and store.model_identity is None and store.dim is None
     assert store.index_uuid != uuid
@@ -491,7 +537,7 @@ def test_hnsw_build_top_up_and_delete_track_the_store(store, index_dir):
     assert (index_dir / ANN_FILENAME).is_file()
     sidecar = json.loads((index_dir / SIDECAR_FILENAME).read_text())
     assert sidecar["generation"] == store.generation and sidecar["index_uuid"] == store.index_uuid
-    assert sidecar["max_segment_id"] == store.max_segment_id() and sidecar["live"] == ann.count
+    assert sidecar["max_segment_id"] == max_segment_id(store) and sidecar["live"] == ann.count
     assert sidecar["deleted"] == 0 and sidecar["file_size"] == (index_dir / ANN_FILENAME).stat().st_size
     _assert_matches_brute_force(store, ann, rng)
 
@@ -686,7 +732,7 @@ def test_resolve_index(tmp_path, monkeypatch):
 _LOCK_HOLDER = textwrap.dedent(
     """
     import sys
-    from clapcli.index.paths import WriterLock
+    from clapcli.index.lock import WriterLock
 
     with WriterLock(sys.argv[1]):
         print("locked", flush=True)

@@ -35,7 +35,7 @@ import numpy as np
 from ..atomic import atomic_write, remove_stale_temps
 from ..errors import IndexStoreError
 from ..vectors import l2_normalize
-from .paths import WriterLock
+from .lock import WriterLock
 from .store import IndexStore
 
 ANN_FILENAME = "vectors.hnsw"

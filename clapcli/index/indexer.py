@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from ..errors import ClapError
-from .paths import WriterLock
+from .lock import WriterLock
 from .scan import ScanEntry, ScanProblem, scan
 from .store import IndexStore, content_hash
 

@@ -4,12 +4,11 @@ Layout of an index directory:
 
     index.sqlite          this store (WAL mode; -wal/-shm files appear beside it while open)
     vectors.hnsw[.json]   the hnswlib file and its sidecar, derived from this store (see ann.py)
-    writer.lock[.pid]     the one-writer lock (see paths.py)
+    writer.lock[.pid]     the one-writer lock (see lock.py)
 
-Crash safety comes from SQLite: WAL journal, `synchronous=NORMAL` (a committed transaction survives a
-killed process; a power cut may lose the last commits but never corrupts the file) and foreign keys
-with `ON DELETE CASCADE`, so deleting a file row removes its segments and their embeddings in the same
-transaction. The indexer groups many files in one `transaction()`; whatever was not committed when the
+Crash safety comes from SQLite (the connection is set up in schema.py): WAL journal,
+`synchronous=NORMAL` and foreign keys with `ON DELETE CASCADE`, so deleting a file row removes its
+segments and their embeddings in the same transaction. The indexer groups many files in one `transaction()`; whatever was not committed when the
 process died is simply absent on the next open.
 
 Ids: `segments.id` is `INTEGER PRIMARY KEY AUTOINCREMENT`, so a segment id is never reused, even after
@@ -20,8 +19,8 @@ incremented by every write that adds or removes segments, so the hnswlib sidecar
 whether it is current, and `meta.index_uuid` changes when the store is cleared (`--rebuild`), so an
 hnswlib file from an earlier life of the directory is never reused.
 
-Schema versions follow numbered migrations: `MIGRATIONS[i]` upgrades version i to i + 1. An older
-store is migrated when opened; a newer one is refused with a message saying what to do.
+The schema and its numbered migrations live in schema.py: an older store is migrated when opened, a
+newer one refused with a message saying what to do.
 """
 
 from __future__ import annotations
@@ -36,69 +35,16 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from ..errors import IndexStoreError
+from .schema import BUSY_TIMEOUT_S, DB_FILENAME, open_database
 
-DB_FILENAME = "index.sqlite"
 SEGMENT_KINDS = ("file", "window")  # a whole-file embedding, or one 10 s window of a long file
 _VECTOR_DTYPE = np.dtype("<f4")  # embeddings are stored as little-endian float32 blobs
 _IN_CHUNK = 900  # ids per `IN (...)` list, below SQLite's oldest variable limit (999)
-_BUSY_TIMEOUT_S = 30.0
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Schema and migrations
-
-
-def _migrate_to_1(conn: sqlite3.Connection) -> None:
-    statements = [
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        """CREATE TABLE files (
-            id INTEGER PRIMARY KEY,
-            path TEXT NOT NULL UNIQUE,
-            size INTEGER NOT NULL,
-            mtime_ns INTEGER NOT NULL,
-            content_hash TEXT,
-            duration REAL,
-            sample_rate INTEGER,
-            channels INTEGER,
-            status TEXT NOT NULL CHECK (status IN ('ok', 'error')),
-            error TEXT,
-            indexed_at REAL NOT NULL
-        )""",
-        """CREATE TABLE segments (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
-            start REAL NOT NULL,
-            "end" REAL NOT NULL,
-            kind TEXT NOT NULL CHECK (kind IN ('file', 'window'))
-        )""",
-        "CREATE INDEX segments_file_id ON segments(file_id)",
-        """CREATE TABLE embeddings (
-            segment_id INTEGER PRIMARY KEY REFERENCES segments(id) ON DELETE CASCADE,
-            vector BLOB NOT NULL
-        )""",
-    ]
-    for statement in statements:
-        conn.execute(statement)
-    now = repr(time.time())
-    conn.executemany(
-        "INSERT INTO meta (key, value) VALUES (?, ?)",
-        [("index_uuid", uuid.uuid4().hex), ("generation", "0"), ("created_at", now), ("updated_at", now)],
-    )
-
-
-# MIGRATIONS[i] upgrades a store at schema version i to version i + 1 (version 0 = an empty database).
-# Append a function to change the schema; never edit a released one.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1]
-
-
-def schema_version_supported() -> int:
-    """The schema version this code writes (the number of migrations)."""
-    return len(MIGRATIONS)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,33 +149,7 @@ class IndexStore:
         if create and readonly:
             raise ValueError("create=True needs a writable store")
         index_dir = Path(index_dir)
-        db_path = index_dir / DB_FILENAME
-        if not db_path.is_file():
-            if not create:
-                raise IndexStoreError(f"no index at {index_dir}; build one with `clap index DIR…`")
-            try:
-                index_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise IndexStoreError(f"cannot create index directory {index_dir}: {e.strerror or e}") from e
-        conn = _connect(db_path, readonly)
-        try:
-            version = _read_schema_version(conn, db_path)
-            target = schema_version_supported()
-            if version > target:
-                raise IndexStoreError(
-                    f"index {index_dir} has schema version {version}, newer than this clap understands "
-                    f"({target}); upgrade clapcli, or rebuild the index with `clap index --rebuild`"
-                )
-            if version == 0 and not create:
-                raise IndexStoreError(f"no index at {index_dir}; build one with `clap index DIR…`")
-            if version < target:
-                if readonly:
-                    _migrate_with_writer_connection(db_path, index_dir)
-                else:
-                    _migrate(conn, db_path)
-        except BaseException:
-            conn.close()
-            raise
+        conn = open_database(index_dir, create, readonly)
         return cls(conn, index_dir, readonly)
 
     def close(self) -> None:
@@ -240,10 +160,6 @@ class IndexStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    @property
-    def db_path(self) -> Path:
-        return self.index_dir / DB_FILENAME
 
     # -- transactions ---------------------------------------------------------------------------------------
 
@@ -320,14 +236,6 @@ class IndexStore:
                 (key, value),
             )
 
-    def meta(self) -> dict[str, str]:
-        """All meta keys and values."""
-        return dict(self._conn.execute("SELECT key, value FROM meta ORDER BY key"))
-
-    @property
-    def schema_version(self) -> int:
-        return int(self.get_meta("schema_version", "0"))
-
     @property
     def index_uuid(self) -> str:
         """Identifies this store's life: it changes when the store is cleared, never otherwise."""
@@ -396,19 +304,10 @@ class IndexStore:
 
     # -- files ----------------------------------------------------------------------------------------------
 
-    def file_state(self, path: str | os.PathLike) -> FileRecord | None:
-        """The stored row for a path, or None if the path is not in the index."""
-        row = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE path = ?", (os.fspath(path),)).fetchone()
-        return None if row is None else FileRecord(*row)
-
     def file_states(self) -> dict[str, FileRecord]:
         """Every file row, keyed by path (one query, for comparing a whole scan against the store)."""
         rows = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM files")
         return {row[1]: FileRecord(*row) for row in rows}
-
-    def all_paths(self) -> list[str]:
-        """Every stored path (ok and error rows), sorted."""
-        return [row[0] for row in self._conn.execute("SELECT path FROM files ORDER BY path")]
 
     def error_files(self) -> list[FileRecord]:
         """The files that were skipped, with their reasons, sorted by path."""
@@ -556,11 +455,6 @@ class IndexStore:
         rows = self._conn.execute("SELECT segment_id FROM embeddings ORDER BY segment_id").fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
-    def max_segment_id(self) -> int:
-        """The largest segment id ever assigned (0 for none), deleted ones included."""
-        row = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'segments'").fetchone()
-        return 0 if row is None else int(row[0])
-
     def segment_rows(self, ids: Iterable[int]) -> list[SegmentRow]:
         """The segments with these ids joined with their files, in the order of `ids`.
 
@@ -591,7 +485,7 @@ class IndexStore:
         )
         return [SegmentRow(*row) for row in rows]
 
-    # -- statistics -----------------------------------------------------------------------------------------
+    # -- counts ---------------------------------------------------------------------------------------------
 
     def counts(self) -> Counts:
         files, ok, errors = self._conn.execute(
@@ -600,76 +494,6 @@ class IndexStore:
         segments = self._conn.execute("SELECT count(*) FROM segments").fetchone()[0]
         embeddings = self._conn.execute("SELECT count(*) FROM embeddings").fetchone()[0]
         return Counts(files, ok, errors, segments, embeddings)
-
-    def stats(self) -> dict:
-        """A summary for `clap index` output and `--json`: counts, audio hours, model, sizes."""
-        with self.snapshot():
-            counts = self.counts()
-            total_duration = self._conn.execute(
-                "SELECT coalesce(sum(duration), 0) FROM files WHERE status = 'ok'"
-            ).fetchone()[0]
-            windows = self._conn.execute("SELECT count(*) FROM segments WHERE kind = 'window'").fetchone()[0]
-            meta = self.meta()
-        identity = json.loads(meta["model_identity"]) if "model_identity" in meta else None
-        db_bytes = sum(
-            p.stat().st_size for p in self.index_dir.glob(DB_FILENAME + "*") if p.is_file()
-        )
-        return {
-            "index": str(self.index_dir),
-            "schema_version": int(meta.get("schema_version", 0)),
-            "files": counts.files,
-            "ok_files": counts.ok_files,
-            "error_files": counts.error_files,
-            "segments": counts.segments,
-            "window_segments": windows,
-            "embeddings": counts.embeddings,
-            "audio_seconds": float(total_duration),
-            "dim": int(meta["dim"]) if "dim" in meta else None,
-            "model": _identity_name(identity) if identity else None,
-            "model_identity": identity,
-            "generation": int(meta.get("generation", 0)),
-            "created_at": float(meta["created_at"]) if "created_at" in meta else None,
-            "updated_at": float(meta["updated_at"]) if "updated_at" in meta else None,
-            "db_bytes": db_bytes,
-        }
-
-    def integrity_problems(self) -> list[str]:
-        """Everything wrong with the store, as sentences; empty when it is consistent.
-
-        SQLite's own integrity and foreign-key checks, plus the store's rules: every segment has an
-        embedding and vice versa, ok files have segments, error files have none, every vector has `dim`
-        floats.
-        """
-        problems = []
-        for (message,) in self._conn.execute("PRAGMA integrity_check"):
-            if message != "ok":
-                problems.append(f"integrity_check: {message}")
-        for row in self._conn.execute("PRAGMA foreign_key_check"):
-            problems.append(f"foreign key violation: {row}")
-        checks = {
-            "segments without an embedding": "SELECT count(*) FROM segments s LEFT JOIN embeddings e "
-            "ON e.segment_id = s.id WHERE e.segment_id IS NULL",
-            "embeddings without a segment": "SELECT count(*) FROM embeddings e LEFT JOIN segments s "
-            "ON s.id = e.segment_id WHERE s.id IS NULL",
-            "segments without a file": "SELECT count(*) FROM segments s LEFT JOIN files f "
-            "ON f.id = s.file_id WHERE f.id IS NULL",
-            "ok files without segments": "SELECT count(*) FROM files f WHERE f.status = 'ok' "
-            "AND NOT EXISTS (SELECT 1 FROM segments s WHERE s.file_id = f.id)",
-            "error files with segments": "SELECT count(*) FROM files f WHERE f.status = 'error' "
-            "AND EXISTS (SELECT 1 FROM segments s WHERE s.file_id = f.id)",
-        }
-        for what, sql in checks.items():
-            n = self._conn.execute(sql).fetchone()[0]
-            if n:
-                problems.append(f"{n} {what}")
-        dim = self.dim
-        if dim is not None:
-            n = self._conn.execute(
-                "SELECT count(*) FROM embeddings WHERE length(vector) != ?", (dim * _VECTOR_DTYPE.itemsize,)
-            ).fetchone()[0]
-            if n:
-                problems.append(f"{n} embeddings without {dim} float32 values")
-        return problems
 
     # -- internals ------------------------------------------------------------------------------------------
 
@@ -683,7 +507,7 @@ class IndexStore:
         except sqlite3.OperationalError as e:
             if "locked" in str(e) or "busy" in str(e):
                 raise IndexStoreError(
-                    f"index {self.index_dir} is locked by another writer (waited {_BUSY_TIMEOUT_S:g} s)"
+                    f"index {self.index_dir} is locked by another writer (waited {BUSY_TIMEOUT_S:g} s)"
                 ) from e
             raise
 
@@ -769,81 +593,6 @@ class IndexStore:
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _connect(db_path: Path, readonly: bool) -> sqlite3.Connection:
-    try:
-        if readonly:
-            conn = sqlite3.connect(
-                db_path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None, timeout=_BUSY_TIMEOUT_S
-            )
-        else:
-            conn = sqlite3.connect(str(db_path), isolation_level=None, timeout=_BUSY_TIMEOUT_S)
-    except sqlite3.Error as e:
-        raise IndexStoreError(f"cannot open index database {db_path}: {e}") from e
-    try:
-        if not readonly:
-            conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA foreign_keys = ON")
-    except sqlite3.DatabaseError as e:
-        conn.close()
-        raise IndexStoreError(f"{db_path} is not a clap index database ({e})") from e
-    return conn
-
-
-def _read_schema_version(conn: sqlite3.Connection, db_path: Path) -> int:
-    try:
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "meta" not in tables:
-            if tables:
-                raise IndexStoreError(f"{db_path} is not a clap index database (no meta table)")
-            return 0
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    except sqlite3.DatabaseError as e:
-        raise IndexStoreError(f"{db_path} is not a clap index database ({e})") from e
-    if row is None:
-        # Version 1 stores written before the version key existed do not exist; a meta table without
-        # the key means someone else's database.
-        raise IndexStoreError(f"{db_path} is not a clap index database (no schema version)")
-    return int(row[0])
-
-
-def _migrate(conn: sqlite3.Connection, db_path: Path) -> None:
-    """Apply the missing migrations, each in its own transaction with its version bump."""
-    while True:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            version = _read_schema_version(conn, db_path)  # re-read under the lock: another process may have
-            if version >= len(MIGRATIONS):
-                conn.execute("COMMIT")
-                return
-            MIGRATIONS[version](conn)
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
-                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (str(version + 1),),
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
-
-def _migrate_with_writer_connection(db_path: Path, index_dir: Path) -> None:
-    """A read-only open of an older store migrates it through a short-lived writable connection."""
-    try:
-        conn = _connect(db_path, readonly=False)
-        try:
-            _migrate(conn, db_path)
-        finally:
-            conn.close()
-    except (sqlite3.Error, OSError) as e:
-        raise IndexStoreError(
-            f"index {index_dir} uses an older schema and could not be upgraded ({e}); "
-            "run `clap index` on it with write access"
-        ) from e
 
 
 def _canonical_identity(identity: dict) -> str:

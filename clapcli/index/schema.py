@@ -1,0 +1,181 @@
+"""The index database file: opening it, its schema version and the numbered migrations.
+
+`open_database` gives `IndexStore` a connection to a store at the current schema: WAL journal,
+`synchronous=NORMAL` (a committed transaction survives a killed process; a power cut may lose the last
+commits but never corrupts the file) and foreign keys on, so deleting a file row cascades to its segments
+and their embeddings.
+
+Schema versions follow numbered migrations (as in llm's): `MIGRATIONS[i]` upgrades version i to i + 1,
+version 0 being an empty database, and `meta.schema_version` records where a store stands. An older store
+is migrated when opened, each step in its own transaction with its version bump, so a failed migration
+leaves the previous version intact; a newer one is refused with a message saying what to do. A read-only
+open of an older store migrates it through a short-lived writable connection.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from ..errors import IndexStoreError
+
+DB_FILENAME = "index.sqlite"
+BUSY_TIMEOUT_S = 30.0  # how long a write waits for another writer's transaction before giving up
+
+
+def _migrate_to_1(conn: sqlite3.Connection) -> None:
+    statements = [
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        """CREATE TABLE files (
+            id INTEGER PRIMARY KEY,
+            path TEXT NOT NULL UNIQUE,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            content_hash TEXT,
+            duration REAL,
+            sample_rate INTEGER,
+            channels INTEGER,
+            status TEXT NOT NULL CHECK (status IN ('ok', 'error')),
+            error TEXT,
+            indexed_at REAL NOT NULL
+        )""",
+        """CREATE TABLE segments (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+            start REAL NOT NULL,
+            "end" REAL NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('file', 'window'))
+        )""",
+        "CREATE INDEX segments_file_id ON segments(file_id)",
+        """CREATE TABLE embeddings (
+            segment_id INTEGER PRIMARY KEY REFERENCES segments(id) ON DELETE CASCADE,
+            vector BLOB NOT NULL
+        )""",
+    ]
+    for statement in statements:
+        conn.execute(statement)
+    now = repr(time.time())
+    conn.executemany(
+        "INSERT INTO meta (key, value) VALUES (?, ?)",
+        [("index_uuid", uuid.uuid4().hex), ("generation", "0"), ("created_at", now), ("updated_at", now)],
+    )
+
+
+# MIGRATIONS[i] upgrades a store at schema version i to version i + 1 (version 0 = an empty database).
+# Append a function to change the schema; never edit a released one.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1]
+
+
+def open_database(index_dir: Path, create: bool, readonly: bool) -> sqlite3.Connection:
+    """A connection (autocommit mode) to the store in `index_dir`, migrated to the current schema.
+
+    Raises IndexStoreError when there is no index (and `create` is False), when the file is not a clap
+    index, or when its schema is newer than this version of clap understands.
+    """
+    db_path = index_dir / DB_FILENAME
+    if not db_path.is_file():
+        if not create:
+            raise IndexStoreError(f"no index at {index_dir}; build one with `clap index DIR…`")
+        try:
+            index_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise IndexStoreError(f"cannot create index directory {index_dir}: {e.strerror or e}") from e
+    conn = _connect(db_path, readonly)
+    try:
+        version = _read_schema_version(conn, db_path)
+        target = len(MIGRATIONS)
+        if version > target:
+            raise IndexStoreError(
+                f"index {index_dir} has schema version {version}, newer than this clap understands "
+                f"({target}); upgrade clapcli, or rebuild the index with `clap index --rebuild`"
+            )
+        if version == 0 and not create:
+            raise IndexStoreError(f"no index at {index_dir}; build one with `clap index DIR…`")
+        if version < target:
+            if readonly:
+                _migrate_with_writer_connection(db_path, index_dir)
+            else:
+                _migrate(conn, db_path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _connect(db_path: Path, readonly: bool) -> sqlite3.Connection:
+    try:
+        if readonly:
+            conn = sqlite3.connect(
+                db_path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_S
+            )
+        else:
+            conn = sqlite3.connect(str(db_path), isolation_level=None, timeout=BUSY_TIMEOUT_S)
+    except sqlite3.Error as e:
+        raise IndexStoreError(f"cannot open index database {db_path}: {e}") from e
+    try:
+        if not readonly:
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise IndexStoreError(f"{db_path} is not a clap index database ({e})") from e
+    return conn
+
+
+def _read_schema_version(conn: sqlite3.Connection, db_path: Path) -> int:
+    try:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "meta" not in tables:
+            if tables:
+                raise IndexStoreError(f"{db_path} is not a clap index database (no meta table)")
+            return 0
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise IndexStoreError(f"{db_path} is not a clap index database ({e})") from e
+    if row is None:
+        # Version 1 stores written before the version key existed do not exist; a meta table without
+        # the key means someone else's database.
+        raise IndexStoreError(f"{db_path} is not a clap index database (no schema version)")
+    return int(row[0])
+
+
+def _migrate(conn: sqlite3.Connection, db_path: Path) -> None:
+    """Apply the missing migrations, each in its own transaction with its version bump."""
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = _read_schema_version(conn, db_path)  # re-read under the lock: another process may have
+            # migrated it meanwhile
+            if version >= len(MIGRATIONS):
+                conn.execute("COMMIT")
+                return
+            MIGRATIONS[version](conn)
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(version + 1),),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+
+def _migrate_with_writer_connection(db_path: Path, index_dir: Path) -> None:
+    """A read-only open of an older store migrates it through a short-lived writable connection."""
+    try:
+        conn = _connect(db_path, readonly=False)
+        try:
+            _migrate(conn, db_path)
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError) as e:
+        raise IndexStoreError(
+            f"index {index_dir} uses an older schema and could not be upgraded ({e}); "
+            "run `clap index` on it with write access"
+        ) from e
