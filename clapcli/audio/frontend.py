@@ -84,9 +84,6 @@ class MelFrontEnd(torch.nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return self.mel_fb.dtype
 
-    def num_frames(self, n_samples: int) -> int:
-        return n_samples // self.cfg.hop_length + 1
-
     def forward(self, waves: torch.Tensor) -> torch.Tensor:
         if waves.dim() != 2:
             shape = tuple(waves.shape)
