@@ -8,8 +8,8 @@ Layout of an index directory:
 
 Crash safety comes from SQLite (the connection is set up in schema.py): WAL journal,
 `synchronous=NORMAL` and foreign keys with `ON DELETE CASCADE`, so deleting a file row removes its
-segments and their embeddings in the same transaction. The indexer groups many files in one `transaction()`; whatever was not committed when the
-process died is simply absent on the next open.
+segments and their embeddings in the same transaction. The indexer groups many files in one
+`transaction()`; whatever was not committed when the process died is simply absent on the next open.
 
 Ids: `segments.id` is `INTEGER PRIMARY KEY AUTOINCREMENT`, so a segment id is never reused, even after
 its row is deleted; the embedding of a segment is keyed by the same id, and the hnswlib label of a
