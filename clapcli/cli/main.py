@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from . import embed, index, models, output, search, tag
+from . import embed, index, models, output, search, shards, tag, train
 
 app = typer.Typer(
     name="clap",
@@ -29,7 +29,7 @@ def _root(
     output.state.debug = debug
 
 
-for _command in (index, search, tag, embed, models):
+for _command in (index, search, tag, embed, models, shards, train):
     _command.register(app)
 
 

@@ -1,0 +1,101 @@
+"""Training checkpoints: a model in the project's own format plus what resuming needs.
+
+    RUN/step-200/   config.json  model.safetensors  tokenizer files  trainer_state.pt
+    RUN/best/       the same, for the best validation metric so far
+    RUN/final/      the same, at the end of the run
+
+Each folder is written beside its target and renamed into place (`atomic_directory`), so a crash leaves the
+previous checkpoint whole and never a half-written one. The model folders load with `load_model` and work
+in `index`, `search`, `tag` and `embed`. `trainer_state.pt` holds only tensors, numbers and strings, and is
+read back with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import atomic_directory
+from ..errors import TrainingError
+from ..models.checkpoints import save_own
+from .config import TrainState
+
+STATE_FILE = "trainer_state.pt"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def save_checkpoint(run_dir: Path, name: str, model, tokenizer, optimizer, scaler, state: TrainState,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write RUN/name/ atomically: the model (own format) and the trainer state."""
+    target = Path(run_dir) / name
+    with atomic_directory(target) as tmp:
+        save_own(model, tokenizer, tmp, extra)
+        torch.save(
+            {
+                "state": dataclasses.asdict(state),
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,  # None in best/
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "torch_rng": torch.get_rng_state(),
+            },
+            tmp / STATE_FILE,
+        )
+    return target
+
+
+def step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete step-N/ folders of a run, oldest first."""
+    found = []
+    for p in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The folder to resume from: the newest step-N/, or final/ when the run had finished."""
+    steps = step_checkpoints(run_dir)
+    candidates = [p for _, p in steps]
+    final = Path(run_dir) / "final"
+    if (final / STATE_FILE).is_file():
+        candidates.append(final)
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: read_state(p).step)
+
+
+def read_state(checkpoint: Path) -> TrainState:
+    return TrainState(**load_trainer_state(checkpoint)["state"])
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file: say which, never unpickle anything else
+        raise TrainingError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
+
+def prune_step_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` step-N/ folders, and temporaries left by a killed run."""
+    for _, p in step_checkpoints(run_dir)[: max(0, len(step_checkpoints(run_dir)) - max(1, keep))]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def clear_stale(run_dir: Path) -> None:
+    """Tidy what a killed run left: half-written `*.tmp-*` folders go; an `*.old-*` folder whose
+    replacement never arrived is put back under its name, else removed. Only this run's writer calls it."""
+    for p in sorted(Path(run_dir).iterdir()):
+        if ".tmp-" in p.name:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        elif ".old-" in p.name:
+            target = p.with_name(p.name.split(".old-")[0])
+            if target.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.rename(target)

@@ -1,0 +1,152 @@
+"""The training data stream: shards → (rank, worker) slots → shuffle buffer → batches.
+
+Why not webdataset's own `detshuffle → split_by_node → split_by_worker → shuffle` chain: its shuffle buffer
+and epoch bookkeeping cannot be replayed to a given batch, and its `with_epoch` leaves ranks with unequal
+batch counts when shards are few. Here (tar members are still read through the shard reader):
+
+- Each epoch orders the shards with a generator seeded by (seed, epoch). The rank×worker "slots" then get
+  whole shards (shard j → slot j mod S) when there are at least as many shards as slots, else every slot
+  reads all shards and keeps every S-th sample. Either way no sample goes to two slots in an epoch.
+- `sizes.json` gives every slot's sample count up front, so every slot yields the SAME number of batches:
+  steps per epoch = workers × min over slots of ⌊samples / batch⌋. Every rank runs the same number of
+  steps, so no rank waits at an epoch end for a peer that has run out (the classic distributed hang).
+- Each slot shuffles through a buffer seeded by (seed, epoch, slot), and a batch's crops and caption choice
+  come from a generator seeded by (seed, epoch, slot, batch). The DataLoader hands out worker batches
+  round-robin, so batch k of an epoch comes from worker k mod W: resuming at batch k skips exactly the
+  batches each worker had produced, without decoding their audio.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .batch import Batch, Collate
+from .shards import ShardSplit, decode_audio, iter_shard, select_text
+
+
+@dataclass(frozen=True)
+class Slot:
+    shards: tuple[str, ...]  # shard paths this slot reads, in epoch order
+    stride: int  # keep every stride-th sample of those shards …
+    offset: int  # … starting at this one (stride 1, offset 0: all of them)
+    samples: int  # how many samples that gives
+
+
+def epoch_shards(split: ShardSplit, seed: int, epoch: int) -> list[str]:
+    shards = list(split.urls)
+    random.Random(f"{seed}/{epoch}/shards").shuffle(shards)
+    return shards
+
+
+def plan_slots(split: ShardSplit, seed: int, epoch: int, n_slots: int) -> list[Slot]:
+    shards = epoch_shards(split, seed, epoch)
+    if len(shards) >= n_slots:
+        return [
+            Slot(tuple(shards[s::n_slots]), 1, 0, sum(split.sizes[u] for u in shards[s::n_slots]))
+            for s in range(n_slots)
+        ]
+    total = split.num_samples
+    return [Slot(tuple(shards), n_slots, s, (total - s + n_slots - 1) // n_slots) for s in range(n_slots)]
+
+
+def steps_per_epoch(split: ShardSplit, batch_size: int, world_size: int, workers: int, seed: int = 0) -> int:
+    """Optimizer steps per epoch, equal on every rank; a DataError when the data cannot fill one batch."""
+    w = max(1, workers)
+    slots = plan_slots(split, seed, 0, world_size * w)
+    per_slot = min(s.samples for s in slots) // batch_size
+    if per_slot == 0:
+        raise DataError(
+            f"{split.num_samples} training samples cannot fill one batch of {batch_size} on each of "
+            f"{world_size} rank(s) × {w} data worker(s) (the smallest share has {min(s.samples for s in slots)}"
+            f" samples); lower --batch-size or --workers, or add data"
+        )
+    return per_slot * w
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """One epoch of batches for one rank. Iterated by a DataLoader with batch_size=None."""
+
+    def __init__(self, split: ShardSplit, collate: Collate, *, batch_size: int, epoch: int, seed: int, rank: int,
+                 world_size: int, workers: int, steps: int, skip: int = 0, text_source: str = "text",
+                 shuffle_buffer: int = 1000, sample_rate: int = 48_000, quantize: bool = True):
+        super().__init__()
+        self.split, self.collate = split, collate
+        self.batch_size, self.epoch, self.seed = batch_size, epoch, seed
+        self.rank, self.world_size, self.workers = rank, world_size, max(1, workers)
+        self.steps, self.skip = steps, skip
+        self.text_source, self.shuffle_buffer = text_source, shuffle_buffer
+        self.sample_rate, self.quantize = sample_rate, quantize
+
+    def __iter__(self) -> Iterator[tuple[list[str], Batch] | DataError]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        w = self.workers
+        slot_id = self.rank * w + worker
+        slot = plan_slots(self.split, self.seed, self.epoch, self.world_size * w)[slot_id]
+        quota = self.steps // w  # batches this worker yields in the epoch
+        skip = (self.skip - worker + w - 1) // w if self.skip > worker else 0  # batches k < skip with k % w == worker
+        rng = random.Random(f"{self.seed}/{self.epoch}/{slot_id}/buffer")
+        batch, done = [], 0
+        try:
+            for raw in _shuffled(_slot_samples(slot), self.shuffle_buffer, rng):
+                batch.append(raw)
+                if len(batch) < self.batch_size:
+                    continue
+                if done >= skip:
+                    yield self._make_batch(batch, slot_id, done)
+                batch, done = [], done + 1
+                if done >= quota:
+                    return
+        except DataError as exc:  # raised again in the training process, as one clean line
+            yield exc
+            return
+        if done < quota:
+            yield DataError(f"a data worker ran out after {done} of {quota} batches: sizes.json counts more "
+                            f"samples than the shards hold (run `clap shards info` on {self.split.directory})")
+
+    def _make_batch(self, raws: list, slot_id: int, number: int) -> tuple[list[str], Batch]:
+        gen = np.random.default_rng([self.seed, self.epoch, slot_id, number])
+        waves, texts = [], []
+        for raw in raws:
+            captions = select_text(raw.meta, self.text_source, key=f"{raw.url}: {raw.key}")
+            texts.append(captions[int(gen.integers(len(captions)))])
+            waves.append(decode_audio(raw, self.sample_rate, self.quantize))
+        return [raw.key for raw in raws], self.collate(waves, texts, gen)
+
+
+def _slot_samples(slot: Slot):
+    index = 0
+    for url in slot.shards:
+        for raw in iter_shard(url):
+            if index % slot.stride == slot.offset:
+                yield raw
+            index += 1
+
+
+def _shuffled(items, buffer_size: int, rng: random.Random):
+    """Reservoir-style shuffle buffer: fill, then emit a random element for each new one."""
+    buf: list = []
+    for item in items:
+        if len(buf) < buffer_size:
+            buf.append(item)
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def loader(stream: ShardStream, workers: int, pin_memory: bool = False):
+    """A DataLoader over the stream; worker processes start with forkserver (torchaudio and fork deadlock)."""
+    kwargs = {}
+    if workers > 0:
+        kwargs = dict(num_workers=workers, prefetch_factor=2, multiprocessing_context="forkserver",
+                      persistent_workers=False)
+    return torch.utils.data.DataLoader(stream, batch_size=None, pin_memory=pin_memory, **kwargs)

@@ -1,0 +1,265 @@
+"""The contrastive training loop: `train(cfg, ctx)` on one screen, `train_step` apart so tests can call it.
+
+One process per device; under `torchrun` every rank runs this same code on its own share of the data
+(`data.py`), features are gathered across ranks inside the loss (`loss.py`), DDP averages the gradients,
+and only rank 0 logs, validates and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import dist
+from ..errors import ClapError, DataError, TrainingError, UsageError
+from ..runtime import TRAINING_PRECISIONS, autocast, native_bf16, resolve_precision
+from .batch import Batch, Collate
+from .checkpoint import load_trainer_state, prune_step_checkpoints, save_checkpoint
+from .config import TrainConfig, TrainState
+from .data import ShardStream, loader, steps_per_epoch
+from .loss import ClipLoss, clamp_logit_scale_
+from .runlog import RunLog
+from .setup import build_model, open_data, prepare_run_dir
+from .validate import validate
+
+Logger = Callable[[dict], None]
+
+
+def lr_at(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up to `base` over `warmup` steps, then cosine decay to 0 at `total` (per step)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    span = max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span))) * base
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay on weight matrices only (= Adam when wd is 0, the LAION recipe)."""
+    skip = model.no_weight_decay()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name in skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def train_step(model, batch: Batch, loss_fn: ClipLoss, optimizer, *, accum_steps: int = 1, grad_clip: float = 0.0,
+               scaler=None, precision: str = "fp32", device: torch.device = torch.device("cpu")) -> float:
+    """One optimizer step on `batch`; returns the loss.
+
+    With accum_steps K > 1 the batch runs as K micro-batches and the gradient is still that of the loss
+    over the whole batch: features of every micro-batch are first computed without gradient, then each
+    micro-batch is run again with gradient and its features swapped into the cached set (the feature-cache
+    method). The logit scale's gradient is taken from the first micro-batch only, so it is counted once.
+    """
+    module = getattr(model, "module", model)
+    optimizer.zero_grad(set_to_none=True)
+    if accum_steps <= 1:
+        with autocast(device, precision):
+            out = model(batch.features, batch.is_longer, batch.input_ids, batch.attention_mask)
+            loss = loss_fn(out.audio_embeds.float(), out.text_embeds.float(), out.logit_scale_a.float())
+        _backward(loss, scaler)
+        value = float(loss.detach())
+    else:
+        micro = [Batch(*parts) for parts in zip(*(t.chunk(accum_steps) for t in batch))]
+        with torch.no_grad(), autocast(device, precision):
+            cached = [model(*m) for m in micro]
+        audio = [o.audio_embeds.float() for o in cached]
+        text = [o.text_embeds.float() for o in cached]
+        value = 0.0
+        for j, m in enumerate(micro):
+            sync = j == len(micro) - 1 or not hasattr(model, "no_sync")
+            with (model.no_sync() if not sync else _null()), autocast(device, precision):
+                out = model(*m)
+                a = torch.cat(audio[:j] + [out.audio_embeds.float()] + audio[j + 1 :])
+                t = torch.cat(text[:j] + [out.text_embeds.float()] + text[j + 1 :])
+                scale = out.logit_scale_a.float() if j == 0 else out.logit_scale_a.float().detach()
+                loss = loss_fn(a, t, scale)
+                _backward(loss, scaler)
+            value = float(loss.detach())
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    with torch.no_grad():
+        clamp_logit_scale_(module.logit_scale_a)
+    return value
+
+
+def _backward(loss: torch.Tensor, scaler) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingError(f"the loss became {float(loss)}: lower --lr, use --precision fp32, or raise --warmup")
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(cfg: TrainConfig, ctx: dist.DistContext | None = None, display: Logger | None = None) -> dict:
+    """Run (or resume) the training described by `cfg`; returns a summary dict.
+
+    Rank 0 records every event in RUN/log.jsonl and passes it to `display`."""
+    ctx = ctx or dist.init(cfg.device)
+    device = ctx.device
+    precision = resolve_precision(cfg.precision, device, allowed=TRAINING_PRECISIONS)
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA device; use fp32 (or bf16 where the CPU runs it natively)")
+    run_dir = Path(cfg.out)
+    resume_from = prepare_run_dir(run_dir, cfg, ctx) if ctx.is_main else None
+    resume_from = dist.broadcast_object(str(resume_from) if resume_from else None)
+    log = RunLog(run_dir, display, enabled=ctx.is_main)
+    try:
+        return _run(cfg, ctx, device, precision, run_dir, resume_from, log)
+    finally:
+        log.close()
+
+
+def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
+    if precision == "bf16" and device.type == "cpu" and not native_bf16(device):
+        log({"warning": "bf16 on this CPU (no native bf16) is several times slower than fp32"})
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, model_info = build_model(cfg, resume_from)
+    model.to(device)
+    if cfg.freeze_audio:
+        model.lock_audio_tower()
+    if cfg.freeze_text:
+        model.lock_text_tower()
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.train()
+    split, val_split = open_data(cfg)
+    steps = steps_per_epoch(split, cfg.batch_size, ctx.world_size, cfg.workers, cfg.seed)
+    total = steps * cfg.epochs
+    optimizer = make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    state = TrainState(steps_per_epoch=steps)
+    if resume_from:
+        saved = load_trainer_state(Path(resume_from))
+        state = TrainState(**saved["state"])
+        if state.steps_per_epoch != steps:
+            raise TrainingError(f"cannot resume {run_dir}: it ran {state.steps_per_epoch} steps per epoch, this "
+                                f"setup gives {steps} (same data, --batch-size and number of ranks needed)")
+        optimizer.load_state_dict(saved["optimizer"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        log({"event": "resumed", "from": str(resume_from), "step": state.step, "epoch": state.epoch})
+    if ctx.is_main:
+        (run_dir / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": model_info,
+                                                         "world_size": ctx.world_size}, indent=2) + "\n")
+    ddp = model
+    if ctx.distributed:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, rank=ctx.rank,
+                       world_size=ctx.world_size)
+    collate = Collate(model.config.frontend, model.config.fused, tokenizer, model.config.text.max_length,
+                      cfg.spec_augment)
+    save = _saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info, ctx)
+    log({"event": "start", "steps_per_epoch": steps, "total_steps": total, "samples": split.num_samples,
+         "world_size": ctx.world_size, "device": str(device), "precision": precision})
+
+    t_last, n_last = time.perf_counter(), 0
+    while state.epoch < cfg.epochs and not _stop(cfg, state):
+        stream = ShardStream(split, collate, batch_size=cfg.batch_size, epoch=state.epoch, seed=cfg.seed,
+                             rank=ctx.rank, world_size=ctx.world_size, workers=cfg.workers, steps=steps,
+                             skip=state.epoch_step, text_source=cfg.text_source, shuffle_buffer=cfg.shuffle_buffer,
+                             sample_rate=model.config.frontend.sample_rate,
+                             quantize=model.config.frontend.quantize_int16)
+        for item in loader(stream, cfg.workers, pin_memory=device.type == "cuda"):
+            if isinstance(item, DataError):
+                raise item
+            keys, batch = item
+            batch = batch.to(device)
+            lr = lr_at(state.step, cfg.lr, cfg.warmup, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(cfg.seed * 1_000_003 + state.step * 9_973 + ctx.rank)  # dropout: a function of the step
+            try:
+                loss = train_step(ddp, batch, loss_fn, optimizer, accum_steps=cfg.accum_steps,
+                                  grad_clip=cfg.grad_clip, scaler=scaler, precision=precision, device=device)
+            except torch.OutOfMemoryError as exc:
+                raise TrainingError(f"out of memory at batch size {cfg.batch_size}: lower --batch-size, or add "
+                                    "--accum-steps K (same loss, K smaller passes) or --grad-checkpointing") from exc
+            state.step += 1
+            state.epoch_step += 1
+            n_last += len(batch) * ctx.world_size
+            if ctx.is_main and (state.step % cfg.log_every == 0 or state.epoch_step == steps or cfg.log_samples):
+                now = time.perf_counter()
+                record = {"step": state.step, "epoch": state.epoch, "loss": round(loss, 6), "lr": lr,
+                          "logit_scale": round(float(model.logit_scale_a.detach().exp()), 4),
+                          "samples_per_s": round(n_last / max(now - t_last, 1e-9), 2), "total_steps": total}
+                log({**record, "keys": keys} if cfg.log_samples else record)
+                t_last, n_last = now, 0
+            if state.epoch_step == steps:
+                state.epoch, state.epoch_step = state.epoch + 1, 0
+                if val_split is not None and (state.epoch % cfg.val_every_epochs == 0 or state.epoch == cfg.epochs):
+                    _validate(cfg, model, tokenizer, val_split, state, ctx, log, save)
+                save(f"step-{state.step}")
+            elif cfg.save_every and state.step % cfg.save_every == 0:
+                save(f"step-{state.step}")
+            if _stop(cfg, state):
+                break
+    save("final")
+    dist.barrier()
+    summary = {"event": "done", "steps": state.step, "epochs": state.epoch, "out": str(run_dir),
+               "best": state.best_value, "best_step": state.best_step}
+    log(summary)
+    return summary
+
+
+def _stop(cfg: TrainConfig, state: TrainState) -> bool:
+    return bool(cfg.max_steps) and state.step >= cfg.max_steps
+
+
+def _saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info, ctx):
+    def save(name: str) -> None:
+        if ctx.is_main:
+            save_checkpoint(run_dir, name, model, tokenizer, optimizer, scaler, state,
+                            {"source": model_info.get("source"), "training_run": str(run_dir.resolve()),
+                             "step": state.step})
+            prune_step_checkpoints(run_dir, cfg.keep_checkpoints)
+        dist.barrier()
+
+    return save
+
+
+def _validate(cfg, model, tokenizer, val_split, state, ctx, log, save) -> None:
+    if ctx.is_main:
+        metrics = validate(model, tokenizer, val_split)
+        metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
+        state.history.append({"step": state.step, "epoch": state.epoch, **metrics})
+        value = _metric(metrics, cfg.best_metric)
+        log({"step": state.step, "epoch": state.epoch, "val": metrics})
+        if value is not None and (state.best_value is None or value > state.best_value):
+            state.best_value, state.best_step = value, state.step
+            save_checkpoint(Path(cfg.out), "best", model, tokenizer, None, None, state,
+                            {"training_run": str(Path(cfg.out).resolve()), "step": state.step,
+                             "best_metric": cfg.best_metric, "value": value})
+    model.train()
+    dist.barrier()
+
+
+def _metric(metrics: dict, name: str) -> float | None:
+    if name == "mAP@10" and "t2a_mAP@10" in metrics:
+        return (metrics["t2a_mAP@10"] + metrics["a2t_mAP@10"]) / 2
+    value = metrics.get(name)
+    if value is None:
+        raise ClapError(f"--best-metric {name!r} is not a validation metric; choose one of: mAP@10, "
+                        + ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, float))))
+    return float(value)

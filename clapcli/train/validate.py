@@ -1,0 +1,50 @@
+"""Validation during training: retrieval both ways on held-out shards, embedded as at inference.
+
+Audio goes through the same deterministic path as `clap index` (fusion crops at fixed positions, full
+coverage windows for unfused models), so a validation number means what a user will see. Every caption of
+a sample counts (the several-captions protocol, see `metrics.retrieval_metrics`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .metrics import retrieval_metrics
+from .shards import ShardSplit, decode_audio, iter_shard, select_text
+
+
+def embedder(model, tokenizer, device: torch.device | None = None):
+    """An inference `Clap` around a model being trained (fp32, eval mode: call model.train() after)."""
+    from ..api import Clap
+    from ..models.checkpoints import LoadedCheckpoint
+
+    device = device or next(model.parameters()).device
+    return Clap(LoadedCheckpoint(model, tokenizer, "training", "", "training", "training"), device, "fp32")
+
+
+def validate(model, tokenizer, split: ShardSplit, batch_size: int = 16) -> dict:
+    clap = embedder(model, tokenizer)
+    sr, quantize = clap.config.frontend.sample_rate, clap.config.frontend.quantize_int16
+    audio, captions, owner = [], [], []
+    waves: list[np.ndarray] = []
+
+    def flush():
+        if waves:
+            audio.extend(e.embedding for e in clap.embed_waveforms(waves, segments=False, batch_size=batch_size))
+            waves.clear()
+
+    for url in split.urls:
+        for raw in iter_shard(url):
+            texts = select_text(raw.meta, "text", key=f"{raw.url}: {raw.key}")
+            captions.extend(texts)
+            owner.extend([len(audio) + len(waves)] * len(texts))
+            waves.append(decode_audio(raw, sr, quantize))
+            if len(waves) >= batch_size:
+                flush()
+    flush()
+    text = clap.embed_text(captions)
+    metrics = retrieval_metrics(np.stack(audio), text, np.asarray(owner))
+    metrics["samples"] = len(audio)
+    metrics["captions"] = len(captions)
+    return metrics
