@@ -5,8 +5,9 @@
     htsat-base         HTSAT-base (128, [2,2,12,2]), unfused: laion/larger_clap_*
     htsat-base-fused   HTSAT-base with feature fusion
     tiny               a few-MB fused model for CPU training experiments and tests: HTSAT width 16,
-                       depths [2,2,2,1], heads [1,2,2,4]; a 2-layer RoBERTa of width 64 (2 heads, MLP 128,
-                       82 positions = 77 tokens + 2 offset + slack); joint dim 32. Its vocab_size is the
+                       depths [2,2,2,1], heads [1,2,2,4] on 2.55 s clips (256 frames folded into 128×128,
+                       a quarter of the full model's tokens); a 2-layer RoBERTa of width 64 (2 heads, MLP
+                       128, 82 positions = 77 tokens + 2 offset + slack, init std 0.2); joint dim 32. Its vocab_size is the
                        RoBERTa tokenizer's (50265): a caller with another tokenizer sets it from len(tokenizer).
     tiny-unfused       the same without fusion
 
@@ -23,13 +24,21 @@ from .config import ClapConfig
 
 _UNFUSED_FRONTEND = {"mel_scale": "slaney"}  # unfused checkpoints were trained on Slaney mels
 _HTSAT_BASE = {"patch_embeds_hidden_size": 128, "depths": [2, 2, 12, 2]}
-_TINY_AUDIO = {"patch_embeds_hidden_size": 16, "depths": [2, 2, 2, 1], "num_attention_heads": [1, 2, 2, 4]}
+_TINY_AUDIO = {
+    "patch_embeds_hidden_size": 16,
+    "depths": [2, 2, 2, 1],
+    "num_attention_heads": [1, 2, 2, 4],
+    "spec_size": 128,  # (256 frames, 64 bins) folded into 128×128: a quarter of the tokens of 256×256
+}
+_TINY_FRONTEND = {"clip_samples": 122_400}  # 2.55 s = 256 frames: the clip length of a 128 spec
+_TINY_INIT = {"initializer_range": 0.2}  # transformers' 0.02 is for width 768; at 64 every caption starts alike
 _TINY_TEXT = {
     "hidden_size": 64,
     "num_hidden_layers": 2,
     "num_attention_heads": 2,
     "intermediate_size": 128,
     "max_position_embeddings": 82,
+    "extra": _TINY_INIT,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -37,11 +46,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "htsat-tiny": {"audio": {"enable_fusion": False}, "frontend": _UNFUSED_FRONTEND},
     "htsat-base": {"audio": {**_HTSAT_BASE, "enable_fusion": False}, "frontend": _UNFUSED_FRONTEND},
     "htsat-base-fused": {"audio": {**_HTSAT_BASE, "enable_fusion": True}},
-    "tiny": {"audio": {**_TINY_AUDIO, "enable_fusion": True}, "text": _TINY_TEXT, "projection_dim": 32},
+    "tiny": {
+        "audio": {**_TINY_AUDIO, "enable_fusion": True},
+        "text": _TINY_TEXT,
+        "frontend": _TINY_FRONTEND,
+        "projection_dim": 32,
+    },
     "tiny-unfused": {
         "audio": {**_TINY_AUDIO, "enable_fusion": False},
         "text": _TINY_TEXT,
-        "frontend": _UNFUSED_FRONTEND,
+        "frontend": {**_UNFUSED_FRONTEND, **_TINY_FRONTEND},
         "projection_dim": 32,
     },
 }
