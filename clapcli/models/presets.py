@@ -7,8 +7,9 @@
     tiny               a few-MB fused model for CPU training experiments and tests: HTSAT width 16,
                        depths [2,2,2,1], heads [1,2,2,4] on 2.55 s clips (256 frames folded into 128×128,
                        a quarter of the full model's tokens); a 2-layer RoBERTa of width 64 (2 heads, MLP
-                       128, 82 positions = 77 tokens + 2 offset + slack, init std 0.2); joint dim 32. Its vocab_size is the
-                       RoBERTa tokenizer's (50265): a caller with another tokenizer sets it from len(tokenizer).
+                       128, 82 positions = 77 tokens + 2 offset + slack, init std 0.2); joint dim 32. Its
+                       vocab_size is the RoBERTa tokenizer's (50265): a caller with another tokenizer sets it
+                       from len(tokenizer).
     tiny-unfused       the same without fusion
 
 Fields not named take the dataclass defaults (config.py), so every default is still written once.
