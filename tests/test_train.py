@@ -165,15 +165,11 @@ class KeysOnly:
 def epoch_keys(split, rank, world, workers, batch, epoch=0, skip=0, steps=None):
     steps = steps or steps_per_epoch(split, batch, world, workers)
     out = []
-    streams = [ShardStream(split, KeysOnly(), batch_size=batch, epoch=epoch, seed=5, rank=rank, world_size=world,
-                           workers=workers, steps=steps, skip=skip) for _ in range(1)]
+    stream = ShardStream(split, KeysOnly(), batch_size=batch, epoch=epoch, seed=5, rank=rank, world_size=world,
+                         workers=workers, steps=steps, skip=skip)
     # emulate the DataLoader's round-robin over workers: batch k comes from worker k mod W
-    per_worker = []
-    for w in range(max(1, workers)):
-        stream = streams[0]
-        stream_iter = _as_worker(stream, w, max(1, workers))
-        per_worker.append(list(stream_iter))
-    k = skip
+    per_worker = [_as_worker(stream, w, max(1, workers)) for w in range(max(1, workers))]
+    k = 0  # the DataLoader starts at its worker 0, whatever the skip
     while any(per_worker):
         w = k % max(1, workers)
         if not per_worker[w]:

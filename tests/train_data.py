@@ -23,8 +23,6 @@ CAPTIONS = {
     "clicks": ["fast ticking clicks", "a clock ticking quickly", "rapid clicking ticks", "the ticks of fast clicks"],
 }
 KINDS = list(CAPTIONS)
-# Held-out phrasings, never used as training captions: retrieval must generalise to them.
-QUERIES = {"hum": "low hum", "whistle": "high whistle", "hiss": "static hiss", "clicks": "ticking clicks"}
 
 
 def clip(kind: str, rng: np.random.Generator) -> np.ndarray:
@@ -67,11 +65,11 @@ def make_dataset(root: Path, per_kind: int = 24, seed: int = 0) -> Path:
 
 
 def make_tokenizer(directory: Path) -> Path:
-    """A RoBERTa-style BPE tokenizer trained on the captions and queries, saved to `directory`."""
+    """A RoBERTa-style BPE tokenizer trained on the captions, saved to `directory`."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import RobertaTokenizerFast
 
-    corpus = [c for caps in CAPTIONS.values() for c in caps] + list(QUERIES.values())
+    corpus = [c for caps in CAPTIONS.values() for c in caps]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(corpus * 3, vocab_size=300, min_frequency=1,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])

@@ -5,15 +5,16 @@ and epoch bookkeeping cannot be replayed to a given batch, and its `with_epoch` 
 batch counts when shards are few. Here (tar members are still read through the shard reader):
 
 - Each epoch orders the shards with a generator seeded by (seed, epoch). The rank×worker "slots" then get
-  whole shards (shard j → slot j mod S) when there are at least as many shards as slots, else every slot
-  reads all shards and keeps every S-th sample. Either way no sample goes to two slots in an epoch.
+  whole shards (shard j → slot j mod S) when that keeps the slots nearly even, else every slot reads all
+  shards and keeps every S-th sample. Either way no sample goes to two slots in an epoch.
 - `sizes.json` gives every slot's sample count up front, so every slot yields the SAME number of batches:
   steps per epoch = workers × min over slots of ⌊samples / batch⌋. Every rank runs the same number of
   steps, so no rank waits at an epoch end for a peer that has run out (the classic distributed hang).
 - Each slot shuffles through a buffer seeded by (seed, epoch, slot), and a batch's crops and caption choice
   come from a generator seeded by (seed, epoch, slot, batch). The DataLoader hands out worker batches
   round-robin, so batch k of an epoch comes from worker k mod W: resuming at batch k skips exactly the
-  batches each worker had produced, without decoding their audio.
+  batches each worker had produced, without decoding their audio, and rotates the workers so that the
+  DataLoader's first one continues where the round robin stopped.
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ def epoch_shards(split: ShardSplit, seed: int, epoch: int) -> list[str]:
 
 
 def plan_slots(split: ShardSplit, seed: int, epoch: int, n_slots: int) -> list[Slot]:
+    """Whole shards per slot when that loses little data (≥ 90% of an even split stays usable), else
+    every slot reads every shard and keeps every n_slots-th sample."""
     shards = epoch_shards(split, seed, epoch)
-    if len(shards) >= n_slots:
-        return [
-            Slot(tuple(shards[s::n_slots]), 1, 0, sum(split.sizes[u] for u in shards[s::n_slots]))
-            for s in range(n_slots)
-        ]
+    by_shard = [Slot(tuple(shards[s::n_slots]), 1, 0, sum(split.sizes[u] for u in shards[s::n_slots]))
+                for s in range(n_slots)]
     total = split.num_samples
+    if len(shards) >= n_slots and n_slots * min(s.samples for s in by_shard) >= 0.9 * (total - total % n_slots):
+        return by_shard
     return [Slot(tuple(shards), n_slots, s, (total - s + n_slots - 1) // n_slots) for s in range(n_slots)]
 
 
@@ -85,8 +87,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[list[str], Batch] | DataError]:
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
         w = self.workers
+        # The DataLoader starts every epoch at its worker 0; after skipping k batches the next one is logical
+        # worker k mod W's, so DataLoader worker i plays logical worker (i + k) mod W.
+        worker = ((info.id if info is not None else 0) + self.skip) % w
         slot_id = self.rank * w + worker
         slot = plan_slots(self.split, self.seed, self.epoch, self.world_size * w)[slot_id]
         quota = self.steps // w  # batches this worker yields in the epoch

@@ -1,0 +1,251 @@
+"""`clap train` end to end through the CLI: it learns, it resumes exactly after a SIGKILL, it adapts released
+checkpoints, it freezes what it is told to, it refuses what it should."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clapcli.cli.main import app
+from entry_point import clap_executable
+from clapcli.train.shards import ShardWriter, encode_flac
+from test_errors import run_main
+from train_data import CAPTIONS, KINDS, SR, clip, kind_of, make_dataset, make_tokenizer
+
+runner = CliRunner()
+
+
+def clap(*args, ok=True):
+    result = runner.invoke(app, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def log_records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def step_records(run: Path) -> dict[int, dict]:
+    """The last record of every step (a resumed run logs again the steps it redoes)."""
+    return {r["step"]: r for r in log_records(run) if "loss" in r}
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """Shards of the four-kind toy set (train + val) and its tokenizer."""
+    root = tmp_path_factory.mktemp("toy")
+    manifest = make_dataset(root, per_kind=16)
+    make_tokenizer(root / "tok")
+    clap("shards", "make", manifest, "--out", root / "shards", "--val-fraction", "0.2", "--shard-size", "16",
+         "--seed", "1")
+    return root
+
+
+TRAIN = ["--model-config", "tiny", "--workers", "0", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def trained(toy, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "learn"
+    clap("train", "--data", toy / "shards", "--tokenizer", toy / "tok", "--out", run, *TRAIN,
+         "--epochs", "10", "--batch-size", "16", "--lr", "1e-3", "--warmup", "3", "--seed", "0")
+    return run
+
+
+def test_training_learns_the_sound_kinds(trained, tmp_path):
+    """New clips, never in any shard, are matched to the caption of their kind far above chance (0.25)."""
+    from clapcli import load_model
+
+    records = log_records(trained)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    val = [r["val"] for r in records if "val" in r]
+    assert len(val) == 10 and val[-1]["t2a_mAP@10"] > val[0]["t2a_mAP@10"], val
+
+    model = load_model(trained / "final", device="cpu")
+    files, kinds = held_out_clips(tmp_path, per_kind=6)
+    audio = model.embed_audio(files)
+    prompts = np.stack([model.embed_text(CAPTIONS[k]).mean(0) for k in KINDS])  # a prompt ensemble per kind
+    predicted = [KINDS[i] for i in (audio @ prompts.T).argmax(1)]
+    accuracy = np.mean([p == k for p, k in zip(predicted, kinds)])
+    assert accuracy >= 0.6, (accuracy, predicted)
+
+
+def held_out_clips(directory: Path, per_kind: int) -> tuple[list[Path], list[str]]:
+    import soundfile as sf
+
+    rng = np.random.default_rng(12345)  # not the training set's seed
+    files, kinds = [], []
+    for i in range(per_kind):
+        for kind in KINDS:
+            files.append(directory / f"held-{kind}-{i}.wav")
+            sf.write(files[-1], clip(kind, rng), SR)
+            kinds.append(kind)
+    return files, kinds
+
+
+def test_trained_checkpoint_indexes_and_searches(toy, trained, tmp_path):
+    index = tmp_path / "index"
+    clap("index", toy / "audio", "--index", index, "--model", trained / "final")
+    hits = 0
+    for kind in KINDS:
+        result = clap("search", CAPTIONS[kind][0], "--index", index, "--json", "-k", "5")
+        top = [json.loads(line)["path"] for line in result.output.splitlines() if line.startswith("{")]
+        assert len(top) == 5
+        hits += sum(kind_of(p) == kind for p in top)
+    assert hits >= 12, hits  # of 20 results; chance gives 5
+
+
+def test_run_directory_holds_config_log_and_loadable_checkpoints(trained):
+    config = json.loads((trained / "config.json").read_text())
+    assert config["train"]["batch_size"] == 16 and config["model"]["preset"] == "tiny"
+    first = log_records(trained)[0]
+    assert first["event"] == "start" and first["steps_per_epoch"] > 0
+    step = next(r for r in log_records(trained) if "loss" in r)
+    assert {"step", "epoch", "loss", "lr", "logit_scale", "samples_per_s"} <= set(step)
+    assert (trained / "final" / "trainer_state.pt").is_file() and (trained / "best" / "model.safetensors").is_file()
+    steps = sorted(p.name for p in trained.iterdir() if p.name.startswith("step-"))
+    assert len(steps) == 2  # --keep 2: the newest two epoch-end checkpoints
+
+
+def _train_args(toy, run, *extra, workers=0):
+    return ["train", "--data", str(toy / "shards" / "train"), "--tokenizer", str(toy / "tok"), "--out", str(run),
+            "--model-config", "tiny", "--workers", str(workers), "--log-every", "1", "--epochs", "2",
+            "--batch-size", "8", "--lr", "1e-3", "--warmup", "3", "--seed", "3", "--log-samples", *extra]
+
+
+def test_resume_after_sigkill_equals_a_straight_run(toy, tmp_path):
+    """Two data workers (the DataLoader's round robin) and a checkpoint in the middle of the first epoch."""
+    straight = tmp_path / "straight"
+    clap(*_train_args(toy, straight, workers=2))
+    assert max(step_records(straight)) == 12  # 48 samples, batch 8, 2 epochs
+    half = 3  # in the middle of the first epoch
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen([clap_executable(), *_train_args(toy, resumed, "--save-every", str(half), workers=2)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (resumed / f"step-{half}" / "trainer_state.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (resumed / "final").exists(), "the run ended before it could be killed; make it longer"
+    clap(*_train_args(toy, resumed, "--save-every", str(half), "--resume", workers=2))
+
+    a, b = weights(straight / "final"), weights(resumed / "final")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=key)
+    s, r = step_records(straight), step_records(resumed)
+    assert [s[i]["lr"] for i in sorted(s)] == [r[i]["lr"] for i in sorted(r)]
+    assert [s[i]["keys"] for i in sorted(s)] == [r[i]["keys"] for i in sorted(r)]
+    per_epoch = {}
+    for rec in r.values():
+        per_epoch.setdefault(rec["epoch"], []).extend(rec["keys"])
+    assert all(len(keys) == len(set(keys)) for keys in per_epoch.values())  # no sample twice in an epoch
+    assert any(rec.get("event") == "resumed" for rec in log_records(resumed))
+
+
+def test_a_directory_with_another_run_is_refused(toy, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    clap(*_train_args(toy, run, "--max-steps", "1"))
+    code, err = run_main(monkeypatch, capsys, *_train_args(toy, run, "--max-steps", "1"))
+    assert code == 2 and "--resume" in err and err.count("\n") == 1
+    other = [a if a != "1e-3" else "5e-4" for a in _train_args(toy, run, "--max-steps", "1", "--resume")]
+    code, err = run_main(monkeypatch, capsys, *other)
+    assert code == 2 and "differs in: lr" in err
+
+
+@pytest.mark.parametrize("source", ["hf", "laion"])
+def test_init_from_released_formats_trains_and_loads_back(toy, tiny_fused, tmp_path, source):
+    from clapcli import load_model
+    from test_checkpoints import laion_state_dict
+
+    model_dir, hf_model = tiny_fused[0], tiny_fused[1]
+    init = model_dir
+    if source == "laion":
+        init = tmp_path / "laion.pt"
+        torch.save({"state_dict": laion_state_dict(hf_model), "epoch": 3}, init)
+    run = tmp_path / "run"
+    args = ["train", "--data", toy / "shards", "--init", init, "--out", run, "--workers", "0", "--max-steps", "2",
+            "--batch-size", "4", "--freeze-text", "--lr", "1e-3", "--warmup", "1"]
+    if source == "laion":
+        args += ["--tokenizer", model_dir]
+    clap(*args)
+    before, after = load_model(init, device="cpu", tokenizer=str(model_dir)), load_model(run / "final", device="cpu")
+    assert after.config.to_dict() == before.config.to_dict()
+    b, a = before.model.state_dict(), after.model.state_dict()
+    text = [k for k in b if k.startswith("text_model.")]
+    audio = [k for k in b if k.startswith("audio_model.") and b[k].is_floating_point()]
+    assert text and all(torch.equal(a[k], b[k]) for k in text)  # --freeze-text: bit-identical tower
+    assert any(not torch.equal(a[k], b[k]) for k in audio)  # the audio tower did train
+
+
+def one_error(stderr: str) -> str:
+    """The one `error:` line of a failed run (progress lines may precede it; no traceback may follow)."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr and stderr.rstrip().endswith(errors[0]), stderr
+    return errors[0]
+
+
+def test_data_errors_are_one_line(toy, tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "000000.tar").write_bytes(b"not a tar at all" * 10)
+    (bad / "sizes.json").write_text('{"000000.tar": 4}')
+    fresh = ["--model-config", "tiny", "--tokenizer", toy / "tok", "--workers", "0"]
+    code, err = run_main(monkeypatch, capsys, "train", "--data", bad, *fresh, "--out", tmp_path / "r",
+                         "--batch-size", "2")
+    assert code == 1 and "000000.tar" in one_error(err)
+    no_caption = tmp_path / "nocap"
+    writer = ShardWriter(no_caption, shard_size=8)
+    for i in range(4):
+        writer.add(f"k{i}", encode_flac(np.zeros(4800, np.float32) + 0.1), {"tag": ["x"]})
+    writer.close()
+    code, err = run_main(monkeypatch, capsys, "train", "--data", no_caption, *fresh, "--out", tmp_path / "r1",
+                         "--batch-size", "2")
+    assert code == 1 and re.search(r"000000\.tar: k\d: no caption", one_error(err))
+    code, err = run_main(monkeypatch, capsys, "train", "--data", toy / "shards", "--out", tmp_path / "r2")
+    assert code == 2 and "--model-config" in err
+    code, err = run_main(monkeypatch, capsys, "train", "--data", toy / "shards", *fresh, "--out", tmp_path / "r3",
+                         "--precision", "fp16", "--device", "cpu")
+    assert code == 2 and "fp16" in err
+    code, err = run_main(monkeypatch, capsys, "train", "--data", toy / "shards", *fresh, "--out", tmp_path / "r4",
+                         "--batch-size", "512")
+    assert code == 1 and "lower --batch-size" in err
+
+
+def test_torchrun_two_ranks_train_in_step(toy, tmp_path):
+    """Two Gloo ranks on the CPU: the same number of steps, one log and one set of checkpoints (rank 0)."""
+    run = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "clapcli", "train",
+                           "--data", str(toy / "shards"), "--model-config", "tiny", "--tokenizer", str(toy / "tok"),
+                           "--out", str(run), "--workers", "0", "--batch-size", "4", "--max-steps", "3",
+                           "--log-every", "1", "--device", "cpu"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    start = log_records(run)[0]
+    assert start["world_size"] == 2
+    assert sorted(step_records(run)) == [1, 2, 3]
+    assert (run / "final" / "model.safetensors").is_file()
