@@ -56,6 +56,10 @@ def toy(tmp_path_factory):
     make_tokenizer(root / "tok")
     clap("shards", "make", manifest, "--out", root / "shards", "--val-fraction", "0.2", "--shard-size", "16",
          "--seed", "1")
+    files, kinds = held_out_clips(root, per_kind=3, seed=777)  # class folders named by a caption of the kind
+    for f, kind in zip(files, kinds):
+        (root / "labelled" / CAPTIONS[kind][0]).mkdir(parents=True, exist_ok=True)
+        f.rename(root / "labelled" / CAPTIONS[kind][0] / f.name)
     return root
 
 
@@ -66,7 +70,8 @@ TRAIN = ["--model-config", "tiny", "--workers", "0", "--log-every", "1"]
 def trained(toy, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "learn"
     clap("train", "--data", toy / "shards", "--tokenizer", toy / "tok", "--out", run, *TRAIN,
-         "--epochs", "10", "--batch-size", "16", "--lr", "1e-3", "--warmup", "3", "--seed", "0")
+         "--epochs", "10", "--batch-size", "16", "--lr", "1e-3", "--warmup", "3", "--seed", "0",
+         "--val-zeroshot", toy / "labelled", "--template", "{}")
     return run
 
 
@@ -79,6 +84,7 @@ def test_training_learns_the_sound_kinds(trained, tmp_path):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
     val = [r["val"] for r in records if "val" in r]
     assert len(val) == 10 and val[-1]["t2a_mAP@10"] > val[0]["t2a_mAP@10"], val
+    assert val[-1]["zeroshot_top1"] >= 0.5, val  # 12 labelled clips, 4 classes: chance is 0.25
 
     model = load_model(trained / "final", device="cpu")
     files, kinds = held_out_clips(tmp_path, per_kind=6)
@@ -89,10 +95,10 @@ def test_training_learns_the_sound_kinds(trained, tmp_path):
     assert accuracy >= 0.6, (accuracy, predicted)
 
 
-def held_out_clips(directory: Path, per_kind: int) -> tuple[list[Path], list[str]]:
+def held_out_clips(directory: Path, per_kind: int, seed: int = 12345) -> tuple[list[Path], list[str]]:
     import soundfile as sf
 
-    rng = np.random.default_rng(12345)  # not the training set's seed
+    rng = np.random.default_rng(seed)  # not the training set's seed
     files, kinds = [], []
     for i in range(per_kind):
         for kind in KINDS:

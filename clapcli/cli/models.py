@@ -6,7 +6,8 @@ import typer
 
 from . import output
 
-models_app = typer.Typer(help="List and download released CLAP models.", no_args_is_help=True)
+models_app = typer.Typer(help="List and download released CLAP models; list training presets.",
+                         no_args_is_help=True)
 
 
 @models_app.command("list")
@@ -47,6 +48,33 @@ def pull(name: str = typer.Argument(..., help="A name from `clap models list` or
 
         AutoTokenizer.from_pretrained(ROBERTA_TOKENIZER)
     output.stderr_console().print(f"{name}: cached at {path}", highlight=False)
+
+
+@models_app.command("presets")
+def presets(as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
+    """Architectures `clap train --model-config` builds: encoder sizes, fusion, clip length, parameters."""
+    from ..models.presets import preset, preset_names
+
+    rows = []
+    for name in preset_names():
+        cfg = preset(name)
+        a, t = cfg.audio, cfg.text
+        rows.append({"name": name, "audio": f"{a.encoder} width {a.patch_embeds_hidden_size} depths {a.depths}",
+                     "fused": cfg.fused, "clip_seconds": round(cfg.frontend.clip_samples / cfg.frontend.sample_rate, 2),
+                     "text": f"{t.model_type} {t.num_hidden_layers}x{t.hidden_size}", "dim": cfg.projection_dim})
+    if as_json or not output.is_terminal():
+        for r in rows:
+            output.json_line(r)
+        return
+    from rich.table import Table
+
+    table = Table(title="model presets (clap train --model-config NAME)")
+    for col in ("name", "audio", "fused", "clip s", "text", "dim"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["audio"], "yes" if r["fused"] else "no", str(r["clip_seconds"]), r["text"],
+                      str(r["dim"]))
+    output.stdout_console().print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -16,6 +16,12 @@ def train_command(
     data: Path = typer.Option(..., "--data", help="Shards: a `clap shards make` folder (its train/ split) or a "
                               "folder of .tar shards with sizes.json."),
     val: Optional[Path] = typer.Option(None, "--val", help="Validation shards (default: DATA/val when present)."),
+    val_zeroshot: Optional[Path] = typer.Option(None, "--val-zeroshot", help="Also validate zero-shot "
+                                                "accuracy on labelled clips (class subfolders, or a path,label "
+                                                "CSV/JSONL)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Zero-shot candidates: a label set, @FILE or "
+                                         "a comma list (default: the classes of --val-zeroshot)."),
+    template: str = typer.Option("This is a sound of {}.", "--template", help="Zero-shot prompt; {} is the label."),
     init: Optional[str] = typer.Option(None, "--init", help="Start from this model: hub id, HF directory, LAION "
                                        ".pt or clapcli directory (domain adaptation)."),
     model_config: Optional[str] = typer.Option(None, "--model-config", help="Or a fresh model from a preset "
@@ -76,7 +82,8 @@ def train_command(
     from ..train.loop import train
 
     cfg = TrainConfig(
-        data=str(data), out=str(out), val=str(val) if val else None, init=init, model_config=model_config,
+        data=str(data), out=str(out), val=str(val) if val else None,
+        val_zeroshot=str(val_zeroshot) if val_zeroshot else None, labels=labels, template=template, init=init, model_config=model_config,
         text_model=text_model, tokenizer=tokenizer, epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup,
         wd=wd, grad_clip=grad_clip, precision=precision, freeze_audio=freeze_audio, freeze_text=freeze_text,
         grad_checkpointing=grad_checkpointing, accum_steps=accum_steps, local_loss=local_loss,

@@ -20,6 +20,9 @@ class TrainConfig:
     data: str  # shard folder: a `clap shards make` output (its train/ split) or a folder of tars + sizes.json
     out: str  # run directory: config.json, log.jsonl, step-N/, best/, final/, trainer_state.pt
     val: str | None = None  # validation shards (default: the data folder's val/ split when it has one)
+    val_zeroshot: str | None = None  # labelled clips (class folders or path,label CSV) for zero-shot accuracy
+    labels: str | None = None  # zero-shot candidates: a label set as `clap tag --labels` takes (default: the classes)
+    template: str = "This is a sound of {}."  # zero-shot prompt (LAION-CLAP's)
     init: str | None = None  # start from this model (hub id, HF directory, LAION .pt, clapcli directory)
     model_config: str | None = None  # or build a fresh model from this preset (see `clap models presets`)
     text_model: str | None = None  # with model_config: pretrained transformers text tower (name or directory)

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from .. import dist
-from ..errors import ClapError, DataError, TrainingError, UsageError
+from ..errors import DataError, TrainingError, UsageError
 from ..runtime import TRAINING_PRECISIONS, autocast, native_bf16, resolve_precision
 from .batch import Batch, Collate
 from .checkpoint import load_trainer_state, prune_step_checkpoints, save_checkpoint
@@ -24,8 +24,8 @@ from .config import TrainConfig, TrainState
 from .data import ShardStream, loader, steps_per_epoch
 from .loss import ClipLoss, clamp_logit_scale_
 from .runlog import RunLog
-from .setup import build_model, open_data, prepare_run_dir
-from .validate import validate
+from .setup import build_model, open_data, open_zeroshot, prepare_run_dir
+from .validate import validate, validate_zeroshot
 
 Logger = Callable[[dict], None]
 
@@ -120,6 +120,9 @@ def train(cfg: TrainConfig, ctx: dist.DistContext | None = None, display: Logger
     precision = resolve_precision(cfg.precision, device, allowed=TRAINING_PRECISIONS)
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a CUDA device; use fp32 (or bf16 where the CPU runs it natively)")
+    if cfg.best_metric not in BEST_METRICS:
+        raise UsageError(f"--best-metric {cfg.best_metric!r} is not a validation metric; choose one of: "
+                         + ", ".join(BEST_METRICS))
     run_dir = Path(cfg.out)
     resume_from = prepare_run_dir(run_dir, cfg, ctx) if ctx.is_main else None
     resume_from = dist.broadcast_object(str(resume_from) if resume_from else None)
@@ -144,6 +147,7 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
         model.set_grad_checkpointing(True)
     model.train()
     split, val_split = open_data(cfg)
+    zeroshot = open_zeroshot(cfg)
     steps = steps_per_epoch(split, cfg.batch_size, ctx.world_size, cfg.workers, cfg.seed)
     total = steps * cfg.epochs
     optimizer = make_optimizer(model, cfg)
@@ -208,8 +212,8 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
                 t_last, n_last = now, 0
             if state.epoch_step == steps:
                 state.epoch, state.epoch_step = state.epoch + 1, 0
-                if val_split is not None and (state.epoch % cfg.val_every_epochs == 0 or state.epoch == cfg.epochs):
-                    _validate(cfg, model, tokenizer, val_split, state, ctx, log, save)
+                if (val_split or zeroshot) and (state.epoch % cfg.val_every_epochs == 0 or state.epoch == cfg.epochs):
+                    _validate(cfg, model, tokenizer, val_split, zeroshot, state, ctx, log)
                 save(f"step-{state.step}")
             elif cfg.save_every and state.step % cfg.save_every == 0:
                 save(f"step-{state.step}")
@@ -239,9 +243,11 @@ def _saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info,
     return save
 
 
-def _validate(cfg, model, tokenizer, val_split, state, ctx, log, save) -> None:
+def _validate(cfg, model, tokenizer, val_split, zeroshot, state, ctx, log) -> None:
     if ctx.is_main:
-        metrics = validate(model, tokenizer, val_split)
+        metrics = validate(model, tokenizer, val_split) if val_split is not None else {}
+        if zeroshot is not None:
+            metrics.update(validate_zeroshot(model, tokenizer, *zeroshot, template=cfg.template))
         metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
         state.history.append({"step": state.step, "epoch": state.epoch, **metrics})
         value = _metric(metrics, cfg.best_metric)
@@ -255,11 +261,20 @@ def _validate(cfg, model, tokenizer, val_split, state, ctx, log, save) -> None:
     dist.barrier()
 
 
+RETRIEVAL_KEYS = [f"{d}_{m}" for d in ("t2a", "a2t") for m in ("R@1", "R@5", "R@10", "mAP@10", "mean_rank",
+                                                                 "median_rank")]
+ZEROSHOT_KEYS = [f"zeroshot_{m}" for m in ("top1", "top5", "top10", "mAP@10", "mean_rank")]
+BEST_METRICS = ["mAP@10", *RETRIEVAL_KEYS, *ZEROSHOT_KEYS]
+
+
 def _metric(metrics: dict, name: str) -> float | None:
-    if name == "mAP@10" and "t2a_mAP@10" in metrics:
-        return (metrics["t2a_mAP@10"] + metrics["a2t_mAP@10"]) / 2
+    """The value `name` ranks checkpoints by, larger = better (ranks are negated); None if not measured.
+    mAP@10 is the mean of both directions (LAION's selection); without retrieval data, zero-shot top-1."""
+    if name == "mAP@10":
+        if "t2a_mAP@10" in metrics:
+            return (metrics["t2a_mAP@10"] + metrics["a2t_mAP@10"]) / 2
+        name = "zeroshot_top1"
     value = metrics.get(name)
     if value is None:
-        raise ClapError(f"--best-metric {name!r} is not a validation metric; choose one of: mAP@10, "
-                        + ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, float))))
-    return float(value)
+        return None
+    return -float(value) if name.endswith("rank") else float(value)

@@ -123,3 +123,23 @@ def open_data(cfg: TrainConfig) -> tuple[ShardSplit, ShardSplit | None]:
     if val is not None and val.num_samples == 0:
         raise DataError(f"the validation data {val_source} holds no samples")
     return split, val
+
+
+def open_zeroshot(cfg: TrainConfig):
+    """(clips, candidate labels) for zero-shot validation, or None; every clip's class must be a candidate."""
+    if not cfg.val_zeroshot:
+        if cfg.labels:
+            raise UsageError("--labels is for --val-zeroshot; give the labelled clips too")
+        return None
+    from ..tagging.labels import resolve_labels
+    from ..tagging.prompts import check_templates
+    from .labelled import read_labelled
+
+    check_templates([cfg.template])
+    clips = read_labelled(cfg.val_zeroshot)
+    labels = resolve_labels(cfg.labels).labels if cfg.labels else sorted({c.label for c in clips})
+    unknown = sorted({c.label for c in clips} - set(labels))
+    if unknown:
+        raise UsageError(f"--val-zeroshot classes not in --labels: {', '.join(unknown[:5])}"
+                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+    return clips, labels

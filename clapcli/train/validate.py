@@ -10,8 +10,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .metrics import retrieval_metrics
+from ..errors import DataError
+from .labelled import LabelledClip
+from .metrics import retrieval_metrics, zeroshot_metrics
 from .shards import ShardSplit, decode_audio, iter_shard, select_text
+
+ZEROSHOT_TEMPLATE = "This is a sound of {}."  # LAION-CLAP's zero-shot prompt
 
 
 def embedder(model, tokenizer, device: torch.device | None = None):
@@ -48,3 +52,20 @@ def validate(model, tokenizer, split: ShardSplit, batch_size: int = 16) -> dict:
     metrics["samples"] = len(audio)
     metrics["captions"] = len(captions)
     return metrics
+
+
+def validate_zeroshot(model, tokenizer, clips: list[LabelledClip], labels: list[str],
+                      template: str = ZEROSHOT_TEMPLATE, batch_size: int = 16) -> dict:
+    """Zero-shot classification of labelled clips against `labels`, each put into `template`."""
+    from ..tagging.prompts import render
+
+    clap = embedder(model, tokenizer)
+    index = {label: i for i, label in enumerate(labels)}
+    audio = []
+    for e in clap.embed_files([c.path for c in clips], batch_size=batch_size, segments=False):
+        if e.error:
+            raise DataError(e.error, source=str(e.path))
+        audio.append(e.embedding)
+    text = clap.embed_text(render([template], labels))
+    result = zeroshot_metrics(np.stack(audio), text, np.asarray([index[c.label] for c in clips]))
+    return {f"zeroshot_{k}": v for k, v in result.items() if isinstance(v, float)}
