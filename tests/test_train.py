@@ -227,3 +227,36 @@ def test_too_little_data_for_a_batch_is_a_clear_error(shard_dir):
 
     with pytest.raises(DataError, match="lower --batch-size"):
         steps_per_epoch(shard_dir, 64, 1, 1)
+
+
+def test_text_source_picks_the_caption_field(tmp_path):
+    from clapcli.train.shards import encode_flac
+
+    writer = ShardWriter(tmp_path, shard_size=8)
+    for i in range(4):
+        writer.add(f"s{i}", encode_flac(np.full(4800, 0.1, np.float32)),
+                   {"text": f"template {i}", "text_augment_t5": f"k2c {i}",
+                    "text_augment_all": [f"template {i}", f"k2c {i}"]})
+    writer.close()
+    split = resolve_split(tmp_path)
+
+    def captions(source):
+        stream = ShardStream(split, KeysOnly(), batch_size=4, epoch=0, seed=0, rank=0, world_size=1, workers=1,
+                             steps=1, text_source=source)
+        return sorted(text for _, texts in stream for text in texts)
+
+    assert captions("text") == [f"template {i}" for i in range(4)]
+    assert captions("k2c") == [f"k2c {i}" for i in range(4)]
+    assert set(captions("all")) <= {f"{kind} {i}" for kind in ("template", "k2c") for i in range(4)}
+
+
+def test_sizes_json_promising_more_than_the_shards_hold_is_a_data_error(shard_dir, tmp_path):
+    import dataclasses
+
+    from clapcli.errors import DataError
+
+    inflated = dataclasses.replace(shard_dir, sizes={u: n + 3 for u, n in shard_dir.sizes.items()},
+                                   num_samples=shard_dir.num_samples + 15)
+    items = list(ShardStream(inflated, KeysOnly(), batch_size=4, epoch=0, seed=0, rank=0, world_size=1, workers=1,
+                             steps=steps_per_epoch(inflated, 4, 1, 1)))
+    assert isinstance(items[-1], DataError) and "clap shards info" in str(items[-1])
