@@ -20,20 +20,9 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="One JSON obj
          "cached": is_cached(m.name), "default": m.name == DEFAULT_MODEL, "note": m.note}
         for m in KNOWN_MODELS.values()
     ]
-    if as_json or not output.is_terminal():
-        for r in rows:
-            output.json_line(r)
-        return
-    from rich.table import Table
-
-    table = Table(title="CLAP models")
-    for col in ("name", "architecture", "fused", "dim", "cached", "note"):
-        table.add_column(col)
-    for r in rows:
-        name = r["name"] + (" (default)" if r["default"] else "")
-        table.add_row(name, r["architecture"], "yes" if r["fused"] else "no", str(r["dim"]),
-                      "[green]yes[/]" if r["cached"] else "no", r["note"])
-    output.stdout_console().print(table)
+    _show(rows, as_json, "CLAP models", ("name", "architecture", "fused", "dim", "cached", "note"), lambda r: (
+        r["name"] + (" (default)" if r["default"] else ""), r["architecture"], "yes" if r["fused"] else "no",
+        str(r["dim"]), "[green]yes[/]" if r["cached"] else "no", r["note"]))
 
 
 @models_app.command("pull")
@@ -59,21 +48,27 @@ def presets(as_json: bool = typer.Option(False, "--json", help="One JSON object 
     for name in preset_names():
         cfg = preset(name)
         a, t = cfg.audio, cfg.text
-        rows.append({"name": name, "audio": f"{a.encoder} width {a.patch_embeds_hidden_size} depths {a.depths}",
+        rows.append({"name": name, "audio": f"{a.encoder} {a.patch_embeds_hidden_size}×{'-'.join(map(str, a.depths))}",
                      "fused": cfg.fused, "clip_seconds": round(cfg.frontend.clip_samples / cfg.frontend.sample_rate, 2),
                      "text": f"{t.model_type} {t.num_hidden_layers}x{t.hidden_size}", "dim": cfg.projection_dim})
+    _show(rows, as_json, "model presets (clap train --model-config NAME)",
+          ("name", "audio", "fused", "clip s", "text", "dim"), lambda r: (
+              r["name"], r["audio"], "yes" if r["fused"] else "no", str(r["clip_seconds"]), r["text"], str(r["dim"])))
+
+
+def _show(rows: list[dict], as_json: bool, title: str, columns, cells) -> None:
+    """JSON lines when asked or piped, else a table whose row for `r` is `cells(r)`."""
     if as_json or not output.is_terminal():
         for r in rows:
             output.json_line(r)
         return
     from rich.table import Table
 
-    table = Table(title="model presets (clap train --model-config NAME)")
-    for col in ("name", "audio", "fused", "clip s", "text", "dim"):
+    table = Table(title=title)
+    for col in columns:
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], r["audio"], "yes" if r["fused"] else "no", str(r["clip_seconds"]), r["text"],
-                      str(r["dim"]))
+        table.add_row(*cells(r))
     output.stdout_console().print(table)
 
 
