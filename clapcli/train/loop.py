@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -57,6 +58,8 @@ def train_step(model, batch: Batch, loss_fn: ClipLoss, optimizer, *, accum_steps
     over the whole batch: features of every micro-batch are first computed without gradient, then each
     micro-batch is run again with gradient and its features swapped into the cached set (the feature-cache
     method). The logit scale's gradient is taken from the first micro-batch only, so it is counted once.
+    (BatchNorm layers in training mode see micro-batch statistics and update their running averages on both
+    passes; with a locked audio tower the result equals the whole-batch step exactly, see the tests.)
     """
     module = getattr(model, "module", model)
     optimizer.zero_grad(set_to_none=True)
@@ -74,8 +77,10 @@ def train_step(model, batch: Batch, loss_fn: ClipLoss, optimizer, *, accum_steps
         text = [o.text_embeds.float() for o in cached]
         value = 0.0
         for j, m in enumerate(micro):
-            sync = j == len(micro) - 1 or not hasattr(model, "no_sync")
-            with (model.no_sync() if not sync else _null()), autocast(device, precision):
+            last = j == len(micro) - 1
+            # DDP: gradients are averaged across ranks once, after the last micro-batch's backward
+            with (model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()), \
+                    autocast(device, precision):
                 out = model(*m)
                 a = torch.cat(audio[:j] + [out.audio_embeds.float()] + audio[j + 1 :])
                 t = torch.cat(text[:j] + [out.text_embeds.float()] + text[j + 1 :])
@@ -101,14 +106,6 @@ def _backward(loss: torch.Tensor, scaler) -> None:
     if not torch.isfinite(loss):
         raise TrainingError(f"the loss became {float(loss)}: lower --lr, use --precision fp32, or raise --warmup")
     (scaler.scale(loss) if scaler is not None else loss).backward()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train(cfg: TrainConfig, ctx: dist.DistContext | None = None, display: Logger | None = None) -> dict:
