@@ -146,7 +146,8 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
     split, val_split = open_data(cfg)
     zeroshot = open_zeroshot(cfg)
     steps = steps_per_epoch(split, cfg.batch_size, ctx.world_size, cfg.workers, cfg.seed)
-    total = steps * cfg.epochs
+    total = steps * cfg.epochs  # the schedule's length; --max-steps only stops early
+    planned = min(total, cfg.max_steps) if cfg.max_steps else total
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     state = TrainState(steps_per_epoch=steps)
@@ -172,7 +173,7 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
     collate = Collate(model.config.frontend, model.config.fused, tokenizer, model.config.text.max_length,
                       cfg.spec_augment)
     save = _saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info, ctx)
-    log({"event": "start", "steps_per_epoch": steps, "total_steps": total, "samples": split.num_samples,
+    log({"event": "start", "steps_per_epoch": steps, "total_steps": planned, "samples": split.num_samples,
          "world_size": ctx.world_size, "device": str(device), "precision": precision})
 
     t_last, n_last = time.perf_counter(), 0
@@ -204,7 +205,7 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
                 now = time.perf_counter()
                 record = {"step": state.step, "epoch": state.epoch, "loss": round(loss, 6), "lr": lr,
                           "logit_scale": round(float(model.logit_scale_a.detach().exp()), 4),
-                          "samples_per_s": round(n_last / max(now - t_last, 1e-9), 2), "total_steps": total}
+                          "samples_per_s": round(n_last / max(now - t_last, 1e-9), 2), "total_steps": planned}
                 log({**record, "keys": keys} if cfg.log_samples else record)
                 t_last, n_last = now, 0
             if state.epoch_step == steps:
