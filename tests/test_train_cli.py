@@ -255,3 +255,4 @@ def test_torchrun_two_ranks_train_in_step(toy, tmp_path):
     assert start["world_size"] == 2
     assert sorted(step_records(run)) == [1, 2, 3]
     assert (run / "final" / "model.safetensors").is_file()
+    assert [r["step"] for r in log_records(run) if "val" in r] == [3]  # stopped inside the epoch: validated at the end

@@ -217,6 +217,8 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
                 save(f"step-{state.step}")
             if _stop(cfg, state):
                 break
+    if state.epoch_step and (val_split or zeroshot):  # stopped by --max-steps inside an epoch: validate the end too
+        _validate(cfg, model, tokenizer, val_split, zeroshot, state, ctx, log)
     save("final")
     dist.barrier()
     summary = {"event": "done", "steps": state.step, "epochs": state.epoch, "out": str(run_dir),
