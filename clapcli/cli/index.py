@@ -27,8 +27,12 @@ def index_command(
                                           help="Decoding processes beside the model (default: cores − 1, max 4)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", "-x", help="Glob of paths or names to skip "
                                                 "(repeatable), e.g. '*.tmp' or '.git'."),
-    rebuild: bool = typer.Option(False, "--rebuild", help="Drop everything in the index and embed again "
-                                 "(also the way to switch models)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Embed everything again into a new index that "
+                                 "replaces the old one only on success (also the way to switch models, or to "
+                                 "recover a damaged database, which is kept aside)."),
+    prune_empty: bool = typer.Option(False, "--prune-empty", help="Confirm removing the indexed files of a "
+                                     "folder that now lists no audio (otherwise kept: it may be an unmounted "
+                                     "drive)."),
     wait: bool = typer.Option(False, "--wait", help="Wait for another `clap index` on this index to finish."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
     commit_every: int = typer.Option(64, "--commit-every", min=1, help="Files per database commit: a crash "
@@ -37,8 +41,10 @@ def index_command(
 ) -> None:
     """Embed audio files under DIR… into an index; unchanged files are skipped, deleted ones pruned."""
     import os
+    import sys
 
-    from ..index.indexer import build_index
+    from ..errors import ClapError
+    from ..index.indexer import IndexInterrupted, emptied_message, build_index
     from ..index.paths import resolve_index
 
     index_dir = resolve_index(index)
@@ -50,13 +56,20 @@ def index_command(
             dirs, index_dir, lambda name: options.load(name, device, precision, tokenizer),
             model_name=model, exclude=exclude or (), batch_size=batch_size, workers=workers,
             rebuild=rebuild, wait=wait, on_plan=progress.on_plan, on_file=progress.on_file, commit_every=commit_every,
+            prune_empty=prune_empty,
         )
+    except IndexInterrupted as interrupted:
+        progress.stop()
+        print(interrupted.message, file=sys.stderr)
+        raise typer.Exit(130) from None
     finally:
         progress.stop()
     if as_json:
         output.json_line(summary.to_dict())
     else:
         _print_summary(summary)
+    if summary.emptied_roots:
+        raise ClapError(emptied_message(summary.emptied_roots, "nothing under it was pruned"))
 
 
 def _print_summary(s) -> None:
@@ -68,6 +81,8 @@ def _print_summary(s) -> None:
               highlight=False)
     errors = f", {len(s.unreadable)} unreadable (listed by --json)" if s.unreadable else ""
     con.print(f"now {s.total_files} files, {s.total_segments} segments{errors}; model {s.model}", highlight=False)
+    if s.kept_aside:
+        con.print(f"[yellow]the damaged database was kept as {s.kept_aside}[/]", highlight=False)
     for path, reason in s.skipped[:20]:
         con.print(f"  [yellow]skipped[/] {path}: {reason}", highlight=False)
     if len(s.skipped) > 20:

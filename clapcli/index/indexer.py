@@ -9,14 +9,16 @@ never under a folder that could not be listed this time.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from ..errors import ClapError
+from ..errors import ClapError, IndexStoreError
 from .lock import WriterLock
-from .scan import ScanEntry, ScanProblem, scan
+from .scan import AUDIO_EXTENSIONS, ScanEntry, ScanProblem, scan
+from .schema import DB_FILENAME
 from .store import IndexStore, content_hash
 
 COMMIT_EVERY_FILES = 64  # files per SQLite transaction
@@ -40,6 +42,9 @@ class IndexSummary:
     total_files: int = 0
     total_segments: int = 0
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, error) of every error row stored
+    emptied_roots: list[tuple[str, int]] = field(default_factory=list)  # (folder, files kept): lists no audio now
+    kept_aside: str | None = None  # where --rebuild moved a damaged database
+    committed: int = 0  # files embedded (or recorded as unreadable) and committed in this run
 
     def to_dict(self) -> dict:
         return {
@@ -61,6 +66,8 @@ class IndexSummary:
             "total_segments": self.total_segments,
             "total_errors": len(self.unreadable),
             "unreadable_files": [{"path": p, "reason": r} for p, r in self.unreadable],
+            "emptied_roots": [{"path": p, "kept_files": n} for p, n in self.emptied_roots],
+            "kept_aside": self.kept_aside,
         }
 
 
@@ -120,6 +127,17 @@ def _hash_or_none(path: str) -> str | None:
         return None
 
 
+class IndexInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `build_index`; `message` says what was committed and how to carry on."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+REBUILD_DIR = ".rebuild"  # inside the index directory: where `--rebuild` builds before swapping in
+
+
 def build_index(
     roots: Sequence[str | os.PathLike],
     index_dir: Path,
@@ -133,8 +151,16 @@ def build_index(
     on_plan: Callable[[Plan], None] | None = None,
     on_file: Callable[[object], None] | None = None,
     commit_every: int = COMMIT_EVERY_FILES,
+    prune_empty: bool = False,
 ) -> IndexSummary:
-    """Index `roots` into `index_dir`. `load_model(name)` is called only when something needs embedding."""
+    """Index `roots` into `index_dir`. `load_model(name)` is called only when something needs embedding.
+
+    Nothing is written before the model has loaded when the run creates the index or rebuilds it, so a
+    mistyped model leaves no empty index behind and never harms an existing one. `rebuild` builds a fresh
+    store beside the old one (in `index_dir/.rebuild`) and swaps it in only on success; a database that
+    cannot be opened is then kept aside as `index.sqlite.damaged-<time>`, never deleted. A root that held
+    indexed files and now lists no audio (an unmounted drive) prunes nothing unless `prune_empty`.
+    """
     started = time.monotonic()
     root_paths = []
     for r in roots:
@@ -143,42 +169,39 @@ def build_index(
             raise ClapError(f"no such file or directory: {r}")
         root_paths.append(p.resolve())
 
+    problems: list[ScanProblem] = []
+    linked: list[str] = []
+    entries = list(scan(root_paths, exclude=exclude, problems=problems, linked_dirs=linked))
+    exists = IndexStore.exists(index_dir)
+    if not entries and not exists:
+        where = ", ".join(str(r) for r in roots)
+        unread = f" ({len(problems)} paths could not be read)" if problems else ""
+        raise ClapError(f"no audio files under {where}{unread}; nothing to index "
+                        f"(looked for {', '.join('.' + e for e in sorted(AUDIO_EXTENSIONS))})")
+
+    model = None
+    damaged = False
+    if rebuild or not exists:
+        stored_identity = None
+        if exists:
+            try:
+                with IndexStore.open(index_dir, readonly=True) as old:
+                    stored_identity = old.model_identity
+            except IndexStoreError:
+                damaged = True  # kept aside when the rebuild succeeds
+        # Without --model, a rebuild keeps the model the index was built with.
+        model = load_model(model_name or (stored_identity or {}).get("model"))
+
     # Without --wait, still allow a few seconds: a `clap search` may hold the lock while it saves the hnsw file.
     with WriterLock(index_dir, wait=True, timeout=None if wait else LOCK_GRACE_SECONDS):
-        with IndexStore.open(index_dir, create=True) as store:
-            stored_identity = store.model_identity
-            if rebuild:
-                store.clear()
-                stored_identity = None
-            # Without --model, keep using the model the index was built with.
-            name = model_name or (stored_identity or {}).get("model")
-            problems: list[ScanProblem] = []
-            linked: list[str] = []
-            entries = list(scan(root_paths, exclude=exclude, problems=problems, linked_dirs=linked))
-            plan = plan_changes(store, entries, root_paths, [p.path for p in problems if p.unread_dir], linked)
-            summary = IndexSummary(str(index_dir), name or "")
-            summary.scanned = len(entries)
-            summary.unchanged = plan.unchanged
-            summary.skipped.extend((str(p.path), p.reason) for p in problems)
-            if on_plan:
-                on_plan(plan)
-
-            model = None
-            if plan.to_embed or stored_identity is None or model_name:
-                model = load_model(name)
-                summary.model = model.model_ref
-                # Refuses a different model unless the store is empty; --rebuild cleared it above.
-                store.set_model_identity(model.identity_dict)
-
-            with store.transaction():
-                store.remove_files(plan.to_remove)
-                for entry in plan.touched:
-                    store.update_file_stat(str(entry.path), entry.size, entry.mtime_ns)
-            summary.removed, summary.touched = len(plan.to_remove), len(plan.touched)
-
-            if plan.to_embed:
-                _embed_and_commit(store, model, plan, summary, batch_size, workers, on_file, commit_every)
-
+        if rebuild and IndexStore.exists(index_dir):
+            summary = _rebuild(index_dir, model, damaged, root_paths, entries, problems, linked, prune_empty,
+                               batch_size, workers, on_plan, on_file, commit_every)
+        else:
+            with IndexStore.open(index_dir, create=True) as store:
+                summary = _update(store, model, load_model, model_name, root_paths, entries, problems, linked,
+                                  prune_empty, batch_size, workers, on_plan, on_file, commit_every)
+        with IndexStore.open(index_dir) as store:
             from .ann import AnnIndex
 
             AnnIndex.sync(store, persist=True)
@@ -189,6 +212,111 @@ def build_index(
     return summary
 
 
+def _update(store: IndexStore, model, load_model, model_name, root_paths, entries, problems, linked,
+            prune_empty, batch_size, workers, on_plan, on_file, commit_every) -> IndexSummary:
+    """Bring `store` up to date with the scan: prune, re-stat, embed and commit in batches."""
+    stored_identity = store.model_identity
+    name = model_name or (stored_identity or {}).get("model")
+    states = store.file_states()
+    empty = [] if prune_empty else _emptied_roots(root_paths, entries, linked, states)
+    plan = plan_changes(store, entries, root_paths,
+                        [p.path for p in problems if p.unread_dir] + [r for r, _ in empty], linked)
+    summary = IndexSummary(str(store.index_dir), name or "")
+    summary.scanned = len(entries)
+    summary.unchanged = plan.unchanged
+    summary.skipped.extend((str(p.path), p.reason) for p in problems)
+    summary.emptied_roots = [(str(r), n) for r, n in empty]
+    if on_plan:
+        on_plan(plan)
+
+    if model is None and (plan.to_embed or stored_identity is None or model_name):
+        model = load_model(name)
+    if model is not None:
+        summary.model = model.model_ref
+        # Refuses a different model unless the store is empty (a rebuild starts from an empty store).
+        store.set_model_identity(model.identity_dict)
+
+    with store.transaction():
+        store.remove_files(plan.to_remove)
+        for entry in plan.touched:
+            store.update_file_stat(str(entry.path), entry.size, entry.mtime_ns)
+    summary.removed, summary.touched = len(plan.to_remove), len(plan.touched)
+
+    if plan.to_embed:
+        try:
+            _embed_and_commit(store, model, plan, summary, batch_size, workers, on_file, commit_every)
+        except KeyboardInterrupt:
+            left = len(plan.to_embed) - summary.committed
+            raise IndexInterrupted(
+                f"interrupted: {summary.committed} files embedded and committed to {store.index_dir} in this run, "
+                f"{left} not yet; run the same command again to resume"
+            ) from None
+    return summary
+
+
+def _emptied_roots(roots: Sequence[Path], entries: Sequence[ScanEntry], linked: Sequence[str],
+                   states: dict) -> list[tuple[Path, int]]:
+    """Folders among `roots` that list no audio now but hold indexed files: (folder, files it holds).
+
+    An unmounted drive's mount point or a disconnected share looks exactly like a folder whose files were
+    all deleted; pruning is then left to an explicit `--prune-empty`."""
+    found = [str(e.path) for e in entries] + list(linked)
+    emptied = []
+    for root in roots:
+        if not root.is_dir() or any(_under(p, [root]) for p in found):
+            continue
+        held = sum(1 for p in states if _under(p, [root]))
+        if held:
+            emptied.append((root, held))
+    return emptied
+
+
+def _rebuild(index_dir: Path, model, damaged: bool, root_paths, entries, problems, linked, prune_empty,
+             batch_size, workers, on_plan, on_file, commit_every) -> IndexSummary:
+    """Build a fresh store in `index_dir/.rebuild`, then swap it in; the old one serves until the swap."""
+    db = index_dir / DB_FILENAME
+    if not damaged and not prune_empty:
+        with IndexStore.open(index_dir, readonly=True) as old:
+            emptied = _emptied_roots(root_paths, entries, linked, old.file_states())
+        if emptied:
+            raise ClapError(emptied_message(emptied, "the rebuild was refused and the index is unchanged"))
+    staging = index_dir / REBUILD_DIR
+    shutil.rmtree(staging, ignore_errors=True)  # left by a rebuild that was killed
+    try:
+        with IndexStore.open(staging, create=True) as store:
+            summary = _update(store, model, None, None, root_paths, entries, problems, linked, True,
+                              batch_size, workers, on_plan, on_file, commit_every)
+            store.checkpoint()  # everything in the main file, so the database is one file to move
+        summary.index = str(index_dir)
+        if damaged:
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            kept = db.with_name(f"{DB_FILENAME}.damaged-{stamp}")
+            os.replace(db, kept)
+            summary.kept_aside = str(kept)
+            for suffix in ("-wal", "-shm"):
+                side = db.with_name(DB_FILENAME + suffix)
+                if side.exists():
+                    os.replace(side, kept.with_name(kept.name + suffix))
+        else:
+            with IndexStore.open(index_dir) as old:
+                old.checkpoint()
+        # An old WAL must never meet the new database: SQLite would replay its frames onto it.
+        for suffix in ("-wal", "-shm"):
+            db.with_name(DB_FILENAME + suffix).unlink(missing_ok=True)
+        os.replace(staging / DB_FILENAME, db)
+    except KeyboardInterrupt:
+        raise IndexInterrupted("interrupted: the rebuild was abandoned and the index is unchanged") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def emptied_message(emptied: Sequence[tuple], outcome: str) -> str:
+    folders = "; ".join(f"{root} held {n} indexed files" for root, n in emptied)
+    return (f"{folders} and now lists no audio (an unmounted drive or a disconnected share?); {outcome}; "
+            "pass --prune-empty to remove those files from the index")
+
+
 def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_size, workers, on_file,
                       commit_every: int) -> None:
     by_path = {str(e.path): e for e in plan.to_embed}
@@ -197,6 +325,7 @@ def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_siz
         with store.transaction():  # the batch lands whole or not at all
             for result in batch:
                 _store_result(store, result, by_path[result.path], plan, summary)
+        summary.committed += len(batch)
 
 
 def _commit_batches(results, commit_every: int, on_file) -> Iterator[list]:

@@ -122,7 +122,7 @@ def _connect(db_path: Path, readonly: bool) -> sqlite3.Connection:
         conn.execute("PRAGMA foreign_keys = ON")
     except sqlite3.DatabaseError as e:
         conn.close()
-        raise IndexStoreError(f"{db_path} is not a clap index database ({e})") from e
+        raise _not_an_index(db_path, str(e)) from e
     return conn
 
 
@@ -131,16 +131,23 @@ def _read_schema_version(conn: sqlite3.Connection, db_path: Path) -> int:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "meta" not in tables:
             if tables:
-                raise IndexStoreError(f"{db_path} is not a clap index database (no meta table)")
+                raise _not_an_index(db_path, "no meta table")
             return 0
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.DatabaseError as e:
-        raise IndexStoreError(f"{db_path} is not a clap index database ({e})") from e
+        raise _not_an_index(db_path, str(e)) from e
     if row is None:
         # Version 1 stores written before the version key existed do not exist; a meta table without
         # the key means someone else's database.
-        raise IndexStoreError(f"{db_path} is not a clap index database (no schema version)")
+        raise _not_an_index(db_path, "no schema version")
     return int(row[0])
+
+
+def _not_an_index(db_path: Path, why: str) -> IndexStoreError:
+    return IndexStoreError(
+        f"{db_path} is not a clap index database ({why}); `clap index DIR… --index {db_path.parent} --rebuild` "
+        f"builds a new index there, the damaged file kept aside as {DB_FILENAME}.damaged-<time>"
+    )
 
 
 def _migrate(conn: sqlite3.Connection, db_path: Path) -> None:

@@ -495,6 +495,11 @@ class IndexStore:
         embeddings = self._conn.execute("SELECT count(*) FROM embeddings").fetchone()[0]
         return Counts(files, ok, errors, segments, embeddings)
 
+    def checkpoint(self) -> None:
+        """Move everything from the WAL into the database file and empty the WAL (before the file is moved)."""
+        self._check_writable()
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     # -- internals ------------------------------------------------------------------------------------------
 
     def _check_writable(self) -> None:

@@ -1,0 +1,178 @@
+"""Nothing lost: `clap index` and `clap search` never lose an index to a mistyped flag, an unmounted drive,
+a failed model load, a damaged database, a read-only mount or a killed run. All through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from clapcli.cli.main import app
+from library import GOOD, make_library
+
+runner = CliRunner()
+
+
+def clap(*args, ok=True):
+    result = runner.invoke(app, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def summary(result) -> dict:
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")][-1]
+
+
+def stored(index_dir: Path) -> dict[str, bytes]:
+    """path → file-level embedding blob, read with plain SQL."""
+    con = sqlite3.connect(f"file:{index_dir / 'index.sqlite'}?mode=ro", uri=True)
+    rows = con.execute(
+        "SELECT f.path, e.vector FROM files f JOIN segments s ON s.file_id = f.id "
+        "JOIN embeddings e ON e.segment_id = s.id WHERE s.kind = 'file'"
+    ).fetchall()
+    con.close()
+    return dict(rows)
+
+
+def hits(index_dir: Path, query: str = "dog") -> list[str]:
+    out = clap("search", query, "--index", index_dir, "--paths", "-k", "50").stdout
+    return out.split()
+
+
+def small_library(root: Path, n: int = 3) -> Path:
+    make_library(root, good=GOOD[:n])
+    shutil.rmtree(root / "broken")
+    return root
+
+
+# -- 1. --rebuild builds beside the old index ------------------------------------------------------------
+
+
+def test_rebuild_with_a_mistyped_model_leaves_the_index_intact_and_searchable(tiny_model_dir, tmp_path):
+    root, index_dir = small_library(tmp_path / "lib"), tmp_path / "idx"
+    clap("index", root, "--index", index_dir, "--model", tiny_model_dir)
+    before, found = stored(index_dir), hits(index_dir)
+    assert len(before) == 3 and len(found) == 3
+
+    result = clap("index", root, "--index", index_dir, "--rebuild", "--model", tmp_path / "no-such-model", ok=False)
+    assert result.exit_code == 1
+    assert stored(index_dir) == before
+    assert hits(index_dir) == found
+
+
+def test_rebuild_without_model_reuses_the_index_model_and_builds_afresh(tiny_model_dir, tmp_path):
+    root, index_dir = small_library(tmp_path / "lib"), tmp_path / "idx"
+    clap("index", root, "--index", index_dir, "--model", tiny_model_dir)
+    con = sqlite3.connect(index_dir / "index.sqlite")
+    con.execute("UPDATE files SET content_hash = 'stale'")  # marks rows from before the rebuild
+    con.commit()
+    con.close()
+
+    # HF_HUB_OFFLINE is set: falling back to the default hub model would fail the run.
+    s = summary(clap("index", root, "--index", index_dir, "--rebuild", "--json"))
+    assert s["added"] == 3 and s["total_files"] == 3 and s["model"] == str(tiny_model_dir)
+    con = sqlite3.connect(index_dir / "index.sqlite")
+    assert con.execute("SELECT count(*) FROM files WHERE content_hash = 'stale'").fetchone()[0] == 0
+    con.close()
+    assert not (index_dir / ".rebuild").exists()
+    assert len(hits(index_dir)) == 3
+
+
+def test_rebuild_switches_models(tiny_model_dir, tiny_unfused_dir, tmp_path):
+    root, index_dir = small_library(tmp_path / "lib", 2), tmp_path / "idx"
+    clap("index", root, "--index", index_dir, "--model", tiny_model_dir)
+    before = stored(index_dir)
+    s = summary(clap("index", root, "--index", index_dir, "--rebuild", "--model", tiny_unfused_dir, "--json"))
+    assert s["model"] == str(tiny_unfused_dir) and s["total_files"] == 2
+    after = stored(index_dir)
+    assert sorted(after) == sorted(before) and all(after[p] != before[p] for p in after)
+    assert len(hits(index_dir)) == 2  # search picks up the new model from the index
+
+
+# -- 2. a folder that now lists nothing prunes nothing ------------------------------------------------------
+
+
+def test_emptied_folder_prunes_nothing_without_prune_empty(tiny_model_dir, tmp_path):
+    mount, other = tmp_path / "mnt" / "drive", tmp_path / "lib"
+    small_library(mount, 3)
+    small_library(other, 1)
+    index_dir = tmp_path / "idx"
+    clap("index", mount, other, "--index", index_dir, "--model", tiny_model_dir)
+    before = stored(index_dir)
+    assert len(before) == 4
+
+    shutil.rmtree(mount)  # the drive is unmounted: its mount point is an empty folder
+    mount.mkdir()
+    (other / "new").mkdir()
+    shutil.copy(other / GOOD[0][0], other / "new" / "copy.wav")
+    result = clap("index", mount, other, "--index", index_dir, "--json", ok=False)
+    assert result.exit_code == 1
+    message = str(result.exception)
+    assert "--prune-empty" in message and str(mount) in message and "3 indexed files" in message
+    s = summary(result)
+    assert s["removed"] == 0 and s["added"] == 1  # the other folder was indexed as usual
+    assert s["emptied_roots"] == [{"path": str(mount), "kept_files": 3}]
+    assert set(before) <= set(stored(index_dir))
+
+    s = summary(clap("index", mount, other, "--index", index_dir, "--json", "--prune-empty"))
+    assert s["removed"] == 3 and s["total_files"] == 2
+
+
+def test_rebuild_of_an_emptied_folder_is_refused(tiny_model_dir, tmp_path):
+    mount, index_dir = small_library(tmp_path / "drive", 2), tmp_path / "idx"
+    clap("index", mount, "--index", index_dir, "--model", tiny_model_dir)
+    before = stored(index_dir)
+    shutil.rmtree(mount)
+    mount.mkdir()
+    result = clap("index", mount, "--index", index_dir, "--rebuild", ok=False)
+    assert result.exit_code == 1 and "--prune-empty" in str(result.exception)
+    assert stored(index_dir) == before
+
+
+def test_first_run_on_a_folder_without_audio_says_so(tiny_model_dir, tmp_path):
+    root = tmp_path / "docs"
+    root.mkdir()
+    (root / "notes.txt").write_text("no audio here")
+    result = clap("index", root, "--index", tmp_path / "idx", "--model", tiny_model_dir, ok=False)
+    assert result.exit_code == 1 and "no audio files under" in str(result.exception)
+    assert not (tmp_path / "idx").exists()
+
+
+# -- 3. a failed run leaves no index behind --------------------------------------------------------------
+
+
+def test_failed_model_load_creates_no_index(tmp_path):
+    root, index_dir = small_library(tmp_path / "lib", 1), tmp_path / "idx"
+    refused = tmp_path / "refused.pt"
+    refused.write_bytes(b"not a checkpoint")
+    for model in (tmp_path / "missing-weights", refused):
+        result = clap("index", root, "--index", index_dir, "--model", model, ok=False)
+        assert result.exit_code == 1
+        assert not index_dir.exists()
+    result = clap("search", "dog", "--index", index_dir, ok=False)
+    assert result.exit_code == 1 and "no index at" in str(result.exception)
+
+
+# -- 4. a damaged database: --rebuild recovers it, keeping the file aside -------------------------------------
+
+
+def test_garbage_database_is_recovered_by_rebuild_and_kept_aside(tiny_model_dir, tmp_path):
+    root, index_dir = small_library(tmp_path / "lib", 2), tmp_path / "idx"
+    index_dir.mkdir()
+    garbage = b"this is not an SQLite database at all" * 100
+    (index_dir / "index.sqlite").write_bytes(garbage)
+
+    result = clap("index", root, "--index", index_dir, "--model", tiny_model_dir, ok=False)
+    assert result.exit_code == 1
+    assert "not a clap index database" in str(result.exception) and "--rebuild" in str(result.exception)
+    assert "kept aside" in str(result.exception)
+
+    result = clap("index", root, "--index", index_dir, "--rebuild", "--model", tiny_model_dir)
+    assert "kept as" in result.output
+    kept = list(index_dir.glob("index.sqlite.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == garbage
+    assert len(stored(index_dir)) == 2 and len(hits(index_dir)) == 2
