@@ -119,9 +119,11 @@ def test_retrieval_on_a_manifest_skips_unreadable_files_and_says_so(toy, tiny_mo
 
 
 def test_retrieval_table_on_a_terminal(toy, tiny_model_dir):
-    out = clap("eval", "retrieval", "--data", toy / "shards" / "val", "--model", tiny_model_dir, "--device",
-               "cpu").stdout
-    assert "text→audio" in out and "audio→text" in out and "median rank" in out and "8 clips, 16 captions" in out
+    manifest = toy / "three.jsonl"
+    manifest.write_text("".join(json.dumps({"path": f"audio/{kind}_000.wav", "caption": [kind, f"a {kind}"]}) + "\n"
+                                for kind in KINDS[:3]))
+    out = clap("eval", "retrieval", "--data", manifest, "--model", tiny_model_dir, "--device", "cpu").stdout
+    assert "text→audio" in out and "audio→text" in out and "median rank" in out and "3 clips, 6 captions" in out
 
 
 # ------------------------------------------------------------------------------------------------ zero-shot
@@ -269,6 +271,7 @@ def test_zeroshot_all_folds_and_underscore_classes(esc50, tiny_model_dir):
     ],
 )
 def test_bad_data_and_options_fail_with_one_line(esc50, tmp_path, monkeypatch, capsys, args, code, message):
+    """Each is caught before the model loads: --model names nothing, and the error is still the data's."""
     folders = tmp_path / "folders"
     for kind in ("hum", "whistle", "unicorn_song"):
         (folders / kind).mkdir(parents=True)
@@ -286,3 +289,11 @@ def test_unknown_classes_are_listed(tmp_path, monkeypatch, capsys):
         sf.write(tmp_path / name / "x.wav", np.zeros(1600, np.float32), SR)
     code, err = run_main(monkeypatch, capsys, "eval", "zeroshot", "--data", tmp_path, "--labels", "esc50")
     assert code == 2 and "2 class(es)" in err and "'dragon'" in err and "'unicorn_song'" in err
+
+
+def test_nothing_readable_is_a_data_error(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "x.wav").write_bytes(b"RIFF but not audio")
+    code, err = run_main(monkeypatch, capsys, "eval", "zeroshot", "--data", tmp_path, "--labels", "esc50",
+                         "--model", tiny_model_dir, "--device", "cpu")
+    assert code == 1 and "no clip could be evaluated (1 skipped)" in err and "x.wav" in err
