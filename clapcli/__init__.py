@@ -12,4 +12,12 @@ def load_model(name_or_path=None, device="auto", precision="auto", tokenizer=Non
     return _load(name_or_path, device=device, precision=precision, tokenizer=tokenizer)
 
 
-__all__ = ["load_model", "__version__"]
+def load_classifier(directory, model=None, device="auto", precision="auto"):
+    """Load a classifier written by `clap finetune`; see `clapcli.api.load_classifier`. The result scores
+    audio files (`classify_files`) or raw embeddings (`probabilities`)."""
+    from .api import load_classifier as _load
+
+    return _load(directory, model=model, device=device, precision=precision)
+
+
+__all__ = ["load_model", "load_classifier", "__version__"]

@@ -137,8 +137,12 @@ class Clap:
         segments: bool = True,
         batch_size: int = 8,
         crop_starts: Sequence[tuple[int, int, int] | None] | None = None,
+        normalize: bool = True,
     ) -> list[AudioEmbedding]:
-        """48 kHz mono (already quantised) waveforms → file embeddings and, if asked, window segments."""
+        """48 kHz mono (already quantised) waveforms → file embeddings and, if asked, window segments.
+
+        `normalize=False` gives the raw projection outputs (a trained classifier head's input); an unfused
+        long file's embedding is then the plain mean of its windows."""
         sr, clip = self.config.frontend.sample_rate, self.config.frontend.clip_samples
         # Every forward pass is a "job": (wave index, kind, samples, crop starts); kind is "file" or a window start.
         jobs: list[tuple[int, object, np.ndarray, tuple | None]] = []
@@ -152,7 +156,7 @@ class Clap:
             if long and (segments or not self.fused):
                 for start in window_starts(n, clip):
                     jobs.append((i, start, wave[start : start + clip], None))
-        vectors = self._run_jobs(jobs, batch_size)
+        vectors = self._run_jobs(jobs, batch_size, normalize)
         results = [AudioEmbedding(None, len(w) / sr, None) for w in waves]
         windows: dict[int, list[tuple[int, np.ndarray]]] = {}
         for (i, kind, _, _), vec in zip(jobs, vectors):
@@ -162,19 +166,20 @@ class Clap:
                 windows.setdefault(i, []).append((kind, vec))
         for i, wins in windows.items():
             if results[i].embedding is None:  # unfused long file: mean of normalised windows, renormalised
-                results[i].embedding = l2_normalize(np.mean([v for _, v in wins], axis=0))
+                mean = np.mean([v for _, v in wins], axis=0)
+                results[i].embedding = l2_normalize(mean) if normalize else mean.astype(np.float32)
             if segments:
                 results[i].segments = [Segment(s / sr, min(s + clip, len(waves[i])) / sr, v) for s, v in wins]
         return results
 
     @torch.inference_mode()
-    def _run_jobs(self, jobs, batch_size: int) -> list[np.ndarray]:
+    def _run_jobs(self, jobs, batch_size: int, normalize: bool = True) -> list[np.ndarray]:
         out: list[np.ndarray] = []
         for b in range(0, len(jobs), batch_size):
             chunk = jobs[b : b + batch_size]
             feats, longer = self.features.clip_features([j[2] for j in chunk], [j[3] for j in chunk])
             with self._autocast():
-                emb = self.model.encode_audio(feats, longer)
+                emb = self.model.encode_audio(feats, longer, normalize=normalize)
             out.extend(emb.float().cpu().numpy())
         return out
 
@@ -185,11 +190,12 @@ class Clap:
         segments: bool = True,
         workers: int = 0,
         on_error: Callable[[str, str], None] | None = None,
+        normalize: bool = True,
     ) -> Iterator[AudioEmbedding]:
         """Decode (in `workers` DataLoader processes when > 0) and embed, yielding one result per path, in order.
 
         A file that cannot be decoded, or whose forward pass fails (say, out of memory on a very long file),
-        yields an AudioEmbedding with `error` set; the run goes on."""
+        yields an AudioEmbedding with `error` set; the run goes on. `normalize` as in `embed_waveforms`."""
         from .audio.loader import iter_decoded
 
         pending: list = []
@@ -197,7 +203,7 @@ class Clap:
         def embed(decoded: list) -> list[AudioEmbedding]:
             waves = [d.samples for d in decoded]
             try:
-                return self.embed_waveforms(waves, segments=segments, batch_size=batch_size)
+                return self.embed_waveforms(waves, segments=segments, batch_size=batch_size, normalize=normalize)
             except (RuntimeError, ValueError, MemoryError) as exc:
                 if len(decoded) == 1:
                     decoded[0].error = f"cannot embed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
@@ -245,3 +251,12 @@ def load_model(
     prec = resolve_precision(precision, dev)
     loaded = load_checkpoint(name_or_path or os.environ.get("CLAP_MODEL") or DEFAULT_MODEL, tokenizer=tokenizer)
     return Clap(loaded, dev, prec)
+
+
+def load_classifier(directory: str | os.PathLike, model: Clap | None = None, device: str = "auto",
+                    precision: str = "auto"):
+    """Load a classifier written by `clap finetune` (see `clapcli.models.classifier`), with its base model
+    (or the finetuned one it saved) unless `model` is given; a `model` with other weights is refused."""
+    from .models.classifier import load_classifier as _load
+
+    return _load(directory, model=model, device=device, precision=precision)

@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from . import embed, eval, index, models, output, search, shards, tag, train
+from . import embed, eval, finetune, index, models, output, search, shards, tag, train
 
 app = typer.Typer(
     name="clap",
@@ -29,7 +29,7 @@ def _root(
     output.state.debug = debug
 
 
-for _command in (index, search, tag, embed, models, shards, train, eval):
+for _command in (index, search, tag, embed, models, shards, train, finetune, eval):
     _command.register(app)
 
 

@@ -58,6 +58,11 @@ def tag_command(
         help="Keep labels scoring at least this: a probability (0-1) normally, a cosine (-1..1) with "
         "--multi-label, where it is required.",
     ),
+    classifier: Optional[str] = typer.Option(
+        None, "--classifier", "-c", show_default=False,
+        help="Tag with a classifier directory from `clap finetune` instead of a zero-shot label set "
+        "(its own model is used; a --model with other weights is refused).",
+    ),
     model: Optional[str] = options.MODEL,
     device: str = options.DEVICE,
     precision: str = options.PRECISION,
@@ -69,6 +74,8 @@ def tag_command(
 ) -> None:
     """Zero-shot tags for audio files: labels with probabilities (softmax of logit-scaled cosines) and cosines.
 
+    With --classifier DIR, the labels and probabilities of a head trained by `clap finetune` instead.
+
     A table per file on a terminal, JSON lines when piped or with --json, CSV with --csv.
     """
     if list_labelsets:
@@ -78,6 +85,10 @@ def tag_command(
         raise UsageError("give at least one audio file (or --list-labelsets)")
     if as_json and as_csv:
         raise UsageError("--json and --csv cannot be used together")
+    if classifier is not None:
+        _run_classifier(classifier, files, labels, template, top, multi_label, threshold, timeline, model,
+                        device, precision, batch_size, tokenizer, as_json, as_csv)
+        return
     if labels is None:
         raise UsageError("choose a label set with --labels: a built-in name (see --list-labelsets), "
                         "a comma list 'dog,rain,siren' or @FILE")
@@ -102,8 +113,29 @@ def tag_command(
         raise typer.Exit(1)
 
 
+def _run_classifier(directory, files, labels, template, top, multi_label, threshold, timeline, model, device,
+                    precision, batch_size, tokenizer, as_json, as_csv) -> None:
+    """`--classifier`: the head's softmax (or, for multi-label heads, sigmoid) probabilities as the scores."""
+    from ..models.classifier import load_classifier, read_classifier
+
+    if labels is not None or template:
+        raise UsageError("--classifier brings its own labels: drop --labels and --template")
+    if threshold is None and multi_label:
+        threshold = 0.5  # a multi-label head's sigmoid is a per-label probability
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold {threshold:g} is not a probability in [0, 1]")
+    top_k = top if top is not None else (None if multi_label else DEFAULT_TOP)
+    read_classifier(directory)  # a wrong directory fails before any model loads
+    clap_model = options.load(model, device, precision, tokenizer) if model else None
+    scorer = load_classifier(directory, model=clap_model, device=device, precision=precision)
+    failed = _run(scorer.model, files, None, None, top_k, multi_label, threshold, timeline, batch_size,
+                  as_json, as_csv, scorer=scorer)
+    if failed:
+        raise typer.Exit(1)
+
+
 def _run(model, files, labelset, templates, top_k, multi_label, threshold, timeline, batch_size,
-         as_json, as_csv) -> int:
+         as_json, as_csv, scorer=None) -> int:
     """Tag and render file by file; returns the number of files that failed."""
     from rich.markup import escape
 
@@ -120,7 +152,7 @@ def _run(model, files, labelset, templates, top_k, multi_label, threshold, timel
         csv_writer.writerow(CSV_HEADER)
     try:
         for result in tag_files(model, files, labelset, templates, top_k=top_k, multi_label=multi_label,
-                                threshold=threshold, timeline=timeline, batch_size=batch_size):
+                                threshold=threshold, timeline=timeline, batch_size=batch_size, scorer=scorer):
             if result.error is not None:
                 failed += 1
                 err.print(f"[red]skipped:[/] {escape(result.path)}: {escape(result.error)}", highlight=False,

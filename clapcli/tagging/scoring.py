@@ -19,9 +19,10 @@ How labels are selected (`select`):
   so the honest independent per-label score is the cosine itself: whether "dog" is on does not depend on
   what else is in the label set. The right cut-off depends on the model, so multi-label mode asks for it.
 
-A trained classifier head (`clap tag --classifier DIR`, later) plugs in as another `Scorer`: it fills
-`probs` with its own output and `cosine` with None, and `Scores.independent` then falls back to `probs`
-for multi-label decisions (a multi-label head's sigmoid outputs are independent per label already).
+A trained classifier head (`clap tag --classifier DIR`, `clapcli.models.classifier.Classifier`) plugs in
+as another `Scorer`: it fills `probs` with its own output (softmax rows, or independent sigmoids for a
+multi-label head) and `cosine` with None, and `Scores.independent` then falls back to `probs` for
+multi-label decisions. A scorer with `raw_embeddings = True` is fed un-normalised audio embeddings.
 """
 
 from __future__ import annotations

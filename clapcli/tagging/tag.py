@@ -101,7 +101,8 @@ def tag_files(
     `model` follows `clapcli.api`'s contract (fingerprint, logit_scale, embed_text, embed_files). Labels are
     chosen by `scoring.select` (top_k, multi_label, threshold). With `timeline`, files longer than 10 s get
     labels per 10 s window (the model's segments); a shorter file's timeline is empty. `scorer` replaces zero-shot scoring (labelset and templates are then
-    unused), e.g. with a trained classifier head. `on_error(path, message)` is called for each failed file
+    unused), e.g. with a trained classifier head (`clapcli.models.classifier.Classifier`, whose
+    `raw_embeddings` flag asks for un-normalised embeddings). `on_error(path, message)` is called for each failed file
     and `on_progress(file_tags)` once per file, failed or not.
     """
     check_selection(top_k, multi_label, threshold)  # fail before any text or audio is encoded
@@ -119,7 +120,9 @@ def tag_files(
     is_file = [os.path.isfile(p) for p in paths]  # checked once: the model's results are matched by position
     readable = [p for p, ok in zip(paths, is_file) if ok]
     # The model yields one AudioEmbedding per input, in order, with `error` set when a file fails.
-    embedded = iter(model.embed_files(readable, batch_size=batch_size, segments=timeline)) if readable else iter(())
+    # A trained head (`raw_embeddings = True`) reads the projection output before L2 normalisation.
+    raw = {"normalize": False} if getattr(scorer, "raw_embeddings", False) else {}
+    embedded = iter(model.embed_files(readable, batch_size=batch_size, segments=timeline, **raw)) if readable else iter(())
 
     for path, ok in zip(paths, is_file):
         if not ok:

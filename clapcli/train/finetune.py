@@ -1,0 +1,434 @@
+"""Supervised finetuning: a classifier head on CLAP audio embeddings, frozen encoder or full.
+
+Frozen encoder (the default): every clip's raw audio embedding (the projection output before L2
+normalisation, what LAION's linear probe reads) is computed once through the same deterministic path as
+`clap index` and cached on disk, keyed by (model fingerprint, file content hash); the head then trains on
+those vectors in seconds and a second run does no audio forward pass at all.
+
+`full=True`: the audio encoder and its projection train with the head, at their own lower learning rate;
+the text tower is locked and never changes. BatchNorm statistics stay as loaded (the encoder runs in eval
+mode), so small batches behave. The best epoch's encoder is saved inside the classifier directory.
+
+Single-label data trains with cross-entropy and reports top-1 / top-5 accuracy and the most confused
+pairs; multi-label data with BCE and reports mAP and mAUC. Mixup (`mixup > 0`) blends pairs of inputs and
+their targets with a Beta(α, α) weight.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError, UsageError
+from ..models.classifier import HEAD_KINDS, MODEL_DIR, Classifier, HeadConfig, build_head, head_probabilities
+from .labelled import LabelledClip, read_labelled
+from .metrics import multilabel_map, multilabel_mauc
+
+CACHE_SUBDIR = "finetune-embeddings"  # under clapcli.home.cache_dir()
+MAX_CONFUSIONS = 10
+
+
+@dataclass
+class FinetuneConfig:
+    data: str  # class folders, or a path,label / path,labels CSV or JSONL
+    val: str | None = None  # the same for validation; None: a seeded stratified split of `data`
+    model: str | None = None  # base model (hub id, directory, .pt); None: the default model
+    head: str = "linear"  # "linear" or "mlp"
+    full: bool = False  # train the audio encoder too
+    multi_label: bool = False  # BCE on several labels per clip (needs `labels` in the manifest)
+    epochs: int = 30
+    batch_size: int = 32  # clips per optimiser step
+    lr: float = 1e-3  # the head's learning rate (AdamW)
+    encoder_lr: float = 1e-5  # the audio encoder's learning rate with `full`
+    weight_decay: float = 0.0  # AdamW weight decay on the head
+    mixup: float = 0.0  # Beta(α, α) mixup of inputs and targets; 0: off
+    val_fraction: float = 0.2  # share of each class held out when there is no `val`
+    seed: int = 0
+    device: str = "auto"
+    embed_batch_size: int = 8  # clips per forward pass when embedding
+
+
+@dataclass
+class Dataset:
+    paths: list[Path]
+    targets: np.ndarray  # (N,) class indices for single-label, (N, L) 0/1 for multi-label
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+def read_data(source: str | Path, multi_label: bool) -> list[LabelledClip]:
+    """Labelled clips with the checks finetuning needs: no empty class folder, no duplicate paths."""
+    root = Path(source).expanduser()
+    if root.is_dir():
+        empty = [d.name for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")
+                 and not any(f.is_file() for f in d.rglob("*"))]
+        if empty:
+            raise DataError(f"empty class folder(s): {', '.join(empty)}", source=str(root))
+    clips = read_labelled(root)
+    seen: dict[Path, int] = {}
+    for clip in clips:
+        key = clip.path.resolve()
+        seen[key] = seen.get(key, 0) + 1
+    dupes = [str(p) for p, n in seen.items() if n > 1]
+    if dupes:
+        raise DataError(f"{len(dupes)} path(s) listed more than once, e.g. {dupes[0]}", source=str(root))
+    missing = [c.path for c in clips if not c.path.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} file(s) not found, e.g. {missing[0]}", source=str(root))
+    if not multi_label and any(len(c.labels) > 1 for c in clips):
+        raise UsageError(f"{root} gives several labels per clip; add --multi-label")
+    return clips
+
+
+def label_names(clips: list[LabelledClip]) -> list[str]:
+    return sorted({label for c in clips for label in c.all_labels})
+
+
+def to_dataset(clips: list[LabelledClip], labels: list[str], multi_label: bool, what: str) -> Dataset:
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = sorted({label for c in clips for label in c.all_labels if label not in index})
+    if unknown:
+        raise DataError(f"{what} has classes the training data does not: {', '.join(unknown[:10])}")
+    if multi_label:
+        targets = np.zeros((len(clips), len(labels)), dtype=np.float32)
+        for i, c in enumerate(clips):
+            targets[i, [index[label] for label in c.all_labels]] = 1.0
+    else:
+        targets = np.asarray([index[c.label] for c in clips], dtype=np.int64)
+    return Dataset([c.path for c in clips], targets)
+
+
+def stratified_split(clips: list[LabelledClip], fraction: float, seed: int) -> tuple[list, list]:
+    """A fixed split by (first) class: each class with ≥ 2 clips gives round(n × fraction) clips, at least
+    one and never all, to validation; the same seed and data always give the same split."""
+    if not 0 < fraction < 1:
+        raise UsageError(f"the validation fraction must be in (0, 1), got {fraction}")
+    rng = random.Random(seed)
+    by_class: dict[str, list[LabelledClip]] = {}
+    for c in clips:
+        by_class.setdefault(c.label, []).append(c)
+    train, val = [], []
+    for label in sorted(by_class):
+        members = sorted(by_class[label], key=lambda c: str(c.path))
+        rng.shuffle(members)
+        n_val = 0 if len(members) < 2 else min(len(members) - 1, max(1, round(len(members) * fraction)))
+        val.extend(members[:n_val])
+        train.extend(members[n_val:])
+    if not val:
+        raise DataError("too few clips for a validation split (each class needs at least 2); give --val")
+    return train, val
+
+
+# ---- embeddings and their cache ----------------------------------------------------------------------
+def embedding_cache_dir(model) -> Path:
+    from ..home import cache_dir
+
+    return cache_dir() / CACHE_SUBDIR / model.fingerprint
+
+
+def cached_embeddings(model, paths: list[Path], batch_size: int = 8,
+                      on_progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """(N, D) raw audio embeddings of `paths`: read from the cache, the misses embedded and then cached.
+
+    Keyed by the model fingerprint and each file's content hash, so a renamed file still hits and an
+    edited one does not. A file that cannot be embedded raises DataError naming it."""
+    from ..atomic import atomic_write
+    from ..index.store import content_hash
+
+    directory = embedding_cache_dir(model)
+    hashes = [content_hash(p) for p in paths]
+    out: list[np.ndarray | None] = [None] * len(paths)
+    missing = []
+    for i, h in enumerate(hashes):
+        f = directory / f"{h}.npy"
+        if f.is_file():
+            try:
+                vec = np.load(f, allow_pickle=False)
+                if vec.shape == (model.dim,):
+                    out[i] = vec
+                    continue
+            except (OSError, ValueError):
+                pass  # a damaged entry is recomputed
+        missing.append(i)
+    if on_progress and len(paths) > len(missing):
+        on_progress(len(paths) - len(missing))
+    if missing:
+        directory.mkdir(parents=True, exist_ok=True)
+        results = model.embed_files([paths[i] for i in missing], batch_size=batch_size, segments=False,
+                                    normalize=False)
+        for i, e in zip(missing, results):
+            if e.error is not None:
+                raise DataError(f"cannot read audio: {e.error}", source=str(paths[i]))
+            vec = np.asarray(e.embedding, dtype=np.float32)
+            out[i] = vec
+            atomic_write(directory / f"{hashes[i]}.npy", writer=lambda tmp, v=vec: _save_npy(tmp, v))
+            if on_progress:
+                on_progress(1)
+    return np.stack(out).astype(np.float32) if out else np.zeros((0, model.dim), np.float32)
+
+
+def _save_npy(path: Path, vec: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, vec, allow_pickle=False)
+
+
+# ---- metrics ------------------------------------------------------------------------------------------
+def classification_metrics(probs: np.ndarray, targets: np.ndarray, labels: list[str], multi_label: bool) -> dict:
+    """Single-label: top1, top5 and the most confused (target, predicted) pairs; multi-label: mAP, mAUC."""
+    if multi_label:
+        out = {}
+        try:
+            out["mAP"] = multilabel_map(probs, targets)
+        except ValueError:
+            out["mAP"] = None  # no label has a positive clip in this split
+        try:
+            out["mAUC"] = multilabel_mauc(probs, targets)
+        except ValueError:
+            out["mAUC"] = None
+        return out
+    order = np.argsort(-probs, axis=1, kind="stable")  # (N, L)
+    k5 = min(5, probs.shape[1])
+    hit = order == targets[:, None]
+    predicted = order[:, 0]
+    wrong = predicted != targets
+    pairs = Counter(zip(targets[wrong].tolist(), predicted[wrong].tolist()))
+    confusions = [{"target": labels[t], "predicted": labels[p], "count": n}
+                  for (t, p), n in sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_CONFUSIONS]]
+    return {"top1": float(hit[:, 0].mean()), "top5": float(hit[:, :k5].any(axis=1).mean()),
+            "confusions": confusions}
+
+
+def main_metric(multi_label: bool) -> str:
+    return "mAP" if multi_label else "top1"
+
+
+# ---- training -----------------------------------------------------------------------------------------
+def _loss(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Cross-entropy (targets: indices, or soft distributions after mixup) or BCE (0/1 or mixed)."""
+    if multi_label:
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    return F.cross_entropy(logits, targets)
+
+
+def _mix(x: torch.Tensor, y: torch.Tensor, alpha: float, n_labels: int, multi_label: bool,
+         gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup of a batch with a permutation of itself; single-label targets become soft (B, L)."""
+    if not multi_label:
+        y = F.one_hot(y, n_labels).float()
+    if alpha <= 0 or x.shape[0] < 2:
+        return x, y
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(x.shape[0], generator=gen, device="cpu").to(x.device)
+    return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=gen)
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:  # no lone clip in a batch
+        batches[-2] = torch.cat([batches[-2], batches.pop()])
+    return batches
+
+
+def finetune(cfg: FinetuneConfig, out: str | Path, on_epoch: Callable[[dict], None] | None = None,
+             on_embed: Callable[[int], None] | None = None, model=None) -> Classifier:
+    """Train a classifier as `cfg` says and write its directory to `out`; returns the loaded Classifier."""
+    from ..api import load_model
+    from ..atomic import atomic_directory
+    from ..models.classifier import read_classifier, save_classifier
+
+    if cfg.head not in HEAD_KINDS:
+        raise UsageError(f"unknown head {cfg.head!r}; choose one of: {', '.join(HEAD_KINDS)}")
+    if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0 or cfg.encoder_lr <= 0 or cfg.mixup < 0:
+        raise UsageError("--epochs ≥ 1, --batch-size ≥ 2, --lr > 0, --encoder-lr > 0 and --mixup ≥ 0")
+    clips = read_data(cfg.data, cfg.multi_label)
+    if cfg.val is not None:
+        train_clips, val_clips = clips, read_data(cfg.val, cfg.multi_label)
+    else:
+        train_clips, val_clips = stratified_split(clips, cfg.val_fraction, cfg.seed)
+    labels = label_names(train_clips)
+    if len(labels) < 2:
+        raise DataError(f"need at least 2 classes to train a classifier, found {len(labels)}: {', '.join(labels)}")
+    train_set = to_dataset(train_clips, labels, cfg.multi_label, "the training data")
+    val_set = to_dataset(val_clips, labels, cfg.multi_label, "the validation data")
+
+    torch.manual_seed(cfg.seed)
+    clap = model if model is not None else load_model(cfg.model, device=cfg.device, precision="fp32")
+    base_identity, base_fingerprint = clap.identity_dict, clap.fingerprint
+    head_cfg = HeadConfig(cfg.head, clap.dim, len(labels))
+    head = build_head(head_cfg).to(clap.device)
+    train_fn = _train_full if cfg.full else _train_frozen
+    history, best = train_fn(cfg, clap, head, train_set, val_set, labels, on_epoch, on_embed)
+
+    out = Path(out).expanduser()
+    metrics = {"best_epoch": best["epoch"], "best": {k: v for k, v in best.items() if k != "epoch"},
+               "history": history, "train_clips": len(train_set.paths), "val_clips": len(val_set.paths)}
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(out) as tmp:
+        encoder, encoder_fp = base_identity, base_fingerprint
+        if cfg.full:
+            clap.save(tmp / MODEL_DIR)
+            encoder, encoder_fp = _saved_encoder(tmp / MODEL_DIR)
+        save_classifier(tmp, head.cpu(), head_cfg, labels, cfg.multi_label, encoder, encoder_fp,
+                        base_identity, metrics, options)
+    classifier = read_classifier(out)
+    if not cfg.full:
+        classifier.model = clap
+    return classifier
+
+
+def _saved_encoder(model_dir: Path) -> tuple[dict, str]:
+    """The identity dict (load reference: the classifier's `model/`) and fingerprint a Clap loaded from the
+    saved finetuned model will have; the weights hash is the loader's, read from the files just written."""
+    from ..identity import fingerprint, model_identity
+    from ..models.checkpoints import load_checkpoint
+
+    loaded = load_checkpoint(model_dir)
+    cfg = loaded.model.config
+    identity = model_identity(MODEL_DIR, loaded.fingerprint, cfg.frontend.settings(), cfg.fused, cfg.projection_dim)
+    return identity, fingerprint(identity)
+
+
+def _epoch_record(epoch: int, loss: float, logits: torch.Tensor, val: Dataset, labels: list[str],
+                  multi_label: bool, started: float) -> dict:
+    """One epoch's line: training loss, validation loss and metrics, seconds taken."""
+    targets = torch.as_tensor(val.targets, device=logits.device)
+    val_loss = float(_loss(logits, targets, multi_label))
+    probs = head_probabilities(logits, multi_label).cpu().numpy()
+    metrics = classification_metrics(probs, val.targets, labels, multi_label)
+    return {"epoch": epoch, "train_loss": round(loss, 6), "val_loss": round(val_loss, 6),
+            **{f"val_{k}": v for k, v in metrics.items()}, "seconds": round(time.monotonic() - started, 3)}
+
+
+def _is_better(record: dict, best: dict | None, multi_label: bool) -> bool:
+    """Best epoch: the highest validation top-1 (mAP for multi-label); on a tie, the lower validation loss
+    (a small validation set often ties at 1.0 long before the head has converged)."""
+    key = f"val_{main_metric(multi_label)}"
+    if best is None:
+        return True
+    value, current = record.get(key), best.get(key)
+    if value is None:
+        return False
+    if current is None or value != current:
+        return current is None or value > current
+    return record["val_loss"] < best["val_loss"]
+
+
+def _train_frozen(cfg, clap, head, train: Dataset, val: Dataset, labels, on_epoch, on_embed):
+    x_train = torch.as_tensor(cached_embeddings(clap, train.paths, cfg.embed_batch_size, on_embed), device=clap.device)
+    x_val = torch.as_tensor(cached_embeddings(clap, val.paths, cfg.embed_batch_size, on_embed), device=clap.device)
+    head[0].fit(x_train)
+    y_train = torch.as_tensor(train.targets, device=clap.device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history, best, best_state = [], None, None
+    for epoch in range(1, cfg.epochs + 1):
+        started = time.monotonic()
+        head.train()
+        total, count = 0.0, 0
+        for idx in _batches(len(train.paths), cfg.batch_size, gen):
+            idx = idx.to(clap.device)
+            x, y = _mix(x_train[idx], y_train[idx], cfg.mixup, len(labels), cfg.multi_label, gen)
+            loss = _loss(head(x), y, cfg.multi_label)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, count = total + float(loss.detach()) * len(idx), count + len(idx)
+        head.eval()
+        with torch.no_grad():
+            record = _epoch_record(epoch, total / count, head(x_val), val, labels, cfg.multi_label, started)
+        history.append(record)
+        if _is_better(record, best, cfg.multi_label):
+            best, best_state = record, copy.deepcopy(head.state_dict())
+        if on_epoch:
+            on_epoch(record)
+    head.load_state_dict(best_state)
+    return history, best
+
+
+def _train_full(cfg, clap, head, train: Dataset, val: Dataset, labels, on_epoch, on_embed):
+    from ..audio.decode import load_audio
+
+    model = clap.model
+    model.lock_text_tower()
+    model.eval()  # BatchNorm statistics and dropout as loaded; gradients still flow
+    fe = clap.config.frontend
+    waves = []
+    for p in train.paths:
+        try:
+            waves.append(load_audio(p, fe.sample_rate, fe.quantize_int16))
+        except Exception as exc:  # noqa: BLE001 - any decode failure is this file's problem
+            raise DataError(f"cannot read audio: {exc}", source=str(p)) from exc
+        if on_embed:
+            on_embed(1)
+    val_waves = [load_audio(p, fe.sample_rate, fe.quantize_int16) for p in val.paths]
+    # the standardisation is fitted once, on the starting encoder's embeddings of the training clips
+    head[0].fit(torch.as_tensor(cached_embeddings(clap, train.paths, cfg.embed_batch_size), device=clap.device))
+    encoder_params = [p for n, p in model.named_parameters()
+                      if n.startswith(("audio_model.", "audio_projection.")) and p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": encoder_params, "lr": cfg.encoder_lr},
+                                   {"params": head.parameters(), "lr": cfg.lr, "weight_decay": cfg.weight_decay}],
+                                  weight_decay=0.0)
+    y_train = torch.as_tensor(train.targets, device=clap.device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history, best, best_state = [], None, None
+    for epoch in range(1, cfg.epochs + 1):
+        started = time.monotonic()
+        head.train()
+        total, count = 0.0, 0
+        for idx in _batches(len(waves), cfg.batch_size, gen):
+            feats, longer = clap.features.clip_features([waves[i] for i in idx.tolist()])  # (B, C, 1001, 64)
+            emb = model.encode_audio(feats, longer, normalize=False)  # (B, D) raw
+            x, y = _mix(emb, y_train[idx.to(clap.device)], cfg.mixup, len(labels), cfg.multi_label, gen)
+            loss = _loss(head(x), y, cfg.multi_label)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, count = total + float(loss.detach()) * len(idx), count + len(idx)
+        head.eval()
+        emb_val = np.stack([e.embedding for e in clap.embed_waveforms(val_waves, segments=False,
+                                                                       batch_size=cfg.embed_batch_size,
+                                                                       normalize=False)])
+        with torch.no_grad():
+            logits = head(torch.as_tensor(emb_val, device=clap.device))  # (V, L)
+            record = _epoch_record(epoch, total / count, logits, val, labels, cfg.multi_label, started)
+        history.append(record)
+        if _is_better(record, best, cfg.multi_label):
+            encoder_state = {k: v.detach().clone() for k, v in model.state_dict().items()
+                             if k.startswith(("audio_model.", "audio_projection."))}
+            best, best_state = record, (copy.deepcopy(head.state_dict()), encoder_state)
+        if on_epoch:
+            on_epoch(record)
+    head.load_state_dict(best_state[0])
+    model.load_state_dict(best_state[1], strict=False)
+    return history, best
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------
+def evaluate_classifier(classifier_dir: str | Path, data: str | Path, model=None, device: str = "auto",
+                        batch_size: int = 8) -> dict:
+    """Metrics of a saved classifier on labelled data (class folders or a manifest), as `finetune` reports
+    them: top1/top5/confusions, or mAP/mAUC for a multi-label head; plus `clips` and `labels`.
+
+    Embeddings come through the classifier's own model (and the on-disk cache); classes the classifier
+    does not know are a DataError."""
+    from ..models.classifier import load_classifier
+
+    classifier = load_classifier(classifier_dir, model=model, device=device)
+    clips = read_data(data, classifier.multi_label)
+    dataset = to_dataset(clips, classifier.labels, classifier.multi_label, str(data))
+    emb = cached_embeddings(classifier.model, dataset.paths, batch_size)
+    probs = classifier.probabilities(emb)
+    metrics = classification_metrics(probs, dataset.targets, classifier.labels, classifier.multi_label)
+    metrics.update({"clips": len(dataset.paths), "labels": len(classifier.labels),
+                    "multi_label": classifier.multi_label})
+    return metrics
