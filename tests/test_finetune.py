@@ -85,6 +85,26 @@ def test_tag_with_classifier_labels_held_out_clips(trained):
     assert csv_out[0] == "path,label,prob,cosine,start,end" and len(csv_out) == 1 + len(KINDS)
 
 
+def test_tag_classifier_timeline_scores_raw_windows(trained, tmp_path):
+    """--timeline on a 12 s file: one row per 10 s window, each the head's probabilities of that window's
+    raw embedding."""
+    from clapcli import load_classifier
+
+    _, out, _, _ = trained
+    rng = np.random.default_rng(11)
+    wave = np.concatenate([clip("hum", rng) for _ in range(16)])[: 12 * SR]  # 16 clips last ≥ 12.8 s
+    sf.write(tmp_path / "long.wav", wave, SR)
+    row = json.loads(clap("tag", tmp_path / "long.wav", "--classifier", out, "--timeline", "--json",
+                          "--top", "4").stdout)
+    assert [(w["start"], w["end"]) for w in row["timeline"]] == [(0.0, 10.0), (2.0, 12.0)]
+    classifier = load_classifier(out, device="cpu")
+    item = next(classifier.model.embed_files([tmp_path / "long.wav"], segments=True, normalize=False))
+    for window, segment in zip(row["timeline"], item.segments):
+        probs = classifier.probabilities(segment.embedding)[0]
+        got = {e["label"]: e["prob"] for e in window["labels"]}
+        assert got == {label: pytest.approx(float(p), abs=1e-5) for label, p in zip(classifier.labels, probs)}
+
+
 def test_json_lines_and_classifier_directory(trained, tiny_model_dir):
     from clapcli import load_model
 

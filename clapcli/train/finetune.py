@@ -240,7 +240,10 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor
 
 def finetune(cfg: FinetuneConfig, out: str | Path, on_epoch: Callable[[dict], None] | None = None,
              on_embed: Callable[[int], None] | None = None, model=None) -> Classifier:
-    """Train a classifier as `cfg` says and write its directory to `out`; returns the loaded Classifier."""
+    """Train a classifier as `cfg` says and write its directory to `out` (atomically); returns the Classifier.
+
+    `model` (a loaded `Clap`) replaces loading `cfg.model`; with `cfg.full` its weights are trained in place.
+    `on_epoch(record)` gets each epoch's metrics, `on_embed(n)` counts clips embedded or read from the cache."""
     from ..api import load_model
     from ..atomic import atomic_directory
     from ..models.classifier import read_classifier, save_classifier
@@ -362,17 +365,18 @@ def _train_full(cfg, clap, head, train: Dataset, val: Dataset, labels, on_epoch,
     model.lock_text_tower()
     model.eval()  # BatchNorm statistics and dropout as loaded; gradients still flow
     fe = clap.config.frontend
-    waves = []
-    for p in train.paths:
+
+    def decode(path: Path) -> np.ndarray:
         try:
-            waves.append(load_audio(p, fe.sample_rate, fe.quantize_int16))
+            return load_audio(path, fe.sample_rate, fe.quantize_int16)
         except Exception as exc:  # noqa: BLE001 - any decode failure is this file's problem
-            raise DataError(f"cannot read audio: {exc}", source=str(p)) from exc
-        if on_embed:
-            on_embed(1)
-    val_waves = [load_audio(p, fe.sample_rate, fe.quantize_int16) for p in val.paths]
+            raise DataError(f"cannot read audio: {exc}", source=str(path)) from exc
+
+    waves = [decode(p) for p in train.paths]  # decoded once, kept in memory for every epoch
+    val_waves = [decode(p) for p in val.paths]
     # the standardisation is fitted once, on the starting encoder's embeddings of the training clips
-    head[0].fit(torch.as_tensor(cached_embeddings(clap, train.paths, cfg.embed_batch_size), device=clap.device))
+    head[0].fit(torch.as_tensor(cached_embeddings(clap, train.paths, cfg.embed_batch_size, on_embed),
+                                device=clap.device))
     encoder_params = [p for n, p in model.named_parameters()
                       if n.startswith(("audio_model.", "audio_projection.")) and p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": encoder_params, "lr": cfg.encoder_lr},
