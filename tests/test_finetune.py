@@ -276,3 +276,16 @@ def test_manifest_labels_and_stratified_split(tmp_path):
     assert len(train) + len(val) == len(clips) and not {c.path for c in train} & {c.path for c in val}
     assert stratified_split(clips, 0.2, seed=4) == (train, val)
     assert stratified_split(clips, 0.2, seed=5)[1] != val
+
+
+def test_shards_with_tags_are_training_data(tmp_path, tiny_model_dir):
+    """`clap shards make` output with a `tags` column: the tags are the classes."""
+    from clapcli.train.finetune import FinetuneConfig, finetune
+    from train_data import make_dataset
+
+    manifest = make_dataset(tmp_path / "src", per_kind=3, seed=2)
+    clap("shards", "make", manifest, "--out", tmp_path / "shards", "--shard-size", "8")
+    cfg = FinetuneConfig(str(tmp_path / "shards"), epochs=2, batch_size=4, model=str(tiny_model_dir), device="cpu")
+    classifier = finetune(cfg, tmp_path / "clf")
+    assert classifier.labels == sorted(KINDS)
+    assert classifier.metrics["train_clips"] + classifier.metrics["val_clips"] == 12

@@ -17,6 +17,7 @@ their targets with a Beta(α, α) weight.
 from __future__ import annotations
 
 import copy
+import hashlib
 import random
 import time
 from collections import Counter
@@ -34,6 +35,7 @@ from .labelled import LabelledClip, read_labelled
 from .metrics import multilabel_map, multilabel_mauc
 
 CACHE_SUBDIR = "finetune-embeddings"  # under clapcli.home.cache_dir()
+SHARD_AUDIO_SUBDIR = "finetune-shards"  # audio of shard samples, by content hash, under the cache dir
 MAX_CONFUSIONS = 10
 
 
@@ -65,8 +67,16 @@ class Dataset:
 
 # ---- data ---------------------------------------------------------------------------------------------
 def read_data(source: str | Path, multi_label: bool) -> list[LabelledClip]:
-    """Labelled clips with the checks finetuning needs: no empty class folder, no duplicate paths."""
+    """Labelled clips with the checks finetuning needs: no empty class folder, no duplicate paths.
+
+    `source` may also be webdataset shards (a `clap shards make` output or a folder of tars with sizes.json):
+    each sample's `tag` list gives its labels (see `read_shard_clips`)."""
     root = Path(source).expanduser()
+    if _is_shards(root):
+        clips = read_shard_clips(root)
+        if not multi_label and any(len(c.labels) > 1 for c in clips):
+            raise UsageError(f"{root} has samples with several tags; add --multi-label")
+        return clips
     if root.is_dir():
         empty = [d.name for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")
                  and not any(f.is_file() for f in d.rglob("*"))]
@@ -85,6 +95,41 @@ def read_data(source: str | Path, multi_label: bool) -> list[LabelledClip]:
         raise DataError(f"{len(missing)} file(s) not found, e.g. {missing[0]}", source=str(root))
     if not multi_label and any(len(c.labels) > 1 for c in clips):
         raise UsageError(f"{root} gives several labels per clip; add --multi-label")
+    return clips
+
+
+def _is_shards(root: Path) -> bool:
+    return root.is_dir() and (any(root.glob("*.tar")) or any((root / "train").glob("*.tar")))
+
+
+def read_shard_clips(root: Path) -> list[LabelledClip]:
+    """The samples of a shard split (its train/ for a `shards make` output) with their `tag` lists as labels.
+
+    Each sample's audio bytes are written once, content-addressed, under the cache dir
+    (`finetune-shards/<hash>.<ext>`), so the rest of finetuning (the embedding cache, --full decoding) sees
+    ordinary files. A sample without tags is a DataError naming it."""
+    from ..atomic import atomic_write
+    from ..home import cache_dir
+    from .shards import iter_shard, resolve_split
+
+    split = resolve_split(root)
+    directory = cache_dir() / SHARD_AUDIO_SUBDIR
+    directory.mkdir(parents=True, exist_ok=True)
+    clips = []
+    for url in split.urls:
+        for raw in iter_shard(url):
+            tags = raw.meta.get("tag")
+            tags = [tags] if isinstance(tags, str) else list(tags or [])
+            tags = list(dict.fromkeys(str(t).strip() for t in tags if str(t).strip()))
+            if not tags:
+                raise DataError("sample has no 'tag' list to learn from", source=url, member=raw.key)
+            digest = hashlib.blake2b(raw.audio_bytes, digest_size=16).hexdigest()
+            f = directory / f"{digest}.{raw.audio_ext}"
+            if not f.is_file():
+                atomic_write(f, raw.audio_bytes)
+            clips.append(LabelledClip(f, tags[0], tuple(tags) if len(tags) > 1 else ()))
+    if not clips:
+        raise DataError("no samples in these shards", source=str(root))
     return clips
 
 
