@@ -16,8 +16,9 @@ def register(app: typer.Typer) -> None:
 
 
 def finetune_command(
-    data: Path = typer.Option(..., "--data", help="Class subfolders of audio, or a CSV/JSONL with path and "
-                              "label (or labels: a JSON list or 'a;b' for --multi-label)."),
+    data: Path = typer.Option(..., "--data", help="Class subfolders of audio, a CSV/JSONL with path and "
+                              "label (or labels: a JSON list or 'a;b' for --multi-label), or shards whose "
+                              "samples carry `tag` lists."),
     val: Optional[Path] = typer.Option(None, "--val", help="Validation data, same layouts (default: a fixed, "
                                        "seeded, stratified 20% of --data)."),
     model: Optional[str] = options.MODEL,
