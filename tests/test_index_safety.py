@@ -4,10 +4,15 @@ a failed model load, a damaged database, a read-only mount or a killed run. All 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
+import shlex
+import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from clapcli.cli.main import app
@@ -176,3 +181,51 @@ def test_garbage_database_is_recovered_by_rebuild_and_kept_aside(tiny_model_dir,
     kept = list(index_dir.glob("index.sqlite.damaged-*"))
     assert len(kept) == 1 and kept[0].read_bytes() == garbage
     assert len(stored(index_dir)) == 2 and len(hits(index_dir)) == 2
+
+
+# -- 5. a read-only index can be searched ---------------------------------------------------------------------
+
+
+def _read_only_command(index_dir: Path, argv: list[str]) -> list[str]:
+    """`argv` run where `index_dir` cannot be written: a read-only bind mount of it for root (who writes
+    through permissions), read-only permissions otherwise."""
+    if os.geteuid() != 0:
+        for path in index_dir.iterdir():
+            path.chmod(0o444)
+        index_dir.chmod(0o555)
+        return argv
+    if shutil.which("unshare") is None:
+        pytest.skip("root without unshare: no way to make a read-only mount")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a mount namespace: {probe.stderr.decode().strip()}")
+    d = shlex.quote(str(index_dir))
+    mount = f"mount --bind {d} {d} && mount -o remount,bind,ro {d} && exec " + shlex.join(argv)
+    return ["unshare", "-m", "sh", "-c", mount]
+
+
+def test_read_only_index_is_searched_without_writing(tiny_model_dir, tmp_path):
+    """The index lies on a read-only mount (or in a read-only folder); the hnsw graph is built in the reader
+    (EXACT_BELOW = 0) and kept in memory."""
+    root, index_dir = small_library(tmp_path / "lib", 3), tmp_path / "idx"
+    clap("index", root, "--index", index_dir, "--model", tiny_model_dir)  # closes: one file, no -wal, no -shm
+    shared = tmp_path / "shared"
+    shutil.copytree(index_dir, shared)  # searching leaves -wal/-shm files behind: search the original for reference
+    con = sqlite3.connect(f"file:{index_dir / 'index.sqlite'}?mode=ro", uri=True)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # the mode whose readers need a -shm file
+    con.close()
+    script = ("import sys; import clapcli.index.ann as ann; ann.EXACT_BELOW = 0; "
+              "from clapcli.cli.main import main; sys.argv = ['clap', *sys.argv[1:]]; main()")
+    expected = hits(index_dir)  # exact search in the writable original
+    assert len(expected) == 3
+    index_dir = shared
+    argv = [sys.executable, "-c", script, "search", "dog", "--index", str(index_dir), "--paths", "-k", "50"]
+    listing = sorted(os.listdir(index_dir))
+    assert "index.sqlite-shm" not in listing
+    try:
+        proc = subprocess.run(_read_only_command(index_dir, argv), capture_output=True, text=True, timeout=300)
+    finally:
+        index_dir.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.split()) == sorted(expected) and proc.stdout.split()[0] == expected[0]
+    assert sorted(os.listdir(index_dir)) == listing  # no lock, no -shm, no hnsw file written

@@ -17,7 +17,8 @@ written with `clapcli.atomic.atomic_write` (temporary in the same directory, fsy
 graph first and then the sidecar.
 
 Readers (search) never need the writer lock: they sync in memory from one committed snapshot of the
-store and write the refreshed file back only if they can take the writer lock without waiting. Hits
+store and write the refreshed file back only if they can take the writer lock without waiting, and never
+try in a directory they cannot write (a read-only index is searched with the refresh kept in memory). Hits
 from a file that lags are harmless: `IndexStore.segment_rows` leaves out ids the store no longer has.
 
 Small stores (fewer than `EXACT_BELOW` live vectors) are searched exactly with numpy instead: loading
@@ -27,6 +28,7 @@ a few thousand vectors from SQLite costs about as much as loading a graph, and t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import hnswlib
@@ -91,7 +93,7 @@ class AnnIndex:
         cls,
         store: IndexStore,
         persist: bool | None = None,
-        exact_below: int = EXACT_BELOW,
+        exact_below: int | None = None,
         num_threads: int = -1,
     ) -> "AnnIndex":
         """Bring the searchable vectors up to the store's last commit and return them.
@@ -99,9 +101,11 @@ class AnnIndex:
         `persist`: True writes a refreshed hnswlib file (the caller holds the writer lock, as `clap index`
         does at the end of a run); False never writes; None (readers) writes only if the writer lock can
         be taken without waiting, and otherwise keeps the refreshed graph in memory.
-        `exact_below`: stores with fewer live vectors are searched exactly and no file is touched.
+        `exact_below`: stores with fewer live vectors are searched exactly and no file is touched
+        (default: `EXACT_BELOW`, read at call time).
         """
         index_dir = store.index_dir
+        exact_below = EXACT_BELOW if exact_below is None else exact_below
         with store.snapshot():
             uuid = store.index_uuid
             generation = store.generation
@@ -265,6 +269,8 @@ def _persist(index_dir: Path, hnsw: hnswlib.Index, state: dict, take_lock: bool)
     if not take_lock:
         _write_files(index_dir, hnsw, state)
         return True
+    if not os.access(index_dir, os.W_OK):
+        return False  # a read-only index (a read-only mount, a shared library): the refresh stays in memory
     lock = WriterLock(index_dir, wait=False)
     try:
         lock.acquire()

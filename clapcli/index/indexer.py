@@ -3,7 +3,10 @@
 Crash safety comes from the store: each batch of files is one SQLite transaction, so a kill at any
 moment leaves the last committed batch, and a re-run sees those files as unchanged and carries on.
 Pruning only touches paths under the roots being indexed (and folders reached through symlinks there),
-never under a folder that could not be listed this time.
+never under a folder that could not be listed this time, nor under a root that held indexed files and now
+lists no audio (an unmounted drive) unless `prune_empty` confirms it. A new index is created, and a
+`--rebuild` started, only once the model has loaded; a rebuild fills a fresh database beside the old one and
+swaps it in on success.
 """
 
 from __future__ import annotations

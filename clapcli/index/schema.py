@@ -108,22 +108,37 @@ def open_database(index_dir: Path, create: bool, readonly: bool) -> sqlite3.Conn
 def _connect(db_path: Path, readonly: bool) -> sqlite3.Connection:
     try:
         if readonly:
-            conn = sqlite3.connect(
-                db_path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_S
-            )
-        else:
-            conn = sqlite3.connect(str(db_path), isolation_level=None, timeout=BUSY_TIMEOUT_S)
+            return _connect_readonly(db_path)
+        conn = sqlite3.connect(str(db_path), isolation_level=None, timeout=BUSY_TIMEOUT_S)
     except sqlite3.Error as e:
         raise IndexStoreError(f"cannot open index database {db_path}: {e}") from e
     try:
-        if not readonly:
-            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
     except sqlite3.DatabaseError as e:
         conn.close()
         raise _not_an_index(db_path, str(e)) from e
     return conn
+
+
+def _connect_readonly(db_path: Path) -> sqlite3.Connection:
+    """A read-only connection, also where nothing can be written (a read-only mount, a shared library).
+
+    `mode=ro` still needs the WAL index file (`-shm`) beside the database, which a reader cannot create in
+    a read-only directory; the database is then opened `immutable`, read as it is on disk (a writer that
+    closed cleanly has checkpointed everything into it)."""
+    uri = db_path.resolve().as_uri()
+    conn = sqlite3.connect(uri + "?mode=ro", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise _not_an_index(db_path, str(e)) from e
+    return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_S)
 
 
 def _read_schema_version(conn: sqlite3.Connection, db_path: Path) -> int:
