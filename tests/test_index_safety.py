@@ -229,3 +229,113 @@ def test_read_only_index_is_searched_without_writing(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(proc.stdout.split()) == sorted(expected) and proc.stdout.split()[0] == expected[0]
     assert sorted(os.listdir(index_dir)) == listing  # no lock, no -shm, no hnsw file written
+
+
+# -- 6. a killed or interrupted run ------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> set[int]:
+    """Live (not zombie) processes whose parent is `pid`."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, ...
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _many_files(root: Path, n: int, seconds: float = 3.0) -> Path:
+    """`n` distinct clips, each decoding to more than a pipe's 64 KiB, so workers run ahead of the model."""
+    from audio_synth import tone_noise, write_audio
+
+    for i in range(n):
+        write_audio(root / f"clip_{i:02d}.wav", tone_noise(seconds, 16_000, seed=i), 16_000, subtype="PCM_16")
+    return root
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the decode workers")
+def test_decode_workers_die_with_a_killed_indexer(tiny_model_dir, tmp_path):
+    import signal
+    import time
+
+    root = tmp_path / "lib"
+    root.mkdir()
+    _many_files(root, 40)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clapcli", "index", str(root), "--index", str(tmp_path / "idx"),
+         "--model", str(tiny_model_dir), "--workers", "2", "--batch-size", "1", "--json"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline, workers = time.monotonic() + 120, set()
+        while time.monotonic() < deadline and len(workers) < 2 and proc.poll() is None:
+            workers = _children(proc.pid)
+            time.sleep(0.2)
+        assert len(workers) == 2, "the decode workers never started"
+        time.sleep(1.0)  # let them decode ahead and fill their queues
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "a decode worker outlived its killed parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for w in _children(proc.pid) | workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+
+
+def _committed_files(index_dir: Path) -> int:
+    try:
+        con = sqlite3.connect(f"file:{index_dir / 'index.sqlite'}?mode=ro", uri=True, timeout=1)
+        try:
+            return con.execute("SELECT count(*) FROM files").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def test_ctrl_c_says_what_was_committed_and_a_rerun_resumes(tiny_model_dir, tmp_path):
+    import re
+    import signal
+    import time
+
+    root, index_dir = tmp_path / "lib", tmp_path / "idx"
+    root.mkdir()
+    _many_files(root, 12, seconds=1.0)
+    argv = [sys.executable, "-m", "clapcli", "index", str(root), "--index", str(index_dir), "--model",
+            str(tiny_model_dir), "--workers", "0", "--batch-size", "1", "--commit-every", "2", "--json"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _committed_files(index_dir) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(lines) == 1, err
+    match = re.match(r"interrupted: (\d+) files embedded and committed to (.+) in this run, (\d+) not yet; "
+                     r"run the same command again to resume$", lines[0])
+    assert match, lines[0]
+    committed = int(match.group(1))
+    assert committed == _committed_files(index_dir) and 2 <= committed < 12
+    assert committed + int(match.group(3)) == 12 and match.group(2) == str(index_dir)
+
+    s = summary(clap(*argv[3:]))
+    assert s["added"] == 12 - committed and s["unchanged"] == committed and s["total_files"] == 12

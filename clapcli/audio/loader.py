@@ -1,12 +1,19 @@
 """Decoding many files, optionally in DataLoader worker processes, in input order.
 
 Workers decode and resample (CPU-bound, releases the main process for the batched forward pass);
-a file that fails yields a `Decoded` with `error` set instead of stopping the stream.
+a file that fails yields a `Decoded` with `error` set instead of stopping the stream. Workers die with the
+process that started them (see `die_with_parent`), so a killed `clap index` leaves no decoder behind.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -56,6 +63,34 @@ def _identity(x):
     return x
 
 
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): a signal this process gets when its parent dies
+PARENT_CHECK_SECONDS = 1.0  # how often the watchdog (where prctl is missing) looks for its parent
+
+
+def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: the worker dies when `parent_pid` does, even by SIGKILL.
+
+    A worker orphaned while its results wait in a full pipe would otherwise block at exit for ever (its
+    queue's feeder thread never finishes writing). On Linux the kernel sends SIGKILL when the parent dies
+    (prctl PR_SET_PDEATHSIG); elsewhere a daemon thread polls `os.getppid()`."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent_pid:  # the parent died before prctl took effect
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watchdog", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(1)
+
+
 # Starting worker processes costs about a second each; below this many files decoding inline is faster.
 MIN_FILES_FOR_WORKERS = 32
 
@@ -73,5 +108,6 @@ def iter_decoded(paths: Iterable, sample_rate: int, quantize: bool = True, worke
         collate_fn=_identity,
         prefetch_factor=2,  # decoded files waiting per worker: bounded, long files are big
         persistent_workers=False,
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()),
     )
     yield from loader

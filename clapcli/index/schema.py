@@ -14,6 +14,7 @@ open of an older store migrates it through a short-lived writable connection.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 import uuid
@@ -133,8 +134,10 @@ def _connect_readonly(db_path: Path) -> sqlite3.Connection:
     try:
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         return conn
-    except sqlite3.OperationalError:
+    except sqlite3.OperationalError as e:
         conn.close()
+        if os.access(db_path.parent, os.W_OK) and "unable to open" not in str(e) and "readonly" not in str(e):
+            raise IndexStoreError(f"cannot read index database {db_path}: {e}") from e
     except sqlite3.DatabaseError as e:
         conn.close()
         raise _not_an_index(db_path, str(e)) from e
