@@ -289,3 +289,13 @@ def test_shards_with_tags_are_training_data(tmp_path, tiny_model_dir):
     classifier = finetune(cfg, tmp_path / "clf")
     assert classifier.labels == sorted(KINDS)
     assert classifier.metrics["train_clips"] + classifier.metrics["val_clips"] == 12
+
+
+def test_eval_classifier_reports_what_tag_classifier_predicts(trained):
+    root, out, held_out, _ = trained
+    metrics = json.loads(clap("eval", "classifier", "--classifier", out, "--data", root / "held", "--json").stdout)
+    rows = [json.loads(line) for line in clap("tag", *[f for f, _ in held_out], "--classifier", out, "--json",
+                                               "--top", "1").stdout.splitlines()]
+    top1 = np.mean([r["labels"][0]["label"] == kind for r, (_, kind) in zip(rows, held_out)])
+    assert metrics["clips"] == len(held_out) and metrics["top1"] == pytest.approx(top1)
+    assert metrics["top5"] == 1.0  # 4 classes

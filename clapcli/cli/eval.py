@@ -98,6 +98,38 @@ def zeroshot(
     _exit_if_skipped(report.skipped)
 
 
+@eval_app.command("classifier")
+def classifier(
+    classifier_dir: Path = typer.Option(..., "--classifier", "-c", show_default=False,
+                                        help="A classifier directory written by `clap finetune`."),
+    data: Path = typer.Option(..., "--data", "-d", show_default=False,
+                              help="Class subfolders or a path,label(s) .csv/.jsonl, with the classifier's labels."),
+    device: str = options.DEVICE,
+    batch_size: int = options.BATCH_SIZE,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """A finetuned classifier on labelled clips: top-1/top-5 and the most confused pairs (mAP, mAUC multi-label)."""
+    from ..train.finetune import evaluate_classifier
+
+    metrics = evaluate_classifier(classifier_dir, data, device=device, batch_size=batch_size)
+    metrics["classifier"] = str(classifier_dir)
+    if as_json or not output.is_terminal():
+        output.json_line(metrics)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"classifier {classifier_dir}: {metrics['clips']} clips, {metrics['labels']} labels",
+                  title_justify="left", show_edge=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("top1", "top5", "mAP", "mAUC"):
+        if isinstance(metrics.get(key), float):
+            table.add_row(key, f"{metrics[key]:.4f}")
+    for pair in metrics.get("confusions") or []:
+        table.add_row(f"confused: {pair.get('target')} → {pair.get('predicted')}", str(pair.get("count")))
+    output.stdout_console().print(table)
+
+
 def _advance_by(bar: output.ProgressBar):
     def advance(n: int) -> None:
         for _ in range(n):
