@@ -297,3 +297,27 @@ def test_nothing_readable_is_a_data_error(tmp_path, tiny_model_dir, monkeypatch,
     code, err = run_main(monkeypatch, capsys, "eval", "zeroshot", "--data", tmp_path, "--labels", "esc50",
                          "--model", tiny_model_dir, "--device", "cpu")
     assert code == 1 and "no clip could be evaluated (1 skipped)" in err and "x.wav" in err
+
+
+def test_zeroshot_on_multi_label_rows_reports_map_over_every_class(tmp_path, tiny_model_dir, monkeypatch):
+    """Rows with several `labels`: mAP over the labels, with each clip's every class a positive."""
+    from clapcli import load_model
+    from clapcli.api import Clap
+    from clapcli.train.metrics import multilabel_map
+
+    rng = np.random.default_rng(4)
+    rows, files = [], []
+    for i, kind in enumerate(KINDS):
+        files.append(tmp_path / f"{kind}.wav")
+        sf.write(files[-1], clip(kind, rng), SR)
+        rows.append({"path": files[-1].name, "labels": [kind, KINDS[(i + 1) % len(KINDS)]]})
+    (tmp_path / "multi.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    audio = load_model(tiny_model_dir, device="cpu").embed_audio(files)
+    table = {f"{kind}": audio[(i + 2) % len(KINDS)] for i, kind in enumerate(KINDS)}  # a scrambled answer
+    monkeypatch.setattr(Clap, "embed_text", lambda self, texts, batch_size=64: np.stack([table[t] for t in texts]))
+    summary = json_out(clap("eval", "zeroshot", "--data", tmp_path / "multi.jsonl", "--labels", ",".join(KINDS),
+                            "--template", "{}", "--model", tiny_model_dir, "--device", "cpu", "--json"))
+    hot = np.array([[1.0 if KINDS[j] in r["labels"] else 0.0 for j in range(len(KINDS))] for r in rows])
+    text = np.stack([table[k] for k in KINDS])
+    assert summary["metrics"]["mAP"] == pytest.approx(multilabel_map(audio @ text.T, hot), abs=1e-6)
+    assert summary["metrics"]["mAP"] != pytest.approx(multilabel_map(audio @ text.T, np.eye(len(KINDS))), abs=1e-6)

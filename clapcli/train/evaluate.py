@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import DataError, UsageError
 from .labelled import LabelledClip, read_labelled
-from .metrics import a2t_map10_laion_quirk, retrieval_metrics, zeroshot_metrics
+from .metrics import a2t_map10_laion_quirk, multilabel_map, retrieval_metrics, zeroshot_metrics
 
 SPLITS = ("train", "val")
 ESC50_COLUMNS = ("filename", "category")  # a CSV with these columns is ESC-50's meta/esc50.csv
@@ -336,7 +336,7 @@ def evaluate_zeroshot(model, clips: Sequence[LabelledClip], targets: np.ndarray,
 
     templates = check_templates(templates)
     label_emb = cached_label_embeddings(model, labelset, templates)  # (L, D), cached on disk per model
-    audio, kept_targets, skipped = [], [], []
+    audio, kept_targets, kept_clips, skipped = [], [], [], []
     for clip, target, e in zip(clips, targets,
                                model.embed_files([c.path for c in clips], batch_size=batch_size, segments=False)):
         if e.error is not None:
@@ -346,6 +346,7 @@ def evaluate_zeroshot(model, clips: Sequence[LabelledClip], targets: np.ndarray,
         else:
             audio.append(e.embedding)
             kept_targets.append(target)
+            kept_clips.append(clip)
         if progress is not None:
             progress(1)
     if not audio:
@@ -359,8 +360,25 @@ def evaluate_zeroshot(model, clips: Sequence[LabelledClip], targets: np.ndarray,
     confusions = [{"target": labels[c["target"]], "predicted": labels[c["predicted"]], "count": c["count"]}
                   for c in result["confusions"]]
     metrics = {k: v for k, v in result.items() if isinstance(v, float)}
+    if any(len(c.all_labels) > 1 for c in kept_clips):  # multi-label rows: mAP over labels, as for FSD50K
+        metrics["mAP"] = multilabel_map(np.stack(audio) @ label_emb.T, _multi_hot(kept_clips, labels))
     return ZeroShotReport(data, labelset.name, list(labels), templates, fold, len(audio), metrics, per_class,
                           confusions, skipped)
+
+
+def _multi_hot(clips: Sequence[LabelledClip], labels: Sequence[str]) -> np.ndarray:
+    """(N, L) 0/1: every class of each clip (matched to the labels as `match_classes` does)."""
+    exact = {label: i for i, label in enumerate(labels)}
+    loose: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        loose.setdefault(_normal(label), i)
+    hot = np.zeros((len(clips), len(labels)), dtype=np.float32)
+    for row, clip in enumerate(clips):
+        for name in clip.all_labels:
+            index = exact.get(name, loose.get(_normal(name)))
+            if index is not None:
+                hot[row, index] = 1.0
+    return hot
 
 
 def _few(names: Sequence[str], limit: int = 5) -> str:
