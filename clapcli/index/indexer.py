@@ -307,6 +307,10 @@ def _rebuild(index_dir: Path, model, damaged: bool, root_paths, entries, problem
         for suffix in ("-wal", "-shm"):
             db.with_name(DB_FILENAME + suffix).unlink(missing_ok=True)
         os.replace(staging / DB_FILENAME, db)
+        from .ann import ANN_FILENAME, SIDECAR_FILENAME
+
+        for name in (SIDECAR_FILENAME, ANN_FILENAME):  # the old store's graph, of no use to the new one
+            (index_dir / name).unlink(missing_ok=True)
     except KeyboardInterrupt:
         raise IndexInterrupted("interrupted: the rebuild was abandoned and the index is unchanged") from None
     finally:
