@@ -138,6 +138,23 @@ def _train_args(toy, run, *extra, workers=0):
             "--batch-size", "8", "--lr", "1e-3", "--warmup", "3", "--seed", "3", "--log-samples", *extra]
 
 
+def _children(pid: int) -> list[int]:
+    """Every process below `pid` (its data workers), read from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [c for c, p in parents.items() if p in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
 def test_resume_after_sigkill_equals_a_straight_run(toy, tmp_path):
     """Two data workers (the DataLoader's round robin) and a checkpoint in the middle of the first epoch."""
     straight = tmp_path / "straight"
@@ -152,9 +169,14 @@ def test_resume_after_sigkill_equals_a_straight_run(toy, tmp_path):
     while not (resumed / f"step-{half}" / "trainer_state.pt").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
         time.sleep(0.02)
+    workers = _children(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (resumed / "final").exists(), "the run ended before it could be killed; make it longer"
+    deadline = time.time() + 15
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert workers and not any(Path(f"/proc/{pid}").exists() for pid in workers), "data workers outlived the run"
     clap(*_train_args(toy, resumed, "--save-every", str(half), "--resume", workers=2))
 
     a, b = weights(straight / "final"), weights(resumed / "final")

@@ -19,6 +19,8 @@ batch counts when shards are few. Here (tar members are still read through the s
 
 from __future__ import annotations
 
+import functools
+import os
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -26,6 +28,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..audio.loader import die_with_parent
 from ..errors import DataError
 from .batch import Batch, Collate
 from .shards import ShardSplit, decode_audio, iter_shard, select_text
@@ -148,9 +151,10 @@ def _shuffled(items, buffer_size: int, rng: random.Random):
 
 
 def loader(stream: ShardStream, workers: int, pin_memory: bool = False):
-    """A DataLoader over the stream; worker processes start with forkserver (torchaudio and fork deadlock)."""
+    """A DataLoader over the stream. Workers are forked (as `clap index`'s decoders) and die with the training
+    process even when it is killed with SIGKILL (`die_with_parent`), so a killed run leaves no orphans."""
     kwargs = {}
     if workers > 0:
-        kwargs = dict(num_workers=workers, prefetch_factor=2, multiprocessing_context="forkserver",
-                      persistent_workers=False)
+        kwargs = dict(num_workers=workers, prefetch_factor=2, persistent_workers=False,
+                      worker_init_fn=functools.partial(die_with_parent, os.getpid()))
     return torch.utils.data.DataLoader(stream, batch_size=None, pin_memory=pin_memory, **kwargs)
