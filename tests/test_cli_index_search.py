@@ -18,21 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from clapcli.cli.main import app
+from cli_runner import clap
 from entry_point import clap_executable
 from library import BROKEN, GOOD, make_library, write_window_query
 
-runner = CliRunner()
 HIT_KEYS = {"rank", "score", "path", "start", "end", "duration"}
-
-
-def clap(*args, ok=True):
-    result = runner.invoke(app, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, (result.output, result.exception)
-    return result
 
 
 def json_lines(text: str) -> list[dict]:

@@ -10,21 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from typer.testing import CliRunner
 
-from clapcli.cli.main import app
+from cli_runner import clap
 from test_errors import run_main
 from train_data import KINDS, SR, clip
-
-runner = CliRunner()
-
-
-def clap(*args, ok=True):
-    result = runner.invoke(app, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, (result.output, result.exception)
-    return result
-
 
 def class_folders(root: Path, per_kind: int, seed: int) -> list[tuple[Path, str]]:
     rng = np.random.default_rng(seed)

@@ -13,20 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from clapcli.cli.main import app
+from cli_runner import clap
 from library import GOOD, make_library
-
-runner = CliRunner()
-
-
-def clap(*args, ok=True):
-    result = runner.invoke(app, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, (result.output, result.exception)
-    return result
-
 
 def summary(result) -> dict:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")][-1]

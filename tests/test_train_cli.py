@@ -15,23 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from clapcli.cli.main import app
+from cli_runner import clap
 from entry_point import clap_executable
 from clapcli.train.shards import ShardWriter, encode_flac
 from test_errors import run_main
 from train_data import CAPTIONS, KINDS, SR, clip, kind_of, make_dataset, make_tokenizer
-
-runner = CliRunner()
-
-
-def clap(*args, ok=True):
-    result = runner.invoke(app, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, (result.output, result.exception)
-    return result
-
 
 def log_records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]

@@ -153,7 +153,6 @@ def _exit_if_skipped(skipped) -> None:
 
 
 def _render_retrieval(report, model_ref: str) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"retrieval: {report.audios} clips, {report.captions} captions", title_justify="left",
