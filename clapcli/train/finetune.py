@@ -263,6 +263,17 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> tor
     return F.cross_entropy(logits, targets)
 
 
+def _head_step(head, optimizer, x, y, cfg, n_labels: int, gen) -> float:
+    """One optimizer step on (x, y), mixup first when asked; returns the batch loss. With --full the
+    optimizer also holds the encoder, whose graph `x` carries."""
+    x, y = _mix(x, y, cfg.mixup, n_labels, cfg.multi_label, gen)
+    loss = _loss(head(x), y, cfg.multi_label)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def _mix(x: torch.Tensor, y: torch.Tensor, alpha: float, n_labels: int, multi_label: bool,
          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup of a batch with a permutation of itself; single-label targets become soft (B, L)."""
@@ -385,12 +396,8 @@ def _train_frozen(cfg, clap, head, train: Dataset, val: Dataset, labels, on_epoc
         total, count = 0.0, 0
         for idx in _batches(len(train.paths), cfg.batch_size, gen):
             idx = idx.to(clap.device)
-            x, y = _mix(x_train[idx], y_train[idx], cfg.mixup, len(labels), cfg.multi_label, gen)
-            loss = _loss(head(x), y, cfg.multi_label)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, count = total + float(loss.detach()) * len(idx), count + len(idx)
+            loss = _head_step(head, optimizer, x_train[idx], y_train[idx], cfg, len(labels), gen)
+            total, count = total + loss * len(idx), count + len(idx)
         head.eval()
         with torch.no_grad():
             record = _epoch_record(epoch, total / count, head(x_val), val, labels, cfg.multi_label, started)
@@ -437,12 +444,8 @@ def _train_full(cfg, clap, head, train: Dataset, val: Dataset, labels, on_epoch,
         for idx in _batches(len(waves), cfg.batch_size, gen):
             feats, longer = clap.features.clip_features([waves[i] for i in idx.tolist()])  # (B, C, 1001, 64)
             emb = model.encode_audio(feats, longer, normalize=False)  # (B, D) raw
-            x, y = _mix(emb, y_train[idx.to(clap.device)], cfg.mixup, len(labels), cfg.multi_label, gen)
-            loss = _loss(head(x), y, cfg.multi_label)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, count = total + float(loss.detach()) * len(idx), count + len(idx)
+            loss = _head_step(head, optimizer, emb, y_train[idx.to(clap.device)], cfg, len(labels), gen)
+            total, count = total + loss * len(idx), count + len(idx)
         head.eval()
         emb_val = np.stack([e.embedding for e in clap.embed_waveforms(val_waves, segments=False,
                                                                        batch_size=cfg.embed_batch_size,
