@@ -98,7 +98,7 @@ def _load_laion(path: Path, name: str, tokenizer: str | None, download: bool) ->
     cfg = infer_laion_config(hf_state)
     model = build_and_load(cfg, hf_state, str(path))
     tok_source = tokenizer or (registry.ROBERTA_TOKENIZER if cfg.text.model_type == "roberta" else "bert-base-uncased")
-    tok = _tokenizer_from_source(tok_source, download)
+    tok = load_tokenizer(tok_source, download)
     return LoadedCheckpoint(model, tok, name, str(path), "laion", _fingerprint(path))
 
 
@@ -145,7 +145,8 @@ def _tokenizer_from_dir(path: Path):
         raise CheckpointError(f"cannot load the tokenizer in {path}: {str(exc).splitlines()[0]}") from exc
 
 
-def _tokenizer_from_source(source: str, download: bool):
+def load_tokenizer(source: str, download: bool = True):
+    """A tokenizer from a local directory or a hub id (cache first; download only if allowed)."""
     from transformers import AutoTokenizer
 
     if Path(source).expanduser().is_dir():

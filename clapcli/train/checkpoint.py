@@ -58,15 +58,14 @@ def step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The folder to resume from: the newest step-N/, or final/ when the run had finished."""
+    """The folder to resume from: the newest step-N/ (its step is in its name), or final/ when that is
+    newer (a finished run; only its trainer state is read, once)."""
     steps = step_checkpoints(run_dir)
-    candidates = [p for _, p in steps]
+    newest = steps[-1] if steps else None
     final = Path(run_dir) / "final"
-    if (final / STATE_FILE).is_file():
-        candidates.append(final)
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: read_state(p).step)
+    if (final / STATE_FILE).is_file() and (newest is None or read_state(final).step >= newest[0]):
+        return final
+    return newest[1] if newest else None
 
 
 def read_state(checkpoint: Path) -> TrainState:
@@ -82,8 +81,9 @@ def load_trainer_state(checkpoint: Path) -> dict:
 
 
 def prune_step_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` step-N/ folders, and temporaries left by a killed run."""
-    for _, p in step_checkpoints(run_dir)[: max(0, len(step_checkpoints(run_dir)) - max(1, keep))]:
+    """Delete all but the newest `keep` step-N/ folders."""
+    steps = step_checkpoints(run_dir)
+    for _, p in steps[: max(0, len(steps) - max(1, keep))]:
         shutil.rmtree(p, ignore_errors=True)
 
 

@@ -60,13 +60,13 @@ def build_model(cfg: TrainConfig, resume_from: str | None):
 def fresh_model(preset_name: str, text_model: str | None, tokenizer_source: str | None):
     """A new model from a preset. The text tower's vocabulary follows the tokenizer; with `text_model` the
     tower's architecture and weights come from that pretrained transformers model."""
-    from ..models.checkpoints import _tokenizer_from_source
+    from ..models.checkpoints import load_tokenizer
     from ..models.clap import ClapModel
     from ..models.presets import preset
 
     cfg = preset(preset_name)
     source = tokenizer_source or text_model or _default_tokenizer(cfg.text.model_type)
-    tokenizer = _tokenizer_from_source(source, download=True)
+    tokenizer = load_tokenizer(source, download=True)
     pretrained = None
     if text_model:
         pretrained = _pretrained_text_model(text_model)
