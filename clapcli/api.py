@@ -48,7 +48,7 @@ class AudioEmbedding:
     path: str | None
     duration: float  # seconds
     embedding: np.ndarray | None  # (D,) L2-normalised file-level embedding; None on error
-    segments: list[Segment] = field(default_factory=list)  # 10 s windows, only for files longer than 10 s
+    segments: list[Segment] = field(default_factory=list)  # 10 s windows of files longer than 10 s (Wav2CLIP: 1 s)
     error: str | None = None
     sample_rate: int | None = None  # of the source file
     channels: int | None = None  # of the source file
@@ -123,7 +123,8 @@ class Clap:
 
     # ---- audio -----------------------------------------------------------------------------------------
     def embed_audio(self, paths_or_arrays, sample_rate: int | None = None, batch_size: int = 8) -> np.ndarray:
-        """File-level embeddings (N, D). Arrays are mono or (T, C) samples at `sample_rate` (default 48 kHz)."""
+        """File-level embeddings (N, D). Arrays are mono or (T, C) samples at `sample_rate` (default: the model's,
+        48 kHz for CLAP, 16 kHz for Wav2CLIP)."""
         items = [paths_or_arrays] if isinstance(paths_or_arrays, (str, os.PathLike, np.ndarray)) else paths_or_arrays
         waves = []
         for item in items:
