@@ -26,7 +26,6 @@ from .config import AudioConfig, ClapConfig
 from .presets import preset
 
 DEFAULT_TEXT_TOWER = "openai/clip-vit-base-patch32"  # the CLIP whose image tower Wav2CLIP was distilled from
-RELEASE_URL = "https://github.com/descriptinc/lyrebird-wav2clip/releases/download/v0.1.0-alpha/Wav2CLIP.pt"
 CLIP_LOGIT_SCALE = 100.0  # CLIP's trained logit scale: tagging multiplies cosines by it before the softmax
 
 _WINDOW_KEY = "audio_encoder.spectrogram.window"
