@@ -42,18 +42,22 @@ def pull(name: str = typer.Argument(..., help="A name from `clap models list` or
 @models_app.command("presets")
 def presets(as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
     """Architectures `clap train --model-config` builds: encoder sizes, fusion, clip length, parameters."""
-    from ..models.presets import preset, preset_names
+    from ..models.presets import preset, preset_description, preset_names
 
     rows = []
     for name in preset_names():
         cfg = preset(name)
         a, t = cfg.audio, cfg.text
-        rows.append({"name": name, "audio": f"{a.encoder} {a.patch_embeds_hidden_size}×{'-'.join(map(str, a.depths))}",
-                     "fused": cfg.fused, "clip_seconds": round(cfg.frontend.clip_samples / cfg.frontend.sample_rate, 2),
-                     "text": f"{t.model_type} {t.num_hidden_layers}x{t.hidden_size}", "dim": cfg.projection_dim})
+        shape = ("-".join(map(str, a.pann_channels)) if a.encoder == "cnn14"
+                 else f"{a.patch_embeds_hidden_size}×{'-'.join(map(str, a.depths))}")
+        rows.append({"name": name, "audio": f"{a.encoder} {shape}", "fused": cfg.fused,
+                     "clip_seconds": round(cfg.frontend.clip_samples / cfg.frontend.sample_rate, 2),
+                     "text": f"{t.model_type} {t.num_hidden_layers}x{t.hidden_size}", "dim": cfg.projection_dim,
+                     "description": preset_description(name)})
     _show(rows, as_json, "model presets (clap train --model-config NAME)",
-          ("name", "audio", "fused", "clip s", "text", "dim"), lambda r: (
-              r["name"], r["audio"], "yes" if r["fused"] else "no", str(r["clip_seconds"]), r["text"], str(r["dim"])))
+          ("name", "audio", "fused", "clip s", "text", "dim", "description"), lambda r: (
+              r["name"], r["audio"], "yes" if r["fused"] else "no", str(r["clip_seconds"]), r["text"], str(r["dim"]),
+              r["description"]))
 
 
 def _show(rows: list[dict], as_json: bool, title: str, columns, cells) -> None:

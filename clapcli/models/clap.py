@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import ClapConfig
 from .encoders import build_audio_encoder
-from .text import build_text_model
+from .text import build_text_model, pooled_text_output, text_output_width
 
 
 class ClapOutput(NamedTuple):
@@ -57,7 +57,7 @@ class ClapModel(nn.Module):
         self.audio_model = AudioModel(cfg)
         self.text_model = build_text_model(cfg.text)
         self.audio_projection = Projection(self.audio_model.audio_encoder.out_width, cfg.projection_dim)
-        self.text_projection = Projection(cfg.text.hidden_size, cfg.projection_dim)
+        self.text_projection = Projection(text_output_width(cfg.text), cfg.projection_dim)
         self.logit_scale_a = nn.Parameter(torch.tensor(cfg.logit_scale_init))
         self.logit_scale_t = nn.Parameter(torch.tensor(cfg.logit_scale_init))
         self.audio_tower_locked = False
@@ -77,7 +77,7 @@ class ClapModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
     ) -> torch.Tensor:
         """Token ids (B, L) → (B, projection_dim) float embeddings, L2-normalised unless `normalize=False`."""
-        pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output  # (B, hidden)
+        pooled = pooled_text_output(self.text_model, self.config.text, input_ids, attention_mask)  # (B, text width)
         projected = self.text_projection(pooled).float()
         return F.normalize(projected, dim=-1) if normalize else projected
 

@@ -11,6 +11,12 @@
                        vocab_size is the RoBERTa tokenizer's (50265): a caller with another tokenizer sets it
                        from len(tokenizer).
     tiny-unfused       the same without fusion
+    pann14-roberta     PANN CNN14 (64…2048 → 2048) without fusion (Slaney mel), RoBERTa-base: LAION's PANN-14
+    pann14-roberta-fusion  the same with aff_2d fusion after the first conv block (HTK mel)
+    htsat-tiny-fused-bert  htsat-tiny-fused with a bert-base-uncased text tower (pooler output)
+    htsat-tiny-fused-clip  htsat-tiny-fused with a CLIP ViT-B/32 text tower (EOT token + its projection, 512)
+    tiny-pann, tiny-pann-fused  tiny CNN14 (widths 8…64) without / with fusion, the tiny text tower and clip
+    tiny-bert, tiny-clip   `tiny` with a tiny BERT / CLIP text tower (same widths as the tiny RoBERTa)
 
 Fields not named take the dataclass defaults (config.py), so every default is still written once.
 """
@@ -42,6 +48,21 @@ _TINY_TEXT = {
     "extra": _TINY_INIT,
 }
 
+_PANN = {"encoder": "cnn14"}  # pann_channels default to CNN14's 64…2048
+_TINY_PANN = {"encoder": "cnn14", "pann_channels": [8, 16, 16, 32, 32, 64]}
+_BERT_BASE = {  # bert-base-uncased
+    "model_type": "bert", "vocab_size": 30522, "max_position_embeddings": 512, "type_vocab_size": 2,
+    "pad_token_id": 0, "bos_token_id": None, "eos_token_id": None,
+}
+_CLIP_TEXT_BASE = {  # openai/clip-vit-base-patch32's text tower
+    "model_type": "clip_text_model", "vocab_size": 49408, "hidden_size": 512, "num_hidden_layers": 12,
+    "num_attention_heads": 8, "intermediate_size": 2048, "hidden_act": "quick_gelu", "max_position_embeddings": 77,
+    "layer_norm_eps": 1e-5, "pad_token_id": 1, "bos_token_id": 49406, "eos_token_id": 49407, "projection_dim": 512,
+}
+_TINY_BERT = {**_TINY_TEXT, "model_type": "bert", "type_vocab_size": 2, "pad_token_id": 0}
+_TINY_CLIP = {**_TINY_TEXT, "model_type": "clip_text_model", "max_position_embeddings": 77, "layer_norm_eps": 1e-5,
+              "hidden_act": "quick_gelu", "projection_dim": 64}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "htsat-tiny-fused": {"audio": {"enable_fusion": True}},
     "htsat-tiny": {"audio": {"enable_fusion": False}, "frontend": _UNFUSED_FRONTEND},
@@ -59,7 +80,57 @@ PRESETS: dict[str, dict[str, Any]] = {
         "frontend": {**_UNFUSED_FRONTEND, **_TINY_FRONTEND},
         "projection_dim": 32,
     },
+    "pann14-roberta": {"audio": {**_PANN, "enable_fusion": False}, "frontend": _UNFUSED_FRONTEND},
+    "pann14-roberta-fusion": {"audio": {**_PANN, "enable_fusion": True}},
+    "htsat-tiny-fused-bert": {"audio": {"enable_fusion": True}, "text": _BERT_BASE},
+    "htsat-tiny-fused-clip": {"audio": {"enable_fusion": True}, "text": _CLIP_TEXT_BASE},
+    "tiny-pann": {
+        "audio": {**_TINY_PANN, "enable_fusion": False},
+        "text": _TINY_TEXT,
+        "frontend": {**_UNFUSED_FRONTEND, **_TINY_FRONTEND},
+        "projection_dim": 32,
+    },
+    "tiny-pann-fused": {
+        "audio": {**_TINY_PANN, "enable_fusion": True},
+        "text": _TINY_TEXT,
+        "frontend": _TINY_FRONTEND,
+        "projection_dim": 32,
+    },
+    "tiny-bert": {
+        "audio": {**_TINY_AUDIO, "enable_fusion": True},
+        "text": _TINY_BERT,
+        "frontend": _TINY_FRONTEND,
+        "projection_dim": 32,
+    },
+    "tiny-clip": {
+        "audio": {**_TINY_AUDIO, "enable_fusion": True},
+        "text": _TINY_CLIP,
+        "frontend": _TINY_FRONTEND,
+        "projection_dim": 32,
+    },
 }
+
+# One line per preset for `clap models presets`.
+DESCRIPTIONS: dict[str, str] = {
+    "htsat-tiny-fused": "HTSAT-tiny + RoBERTa-base, fused (laion/clap-htsat-fused)",
+    "htsat-tiny": "HTSAT-tiny + RoBERTa-base, unfused (laion/clap-htsat-unfused)",
+    "htsat-base": "HTSAT-base + RoBERTa-base, unfused (laion/larger_clap_*)",
+    "htsat-base-fused": "HTSAT-base + RoBERTa-base, fused",
+    "tiny": "a few-MB fused HTSAT + 2-layer RoBERTa on 2.55 s clips, for CPU experiments and tests",
+    "tiny-unfused": "tiny, unfused (Slaney mel)",
+    "pann14-roberta": "PANN CNN14 (2048) + RoBERTa-base, unfused (LAION's PANN-14)",
+    "pann14-roberta-fusion": "PANN CNN14 (2048) + RoBERTa-base, aff_2d fusion after the first conv block",
+    "htsat-tiny-fused-bert": "HTSAT-tiny fused + BERT-base-uncased text tower (pooler output)",
+    "htsat-tiny-fused-clip": "HTSAT-tiny fused + CLIP ViT-B/32 text tower (EOT token + projection)",
+    "tiny-pann": "tiny CNN14 (widths 8-64) + the tiny RoBERTa, unfused, for tests",
+    "tiny-pann-fused": "tiny CNN14 with aff_2d fusion + the tiny RoBERTa, for tests",
+    "tiny-bert": "tiny with a 2-layer BERT text tower, for tests",
+    "tiny-clip": "tiny with a 2-layer CLIP text tower (EOT + projection), for tests",
+}
+
+
+def preset_description(name: str) -> str:
+    return DESCRIPTIONS.get(name, "")
 
 
 def preset_names() -> list[str]:
