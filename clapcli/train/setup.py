@@ -125,7 +125,11 @@ def _pretrained_text_model(name: str):
 
     try:
         config = AutoConfig.from_pretrained(name)
-        if config.model_type in ("clip", "clip_text_model"):
+        if config.model_type == "clip":  # a full CLIP: its text half, with the projection width of the whole
+            text_config = config.text_config
+            text_config.projection_dim = config.projection_dim
+            return CLIPTextModelWithProjection.from_pretrained(name, config=text_config)
+        if config.model_type == "clip_text_model":
             return CLIPTextModelWithProjection.from_pretrained(name)
         try:
             return AutoModel.from_pretrained(name, add_pooling_layer=True)
