@@ -407,8 +407,9 @@ def test_audio_encoder_factory_and_its_width():
 def test_presets_are_data_and_an_unknown_name_lists_them():
     from clapcli.models.config import preset as reexported
 
-    assert {"htsat-base", "htsat-base-fused", "htsat-tiny", "htsat-tiny-fused", "tiny", "tiny-unfused", "pann14-roberta",
-            "pann14-roberta-fusion", "tiny-pann", "tiny-pann-fused", "tiny-bert", "tiny-clip"} <= set(preset_names())
+    assert {"htsat-base", "htsat-base-fused", "htsat-tiny", "htsat-tiny-fused", "tiny", "tiny-unfused",
+            "pann14-roberta", "pann14-roberta-fusion", "tiny-pann", "tiny-pann-fused", "tiny-bert",
+            "tiny-clip"} <= set(preset_names())
     assert preset_names() == sorted(preset_names())
     with pytest.raises(ClapError) as info:
         preset("htsat-large")

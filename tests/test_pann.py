@@ -96,7 +96,8 @@ def test_full_size_cnn14_has_the_original_layers():
         plain = ClapModel(preset("pann14-roberta")).audio_model.audio_encoder
     shapes = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
     assert enc.out_width == 2048 and shapes["fc1.weight"] == (2048, 2048)
-    assert shapes["conv_block1.conv1.weight"] == (64, 1, 3, 3) and shapes["conv_block6.conv2.weight"] == (2048, 2048, 3, 3)
+    assert shapes["conv_block1.conv1.weight"] == (64, 1, 3, 3)
+    assert shapes["conv_block6.conv2.weight"] == (2048, 2048, 3, 3)
     assert "conv_block1.conv1.bias" not in shapes and shapes["bn0.running_mean"] == (64,)
     assert shapes["mel_conv2d.0.weight"] == (64, 1, 5, 5) and shapes["mel_conv2d.1.running_var"] == (64,)
     assert shapes["fusion_model.local_att.0.weight"] == (16, 64, 1, 1)
@@ -202,7 +203,8 @@ def laion_pann_state(fused: bool, tokenizer, seed: int = 0) -> dict[str, torch.T
     sd[a + "fc_audioset.weight"], sd[a + "fc_audioset.bias"] = rnd(527, width), torch.zeros(527)
     if fused:
         c0, inter = CHANNELS[0], CHANNELS[0] // 4
-        sd[a + "mel_conv2d.0.weight"], sd[a + "mel_conv2d.0.bias"] = rnd(c0, 1, 5, 5), 0.1 * torch.randn(c0, generator=gen)
+        sd[a + "mel_conv2d.0.weight"] = rnd(c0, 1, 5, 5)
+        sd[a + "mel_conv2d.0.bias"] = 0.1 * torch.randn(c0, generator=gen)
         _bn(sd, a + "mel_conv2d.1.", c0, gen)
         for branch, (c1, b1, c2, b2) in (("local_att", (0, 1, 3, 4)), ("global_att", (1, 2, 4, 5))):
             p = f"{a}fusion_model.{branch}."
@@ -348,7 +350,8 @@ def test_laion_pann_checkpoint_mismatch_is_a_readable_diff(tokenizer, tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path, tokenizer=str(tok_dir))
     msg = str(info.value)
-    assert "1 missing from the checkpoint" in msg and "audio_model.audio_encoder.fusion_model.global_att.4.weight" in msg
+    assert "1 missing from the checkpoint" in msg
+    assert "audio_model.audio_encoder.fusion_model.global_att.4.weight" in msg
     assert "audio_model.audio_encoder.conv_block3.conv2.weight: checkpoint (8, 8, 5, 5) vs model (8, 8, 3, 3)" in msg
 
 

@@ -306,7 +306,8 @@ def _infer_laion_htsat(state: dict[str, torch.Tensor], enc: str) -> AudioConfig:
     width = state[enc + "patch_embed.proj.weight"].shape[0]
     depths, heads = [], []
     for stage in range(8):
-        blocks = {int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(enc)}layers\.{stage}\.blocks\.(\d+)\.", k))}
+        block = re.compile(rf"{re.escape(enc)}layers\.{stage}\.blocks\.(\d+)\.")
+        blocks = {int(m.group(1)) for k in state if (m := block.match(k))}
         if not blocks:
             break
         depths.append(max(blocks) + 1)

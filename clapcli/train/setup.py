@@ -113,7 +113,7 @@ def _text_config(hf, base):
     if hf.model_type == "clip_text_model" and hasattr(hf, "dropout"):
         values.update(hidden_dropout_prob=hf.dropout, attention_probs_dropout_prob=hf.attention_dropout)
     internal = {"architectures", "transformers_version", "torch_dtype", "dtype", "model_type", "auto_map",
-                "_name_or_path", "id2label", "label2id"}
+                "id2label", "label2id", "output_attentions", "output_hidden_states", "return_dict"}
     extra = {k: v for k, v in hf.to_dict().items() if k not in names and k not in internal and not k.startswith("_")}
     return TextConfig(**values, max_length=min(base.max_length, int(values.get("max_position_embeddings") or 77)),
                       extra=extra)
