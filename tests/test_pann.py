@@ -457,6 +457,21 @@ def test_tiny_pann_trains_from_audio_init_then_tags_indexes_and_searches(toy, tm
     assert len(hits) == 3 and all(h["path"].endswith(".wav") for h in hits)
 
 
+def test_audio_init_of_a_fused_preset_warns_that_the_fusion_layers_start_random(toy, tmp_path):
+    init = tmp_path / "Cnn14.pth"
+    torch.save({"model": audioset_cnn14()}, init)
+    run = tmp_path / "run"
+    clap("train", "--data", toy / "shards", "--tokenizer", toy / "tok", "--out", run, "--model-config",
+         "tiny-pann-fused", "--audio-init", init, "--workers", "0", "--batch-size", "4", "--max-steps", "1")
+    random = json.loads((run / "config.json").read_text())["model"]["audio_init"]["random"]
+    assert "fusion_model.local_att.0.weight" in random and "mel_conv2d.0.weight" in random
+    warnings = [json.loads(line)["warning"] for line in (run / "log.jsonl").read_text().splitlines()
+                if "warning" in json.loads(line)]
+    assert any(f"{len(random)} fusion tensors" in w and "start random" in w for w in warnings), warnings
+    m = load_model(run / "final", device="cpu")
+    assert m.fused and m.config.audio.encoder == "cnn14"
+
+
 def test_audio_init_mismatch_is_a_one_line_usage_error(toy, tmp_path, monkeypatch, capsys):
     from test_errors import run_main
 
