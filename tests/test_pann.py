@@ -482,3 +482,21 @@ def test_audio_init_mismatch_is_a_one_line_usage_error(toy, tmp_path, monkeypatc
                          "--workers", "0", "--max-steps", "1")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "--audio-init" in lines[0] and "shape mismatches" in lines[0], err
+
+
+def test_full_finetune_of_a_fused_pann_model(tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    from clapcli import load_classifier
+    from test_finetune import class_folders
+
+    base = save_own(pann_model(True, tokenizer, seed=2), tokenizer, tmp_path / "base")
+    class_folders(tmp_path / "data", per_kind=2, seed=7)
+    clap("finetune", "--data", tmp_path / "data", "--model", base, "--out", tmp_path / "clf", "--full",
+         "--epochs", "1", "--batch-size", "4", "--encoder-lr", "1e-3", "--device", "cpu", "--json")
+    before = load_file(str(base / "model.safetensors"))
+    tuned = load_file(str(tmp_path / "clf" / "model" / "model.safetensors"))
+    changed = [k for k in tuned if k.startswith("audio_model.") and not before[k].equal(tuned[k])]
+    assert any(".conv_block1.conv1." in k for k in changed) and any(".fc1." in k for k in changed)
+    probs = load_classifier(tmp_path / "clf", device="cpu").classify_files(sorted((tmp_path / "data").rglob("*.wav")))
+    assert probs.shape == (8, 4) and np.isfinite(probs).all()
