@@ -500,3 +500,12 @@ def test_full_finetune_of_a_fused_pann_model(tokenizer, tmp_path):
     assert any(".conv_block1.conv1." in k for k in changed) and any(".fc1." in k for k in changed)
     probs = load_classifier(tmp_path / "clf", device="cpu").classify_files(sorted((tmp_path / "data").rglob("*.wav")))
     assert probs.shape == (8, 4) and np.isfinite(probs).all()
+
+
+def test_models_presets_lists_the_pann_and_text_tower_presets_with_a_description():
+    rows = {r["name"]: r for r in map(json.loads, clap("models", "presets", "--json").output.splitlines())}
+    full = rows["pann14-roberta-fusion"]
+    assert full["audio"] == "cnn14 64-128-256-512-1024-2048" and full["fused"] and full["dim"] == 512
+    assert rows["tiny-pann"]["audio"] == "cnn14 8-16-16-32-32-64" and not rows["tiny-pann"]["fused"]
+    assert rows["tiny-clip"]["text"].startswith("clip_text_model") and rows["tiny-bert"]["text"].startswith("bert")
+    assert all(r["description"] and "\n" not in r["description"] for r in rows.values())
