@@ -46,22 +46,24 @@ def pull(name: str = typer.Argument(..., help="A name from `clap models list` or
 @models_app.command("presets")
 def presets(as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
     """Architectures `clap train --model-config` builds: encoder sizes, fusion, clip length, parameters."""
-    from ..models.presets import preset, preset_names
+    from ..models.presets import preset, preset_description, preset_names
 
     rows = []
     for name in preset_names():
         cfg = preset(name)
         a, t = cfg.audio, cfg.text
-        audio = f"{a.encoder} {a.patch_embeds_hidden_size}×{'-'.join(map(str, a.depths))}"
-        text = f"{t.model_type} {t.num_hidden_layers}x{t.hidden_size}"
+        shape = ("-".join(map(str, a.pann_channels)) if a.encoder == "cnn14"
+                 else f"{a.patch_embeds_hidden_size}×{'-'.join(map(str, a.depths))}")
+        audio, text = f"{a.encoder} {shape}", f"{t.model_type} {t.num_hidden_layers}x{t.hidden_size}"
         if a.encoder == "resnet18":  # Wav2CLIP: ResNet width; the CLIP text tower is loaded from a reference
             audio, text = f"resnet18 width {a.resnet_width}", f"CLIP text {cfg.text_tower} (lazy)"
-        rows.append({"name": name, "audio": audio,
-                     "fused": cfg.fused, "clip_seconds": round(cfg.frontend.clip_samples / cfg.frontend.sample_rate, 2),
-                     "text": text, "dim": cfg.projection_dim})
+        rows.append({"name": name, "audio": audio, "fused": cfg.fused,
+                     "clip_seconds": round(cfg.frontend.clip_samples / cfg.frontend.sample_rate, 2),
+                     "text": text, "dim": cfg.projection_dim, "description": preset_description(name)})
     _show(rows, as_json, "model presets (clap train --model-config NAME)",
-          ("name", "audio", "fused", "clip s", "text", "dim"), lambda r: (
-              r["name"], r["audio"], "yes" if r["fused"] else "no", str(r["clip_seconds"]), r["text"], str(r["dim"])))
+          ("name", "audio", "fused", "clip s", "text", "dim", "description"), lambda r: (
+              r["name"], r["audio"], "yes" if r["fused"] else "no", str(r["clip_seconds"]), r["text"], str(r["dim"]),
+              r["description"]))
 
 
 def _show(rows: list[dict], as_json: bool, title: str, columns, cells) -> None:

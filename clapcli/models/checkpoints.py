@@ -235,17 +235,26 @@ LAION_RENAMES = [
 ]
 # Tensors of the original model that inference does not use (front-end buffers, AudioSet heads, MLP-loss heads).
 LAION_UNUSED = re.compile(
-    r"^(audio_branch\.(spectrogram_extractor|logmel_extractor|tscam_conv|head)\.|(audio|text)_transform\.)"
+    r"^(audio_branch\.(spectrogram_extractor|logmel_extractor|tscam_conv|head|fc_audioset)\.|(audio|text)_transform\.)"
 )
+# A PANN CNN14 audio branch keeps the original's names (pann.py); only its prefix changes.
+LAION_PANN_MARK = "audio_branch.conv_block1."
 
 
 def convert_laion_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Original LAION-CLAP keys → ours (= the transformers port's), qkv split into query/key/value."""
+    """Original LAION-CLAP keys → ours (= the transformers port's), qkv split into query/key/value.
+
+    HTSAT audio branches take the transformers port's renames; a PANN CNN14 branch (pann.py keeps the
+    original names) only moves from `audio_branch.` to `audio_model.audio_encoder.`."""
     out: dict[str, torch.Tensor] = {}
+    pann = any(k.removeprefix("module.").startswith(LAION_PANN_MARK) for k in state)
     for key, value in state.items():
         if key.startswith("module."):
             key = key[len("module.") :]
         if LAION_UNUSED.match(key):
+            continue
+        if pann and key.startswith("audio_branch."):
+            out["audio_model.audio_encoder." + key[len("audio_branch.") :]] = value
             continue
         for old, new in LAION_RENAMES:
             key = key.replace(old, new)
@@ -262,26 +271,16 @@ def convert_laion_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.
 
 def infer_laion_config(state: dict[str, torch.Tensor]) -> ClapConfig:
     enc = "audio_model.audio_encoder."
-    if enc + "patch_embed.proj.weight" not in state:
-        raise CheckpointError("not a LAION-CLAP HTSAT checkpoint (no audio_branch.patch_embed.proj.weight); "
-                              "PANN audio encoders are not supported yet")
+    if enc + "conv_block1.conv1.weight" in state:
+        audio = _infer_laion_pann(state, enc)
+    elif enc + "patch_embed.proj.weight" in state:
+        audio = _infer_laion_htsat(state, enc)
+    else:
+        raise CheckpointError("not a LAION-CLAP HTSAT or PANN CNN14 checkpoint (no audio_branch.patch_embed.proj "
+                              "or audio_branch.conv_block1 weights)")
     if "text_model.token_embedding.weight" in state:
         raise CheckpointError("LAION checkpoints with the CLIP-transformer text tower are not supported yet")
-    width = state[enc + "patch_embed.proj.weight"].shape[0]
-    depths, heads = [], []
-    for stage in range(8):
-        blocks = {int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(enc)}layers\.{stage}\.blocks\.(\d+)\.", k))}
-        if not blocks:
-            break
-        depths.append(max(blocks) + 1)
-        heads.append(state[f"{enc}layers.{stage}.blocks.0.attention.self.relative_position_bias_table"].shape[1])
-    fused = enc + "patch_embed.mel_conv2d.weight" in state
-    audio = AudioConfig(
-        patch_embeds_hidden_size=width,
-        depths=depths,
-        num_attention_heads=heads,
-        enable_fusion=fused,
-    )
+    fused = audio.enable_fusion
     vocab, hidden = state["text_model.embeddings.word_embeddings.weight"].shape
     positions = state["text_model.embeddings.position_embeddings.weight"].shape[0]
     types = state["text_model.embeddings.token_type_embeddings.weight"].shape[0]
@@ -307,6 +306,37 @@ def infer_laion_config(state: dict[str, torch.Tensor]) -> ClapConfig:
         frontend=FrontEndConfig(mel_scale="htk" if fused else "slaney"),
         projection_dim=state["audio_projection.linear2.weight"].shape[0],
     )
+
+
+def _infer_laion_htsat(state: dict[str, torch.Tensor], enc: str) -> AudioConfig:
+    width = state[enc + "patch_embed.proj.weight"].shape[0]
+    depths, heads = [], []
+    for stage in range(8):
+        block = re.compile(rf"{re.escape(enc)}layers\.{stage}\.blocks\.(\d+)\.")
+        blocks = {int(m.group(1)) for k in state if (m := block.match(k))}
+        if not blocks:
+            break
+        depths.append(max(blocks) + 1)
+        heads.append(state[f"{enc}layers.{stage}.blocks.0.attention.self.relative_position_bias_table"].shape[1])
+    return AudioConfig(
+        patch_embeds_hidden_size=width,
+        depths=depths,
+        num_attention_heads=heads,
+        enable_fusion=enc + "patch_embed.mel_conv2d.weight" in state,
+    )
+
+
+def _infer_laion_pann(state: dict[str, torch.Tensor], enc: str) -> AudioConfig:
+    """CNN14: the six conv-block widths; fused when the local-crop conv (`mel_conv2d.0`) is there."""
+    from .pann import BLOCKS
+
+    missing = [i for i in range(1, BLOCKS + 1) if f"{enc}conv_block{i}.conv1.weight" not in state]
+    if missing:
+        raise CheckpointError(f"a LAION PANN checkpoint needs conv_block1..{BLOCKS}; conv_block{missing[0]} is "
+                              "missing (only CNN14 is supported, not Cnn6/Cnn10)")
+    channels = [int(state[f"{enc}conv_block{i}.conv1.weight"].shape[0]) for i in range(1, BLOCKS + 1)]
+    return AudioConfig(encoder="cnn14", pann_channels=channels, num_mel_bins=state[enc + "bn0.weight"].shape[0],
+                       enable_fusion=enc + "mel_conv2d.0.weight" in state)
 
 
 # ----------------------------------------------------------------------------------------------------------

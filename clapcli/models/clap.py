@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import ClapConfig
 from .encoders import build_audio_encoder
-from .text import build_text_model
+from .text import build_text_model, pooled_text_output, text_output_width
 
 
 class ClapOutput(NamedTuple):
@@ -63,7 +63,8 @@ class ClapModel(nn.Module):
         lazy_text = cfg.text_tower is not None
         self.text_model = None if lazy_text else build_text_model(cfg.text)
         self.audio_projection = Projection(self.audio_model.audio_encoder.out_width, cfg.projection_dim)
-        self.text_projection = nn.Identity() if lazy_text else Projection(cfg.text.hidden_size, cfg.projection_dim)
+        self.text_projection = (nn.Identity() if lazy_text
+                                else Projection(text_output_width(cfg.text), cfg.projection_dim))
         self._clip_text = None  # Wav2CLIP: (CLIPTextModelWithProjection, tokenizer) once loaded
         self.logit_scale_a = nn.Parameter(torch.tensor(cfg.logit_scale_init))
         self.logit_scale_t = nn.Parameter(torch.tensor(cfg.logit_scale_init))
@@ -88,7 +89,7 @@ class ClapModel(nn.Module):
             tower, _ = self.clip_text()
             projected = tower(input_ids=input_ids, attention_mask=attention_mask).text_embeds.float()  # (B, D)
             return F.normalize(projected, dim=-1) if normalize else projected
-        pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output  # (B, hidden)
+        pooled = pooled_text_output(self.text_model, self.config.text, input_ids, attention_mask)  # (B, text width)
         projected = self.text_projection(pooled).float()
         return F.normalize(projected, dim=-1) if normalize else projected
 

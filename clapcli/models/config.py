@@ -50,7 +50,8 @@ class FrontEndConfig:
 
 @dataclass
 class AudioConfig:
-    encoder: str = "htsat"  # audio encoder kind, a name in encoders.AUDIO_ENCODERS: "htsat" (the released checkpoints)
+    encoder: str = "htsat"  # audio encoder kind, a name in encoders.AUDIO_ENCODERS: "htsat" (the released
+    # checkpoints) or "cnn14" (PANN CNN14)
     patch_embeds_hidden_size: int = 96  # HTSAT width C: tiny 96, base 128
     depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])  # Swin blocks per stage
     num_attention_heads: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # heads per stage
@@ -68,6 +69,8 @@ class AudioConfig:
     attn_drop_rate: float = 0.0  # dropout on attention probabilities (train only)
     drop_path_rate: float = 0.0  # stochastic depth of the last Swin block, rising linearly from 0 over the blocks
     # (LAION trained HTSAT with 0.1; train only)
+    pann_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 1024, 2048])  # CNN14 only: widths
+    # of conv_block1..6; the encoder outputs the last (2048) and AFF fuses at the first (64)
     extra: dict[str, Any] = field(default_factory=dict)  # other fields of a foreign config, kept, unused
     # Legacy input only: configs written before the encoder owned its output width carry `hidden_size`
     # (HTSAT: C * 8). Accepted, checked against the encoder's width, never stored; read `out_width`.
@@ -111,6 +114,10 @@ class TextConfig:
     hidden_dropout_prob: float = 0.0  # dropout on embeddings and layer outputs, train only (LAION's roberta-base
     # training used the transformers default 0.1; the hub configs carry 0.1 and loading them keeps it)
     attention_probs_dropout_prob: float = 0.0  # dropout on attention probabilities, train only (LAION: 0.1)
+    pooling: str = "auto"  # the tower's pooled output: "pooler" (pooler_output: RoBERTa/BERT tanh(dense(h[0]))),
+    # "clip" (CLIP text_embeds: the EOT token through the tower's own projection), "mean" (mean of the last
+    # hidden states over the attention mask), "auto" (clip for CLIP text, else pooler if the tower has one, else mean)
+    projection_dim: int = 512  # CLIP text towers only: width of the tower's own text_projection (its text_embeds)
     extra: dict[str, Any] = field(default_factory=dict)  # other fields of a foreign tower's config
 
 
