@@ -152,6 +152,8 @@ DESCRIPTIONS: dict[str, str] = {
     "tiny-pann-fused": "tiny CNN14 with aff_2d fusion + the tiny RoBERTa, for tests",
     "tiny-bert": "tiny with a 2-layer BERT text tower, for tests",
     "tiny-clip": "tiny with a 2-layer CLIP text tower (EOT + projection), for tests",
+    "wav2clip": "Wav2CLIP: ResNet-18 on a 16 kHz linear spectrogram + CLIP ViT-B/32 text tower (lazy)",
+    "tiny-wav2clip": "tiny Wav2CLIP (ResNet width 8, dim 32); set its text_tower to a CLIP text model, for tests",
 }
 
 
