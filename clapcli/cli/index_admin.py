@@ -81,7 +81,7 @@ def remove_index(
     info = _describe(index_dir)
     what = f"index {name} at {index_dir} ({_count(info)}, {human_size(info['size_bytes'])})"
     if not yes:
-        if not sys.stdin.isatty():
+        if not _stdin_is_terminal():
             raise UsageError(f"not removing {what} without confirmation: pass --yes")
         if not typer.confirm(f"remove {what}?", default=False):
             output.stderr_console().print("nothing removed", highlight=False)
@@ -104,6 +104,10 @@ def remove_index(
             pass  # e.g. recreated by a writer that started meanwhile
     kept = f"; kept {len(left)} other entries in {index_dir}" if left else ""
     output.stderr_console().print(f"removed {what}{kept}", highlight=False, soft_wrap=True)
+
+
+def _stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
 
 
 def human_size(size: int | None) -> str:
