@@ -240,6 +240,11 @@ def test_moved_model_and_model_mismatch_messages(tiny_model_dir, tiny_unfused_di
     assert "pass the same --model or --rebuild" not in other  # `search` has no --rebuild
     assert "search without --model" in other and "`clap index DIR…" in other
 
+    shutil.rmtree(new)
+    shutil.copytree(tiny_unfused_dir, new)  # other weights at the remembered place, and no --model given
+    changed = fails("search", "rain", "--index", idx, code=1, match=f"the weights at {new} have changed")
+    assert "search without --model" not in changed and "--model PATH" in changed
+
 
 # -- 80-column tables ----------------------------------------------------------------------------------------
 
