@@ -52,7 +52,8 @@ def search_command(
         if model is None:
             check_remembered_model(identity.get("model"), index_dir, moved_model_advice(index))
         m = options.load(model or identity.get("model"), device, precision, tokenizer)
-        store.check_model_identity(m.identity_dict, advice=model_mismatch_advice(index, m.model_ref, model is not None))
+        wanted = m.identity_dict
+        store.check_model_identity(wanted, advice=model_mismatch_advice(index, wanted.get("model"), model is not None))
         q = query_vector(m, query or [], negative or [], [str(a) for a in audio or []])
         hits = search(store, q, k=k, min_score=min_score)
     if paths:
