@@ -271,6 +271,15 @@ def test_models_table_keeps_every_name_whole_at_80_columns():
     assert "…" not in text
 
 
+def test_index_list_prints_long_paths_whole_at_80_columns():
+    model = "/srv/shared/models/clap/finetuned/game-sound-effects-2026-11-30/final-checkpoint-step-12000"
+    rows = [{"name": "sfx", "path": "/home/someone/.local/share/clap/indexes/sfx", "files": 1234,
+             "size_bytes": 56_700_000, "model": model, "error": None}]
+    lines = render(lambda con: index_admin.print_index_list(con, rows)).splitlines()
+    assert lines[0].split() == ["sfx", "1234", "files,", "56.7", "MB"]
+    assert any(model in line for line in lines) and any(rows[0]["path"] in line for line in lines)
+
+
 def test_tag_table_prints_a_long_path_whole_at_80_columns():
     from clapcli.cli.tag import print_tables
     from clapcli.tagging.tag import FileTags, LabelScore, WindowTags

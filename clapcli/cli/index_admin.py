@@ -44,23 +44,20 @@ def list_indexes(as_json: bool = typer.Option(False, "--json", help="One JSON ob
         output.stderr_console().print(f"no indexes in {indexes_dir()}; build one with `clap index DIR`",
                                       highlight=False, soft_wrap=True)
         return
-    from rich.markup import escape
-    from rich.table import Table
+    print_index_list(output.stdout_console(), rows)
 
-    table = Table(title="indexes (clap index rm NAME removes one)", show_edge=False)
-    table.add_column("name", no_wrap=True)
-    table.add_column("files", justify="right", no_wrap=True)
-    table.add_column("size", justify="right", no_wrap=True)
-    table.add_column("model", overflow="fold")
+
+def print_index_list(con, rows: list[dict]) -> None:
+    """One block per index rather than a table: paths and model paths print whole, never folded mid-word."""
+    from rich.markup import escape
+
     for r in rows:
-        model = escape(r["model"] or "") if r["error"] is None else f"[red]{escape(r['error'])}[/]"
-        table.add_row(escape(r["name"]), "" if r["files"] is None else str(r["files"]), human_size(r["size_bytes"]),
-                      model)
-    con = output.stdout_console()
-    con.print(table)
-    # Paths on their own lines: copied whole from the terminal, never folded inside a table cell.
-    for r in rows:
-        con.print(f"{escape(r['name'])}: {escape(r['path'])}", highlight=False, soft_wrap=True)
+        con.print(f"[bold]{escape(r['name'])}[/]  {_count(r)}, {human_size(r['size_bytes'])}", highlight=False)
+        con.print(f"  path   {escape(output.display_path(r['path']))}", highlight=False, soft_wrap=True)
+        if r["error"] is None:
+            con.print(f"  model  {escape(r['model'] or '(none yet)')}", highlight=False, soft_wrap=True)
+        else:
+            con.print(f"  [red]{escape(r['error'])}[/]", highlight=False, soft_wrap=True)
 
 
 @admin_app.command("rm")
