@@ -76,20 +76,25 @@ def remove_index(
     if not (index_dir / DB_FILENAME).is_file() and not (named and index_dir.is_dir()):
         raise ClapError(f"no index {name!r} at {index_dir}; `clap index list` shows the indexes")
     info = _describe(index_dir)
-    what = f"index {name} at {index_dir} ({_count(info)}, {human_size(info['size_bytes'])})"
+    what = output.display_path(f"index {name} at {index_dir} ({_count(info)}, {human_size(info['size_bytes'])})")
+
+    def take_lock() -> WriterLock:
+        try:
+            return WriterLock(index_dir, wait=False).acquire()
+        except IndexStoreError:
+            pid = lock_holder_pid(index_dir)
+            raise IndexStoreError(f"index {name} at {index_dir} is being written by `clap index` "
+                                  f"(pid {pid if pid is not None else 'unknown'}); nothing removed, "
+                                  "try again when it is done") from None
+
     if not yes:
+        take_lock().release()  # refuse before asking; the lock is not held while the question waits
         if not _stdin_is_terminal():
             raise UsageError(f"not removing {what} without confirmation: pass --yes")
         if not typer.confirm(f"remove {what}?", default=False):
             output.stderr_console().print("nothing removed", highlight=False)
             raise typer.Exit(1)
-    try:
-        lock = WriterLock(index_dir, wait=False).acquire()
-    except IndexStoreError:
-        pid = lock_holder_pid(index_dir)
-        raise IndexStoreError(f"index {name} at {index_dir} is being written by `clap index` "
-                              f"(pid {pid if pid is not None else 'unknown'}); nothing removed, "
-                              "try again when it is done") from None
+    lock = take_lock()
     try:
         left = _remove(index_dir, whole=named)
     finally:
@@ -100,7 +105,7 @@ def remove_index(
         except OSError:
             pass  # e.g. recreated by a writer that started meanwhile
     kept = f"; kept {len(left)} other entries in {index_dir}" if left else ""
-    output.stderr_console().print(f"removed {what}{kept}", highlight=False, soft_wrap=True)
+    output.stderr_console().print(f"removed {what}{kept}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _stdin_is_terminal() -> bool:
