@@ -85,7 +85,7 @@ def test_index_list_and_rm(tiny_model_dir, tmp_path, monkeypatch, clap_home):
     # While `clap index` holds the writer lock: refused, even with --yes.
     with WriterLock(index_dir):
         locked = fails("index", "rm", "sfx", "--yes", code=1, match="being written")
-        fails("index", "rm", "sfx", code=1, match="being written", input="y\n")  # refused before asking
+        fails("index", "rm", "sfx", code=1, match="being written", input="n\n")  # refused before asking
     assert f"pid {os.getpid()}" in locked
     assert (index_dir / "index.sqlite").is_file()
 
