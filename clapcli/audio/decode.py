@@ -67,7 +67,8 @@ def _open(path):
 
     _check_file(path)
     try:
-        return sf.SoundFile(os.fspath(path))
+        # bytes on POSIX: soundfile encodes a str strictly, so a name that is not UTF-8 could not be opened
+        return sf.SoundFile(os.fsencode(path) if os.name == "posix" else os.fspath(path))
     except sf.LibsndfileError as err:
         raise _fail(path, _libsndfile_reason(err)) from err
     except (RuntimeError, OSError, ValueError, TypeError) as err:

@@ -20,9 +20,30 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="One JSON obj
          "cached": is_cached(m.name), "default": m.name == DEFAULT_MODEL, "note": m.note}
         for m in KNOWN_MODELS.values()
     ]
-    _show(rows, as_json, "CLAP models", ("name", "architecture", "fused", "dim", "cached", "note"), lambda r: (
-        r["name"] + (" (default)" if r["default"] else ""), r["architecture"], "yes" if r["fused"] else "no",
-        str(r["dim"]), "[green]yes[/]" if r["cached"] else "no", r["note"]))
+    if as_json or not output.is_terminal():
+        _show(rows, True, "", (), None)
+        return
+    output.stdout_console().print(models_table(rows))
+
+
+def models_table(rows: list[dict]):
+    """The `models list` table, readable at 80 columns: names are never cut (the name column is as wide as
+    the longest), and each note goes on a dimmed line under its name instead of a column of its own."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="CLAP models", show_edge=False)
+    table.add_column("name", min_width=max(len(r["name"]) for r in rows), overflow="fold")
+    for col in ("encoder", "fused", "dim", "cached"):
+        table.add_column(col, no_wrap=True)
+    for r in rows:
+        note = r["note"] or ""
+        if r["default"] and "default" not in note:
+            note = "default" + (f"; {note}" if note else "")
+        name = escape(r["name"]) + (f"\n[dim]{escape(note)}[/]" if note else "")
+        table.add_row(name, r["architecture"], "yes" if r["fused"] else "no", str(r["dim"]),
+                      "[green]yes[/]" if r["cached"] else "no")
+    return table
 
 
 @models_app.command("pull")

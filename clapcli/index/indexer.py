@@ -11,6 +11,7 @@ swaps it in on success.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import time
@@ -48,6 +49,7 @@ class IndexSummary:
     emptied_roots: list[tuple[str, int]] = field(default_factory=list)  # (folder, files kept): lists no audio now
     kept_aside: str | None = None  # where --rebuild moved a damaged database
     committed: int = 0  # files embedded (or recorded as unreadable) and committed in this run
+    removed_excluded: int = 0  # of `removed`: indexed files that --exclude now matches
 
     def to_dict(self) -> dict:
         return {
@@ -71,6 +73,7 @@ class IndexSummary:
             "unreadable_files": [{"path": p, "reason": r} for p, r in self.unreadable],
             "emptied_roots": [{"path": p, "kept_files": n} for p, n in self.emptied_roots],
             "kept_aside": self.kept_aside,
+            "removed_excluded": self.removed_excluded,
         }
 
 
@@ -121,6 +124,20 @@ def plan_changes(store: IndexStore, entries: Sequence[ScanEntry], roots: Sequenc
 
 def _under(path: str, dirs: Sequence) -> bool:
     return any(path == str(d) or path.startswith(str(d).rstrip(os.sep) + os.sep) for d in dirs)
+
+
+def _excluded(path: str, roots: Sequence[Path], patterns: Sequence[str]) -> bool:
+    """Whether --exclude matches a stored path as the scan tests it: the name, path relative to the root or
+    absolute path of the file or of any folder above it under its root."""
+    for root in roots:
+        if path == str(root) or not _under(path, [root]):
+            continue
+        parts = Path(path).relative_to(root).parts
+        for i in range(len(parts)):
+            tests = (parts[i], "/".join(parts[: i + 1]), str(root.joinpath(*parts[: i + 1])))
+            if any(fnmatch.fnmatch(t, pattern) for t in tests for pattern in patterns):
+                return True
+    return False
 
 
 def _hash_or_none(path: str) -> str | None:
@@ -203,7 +220,7 @@ def build_index(
         else:
             with IndexStore.open(index_dir, create=True) as store:
                 summary = _update(store, model, load_model, model_name, root_paths, entries, problems, linked,
-                                  prune_empty, batch_size, workers, on_plan, on_file, commit_every)
+                                  prune_empty, batch_size, workers, on_plan, on_file, commit_every, exclude=exclude)
         with IndexStore.open(index_dir) as store:
             from .ann import AnnIndex
 
@@ -216,7 +233,7 @@ def build_index(
 
 
 def _update(store: IndexStore, model, load_model, model_name, root_paths, entries, problems, linked,
-            prune_empty, batch_size, workers, on_plan, on_file, commit_every) -> IndexSummary:
+            prune_empty, batch_size, workers, on_plan, on_file, commit_every, exclude=()) -> IndexSummary:
     """Bring `store` up to date with the scan: prune, re-stat, embed and commit in batches."""
     stored_identity = store.model_identity
     name = model_name or (stored_identity or {}).get("model")
@@ -244,6 +261,7 @@ def _update(store: IndexStore, model, load_model, model_name, root_paths, entrie
         for entry in plan.touched:
             store.update_file_stat(str(entry.path), entry.size, entry.mtime_ns)
     summary.removed, summary.touched = len(plan.to_remove), len(plan.touched)
+    summary.removed_excluded = sum(_excluded(p, root_paths, exclude) for p in plan.to_remove) if exclude else 0
 
     if plan.to_embed:
         try:
