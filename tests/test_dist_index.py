@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cli_runner import clap
+from clapcli.index.store import IndexStore
 from library import make_library
 from test_cli_index_search import assert_same_contents, index_contents, json_lines
 
@@ -95,16 +96,15 @@ def test_two_ranks_build_the_index_one_process_builds(library, single, tiny_mode
     assert_same_search(single, sharded, "--audio", library / "ambience/rain.mp3")
 
 
-def test_a_failing_rank_fails_the_run_and_changes_nothing(library, tiny_model_dir, tmp_path):
-    root, index_dir, probe = tmp_path / "lib", tmp_path / "idx", tmp_path / "probe"
+def test_a_failing_rank_fails_the_run_and_changes_nothing(library, single, tiny_model_dir, tmp_path):
+    index_dir, probe = tmp_path / "idx", tmp_path / "probe"
     probe.mkdir()
-    shutil.copytree(library, root)
-    (root / "ambience").rename(tmp_path / "aside")  # two files to add after the first build
-    clap(*index_args(root, index_dir, tiny_model_dir))
+    shutil.copytree(single, index_dir)
+    with IndexStore.open(index_dir) as store:  # two files for the run to embed again
+        store.remove_files([p for p in store.file_states() if "/ambience/" in p])
     before = index_contents(index_dir)
-    (tmp_path / "aside").rename(root / "ambience")
 
-    proc = torchrun(*index_args(root, index_dir, tiny_model_dir), "--device", "cpu", script=PROBE, probe=probe,
+    proc = torchrun(*index_args(library, index_dir, tiny_model_dir), "--device", "cpu", script=PROBE, probe=probe,
                     fail_rank=1)
     assert proc.returncode != 0
     assert "sharded indexing failed, nothing was committed: rank 1 of 2: RuntimeError: injected failure" \
@@ -112,6 +112,7 @@ def test_a_failing_rank_fails_the_run_and_changes_nothing(library, tiny_model_di
     assert json_lines(proc.stdout) == []
     assert json.loads((probe / "rank-1.json").read_text())  # rank 1 had files to embed when it failed
     assert_same_contents(before, index_contents(index_dir))
+    assert len(before) == len(FILES) + 3 - 2
     assert not (index_dir / ".partitions").exists()
 
 
