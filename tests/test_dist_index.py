@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cli_runner import clap
+from clapcli.api import AudioEmbedding, Segment
+from clapcli.index.distributed import read_partition, share_by_size, write_partition
 from clapcli.index.store import IndexStore
 from library import make_library
 from test_cli_index_search import assert_same_contents, index_contents, json_lines
@@ -67,6 +70,40 @@ def assert_same_search(a: Path, b: Path, *query) -> None:
     hits_a, hits_b = search(a, *query), search(b, *query)
     assert [(p, s) for p, _, s in hits_a] == [(p, s) for p, _, s in hits_b]
     assert [sa for _, sa, _ in hits_a] == pytest.approx([sb for _, sb, _ in hits_b], abs=1e-5)
+
+
+def test_shares_are_balanced_by_size_and_deterministic():
+    sizes = [900, 10, 500, 400, 0, 0, 300, 300, 5]
+    owner = share_by_size(sizes, 3)
+    # largest first onto the least-loaded rank: 900→0, 500→1, 400→2, 300→2, 300→1, then the small ones→2
+    assert owner == [0, 2, 1, 2, 2, 2, 2, 1, 2]
+    assert owner == share_by_size(list(sizes), 3)
+    loads = [sum(s for s, o in zip(sizes, owner) if o == r) for r in range(3)]
+    assert loads == [900, 800, 715]
+    assert share_by_size(sizes, 1) == [0] * len(sizes)
+
+
+def test_a_partition_holds_files_segments_and_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    vec = lambda: rng.standard_normal(4).astype(np.float32)  # noqa: E731
+    results = [
+        AudioEmbedding("/a.wav", 2.5, vec(), sample_rate=44_100, channels=2),
+        AudioEmbedding("/b.flac", 25.0, vec(), [Segment(0.0, 10.0, vec()), Segment(10.0, 20.0, vec()),
+                                                 Segment(15.0, 25.0, vec())], sample_rate=48_000, channels=1),
+        AudioEmbedding("/c.mp3", 0.0, None, error="cannot be decoded (x)"),
+    ]
+    write_partition(tmp_path, 3, results)
+    back = list(read_partition(tmp_path, 3))
+    assert [(r.path, r.duration, r.error, r.sample_rate, r.channels) for r in back] == \
+        [(r.path, r.duration, r.error, r.sample_rate, r.channels) for r in results]
+    for got, want in zip(back, results):
+        assert (got.embedding is None) == (want.embedding is None)
+        if want.embedding is not None:
+            assert np.array_equal(got.embedding, want.embedding)
+        assert [(s.start, s.end) for s in got.segments] == [(s.start, s.end) for s in want.segments]
+        assert all(np.array_equal(a.embedding, b.embedding) for a, b in zip(got.segments, want.segments))
+    write_partition(tmp_path, 4, [])
+    assert list(read_partition(tmp_path, 4)) == []
 
 
 @pytest.fixture(scope="module")
