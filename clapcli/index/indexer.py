@@ -339,7 +339,7 @@ def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_siz
         summary.committed += len(batch)
 
 
-def _commit_batches(results, commit_every: int, on_file, seconds: float = COMMIT_EVERY_SECONDS) -> Iterator[list]:
+def _commit_batches(results, commit_every: int, on_file, seconds: float) -> Iterator[list]:
     """Group embedded files for one commit: `commit_every` files, or fewer after `seconds`."""
     batch, started = [], time.monotonic()
     for result in results:
