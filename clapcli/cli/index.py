@@ -48,8 +48,10 @@ def index_command(
     """
     import os
     import sys
+    from functools import partial
 
     from ..errors import ClapError
+    from ..index import distributed
     from ..index.indexer import IndexInterrupted, emptied_message, build_index
     from ..index.paths import resolve_index
 
@@ -57,6 +59,8 @@ def index_command(
     if workers is None:
         workers = max(0, min(4, (os.cpu_count() or 1) - 1))
     progress = _IndexProgress(enabled=not as_json)
+    if distributed.launched():  # under torchrun: every rank embeds a share, rank 0 commits and reports
+        build_index = partial(distributed.build_index, device=device)
     try:
         summary = build_index(
             dirs, index_dir, lambda name: _load_model(name, model, index_dir, device, precision, tokenizer),
@@ -70,6 +74,8 @@ def index_command(
         raise typer.Exit(130) from None
     finally:
         progress.stop()
+    if summary is None:  # a rank other than 0 of a sharded run
+        return
     if as_json:
         output.json_line(summary.to_dict())
     else:

@@ -12,6 +12,7 @@ swaps it in on success.
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import shutil
 import time
@@ -346,21 +347,24 @@ def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_siz
                       commit_every: int) -> None:
     by_path = {str(e.path): e for e in plan.to_embed}
     results = model.embed_files(list(by_path), batch_size=batch_size, segments=True, workers=workers)
-    for batch in _commit_batches(results, commit_every, on_file):
+    seconds = COMMIT_EVERY_SECONDS
+    if getattr(model, "commit_at_once", False):  # a torchrun-sharded run (distributed.py): one transaction
+        commit_every, seconds = len(by_path), math.inf
+    for batch in _commit_batches(results, commit_every, on_file, seconds):
         with store.transaction():  # the batch lands whole or not at all
             for result in batch:
                 _store_result(store, result, by_path[result.path], plan, summary)
         summary.committed += len(batch)
 
 
-def _commit_batches(results, commit_every: int, on_file) -> Iterator[list]:
-    """Group embedded files for one commit: `commit_every` files, or fewer after COMMIT_EVERY_SECONDS."""
+def _commit_batches(results, commit_every: int, on_file, seconds: float) -> Iterator[list]:
+    """Group embedded files for one commit: `commit_every` files, or fewer after `seconds`."""
     batch, started = [], time.monotonic()
     for result in results:
         batch.append(result)
         if on_file:
             on_file(result)
-        if len(batch) >= commit_every or time.monotonic() - started > COMMIT_EVERY_SECONDS:
+        if len(batch) >= commit_every or time.monotonic() - started > seconds:
             yield batch
             batch, started = [], time.monotonic()
     if batch:
