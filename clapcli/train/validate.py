@@ -13,7 +13,7 @@ import torch
 from ..errors import DataError
 from .labelled import LabelledClip
 from .metrics import retrieval_metrics, zeroshot_metrics
-from .shards import ShardSplit, decode_audio, iter_shard, select_text
+from .shards import ShardSplit, decode_audio, decode_frame, decode_image_embedding, iter_shard, select_text
 
 ZEROSHOT_TEMPLATE = "This is a sound of {}."  # LAION-CLAP's zero-shot prompt
 
@@ -51,6 +51,50 @@ def validate(model, tokenizer, split: ShardSplit, batch_size: int = 16) -> dict:
     metrics = retrieval_metrics(np.stack(audio), text, np.asarray(owner))
     metrics["samples"] = len(audio)
     metrics["captions"] = len(captions)
+    return metrics
+
+
+def validate_images(model, tokenizer, split: ShardSplit, teacher=None, batch_size: int = 16) -> dict:
+    """Wav2CLIP validation: audio↔image retrieval between each clip's embedding (as `clap index` embeds it)
+    and its own image's CLIP embedding (the `.npy` as stored, a `.jpg` frame through `teacher`); keys
+    `a2i_R@1`, `a2i_mAP@10`, ... and the same `i2a_` (image → audio)."""
+    import torch
+
+    clap = embedder(model, tokenizer)
+    sr, quantize = clap.config.frontend.sample_rate, clap.config.frontend.quantize_int16
+    audio: list[np.ndarray] = []
+    images: list = []  # (D,) arrays, or decoded frames until the teacher embeds them
+    waves: list[np.ndarray] = []
+
+    def flush():
+        if waves:
+            audio.extend(e.embedding for e in clap.embed_waveforms(waves, segments=False, batch_size=batch_size))
+            waves.clear()
+
+    for url in split.urls:
+        for raw in iter_shard(url):
+            if raw.image_ext is None:
+                raise DataError("has no image member", source=raw.url, member=raw.key)
+            if raw.image_ext == "npy":
+                images.append(decode_image_embedding(raw))
+            elif teacher is None:
+                raise DataError("holds an image frame: pass --teacher CLIP_DIR to embed it", source=raw.url,
+                                member=f"{raw.key}.{raw.image_ext}")
+            else:
+                images.append(decode_frame(raw))
+            waves.append(decode_audio(raw, sr, quantize))
+            if len(waves) >= batch_size:
+                flush()
+    flush()
+    frames = [i for i, image in enumerate(images) if not isinstance(image, np.ndarray)]
+    if frames:
+        embedded = teacher.embed_frames([images[i] for i in frames], batch_size=batch_size).cpu().numpy()
+        for i, vector in zip(frames, embedded):
+            images[i] = vector
+    image = torch.nn.functional.normalize(torch.from_numpy(np.stack(images)).float(), dim=-1)
+    metrics = retrieval_metrics(np.stack(audio), image, np.arange(len(images)))
+    metrics = {k.replace("t2a_", "i2a_").replace("a2t_", "a2i_"): v for k, v in metrics.items()}
+    metrics["samples"] = len(audio)
     return metrics
 
 

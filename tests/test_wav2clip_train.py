@@ -1,0 +1,333 @@
+"""Wav2CLIP distillation (`clap train --objective wav2clip --teacher CLIP_DIR`) and image shards
+(`clap shards make --images`): the cross-projection loss by hand, the image head's training, frames and
+precomputed embeddings giving the same image path, exact resume, and a tiny distillation run end to end."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cli_runner import clap
+from test_errors import run_main
+from train_data import CAPTIONS, KINDS, SR, clip
+
+CLIP_DIM = 128  # the tiny CLIP's projection dim = the HTSAT-tiny test model's encoder width (16 × 8)
+KIND_COLOURS = {"hum": (200, 30, 30), "whistle": (30, 200, 30), "hiss": (30, 30, 200), "clicks": (220, 220, 40)}
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def save_tiny_clip(directory: Path, dim: int = CLIP_DIM, seed: int = 0) -> Path:
+    """A random CLIP (vision + text towers, joint dim `dim`) with its image processor, saved offline."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=dim,
+    )
+    CLIPModel(cfg).save_pretrained(str(directory))
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        str(directory))
+    return directory
+
+
+def frame_of(kind: str, rng: np.random.Generator, size=(40, 48)) -> np.ndarray:
+    """An RGB frame that is a function of the sound's kind: its colour, with a stripe pattern per kind."""
+    image = np.zeros((*size, 3), np.uint8)
+    image[:] = KIND_COLOURS[kind]
+    period = 4 + 4 * KINDS.index(kind)
+    image[:, (np.arange(size[1]) // period) % 2 == 0] //= 3
+    jitter = rng.integers(-6, 7, size=image.shape)
+    return np.clip(image.astype(int) + jitter, 0, 255).astype(np.uint8)
+
+
+def write_image(path: Path, pixels: np.ndarray) -> Path:
+    from PIL import Image
+
+    Image.fromarray(pixels).save(path, quality=95) if path.suffix == ".jpg" else Image.fromarray(pixels).save(path)
+    return path
+
+
+def make_image_dataset(root: Path, per_kind: int, suffix: str = ".jpg", seed: int = 0) -> Path:
+    """Clips of the four toy kinds, each with a frame of its kind; a manifest with an `image` column."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    (root / "frames").mkdir(exist_ok=True)
+    rows = []
+    for i in range(per_kind):
+        for kind in KINDS:
+            name = f"{kind}_{i:03d}"
+            sf.write(root / "audio" / f"{name}.wav", clip(kind, rng), SR, subtype="PCM_16")
+            write_image(root / "frames" / f"{name}{suffix}", frame_of(kind, rng))
+            rows.append({"path": f"audio/{name}.wav", "image": f"frames/{name}{suffix}"})
+    manifest = root / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "image"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def samples(directory: Path):
+    from clapcli.train.shards import iter_shard, resolve_split
+
+    return [raw for url in resolve_split(directory).urls for raw in iter_shard(url)]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_clip):
+    from clapcli.train.teacher import ImageTeacher
+
+    return ImageTeacher(str(tiny_clip))
+
+
+def square_model(seed: int = 0):
+    """An HTSAT-tiny model whose projection maps its 128-wide pooled output to 128: the objective works with any
+    audio encoder of matching width."""
+    from clapcli.models.clap import ClapModel
+    from clapcli.models.presets import preset
+
+    torch.manual_seed(seed)
+    cfg = preset("tiny-unfused")
+    cfg.projection_dim = cfg.audio.out_width
+    cfg.text.vocab_size = 300
+    return ClapModel(cfg)
+
+
+# --------------------------------------------------------------------------------------------------- the loss
+
+
+def _hand_clip(x: np.ndarray, y: np.ndarray, scale: float) -> float:
+    """Symmetric InfoNCE written out: rows normalised, log-softmax by hand, both directions averaged."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    y = y / np.linalg.norm(y, axis=1, keepdims=True)
+    logits = scale * x @ y.T
+    rows = -np.mean([logits[i, i] - np.log(np.exp(logits[i]).sum()) for i in range(len(x))])
+    cols = -np.mean([logits[i, i] - np.log(np.exp(logits[:, i]).sum()) for i in range(len(x))])
+    return (rows + cols) / 2
+
+
+def test_cross_projection_loss_equals_a_hand_computation():
+    from clapcli.train.objective import Wav2ClipLoss, Wav2ClipObjective, Wav2ClipTrainee
+
+    model = square_model()
+    trainee = Wav2ClipTrainee(model, Wav2ClipObjective(CLIP_DIM)).eval()
+    with torch.no_grad():
+        trainee.objective.logit_scale_ai.fill_(np.log(7.0))
+        trainee.objective.logit_scale_pi.fill_(np.log(3.0))
+    gen = torch.Generator().manual_seed(1)
+    features = torch.randn(6, 1, model.config.frontend.clip_frames, 64, generator=gen)
+    images = torch.randn(6, CLIP_DIM, generator=gen)
+    loss = Wav2ClipLoss()(trainee(features, torch.zeros(6, dtype=torch.bool), images))
+
+    with torch.no_grad():
+        a = model.audio_model.audio_encoder(features, None).numpy()  # (6, 128) pooled
+        w1, b1 = model.audio_projection.linear1.weight.numpy(), model.audio_projection.linear1.bias.numpy()
+        w2, b2 = model.audio_projection.linear2.weight.numpy(), model.audio_projection.linear2.bias.numpy()
+        h = trainee.objective.image_head
+        v1, c1, v2, c2 = (t.numpy() for t in (h.linear1.weight, h.linear1.bias, h.linear2.weight, h.linear2.bias))
+    img = images.numpy()
+    audio_head = np.maximum(a @ w1.T + b1, 0) @ w2.T + b2
+    image_head = np.maximum(img @ v1.T + c1, 0) @ v2.T + c2
+    expected = (_hand_clip(a, image_head, 7.0) + _hand_clip(audio_head, img, 3.0)) / 2
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_steps_train_the_image_head_and_audio_side_but_never_the_text_side():
+    from clapcli.train.batch import ImageBatch
+    from clapcli.train.config import TrainConfig
+    from clapcli.train.loop import make_optimizer, train_step
+    from clapcli.train.objective import Wav2ClipLoss, Wav2ClipObjective, Wav2ClipTrainee
+
+    model = square_model()
+    trainee = Wav2ClipTrainee(model, Wav2ClipObjective(CLIP_DIM)).train()
+    before = {k: v.clone() for k, v in trainee.state_dict().items()}
+    optimizer = make_optimizer(trainee, TrainConfig(data="", out="", lr=1e-3))
+    gen = torch.Generator().manual_seed(2)
+    images = torch.randn(4, CLIP_DIM, generator=gen).repeat(2, 1)  # two clips per image "kind"
+    batch = ImageBatch(torch.randn(8, 1, model.config.frontend.clip_frames, 64, generator=gen),
+                       torch.zeros(8, dtype=torch.bool), images)
+    loss_fn = Wav2ClipLoss()
+    trainee.objective.zero_grad()
+    losses = [train_step(trainee, batch, loss_fn, optimizer) for _ in range(12)]
+    after = trainee.state_dict()
+    head = [k for k in after if k.startswith("objective.image_head.")]
+    assert head and all(not torch.equal(after[k], before[k]) for k in head)  # the image head learns
+    assert not torch.equal(after["objective.logit_scale_ai"], before["objective.logit_scale_ai"])
+    assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith("model.audio_projection."))
+    text = [k for k in after if k.startswith(("model.text_", "model.logit_scale"))]
+    assert text and all(torch.equal(after[k], before[k]) for k in text)  # text is not used
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_accumulated_micro_batches_give_the_whole_batch_step():
+    from clapcli.train.batch import ImageBatch
+    from clapcli.train.config import TrainConfig
+    from clapcli.train.loop import make_optimizer, train_step
+    from clapcli.train.objective import Wav2ClipLoss, Wav2ClipObjective, Wav2ClipTrainee
+
+    results = []
+    for accum in (1, 2):
+        model = square_model()
+        model.lock_audio_tower()  # BatchNorm statistics would see micro-batches otherwise
+        torch.manual_seed(5)
+        trainee = Wav2ClipTrainee(model, Wav2ClipObjective(CLIP_DIM)).train()
+        optimizer = make_optimizer(trainee, TrainConfig(data="", out="", lr=1e-2))
+        gen = torch.Generator().manual_seed(3)
+        batch = ImageBatch(torch.randn(8, 1, model.config.frontend.clip_frames, 64, generator=gen),
+                           torch.zeros(8, dtype=torch.bool), torch.randn(8, CLIP_DIM, generator=gen))
+        loss = train_step(trainee, batch, Wav2ClipLoss(), optimizer, accum_steps=accum)
+        results.append((loss, trainee.state_dict()))
+    (loss1, s1), (loss2, s2) = results
+    for key in s1:
+        torch.testing.assert_close(s2[key], s1[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert any(not torch.equal(s1[k], square_model().state_dict()[k.removeprefix("model.")])
+               for k in s1 if k.startswith("model.audio_projection."))
+
+
+def test_widths_that_cannot_meet_are_refused(tiny_clip):
+    from clapcli.errors import UsageError
+    from clapcli.models.clap import ClapModel
+    from clapcli.models.presets import preset
+    from clapcli.train.objective import check_widths
+
+    with pytest.raises(UsageError, match="encoder width equals its projection dim"):
+        check_widths(ClapModel(preset("tiny-unfused")), None)  # 128-wide encoder, projection 32
+    with pytest.raises(UsageError, match="--teacher embeds images to 64 values"):
+        check_widths(square_model(), 64)
+    assert check_widths(square_model(), CLIP_DIM) == CLIP_DIM
+
+
+def test_teacher_needs_a_vision_tower(tmp_path, tiny_clip):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from clapcli.errors import UsageError
+    from clapcli.train.teacher import ImageTeacher
+
+    text_only = tmp_path / "text-only"
+    CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2)).save_pretrained(text_only)
+    with pytest.raises(UsageError, match="without a CLIP vision tower"):
+        ImageTeacher(str(text_only))
+    with pytest.raises(UsageError, match="not a CLIP model directory"):
+        ImageTeacher(str(tmp_path / "nowhere"))
+
+
+# --------------------------------------------------------------------------------------------------- shards
+
+
+def test_shards_store_frames_and_embeddings_and_info_reports_them(tmp_path, monkeypatch, capsys):
+    from clapcli.train.shards import open_image
+
+    manifest = make_image_dataset(tmp_path / "src", per_kind=1)
+    rows = list(csv.DictReader(open(manifest)))
+    # one frame as .png, one as a precomputed (frames, D) embedding stack, one missing, one without image
+    png = write_image(tmp_path / "src" / "frames" / "hum.png", frame_of("hum", np.random.default_rng(0)))
+    stack = np.random.default_rng(1).standard_normal((5, CLIP_DIM)).astype(np.float32)
+    np.save(tmp_path / "src" / "frames" / "whistle.npy", stack)
+    rows[0]["image"], rows[1]["image"], rows[2]["image"], rows[3]["image"] = (
+        str(png), "frames/whistle.npy", "frames/gone.jpg", "")
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "image"])
+        writer.writeheader()
+        writer.writerows(rows)
+    result = clap("shards", "make", manifest, "--out", tmp_path / "out", "--images", "image", "--json")
+    report = json.loads(result.output.splitlines()[-1])
+    assert report["samples"] == 2
+    reasons = {Path(s["path"]).stem: s["reason"] for s in report["skipped"]}
+    assert "gone.jpg" in reasons["hiss_000"] and "No such file" in reasons["hiss_000"]
+    assert "no image in column 'image'" in reasons["clicks_000"]
+
+    got = {raw.key.split("_", 1)[1]: raw for raw in samples(tmp_path / "out")}
+    assert got["hum_000"].image_ext == "jpg"  # the PNG is stored as JPEG, close to the original pixels
+    stored = np.asarray(open_image(got["hum_000"].image_bytes), dtype=float)
+    original = np.asarray(open_image(png.read_bytes()), dtype=float)
+    assert stored.shape == original.shape and np.abs(stored - original).mean() < 12  # noisy pixels: JPEG q95 is lossy
+    assert got["whistle_000"].image_ext == "npy"
+    vector = np.load(io.BytesIO(got["whistle_000"].image_bytes))
+    assert vector.dtype == np.float32 and vector.shape == (CLIP_DIM,)
+    np.testing.assert_allclose(vector, stack.mean(0), rtol=1e-6)  # frame embeddings averaged, as Wav2CLIP
+    assert "text" not in got["whistle_000"].meta and got["whistle_000"].meta["original_image"].endswith(".npy")
+
+    info = json.loads(clap("shards", "info", tmp_path / "out", "--json").output.splitlines()[0])
+    assert (info["with_image_frame"], info["with_image_embedding"], info["image_embedding_dims"]) == (1, 1, [128])
+
+
+def test_images_option_errors(tmp_path, monkeypatch, capsys):
+    manifest = make_image_dataset(tmp_path / "src", per_kind=1)
+    code, err = run_main(monkeypatch, capsys, "shards", "make", manifest, "--out", tmp_path / "o1", "--images",
+                         "frame")
+    assert code == 1 and "has no column 'frame'" in err and err.count("\n") == 1
+    code, err = run_main(monkeypatch, capsys, "shards", "make", tmp_path / "src" / "audio", "--out",
+                         tmp_path / "o2", "--images", "image")
+    assert code == 2 and "--images names a manifest column" in err
+    (tmp_path / "src" / "frames" / "hum_000.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    np.save(tmp_path / "src" / "frames" / "whistle_000.npy", np.zeros((2, 3, 4), np.float32))
+    rows = list(csv.DictReader(open(manifest)))
+    rows[1]["image"] = "frames/whistle_000.npy"
+    rows[2]["image"] = "frames/hiss_000.gif"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "image"])
+        writer.writeheader()
+        writer.writerows(rows)
+    result = clap("shards", "make", manifest, "--out", tmp_path / "o3", "--images", "image", "--json")
+    reasons = {Path(s["path"]).stem: s["reason"] for s in json.loads(result.output.splitlines()[-1])["skipped"]}
+    assert "cannot be decoded as an image" in reasons["hum_000"]
+    assert "an image embedding is (D,)" in reasons["whistle_000"]
+    assert "not a .jpg, .png or .npy" in reasons["hiss_000"]
+    assert set(reasons) == {"hum_000", "whistle_000", "hiss_000"}
+
+
+def test_frames_and_their_precomputed_embeddings_give_the_same_training_images(tmp_path, teacher):
+    """The same clips once with .jpg frames (embedded by the teacher) and once with .npy files holding the
+    teacher's embeddings of those frames: every batch carries the same image embeddings."""
+    from clapcli.models.presets import preset
+    from clapcli.train.batch import FrameBatch, ImageCollate
+    from clapcli.train.data import ShardStream
+    from clapcli.train.shards import open_image, resolve_split
+
+    manifest = make_image_dataset(tmp_path / "src", per_kind=3)
+    clap("shards", "make", manifest, "--out", tmp_path / "jpg", "--images", "image", "--shard-size", "5")
+    rows = list(csv.DictReader(open(manifest)))
+    for row in rows:
+        frame = open_image((tmp_path / "src" / row["image"]).read_bytes())
+        npy = Path(row["image"]).with_suffix(".npy")
+        np.save(tmp_path / "src" / npy, teacher.embed_frames([frame])[0].numpy())
+        row["image"] = str(npy)
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "image"])
+        writer.writeheader()
+        writer.writerows(rows)
+    clap("shards", "make", manifest, "--out", tmp_path / "npy", "--images", "image", "--shard-size", "5")
+
+    fe = preset("tiny-unfused").frontend
+    batches = {}
+    for kind in ("jpg", "npy"):
+        collate = ImageCollate(fe, False, CLIP_DIM, teacher.preprocess)
+        stream = ShardStream(resolve_split(tmp_path / kind), collate, batch_size=4, epoch=0, seed=0, rank=0,
+                             world_size=1, workers=0, steps=3, sample_rate=fe.sample_rate)
+        batches[kind] = [(keys, b) for keys, b in stream]
+    assert len(batches["jpg"]) == len(batches["npy"]) == 3
+    for (keys_j, bj), (keys_n, bn) in zip(batches["jpg"], batches["npy"]):
+        assert keys_j == keys_n and isinstance(bj, FrameBatch)
+        assert bj.frame_rows.tolist() == [0, 1, 2, 3] and bn.frame_rows.numel() == 0
+        torch.testing.assert_close(bj.features, bn.features)
+        torch.testing.assert_close(bj.resolve(teacher.embed).images, bn.resolve(None).images, atol=1e-5, rtol=1e-5)
