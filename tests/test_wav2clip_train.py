@@ -331,3 +331,97 @@ def test_frames_and_their_precomputed_embeddings_give_the_same_training_images(t
         assert bj.frame_rows.tolist() == [0, 1, 2, 3] and bn.frame_rows.numel() == 0
         torch.testing.assert_close(bj.features, bn.features)
         torch.testing.assert_close(bj.resolve(teacher.embed).images, bn.resolve(None).images, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------- the CLI
+
+
+def log_records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def step_records(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in log_records(run) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def image_shards(tmp_path_factory):
+    """Shards of the toy kinds with a frame per clip that is a function of the kind (train + val)."""
+    root = tmp_path_factory.mktemp("w2c-data")
+    manifest = make_image_dataset(root, per_kind=10)
+    clap("shards", "make", manifest, "--out", root / "shards", "--images", "image", "--val-fraction", "0.2",
+         "--shard-size", "8", "--seed", "1")
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def square_init(tmp_path_factory):
+    """An HTSAT model directory (own format) whose encoder width equals its projection dim."""
+    from clapcli.models.checkpoints import save_own
+    from train_data import make_tokenizer
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("square")
+    tok = AutoTokenizer.from_pretrained(str(make_tokenizer(root / "tok")))
+    return save_own(square_model(), tok, root / "model")
+
+
+def _w2c_args(data, run, teacher_dir, init, *extra):
+    return ["train", "--objective", "wav2clip", "--teacher", teacher_dir, "--data", data, "--init", init,
+            "--out", run, "--workers", "0", "--log-every", "1", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2",
+            "--seed", "4", "--log-samples", *extra]
+
+
+def test_distillation_with_any_audio_encoder_learns_the_images(image_shards, tiny_clip, square_init, tmp_path):
+    run = tmp_path / "run"
+    clap(*_w2c_args(image_shards, run, tiny_clip, square_init, "--epochs", "6"))
+    losses = [r["loss"] for r in step_records(run).values()]
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
+    val = [r["val"] for r in log_records(run) if "val" in r]
+    assert len(val) == 6 and {"a2i_R@1", "a2i_mAP@10", "i2a_R@1", "i2a_mAP@10"} <= set(val[0])
+    assert val[-1]["a2i_mAP@10"] > val[0]["a2i_mAP@10"], val
+    state = torch.load(run / "final" / "trainer_state.pt", weights_only=True)
+    assert set(state["objective"]) == {"image_head.linear1.weight", "image_head.linear1.bias",
+                                       "image_head.linear2.weight", "image_head.linear2.bias",
+                                       "logit_scale_ai", "logit_scale_pi"}
+    assert {"logit_scale_ai", "logit_scale_pi"} <= set(step_records(run)[1])
+
+
+def test_resume_equals_a_straight_run_image_head_included(image_shards, tiny_clip, square_init, tmp_path):
+    from safetensors.torch import load_file
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    clap(*_w2c_args(image_shards, straight, tiny_clip, square_init, "--epochs", "2"))
+    total = max(step_records(straight))
+    clap(*_w2c_args(image_shards, resumed, tiny_clip, square_init, "--epochs", "2", "--max-steps", "3"))
+    assert max(step_records(resumed)) == 3 < total
+    clap(*_w2c_args(image_shards, resumed, tiny_clip, square_init, "--epochs", "2", "--resume"))
+    a, b = load_file(straight / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=key)
+    sa = torch.load(straight / "final" / "trainer_state.pt", weights_only=True)
+    sb = torch.load(resumed / "final" / "trainer_state.pt", weights_only=True)
+    for key in sa["objective"]:
+        torch.testing.assert_close(sb["objective"][key], sa["objective"][key], atol=1e-6, rtol=1e-5, msg=key)
+    s, r = step_records(straight), step_records(resumed)
+    assert [s[i]["keys"] for i in sorted(s)] == [r[i]["keys"] for i in sorted(r)]
+    assert [s[i]["loss"] for i in sorted(s)] == pytest.approx([r[i]["loss"] for i in sorted(r)], rel=1e-4)
+
+
+def test_training_errors_are_one_line(image_shards, tiny_clip, square_init, tmp_path, monkeypatch, capsys):
+    base = ["train", "--data", image_shards, "--workers", "0", "--batch-size", "4", "--max-steps", "1"]
+    code, err = run_main(monkeypatch, capsys, *base, "--init", square_init, "--out", tmp_path / "r1",
+                         "--teacher", tiny_clip)
+    assert code == 2 and "--teacher is for --objective wav2clip" in err
+    code, err = run_main(monkeypatch, capsys, *base, "--init", square_init, "--out", tmp_path / "r2",
+                         "--objective", "w2c")
+    assert code == 2 and "--objective must be clap or wav2clip" in err
+    tok = square_init  # its RoBERTa tokenizer files
+    code, err = run_main(monkeypatch, capsys, *base, "--model-config", "tiny", "--tokenizer", tok, "--out",
+                         tmp_path / "r3", "--objective", "wav2clip", "--teacher", tiny_clip)
+    assert code == 2 and "encoder width equals its projection dim" in err and err.count("\n") == 1
+    code, err = run_main(monkeypatch, capsys, *base, "--init", square_init, "--out", tmp_path / "r4",
+                         "--objective", "wav2clip")
+    error = err.splitlines()[-1]
+    assert code == 1 and "Traceback" not in err and error.startswith("error: ") and ".tar: " in error
+    assert error.endswith(".jpg: holds an image frame: pass --teacher CLIP_DIR to embed it")
