@@ -18,10 +18,11 @@ from ..errors import ClapError
 
 @dataclass
 class FrontEndConfig:
+    kind: str = "mel"  # "mel": log-mel in dB (LAION-CLAP); "linear": log linear power STFT, log(x + 1e-7) (Wav2CLIP)
     sample_rate: int = 48_000  # Hz; audio is resampled to this before anything else
     n_fft: int = 1024  # STFT size and window length (periodic Hann)
     hop_length: int = 480  # STFT hop in samples (10 ms at 48 kHz)
-    n_mels: int = 64  # mel bands
+    n_mels: int = 64  # mel bands (kind "mel"; a "linear" front end has n_fft // 2 + 1 bins)
     f_min: float = 50.0  # lowest mel edge, Hz (the hub preprocessors use 50, not the class default 0)
     f_max: float = 14_000.0  # highest mel edge, Hz
     mel_scale: str = "htk"  # "htk" (no filter norm, fused models) or "slaney" (Slaney norm, unfused)
@@ -33,9 +34,18 @@ class FrontEndConfig:
     def clip_frames(self) -> int:
         return self.clip_samples // self.hop_length + 1
 
+    @property
+    def n_bins(self) -> int:
+        """Feature bins per frame: n_mels for kind "mel", n_fft // 2 + 1 for kind "linear"."""
+        return self.n_fft // 2 + 1 if self.kind == "linear" else self.n_mels
+
     def settings(self) -> dict[str, Any]:
-        """The fields that decide the features (everything but `extra`): what a model's identity compares."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        """The fields that decide the features (everything but `extra`): what a model's identity compares.
+
+        `kind` is left out when it is "mel", so identities stored before the field existed (which lack it,
+        meaning "mel") still match."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "extra" and not (f.name == "kind" and self.kind == "mel")}
 
 
 @dataclass
@@ -48,6 +58,7 @@ class AudioConfig:
     spec_size: int = 256  # side of the square "image" the mel is folded into
     patch_size: int = 4  # patch-embed conv kernel and stride
     num_mel_bins: int = 64  # mel bands entering the encoder
+    resnet_width: int = 64  # Wav2CLIP ResNet-18 ("resnet18"): channels of the first stage, doubled per stage (→ 8×)
     mlp_ratio: float = 4.0  # Swin MLP width / block width
     qkv_bias: bool = True  # bias on query/key/value projections
     layer_norm_eps: float = 1e-5  # LayerNorm epsilon inside HTSAT
@@ -110,6 +121,9 @@ class ClapConfig:
     frontend: FrontEndConfig = field(default_factory=FrontEndConfig)
     projection_dim: int = 512  # joint embedding width
     logit_scale_init: float = 2.6592600345611572  # ln(1 / 0.07)
+    # Wav2CLIP: a transformers CLIP text model (directory or hub id) loaded on first text use, whose `text_embeds`
+    # are the text embeddings (no text projection here); None: the text tower is part of this model's weights
+    text_tower: str | None = None
 
     @property
     def fused(self) -> bool:
@@ -124,7 +138,7 @@ class ClapConfig:
             audio=_build(AudioConfig, data.get("audio", {})),
             text=_build(TextConfig, data.get("text", {})),
             frontend=_build(FrontEndConfig, data.get("frontend", {})),
-            **{k: v for k, v in data.items() if k in ("projection_dim", "logit_scale_init")},
+            **{k: v for k, v in data.items() if k in ("projection_dim", "logit_scale_init", "text_tower")},
         )
 
     @classmethod

@@ -12,9 +12,11 @@ from torch import nn
 from ..errors import ClapError
 from .config import AudioConfig
 from .htsat import HTSAT
+from .resnet import ResNet18
 
 AUDIO_ENCODERS: dict[str, type[nn.Module]] = {
     "htsat": HTSAT,
+    "resnet18": ResNet18,  # Wav2CLIP
 }
 
 

@@ -11,6 +11,11 @@
                        vocab_size is the RoBERTa tokenizer's (50265): a caller with another tokenizer sets it
                        from len(tokenizer).
     tiny-unfused       the same without fusion
+    wav2clip           Wav2CLIP: ResNet-18 (width 64 → 512) on the linear 16 kHz front end (n_fft 512, hop 353,
+                       10 s training crops), audio head 512 → 512, CLIP ViT-B/32's text tower loaded lazily,
+                       logit scale 100 (CLIP's)
+    tiny-wav2clip      the same with ResNet width 8 (→ 64), joint dim 32, 2.5 s training crops; its text tower
+                       must be set (`text_tower`) to a CLIP text model with 32-d `text_embeds`
 
 Fields not named take the dataclass defaults (config.py), so every default is still written once.
 """
@@ -42,6 +47,12 @@ _TINY_TEXT = {
     "extra": _TINY_INIT,
 }
 
+# Wav2CLIP (peers.md §2): linear front end at 16 kHz without int16 round trip; text from a separate CLIP tower
+_WAV2CLIP_FRONTEND = {"kind": "linear", "sample_rate": 16_000, "n_fft": 512, "hop_length": 353,
+                      "clip_samples": 160_000, "quantize_int16": False}
+_WAV2CLIP_TEXT = {"model_type": "clip_text_model"}  # the tower itself is loaded from `text_tower`
+_WAV2CLIP_LOGIT_SCALE = 4.605170185988092  # ln(100): CLIP's trained logit scale, used for tagging
+
 PRESETS: dict[str, dict[str, Any]] = {
     "htsat-tiny-fused": {"audio": {"enable_fusion": True}},
     "htsat-tiny": {"audio": {"enable_fusion": False}, "frontend": _UNFUSED_FRONTEND},
@@ -58,6 +69,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text": _TINY_TEXT,
         "frontend": {**_UNFUSED_FRONTEND, **_TINY_FRONTEND},
         "projection_dim": 32,
+    },
+    "wav2clip": {
+        "audio": {"encoder": "resnet18", "resnet_width": 64},
+        "text": _WAV2CLIP_TEXT,
+        "frontend": _WAV2CLIP_FRONTEND,
+        "projection_dim": 512,
+        "logit_scale_init": _WAV2CLIP_LOGIT_SCALE,
+        "text_tower": "openai/clip-vit-base-patch32",
+    },
+    "tiny-wav2clip": {
+        "audio": {"encoder": "resnet18", "resnet_width": 8},
+        "text": _WAV2CLIP_TEXT,
+        "frontend": {**_WAV2CLIP_FRONTEND, "clip_samples": 40_000},
+        "projection_dim": 32,
+        "logit_scale_init": _WAV2CLIP_LOGIT_SCALE,
+        "text_tower": "openai/clip-vit-base-patch32",
     },
 }
 
