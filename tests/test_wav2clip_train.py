@@ -17,28 +17,56 @@ from cli_runner import clap
 from test_errors import run_main
 from train_data import CAPTIONS, KINDS, SR, clip
 
-CLIP_DIM = 128  # the tiny CLIP's projection dim = the HTSAT-tiny test model's encoder width (16 × 8)
+CLIP_DIM = 32  # the tiny CLIP's joint dim = the projection dim of the tiny presets (HTSAT and Wav2CLIP)
 KIND_COLOURS = {"hum": (200, 30, 30), "whistle": (30, 200, 30), "hiss": (30, 30, 200), "clicks": (220, 220, 40)}
 
 
 # --------------------------------------------------------------------------------------------------- helpers
 
 
+def clip_tokenizer(words=()):
+    """A CLIP tokenizer over single bytes with "</w>" word ends, plus merges spelling out `words`: CLIP's rules,
+    a vocabulary of a few hundred tokens."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
+    merges = []
+    for word in words:
+        done = word[0]
+        for k, c in enumerate(word[1:], 1):
+            piece = c + ("</w>" if k == len(word) - 1 else "")
+            if done + piece not in vocab:
+                merges.append((done, piece))
+                vocab[done + piece] = len(vocab)
+            done += piece
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
 def save_tiny_clip(directory: Path, dim: int = CLIP_DIM, seed: int = 0) -> Path:
-    """A random CLIP (vision + text towers, joint dim `dim`) with its image processor, saved offline."""
+    """A random CLIP (vision + text towers, joint dim `dim`) with its image processor and tokenizer, offline."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
+    tok = clip_tokenizer([w for captions in CAPTIONS.values() for c in captions for w in c.split()])
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
     torch.manual_seed(seed)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77),
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, projection_dim=dim,
+                         bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"), eos_token_id=eot,
+                         pad_token_id=eot),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+                           image_size=32, patch_size=8, projection_dim=dim),
         projection_dim=dim,
     )
     CLIPModel(cfg).save_pretrained(str(directory))
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
         str(directory))
+    tok.save_pretrained(str(directory))
     return directory
 
 
@@ -99,15 +127,13 @@ def teacher(tiny_clip):
     return ImageTeacher(str(tiny_clip))
 
 
-def square_model(seed: int = 0):
-    """An HTSAT-tiny model whose projection maps its 128-wide pooled output to 128: the objective works with any
-    audio encoder of matching width."""
+def htsat_model(seed: int = 0):
+    """An HTSAT-tiny model (pooled output W = 128, projection D = 32): the objective takes any audio encoder."""
     from clapcli.models.clap import ClapModel
     from clapcli.models.presets import preset
 
     torch.manual_seed(seed)
     cfg = preset("tiny-unfused")
-    cfg.projection_dim = cfg.audio.out_width
     cfg.text.vocab_size = 300
     return ClapModel(cfg)
 
@@ -128,8 +154,8 @@ def _hand_clip(x: np.ndarray, y: np.ndarray, scale: float) -> float:
 def test_cross_projection_loss_equals_a_hand_computation():
     from clapcli.train.objective import Wav2ClipLoss, Wav2ClipObjective, Wav2ClipTrainee
 
-    model = square_model()
-    trainee = Wav2ClipTrainee(model, Wav2ClipObjective(CLIP_DIM)).eval()
+    model = htsat_model()
+    trainee = Wav2ClipTrainee(model, Wav2ClipObjective(CLIP_DIM, 128)).eval()
     with torch.no_grad():
         trainee.objective.logit_scale_ai.fill_(np.log(7.0))
         trainee.objective.logit_scale_pi.fill_(np.log(3.0))
@@ -139,7 +165,7 @@ def test_cross_projection_loss_equals_a_hand_computation():
     loss = Wav2ClipLoss()(trainee(features, torch.zeros(6, dtype=torch.bool), images))
 
     with torch.no_grad():
-        a = model.audio_model.audio_encoder(features, None).numpy()  # (6, 128) pooled
+        a = model.audio_model.audio_encoder(features, None).numpy()  # (6, 128) pooled: W = 128, D = 32
         w1, b1 = model.audio_projection.linear1.weight.numpy(), model.audio_projection.linear1.bias.numpy()
         w2, b2 = model.audio_projection.linear2.weight.numpy(), model.audio_projection.linear2.bias.numpy()
         h = trainee.objective.image_head
@@ -157,8 +183,8 @@ def test_steps_train_the_image_head_and_audio_side_but_never_the_text_side():
     from clapcli.train.loop import make_optimizer, train_step
     from clapcli.train.objective import Wav2ClipLoss, Wav2ClipObjective, Wav2ClipTrainee
 
-    model = square_model()
-    trainee = Wav2ClipTrainee(model, Wav2ClipObjective(CLIP_DIM)).train()
+    model = htsat_model()
+    trainee = Wav2ClipTrainee(model, Wav2ClipObjective(CLIP_DIM, 128)).train()
     before = {k: v.clone() for k, v in trainee.state_dict().items()}
     optimizer = make_optimizer(trainee, TrainConfig(data="", out="", lr=1e-3))
     gen = torch.Generator().manual_seed(2)
@@ -186,10 +212,10 @@ def test_accumulated_micro_batches_give_the_whole_batch_step():
 
     results = []
     for accum in (1, 2):
-        model = square_model()
+        model = htsat_model()
         model.lock_audio_tower()  # BatchNorm statistics would see micro-batches otherwise
         torch.manual_seed(5)
-        trainee = Wav2ClipTrainee(model, Wav2ClipObjective(CLIP_DIM)).train()
+        trainee = Wav2ClipTrainee(model, Wav2ClipObjective(CLIP_DIM, 128)).train()
         optimizer = make_optimizer(trainee, TrainConfig(data="", out="", lr=1e-2))
         gen = torch.Generator().manual_seed(3)
         batch = ImageBatch(torch.randn(8, 1, model.config.frontend.clip_frames, 64, generator=gen),
@@ -199,21 +225,17 @@ def test_accumulated_micro_batches_give_the_whole_batch_step():
     (loss1, s1), (loss2, s2) = results
     for key in s1:
         torch.testing.assert_close(s2[key], s1[key], atol=1e-6, rtol=1e-5, msg=key)
-    assert any(not torch.equal(s1[k], square_model().state_dict()[k.removeprefix("model.")])
+    assert any(not torch.equal(s1[k], htsat_model().state_dict()[k.removeprefix("model.")])
                for k in s1 if k.startswith("model.audio_projection."))
 
 
-def test_widths_that_cannot_meet_are_refused(tiny_clip):
+def test_image_embeddings_must_be_as_wide_as_the_projection():
     from clapcli.errors import UsageError
-    from clapcli.models.clap import ClapModel
-    from clapcli.models.presets import preset
     from clapcli.train.objective import check_widths
 
-    with pytest.raises(UsageError, match="encoder width equals its projection dim"):
-        check_widths(ClapModel(preset("tiny-unfused")), None)  # 128-wide encoder, projection 32
-    with pytest.raises(UsageError, match="--teacher embeds images to 64 values"):
-        check_widths(square_model(), 64)
-    assert check_widths(square_model(), CLIP_DIM) == CLIP_DIM
+    with pytest.raises(UsageError, match="--teacher embeds images to 64 values, the model's projection dim is 32"):
+        check_widths(htsat_model(), 64)
+    assert check_widths(htsat_model(), CLIP_DIM) == (CLIP_DIM, 128)  # the image head maps D = 32 to W = 128
 
 
 def test_teacher_needs_a_vision_tower(tmp_path, tiny_clip):
@@ -268,7 +290,7 @@ def test_shards_store_frames_and_embeddings_and_info_reports_them(tmp_path, monk
     assert "text" not in got["whistle_000"].meta and got["whistle_000"].meta["original_image"].endswith(".npy")
 
     info = json.loads(clap("shards", "info", tmp_path / "out", "--json").output.splitlines()[0])
-    assert (info["with_image_frame"], info["with_image_embedding"], info["image_embedding_dims"]) == (1, 1, [128])
+    assert (info["with_image_frame"], info["with_image_embedding"], info["image_embedding_dims"]) == (1, 1, [32])
 
 
 def test_images_option_errors(tmp_path, monkeypatch, capsys):
@@ -355,26 +377,23 @@ def image_shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def square_init(tmp_path_factory):
-    """An HTSAT model directory (own format) whose encoder width equals its projection dim."""
-    from clapcli.models.checkpoints import save_own
+def roberta_tok(tmp_path_factory):
     from train_data import make_tokenizer
-    from transformers import AutoTokenizer
 
-    root = tmp_path_factory.mktemp("square")
-    tok = AutoTokenizer.from_pretrained(str(make_tokenizer(root / "tok")))
-    return save_own(square_model(), tok, root / "model")
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-def _w2c_args(data, run, teacher_dir, init, *extra):
-    return ["train", "--objective", "wav2clip", "--teacher", teacher_dir, "--data", data, "--init", init,
-            "--out", run, "--workers", "0", "--log-every", "1", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2",
-            "--seed", "4", "--log-samples", *extra]
+def _w2c_args(data, run, teacher_dir, *extra):
+    return ["train", "--objective", "wav2clip", "--teacher", teacher_dir, "--data", data, "--out", run,
+            "--workers", "0", "--log-every", "1", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2", "--seed", "4",
+            "--log-samples", *extra]
 
 
-def test_distillation_with_any_audio_encoder_learns_the_images(image_shards, tiny_clip, square_init, tmp_path):
+def test_distillation_learns_the_images_and_the_model_searches(image_shards, tiny_clip, tmp_path):
+    """A tiny Wav2CLIP model distilled from the tiny CLIP: the loss falls, audio→image retrieval on the held-out
+    split rises, and final/ is a model `clap index` and `clap search` use, its text side the teacher's tower."""
     run = tmp_path / "run"
-    clap(*_w2c_args(image_shards, run, tiny_clip, square_init, "--epochs", "6"))
+    clap(*_w2c_args(image_shards, run, tiny_clip, "--model-config", "tiny-wav2clip", "--epochs", "6"))
     losses = [r["loss"] for r in step_records(run).values()]
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
     val = [r["val"] for r in log_records(run) if "val" in r]
@@ -385,17 +404,28 @@ def test_distillation_with_any_audio_encoder_learns_the_images(image_shards, tin
                                        "image_head.linear2.weight", "image_head.linear2.bias",
                                        "logit_scale_ai", "logit_scale_pi"}
     assert {"logit_scale_ai", "logit_scale_pi"} <= set(step_records(run)[1])
+    config = json.loads((run / "final" / "config.json").read_text())
+    assert Path(config["config"]["text_tower"]).resolve() == tiny_clip.resolve()
+
+    index = tmp_path / "index"
+    clap("index", image_shards.parent / "audio", "--index", index, "--model", run / "final")
+    for kind in KINDS:
+        result = clap("search", CAPTIONS[kind][0], "--index", index, "--json", "-k", "5")
+        hits = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+        assert len(hits) == 5 and all(Path(h["path"]).is_file() for h in hits)
 
 
-def test_resume_equals_a_straight_run_image_head_included(image_shards, tiny_clip, square_init, tmp_path):
+def test_resume_equals_a_straight_run_image_head_included(image_shards, tiny_clip, roberta_tok, tmp_path):
+    """With an HTSAT model (any audio encoder distils): stopped after 3 steps and resumed = one straight run."""
     from safetensors.torch import load_file
 
+    model = ["--model-config", "tiny", "--tokenizer", roberta_tok, "--epochs", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    clap(*_w2c_args(image_shards, straight, tiny_clip, square_init, "--epochs", "2"))
+    clap(*_w2c_args(image_shards, straight, tiny_clip, *model))
     total = max(step_records(straight))
-    clap(*_w2c_args(image_shards, resumed, tiny_clip, square_init, "--epochs", "2", "--max-steps", "3"))
+    clap(*_w2c_args(image_shards, resumed, tiny_clip, *model, "--max-steps", "3"))
     assert max(step_records(resumed)) == 3 < total
-    clap(*_w2c_args(image_shards, resumed, tiny_clip, square_init, "--epochs", "2", "--resume"))
+    clap(*_w2c_args(image_shards, resumed, tiny_clip, *model, "--resume"))
     a, b = load_file(straight / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=key)
@@ -408,20 +438,20 @@ def test_resume_equals_a_straight_run_image_head_included(image_shards, tiny_cli
     assert [s[i]["loss"] for i in sorted(s)] == pytest.approx([r[i]["loss"] for i in sorted(r)], rel=1e-4)
 
 
-def test_training_errors_are_one_line(image_shards, tiny_clip, square_init, tmp_path, monkeypatch, capsys):
-    base = ["train", "--data", image_shards, "--workers", "0", "--batch-size", "4", "--max-steps", "1"]
-    code, err = run_main(monkeypatch, capsys, *base, "--init", square_init, "--out", tmp_path / "r1",
-                         "--teacher", tiny_clip)
+def test_training_errors_are_one_line(image_shards, tiny_clip, roberta_tok, tmp_path, monkeypatch, capsys):
+    base = ["train", "--data", image_shards, "--workers", "0", "--batch-size", "4", "--max-steps", "1",
+            "--model-config", "tiny-wav2clip"]
+    code, err = run_main(monkeypatch, capsys, *base, "--out", tmp_path / "r1", "--teacher", tiny_clip)
     assert code == 2 and "--teacher is for --objective wav2clip" in err
-    code, err = run_main(monkeypatch, capsys, *base, "--init", square_init, "--out", tmp_path / "r2",
-                         "--objective", "w2c")
+    code, err = run_main(monkeypatch, capsys, *base, "--out", tmp_path / "r2", "--objective", "w2c")
     assert code == 2 and "--objective must be clap or wav2clip" in err
-    tok = square_init  # its RoBERTa tokenizer files
-    code, err = run_main(monkeypatch, capsys, *base, "--model-config", "tiny", "--tokenizer", tok, "--out",
-                         tmp_path / "r3", "--objective", "wav2clip", "--teacher", tiny_clip)
-    assert code == 2 and "encoder width equals its projection dim" in err and err.count("\n") == 1
-    code, err = run_main(monkeypatch, capsys, *base, "--init", square_init, "--out", tmp_path / "r4",
-                         "--objective", "wav2clip")
+    wide = save_tiny_clip(tmp_path / "clip64", dim=64)
+    capsys.readouterr()  # transformers' save progress
+    code, err = run_main(monkeypatch, capsys, *base, "--out", tmp_path / "r3", "--objective", "wav2clip",
+                         "--teacher", wide)
+    assert code == 2 and "--teacher embeds images to 64 values, the model's projection dim is 32" in err
+    assert err.count("\n") == 1
+    code, err = run_main(monkeypatch, capsys, *base, "--out", tmp_path / "r4", "--objective", "wav2clip")
     error = err.splitlines()[-1]
     assert code == 1 and "Traceback" not in err and error.startswith("error: ") and ".tar: " in error
     assert error.endswith(".jpg: holds an image frame: pass --teacher CLIP_DIR to embed it")

@@ -160,13 +160,14 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
     torch.manual_seed(cfg.seed)
     model, tokenizer, model_info = build_model(cfg, resume_from)
     wav2clip = cfg.objective == "wav2clip"
-    teacher = dim = None
+    teacher = dim = width = None
     if wav2clip:
         from .teacher import ImageTeacher
 
-        check_widths(model, None)  # before the teacher loads: the model alone may already be unusable
         teacher = ImageTeacher(cfg.teacher, device) if cfg.teacher else None
-        dim = check_widths(model, teacher.dim if teacher else None)
+        dim, width = check_widths(model, teacher.dim if teacher else None)
+        if cfg.teacher and model.config.text_tower is not None:
+            model.config.text_tower = cfg.teacher  # the saved model's text side: the teacher's CLIP text tower
     model.to(device)
     if cfg.freeze_audio:
         model.lock_audio_tower()
@@ -174,7 +175,7 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
         model.lock_text_tower()
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    trainee = Wav2ClipTrainee(model, Wav2ClipObjective(dim)).to(device) if wav2clip else model
+    trainee = Wav2ClipTrainee(model, Wav2ClipObjective(dim, width)).to(device) if wav2clip else model
     trainee.train()
     split, val_split = open_data(cfg)
     zeroshot = open_zeroshot(cfg)

@@ -1,8 +1,8 @@
 """The Wav2CLIP distillation objective (`clap train --objective wav2clip`): the cross-projection ("CX") loss.
 
-With a = the audio encoder's pooled output (B, D), audio_head = the model's audio projection (Wav2CLIP's
-`audio_transform`), img = frozen CLIP image embeddings (B, D) and image_head = a trainable Linear-ReLU-Linear
-MLP (D→D→D, Wav2CLIP's `image_transform`):
+With a = the audio encoder's pooled output (B, W), audio_head = the model's audio projection (Wav2CLIP's
+`audio_transform`, W → D), img = frozen CLIP image embeddings (B, D) and image_head = a trainable
+Linear-ReLU-Linear MLP (Wav2CLIP's `image_transform`, D → W → W):
 
     L = ( CLIP_1(a, image_head(img)) + CLIP_2(audio_head(a), img) ) / 2
 
@@ -16,8 +16,10 @@ model keeps its own logit scales untouched. Text plays no part: the text tower i
 The image head's dropout (0.1 in the original `MLPLayers`) is left out: it would make the head's output a
 function of the dropout draw, and the head is thrown away after training.
 
-The audio encoder's width must equal D (the first term compares a with image embeddings directly), and the
-projection must map D → D.
+Widths: the second term needs the model's projection dim to equal the image embeddings' D (`check_widths`).
+In the original W = D = 512 and the image head is D → D → D; here the head maps into the encoder's width W,
+which is the same module when W = D and lets any audio encoder be distilled (an HTSAT's 768 against CLIP
+ViT-B/32's 512, the tiny presets' 64 or 128 against 32) instead of refusing every W ≠ D.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ LOGIT_SCALE_INIT = math.log(1 / 0.07)  # both temperatures start at 0.07, as CLI
 
 
 class ImageHead(nn.Module):
-    """Wav2CLIP's `image_transform`: Linear(D, D) → ReLU → Linear(D, D)."""
+    """Wav2CLIP's `image_transform`: Linear(D, W) → ReLU → Linear(W, W) (W = D in the original)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, width: int | None = None):
         super().__init__()
-        self.linear1 = nn.Linear(dim, dim)
-        self.linear2 = nn.Linear(dim, dim)
+        width = width or dim
+        self.linear1 = nn.Linear(dim, width)
+        self.linear2 = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear2(F.relu(self.linear1(x)))
@@ -50,18 +53,18 @@ class ImageHead(nn.Module):
 class Wav2ClipObjective(nn.Module):
     """The trainer's own parameters: the image head and the two logit scales (raw, exp() is the multiplier)."""
 
-    def __init__(self, dim: int, logit_scale_init: float = LOGIT_SCALE_INIT):
+    def __init__(self, dim: int, width: int | None = None, logit_scale_init: float = LOGIT_SCALE_INIT):
         super().__init__()
-        self.image_head = ImageHead(dim)
+        self.image_head = ImageHead(dim, width)  # image embeddings (D) → the audio encoder's space (W)
         self.logit_scale_ai = nn.Parameter(torch.tensor(logit_scale_init))  # CLIP_1(a, image_head(img))
         self.logit_scale_pi = nn.Parameter(torch.tensor(logit_scale_init))  # CLIP_2(audio_head(a), img)
 
 
 class Wav2ClipOutput(NamedTuple):
-    audio_pooled: torch.Tensor  # (B, D) a, L2-normalised
+    audio_pooled: torch.Tensor  # (B, W) a, L2-normalised
     audio_projected: torch.Tensor  # (B, D) audio_head(a), L2-normalised
     images: torch.Tensor  # (B, D) img, L2-normalised
-    images_projected: torch.Tensor  # (B, D) image_head(img), L2-normalised
+    images_projected: torch.Tensor  # (B, W) image_head(img), L2-normalised
     logit_scale_ai: torch.Tensor  # () exp(raw) of CLIP_1
     logit_scale_pi: torch.Tensor  # () exp(raw) of CLIP_2
 
@@ -94,10 +97,10 @@ class Wav2ClipTrainee(nn.Module):
                 p.requires_grad_(False)  # the text side and the model's own logit scales stay as they are
 
     def forward(self, features: torch.Tensor, is_longer: torch.Tensor, images: torch.Tensor) -> Wav2ClipOutput:
-        pooled = self.model.audio_model.audio_encoder(features, is_longer)  # (B, D) a
+        pooled = self.model.audio_model.audio_encoder(features, is_longer)  # (B, W) a
         projected = self.model.audio_projection(pooled)  # (B, D) audio_head(a)
         images = images.float()
-        head = self.objective.image_head(images)  # (B, D) image_head(img)
+        head = self.objective.image_head(images)  # (B, W) image_head(img)
         return Wav2ClipOutput(
             F.normalize(pooled.float(), dim=-1), F.normalize(projected.float(), dim=-1),
             F.normalize(images, dim=-1), F.normalize(head.float(), dim=-1),
@@ -118,15 +121,12 @@ class Wav2ClipTrainee(nn.Module):
         return names | {f"objective.{n}" for n, p in self.objective.named_parameters() if p.ndim < 2}
 
 
-def check_widths(model: nn.Module, teacher_dim: int | None) -> int:
-    """D, the width every term compares; UsageError when the model's encoder, projection or the teacher differ."""
+def check_widths(model: nn.Module, teacher_dim: int | None) -> tuple[int, int]:
+    """(D, W): the image embeddings' width (= the model's projection dim) and the audio encoder's; UsageError
+    when the teacher's embeddings are not D wide."""
     cfg = model.config
-    width, dim = cfg.audio.out_width, cfg.projection_dim
-    if width != dim:
-        raise UsageError(f"--objective wav2clip compares the audio encoder's pooled output ({width} wide) with "
-                         f"image embeddings, but the model projects to {dim}: use a model whose encoder width "
-                         "equals its projection dim (the wav2clip presets)")
+    dim, width = cfg.projection_dim, cfg.audio.out_width
     if teacher_dim is not None and teacher_dim != dim:
         raise UsageError(f"--teacher embeds images to {teacher_dim} values, the model's projection dim is {dim}: "
-                         "they must match")
-    return dim
+                         "they must match (audio_head(a) is compared with the image embeddings)")
+    return dim, width

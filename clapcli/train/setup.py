@@ -65,6 +65,8 @@ def fresh_model(preset_name: str, text_model: str | None, tokenizer_source: str 
     from ..models.presets import preset
 
     cfg = preset(preset_name)
+    if cfg.text_tower is not None:  # Wav2CLIP: the text side is a CLIP tower by reference, loaded on first use
+        return ClapModel(cfg), None
     source = tokenizer_source or text_model or _default_tokenizer(cfg.text.model_type)
     tokenizer = load_tokenizer(source, download=True)
     pretrained = None
