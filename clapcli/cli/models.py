@@ -32,7 +32,11 @@ def pull(name: str = typer.Argument(..., help="A name from `clap models list` or
 
     path = fetch(name, download=True)
     known = lookup(name)
-    if known is not None and known.filename:  # original .pt files carry no tokenizer
+    if known is not None and known.text_tower:  # Wav2CLIP: its CLIP text tower, loaded on first text use
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(known.text_tower, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    elif known is not None and known.filename:  # original .pt files carry no tokenizer
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(ROBERTA_TOKENIZER)
@@ -48,9 +52,13 @@ def presets(as_json: bool = typer.Option(False, "--json", help="One JSON object 
     for name in preset_names():
         cfg = preset(name)
         a, t = cfg.audio, cfg.text
-        rows.append({"name": name, "audio": f"{a.encoder} {a.patch_embeds_hidden_size}×{'-'.join(map(str, a.depths))}",
+        audio = f"{a.encoder} {a.patch_embeds_hidden_size}×{'-'.join(map(str, a.depths))}"
+        text = f"{t.model_type} {t.num_hidden_layers}x{t.hidden_size}"
+        if a.encoder == "resnet18":  # Wav2CLIP: ResNet width; the CLIP text tower is loaded from a reference
+            audio, text = f"resnet18 width {a.resnet_width}", f"CLIP text {cfg.text_tower} (lazy)"
+        rows.append({"name": name, "audio": audio,
                      "fused": cfg.fused, "clip_seconds": round(cfg.frontend.clip_samples / cfg.frontend.sample_rate, 2),
-                     "text": f"{t.model_type} {t.num_hidden_layers}x{t.hidden_size}", "dim": cfg.projection_dim})
+                     "text": text, "dim": cfg.projection_dim})
     _show(rows, as_json, "model presets (clap train --model-config NAME)",
           ("name", "audio", "fused", "clip s", "text", "dim"), lambda r: (
               r["name"], r["audio"], "yes" if r["fused"] else "no", str(r["clip_seconds"]), r["text"], str(r["dim"])))

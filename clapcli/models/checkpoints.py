@@ -2,7 +2,9 @@
 
 1. Hugging Face CLAP directories and hub ids (`config.json` with `audio_config`, `model.safetensors`).
 2. Original LAION `.pt` files: architecture inferred from the state dict, keys renamed to ours.
-3. The project's own format: `config.json` (`"format": "clapcli"`) + `model.safetensors` + tokenizer.
+3. The project's own format: `config.json` (`"format": "clapcli"`) + `model.safetensors` + tokenizer
+   (Wav2CLIP models: no tokenizer; config.json names the CLIP text tower, loaded on first text use).
+4. Wav2CLIP's released `Wav2CLIP.pt` (wav2clip.py), told from LAION `.pt` files by its key names.
 
 Nothing here executes pickled code: `.pt` files go through `torch.load(weights_only=True)`.
 """
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ClapError, WeightsNotAvailable
-from . import registry
+from . import registry, wav2clip
 from .clap import ClapModel
 from .config import AudioConfig, ClapConfig, FrontEndConfig, TextConfig
 
@@ -37,7 +39,7 @@ class LoadedCheckpoint:
     tokenizer: Any
     name: str  # what the user asked for
     source: str  # resolved local path
-    kind: str  # "huggingface" | "laion" | "clapcli"
+    kind: str  # "huggingface" | "laion" | "wav2clip" | "clapcli"
     fingerprint: str  # short hash of the weights file(s)
 
 
@@ -81,6 +83,12 @@ def _load_own(path: Path, config: dict, name: str) -> LoadedCheckpoint:
     if version > OWN_FORMAT_VERSION:
         raise CheckpointError(f"{path} was saved by a newer clapcli (format {version}); upgrade clapcli to load it")
     cfg = _config_or_error(path, lambda: ClapConfig.from_dict(config["config"]))
+    if cfg.text_tower is not None:  # Wav2CLIP: the text tower is a reference, loaded on first text use
+        stored = cfg.text_tower
+        cfg.text_tower = wav2clip.text_tower_reference(stored, path)
+        model = build_and_load(cfg, _read_safetensors(path), str(path))
+        weights = wav2clip.fingerprint_with_text(_fingerprint(path), stored)
+        return LoadedCheckpoint(model, None, name, str(path), "clapcli", weights)
     model = build_and_load(cfg, _read_safetensors(path), str(path))
     return LoadedCheckpoint(model, _tokenizer_from_dir(path), name, str(path), "clapcli", _fingerprint(path))
 
@@ -90,10 +98,8 @@ def _load_laion(path: Path, name: str, tokenizer: str | None, download: bool) ->
     state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    if any(k.startswith(("audio_encoder.", "audio_transform.")) for k in state) and not any(
-        "audio_branch" in k for k in state
-    ):
-        raise CheckpointError(f"{path} looks like a Wav2CLIP checkpoint; Wav2CLIP is not supported yet")
+    if wav2clip.is_wav2clip_state(state):  # Wav2CLIP.pt; `tokenizer` names its CLIP text tower
+        return wav2clip.load_released_checkpoint(path, state, name, tokenizer)
     hf_state = convert_laion_state_dict(state)
     cfg = infer_laion_config(hf_state)
     model = build_and_load(cfg, hf_state, str(path))
@@ -315,6 +321,8 @@ def save_own(model: ClapModel, tokenizer, directory: str | os.PathLike, extra: d
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not DERIVED_KEY.search(k)}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": OWN_FORMAT})
     config = {"format": OWN_FORMAT, "format_version": OWN_FORMAT_VERSION, "config": model.config.to_dict()}
+    if model.config.text_tower is not None:  # Wav2CLIP: a reference to the tower, not its weights (README)
+        config["config"]["text_tower"] = wav2clip.stored_text_tower(model.config.text_tower, directory)
     config.update(extra or {})
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:

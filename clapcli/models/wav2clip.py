@@ -80,9 +80,10 @@ def infer_wav2clip_config(state: dict[str, torch.Tensor], text_tower: str, sourc
     return cfg
 
 
-def load_released(path: Path, state: dict[str, torch.Tensor], text_tower: str | None):
-    """A ClapModel from a `Wav2CLIP.pt` state dict, loaded strictly, with CLIP's logit scale (100)."""
-    from .checkpoints import build_and_load
+def load_released_checkpoint(path: Path, state: dict[str, torch.Tensor], name: str, text_tower: str | None):
+    """A LoadedCheckpoint from a `Wav2CLIP.pt` state dict, loaded strictly (a readable diff otherwise), with
+    CLIP's logit scale (100) and the CLIP text tower `text_tower` (default DEFAULT_TEXT_TOWER) to load lazily."""
+    from .checkpoints import LoadedCheckpoint, _fingerprint, build_and_load
 
     ref = text_tower_reference(text_tower or DEFAULT_TEXT_TOWER)
     cfg = infer_wav2clip_config(state, ref, str(path))
@@ -90,7 +91,9 @@ def load_released(path: Path, state: dict[str, torch.Tensor], text_tower: str | 
     scale = torch.tensor(math.log(CLIP_LOGIT_SCALE))
     ours.setdefault("logit_scale_a", scale)
     ours.setdefault("logit_scale_t", scale)
-    return build_and_load(cfg, ours, str(path))
+    model = build_and_load(cfg, ours, str(path))
+    weights = fingerprint_with_text(_fingerprint(path), ref)
+    return LoadedCheckpoint(model, None, name, str(path), "wav2clip", weights)
 
 
 def text_tower_reference(ref: str, base: Path | None = None) -> str:
@@ -100,6 +103,16 @@ def text_tower_reference(ref: str, base: Path | None = None) -> str:
         if candidate.is_dir():
             return str(candidate.resolve())
     return ref
+
+
+def stored_text_tower(ref: str, directory: Path) -> str:
+    """How save_own records a text tower: relative when it lies inside the model directory (the pair moves
+    together), absolute for another local directory, a hub id as it is."""
+    local = Path(ref).expanduser()
+    if not local.is_dir():
+        return ref
+    local, directory = local.resolve(), Path(directory).resolve()
+    return str(local.relative_to(directory)) if local.is_relative_to(directory) else str(local)
 
 
 def fingerprint_with_text(weights_fingerprint: str, text_tower: str) -> str:
