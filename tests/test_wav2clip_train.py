@@ -384,17 +384,18 @@ def roberta_tok(tmp_path_factory):
     return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-def _w2c_args(data, run, teacher_dir, *extra):
+def _w2c_args(data, run, teacher_dir, *extra, workers=0):
     return ["train", "--objective", "wav2clip", "--teacher", teacher_dir, "--data", data, "--out", run,
-            "--workers", "0", "--log-every", "1", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2", "--seed", "4",
+            "--workers", str(workers), "--log-every", "1", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2", "--seed", "4",
             "--log-samples", *extra]
 
 
 def test_distillation_learns_the_images_and_the_model_searches(image_shards, tiny_clip, tmp_path):
     """A tiny Wav2CLIP model distilled from the tiny CLIP: the loss falls, audio→image retrieval on the held-out
-    split rises, and final/ is a model `clap index` and `clap search` use, its text side the teacher's tower."""
+    split rises, and final/ is a model `clap index` and `clap search` use, its text side the teacher's tower.
+    Two data workers: frames are decoded and preprocessed there, embedded by the teacher in the trainer."""
     run = tmp_path / "run"
-    clap(*_w2c_args(image_shards, run, tiny_clip, "--model-config", "tiny-wav2clip", "--epochs", "6"))
+    clap(*_w2c_args(image_shards, run, tiny_clip, "--model-config", "tiny-wav2clip", "--epochs", "6", workers=2))
     losses = [r["loss"] for r in step_records(run).values()]
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
     val = [r["val"] for r in log_records(run) if "val" in r]
@@ -456,3 +457,25 @@ def test_training_errors_are_one_line(image_shards, tiny_clip, roberta_tok, tmp_
     error = err.splitlines()[-1]
     assert code == 1 and "Traceback" not in err and error.startswith("error: ") and ".tar: " in error
     assert error.endswith(".jpg: holds an image frame: pass --teacher CLIP_DIR to embed it")
+
+
+def test_init_continues_the_released_wav2clip_checkpoint(image_shards, tiny_clip, tmp_path):
+    """`--init Wav2CLIP.pt` (the released layout): its audio weights are the starting point, they train, and
+    final/ takes the teacher as its text tower."""
+    from clapcli import load_model
+    from test_wav2clip import original_state_dict, tiny_model
+
+    released = tmp_path / "Wav2CLIP.pt"
+    start = tiny_model(str(tiny_clip), seed=7)
+    torch.save(original_state_dict(start), released)
+    run = tmp_path / "run"
+    clap(*_w2c_args(image_shards, run, tiny_clip, "--init", released, "--max-steps", "2"))
+    after = load_model(run / "final", device="cpu")
+    assert Path(after.config.text_tower).resolve() == tiny_clip.resolve()
+    a, b = after.model.state_dict(), start.state_dict()
+    audio = [k for k, _ in start.named_parameters() if k.startswith(("audio_model.", "audio_projection."))]
+    assert all(a[k].shape == b[k].shape for k in audio)
+    assert any(not torch.equal(a[k], b[k]) for k in audio)  # trained from there …
+    close = [k for k in audio if torch.allclose(a[k], b[k], atol=0.05)]
+    assert len(close) > 0.9 * len(audio)  # … two small steps away from the released weights, not a fresh init
+    assert after.embed_text(["a dog"]).shape == (1, CLIP_DIM)  # CLIP's text side, through the teacher's tower
