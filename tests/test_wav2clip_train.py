@@ -386,8 +386,8 @@ def roberta_tok(tmp_path_factory):
 
 def _w2c_args(data, run, teacher_dir, *extra, workers=0):
     return ["train", "--objective", "wav2clip", "--teacher", teacher_dir, "--data", data, "--out", run,
-            "--workers", str(workers), "--log-every", "1", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2", "--seed", "4",
-            "--log-samples", *extra]
+            "--workers", str(workers), "--log-every", "1", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2",
+            "--seed", "4", "--log-samples", *extra]
 
 
 def test_distillation_learns_the_images_and_the_model_searches(image_shards, tiny_clip, tmp_path):

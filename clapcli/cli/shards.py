@@ -124,7 +124,7 @@ def _render(splits) -> None:
     table = Table(title="shards")
     with_images = any(s.with_frame or s.with_embedding for s in splits)
     columns = ["split", "shards", "clips", "hours", "text", "tags", "k2c text"]
-    columns += ["image frames", "image embeddings"] if with_images else []
+    columns += ["frames", "embeddings"] if with_images else []
     for col in columns:
         table.add_column(col)
     for s in splits:

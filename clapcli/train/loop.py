@@ -23,7 +23,7 @@ import torch
 from .. import dist
 from ..errors import DataError, TrainingError, UsageError
 from ..runtime import TRAINING_PRECISIONS, autocast, native_bf16, resolve_precision
-from .batch import Batch, Collate, FrameBatch, ImageCollate
+from .batch import Collate, FrameBatch, ImageCollate
 from .checkpoint import load_trainer_state, prune_step_checkpoints, save_checkpoint
 from .config import TrainConfig, TrainState
 from .data import ShardStream, loader, steps_per_epoch
@@ -160,14 +160,7 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
     torch.manual_seed(cfg.seed)
     model, tokenizer, model_info = build_model(cfg, resume_from)
     wav2clip = cfg.objective == "wav2clip"
-    teacher = dim = width = None
-    if wav2clip:
-        from .teacher import ImageTeacher
-
-        teacher = ImageTeacher(cfg.teacher, device) if cfg.teacher else None
-        dim, width = check_widths(model, teacher.dim if teacher else None)
-        if cfg.teacher and model.config.text_tower is not None:
-            model.config.text_tower = cfg.teacher  # the saved model's text side: the teacher's CLIP text tower
+    teacher, (dim, width) = _distillation_setup(cfg, model, device) if wav2clip else (None, (None, None))
     model.to(device)
     if cfg.freeze_audio:
         model.lock_audio_tower()
@@ -209,12 +202,10 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
     loss_kind = Wav2ClipLoss if wav2clip else ClipLoss
     loss_fn = loss_kind(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, rank=ctx.rank,
                         world_size=ctx.world_size)
-    if wav2clip:
-        collate = ImageCollate(model.config.frontend, model.config.fused, dim,
-                               teacher.preprocess if teacher else None, cfg.spec_augment)
-    else:
-        collate = Collate(model.config.frontend, model.config.fused, tokenizer, model.config.text.max_length,
-                          cfg.spec_augment)
+    collate = (ImageCollate(model.config.frontend, model.config.fused, dim, teacher and teacher.preprocess,
+                            cfg.spec_augment) if wav2clip else
+               Collate(model.config.frontend, model.config.fused, tokenizer, model.config.text.max_length,
+                       cfg.spec_augment))
     objective = trainee.objective if wav2clip else None
     save = _saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info, ctx, objective)
     log({"event": "start", "steps_per_epoch": steps, "total_steps": planned, "samples": split.num_samples,
@@ -272,6 +263,18 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
                "best": state.best_value, "best_step": state.best_step}
     log(summary)
     return summary
+
+
+def _distillation_setup(cfg: TrainConfig, model, device):
+    """wav2clip: (the teacher or None, (D, W)); a Wav2CLIP model's text side becomes the teacher's CLIP text
+    tower (its `text_tower` reference, loaded only when text is embedded), so the saved model searches."""
+    from .teacher import ImageTeacher
+
+    teacher = ImageTeacher(cfg.teacher, device) if cfg.teacher else None
+    widths = check_widths(model, teacher.dim if teacher else None)
+    if cfg.teacher and model.config.text_tower is not None:
+        model.config.text_tower = cfg.teacher
+    return teacher, widths
 
 
 def _stop(cfg: TrainConfig, state: TrainState) -> bool:
