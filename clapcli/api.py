@@ -34,6 +34,7 @@ from .vectors import l2_normalize
 
 WHOLE_CLIP_SECONDS = 300.0  # Wav2CLIP: longest piece of a clip embedded in one pass (README "Wav2CLIP")
 SEGMENT_SECONDS = 1.0  # Wav2CLIP: segment (timeline, index window) length
+SEGMENT_BATCH = 64  # Wav2CLIP: 1 s segments per forward pass at least (~15 MB of activations at width 64)
 
 
 @dataclass
@@ -213,8 +214,9 @@ class Clap:
             result = AudioEmbedding(None, n / sr, self._project(pooled, normalize)[0])
             if segments and n > seg:
                 starts = window_starts(n, seg)
-                for b in range(0, len(starts), batch_size):
-                    chunk = starts[b : b + batch_size]
+                per_pass = max(batch_size, SEGMENT_BATCH)
+                for b in range(0, len(starts), per_pass):
+                    chunk = starts[b : b + per_pass]
                     batch = torch.as_tensor(np.stack([wave[s : s + seg] for s in chunk]), dtype=torch.float32)
                     feats = self.features.frontend(batch.to(self.device))[:, None]  # (S, 1, frames, bins)
                     with torch.inference_mode(), self._autocast():

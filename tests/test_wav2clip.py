@@ -431,3 +431,14 @@ def test_models_list_shows_wav2clip_and_finds_it_in_the_torch_hub_cache(tmp_path
     shutil.copy(released[0], tmp_path / "torch" / "hub" / "checkpoints" / "Wav2CLIP.pt")  # where the original caches it
     assert row()["cached"] is True
     assert load_checkpoint("wav2clip").model.config.text_tower == "openai/clip-vit-base-patch32"
+
+
+def test_cli_embed_works_offline_without_the_text_tower_and_text_fails_in_one_line(library, tmp_path):
+    from clapcli.models.checkpoints import save_own
+
+    save_own(tiny_model("no-such-org/no-such-clip"), None, tmp_path / "m")
+    (record,) = json_lines(clap("embed", library / "s1.wav", "--json", "--segments", "--model", tmp_path / "m").stdout)
+    assert len(record["embedding"]) == 32 and len(record["segments"]) == 3
+    failed = clap("embed", library / "s1.wav", "--text", "a dog", "--model", tmp_path / "m", ok=False)
+    assert failed.exit_code == 1
+    assert "CLIP text tower 'no-such-org/no-such-clip'" in str(failed.exception) + failed.output

@@ -26,7 +26,6 @@ from .config import AudioConfig, ClapConfig
 from .presets import preset
 
 DEFAULT_TEXT_TOWER = "openai/clip-vit-base-patch32"  # the CLIP whose image tower Wav2CLIP was distilled from
-RELEASE_URL = "https://github.com/descriptinc/lyrebird-wav2clip/releases/download/v0.1.0-alpha/Wav2CLIP.pt"
 CLIP_LOGIT_SCALE = 100.0  # CLIP's trained logit scale: tagging multiplies cosines by it before the softmax
 
 _WINDOW_KEY = "audio_encoder.spectrogram.window"
@@ -37,8 +36,9 @@ _HEAD = {"0": "linear1", "3": "linear2"}  # MLPLayers index → Projection layer
 
 def is_wav2clip_state(state: dict) -> bool:
     """True for the released Wav2CLIP layout (no LAION `audio_branch`/`text_branch` keys)."""
-    return any(k.startswith(("audio_encoder.", "audio_transform.")) for k in state) and not any(
-        "audio_branch" in k or "text_branch" in k for k in state)
+    keys = [k.removeprefix("module.") for k in state]
+    return any(k.startswith(("audio_encoder.", "audio_transform.")) for k in keys) and not any(
+        "audio_branch" in k or "text_branch" in k for k in keys)
 
 
 def convert_wav2clip_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -125,18 +125,26 @@ def load_clip_text(ref: str, dim: int):
     only where the network and HF_HUB_OFFLINE allow it), frozen and in eval mode. Its `text_embeds` must be
     `dim` wide (the audio head's output)."""
     from transformers import AutoTokenizer, CLIPTextModelWithProjection
+    from transformers.utils import logging as hf_logging
 
     local = Path(ref).expanduser()
+    source = str(local) if local.is_dir() else ref
     attempts = [{}] if local.is_dir() else [{"local_files_only": True}, {}]
     model = tokenizer = None
     last: Exception | None = None
-    for kwargs in attempts:
-        try:
-            model = CLIPTextModelWithProjection.from_pretrained(str(local) if local.is_dir() else ref, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else ref, **kwargs)
-            break
-        except Exception as exc:  # transformers and the hub raise many types for "not there" and "not CLIP"
-            last = exc
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the middle of a command's output
+    try:
+        for kwargs in attempts:
+            try:
+                model = CLIPTextModelWithProjection.from_pretrained(source, **kwargs)
+                tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+                break
+            except Exception as exc:  # transformers and the hub raise many types for "not there" and "not CLIP"
+                last = exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if model is None or tokenizer is None:
         if local.is_dir():
             reason = str(last).strip().splitlines()[0] if last and str(last).strip() else type(last).__name__
