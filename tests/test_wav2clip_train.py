@@ -303,6 +303,13 @@ def test_images_option_errors(tmp_path, monkeypatch, capsys):
     code, err = run_main(monkeypatch, capsys, "shards", "make", tmp_path / "src" / "audio", "--out",
                          tmp_path / "o2", "--images", "image")
     assert code == 2 and "--images names a manifest column" in err
+    (tmp_path / "caps.csv").write_text("path,caption,image\nhum_000.wav,a hum,../frames/hum_000.jpg\n")
+    result = clap("shards", "make", tmp_path / "src" / "audio", "--captions", tmp_path / "caps.csv", "--out",
+                  tmp_path / "o4", "--images", "image", "--json")  # a folder: images from its --captions manifest
+    assert json.loads(result.output.splitlines()[-1])["samples"] == 1
+    (raw,) = samples(tmp_path / "o4")
+    assert raw.image_bytes == (tmp_path / "src" / "frames" / "hum_000.jpg").read_bytes()  # a .jpg is kept as is
+    assert raw.meta["text"] == "a hum"
     (tmp_path / "src" / "frames" / "hum_000.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     np.save(tmp_path / "src" / "frames" / "whistle_000.npy", np.zeros((2, 3, 4), np.float32))
     rows = list(csv.DictReader(open(manifest)))
