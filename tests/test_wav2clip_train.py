@@ -363,6 +363,17 @@ def test_frames_and_their_precomputed_embeddings_give_the_same_training_images(t
         torch.testing.assert_close(bj.features, bn.features)
         torch.testing.assert_close(bj.resolve(teacher.embed).images, bn.resolve(None).images, atol=1e-5, rtol=1e-5)
 
+    # one batch mixing both kinds: frames land in their own rows, embeddings stay as stored
+    rng = np.random.default_rng(3)
+    frames = [open_image((tmp_path / "src" / Path(r["image"]).with_suffix(".jpg")).read_bytes()) for r in rows[:2]]
+    stored = [np.load(tmp_path / "src" / r["image"]) for r in rows[2:4]]
+    mixed = ImageCollate(fe, False, CLIP_DIM, teacher.preprocess)(
+        [clip("hum", rng) for _ in range(4)], [stored[0], frames[0], stored[1], frames[1]], rng)
+    assert mixed.frame_rows.tolist() == [1, 3]
+    images = mixed.resolve(teacher.embed).images
+    torch.testing.assert_close(images[[0, 2]], torch.from_numpy(np.stack(stored)))
+    torch.testing.assert_close(images[[1, 3]], teacher.embed_frames(frames))
+
 
 # --------------------------------------------------------------------------------------------------- the CLI
 

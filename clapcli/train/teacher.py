@@ -28,9 +28,15 @@ def resolve_teacher(source: str) -> Path:
         return path
     if path.exists() or source.startswith((".", "/", "~")):
         raise UsageError(f"--teacher {source}: not a CLIP model directory")
+    from ..errors import WeightsNotAvailable
     from ..models import registry
 
-    return Path(registry.fetch(source, download=True))
+    try:
+        return Path(registry.fetch(source, download=True))
+    except WeightsNotAvailable as exc:
+        raise WeightsNotAvailable(f"--teacher {source} is not in the Hugging Face cache and cannot be downloaded "
+                                  f"here; run `clap models pull {source}` on a connected machine, or pass "
+                                  "--teacher PATH to a local copy") from exc
 
 
 def _vision_config(directory: Path, source: str):
