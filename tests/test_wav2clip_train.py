@@ -374,6 +374,13 @@ def test_frames_and_their_precomputed_embeddings_give_the_same_training_images(t
     torch.testing.assert_close(images[[0, 2]], torch.from_numpy(np.stack(stored)))
     torch.testing.assert_close(images[[1, 3]], teacher.embed_frames(frames))
 
+    # precomputed embeddings train without any teacher; the model keeps its text tower reference
+    run = tmp_path / "run"
+    clap("train", "--objective", "wav2clip", "--data", tmp_path / "npy", "--model-config", "tiny-wav2clip", "--out",
+         run, "--workers", "0", "--batch-size", "4", "--max-steps", "2")
+    config = json.loads((run / "final" / "config.json").read_text())["config"]
+    assert config["text_tower"] == "openai/clip-vit-base-patch32"
+
 
 # --------------------------------------------------------------------------------------------------- the CLI
 
