@@ -510,60 +510,6 @@ def test_init_continues_the_released_wav2clip_checkpoint(image_shards, tiny_clip
 # --------------------------------------------------------------------------------------------------- two ranks
 
 
-class _ToyTrainee(torch.nn.Module):
-    """The Wav2ClipTrainee's training surface on linear layers: encoder (W = 5), audio head (D = 4), image head."""
-
-    def __init__(self):
-        from clapcli.train.objective import Wav2ClipObjective
-
-        super().__init__()
-        self.encoder = torch.nn.Linear(6, 5)
-        self.audio_head = torch.nn.Linear(5, 4)
-        self.objective = Wav2ClipObjective(4, 5)
-
-    def forward(self, audio_in, images):
-        import torch.nn.functional as F
-
-        from clapcli.train.objective import Wav2ClipOutput
-
-        a = self.encoder(audio_in)
-        return Wav2ClipOutput(F.normalize(a, dim=-1), F.normalize(self.audio_head(a), dim=-1),
-                              F.normalize(images, dim=-1), F.normalize(self.objective.image_head(images), dim=-1),
-                              self.objective.logit_scale_ai.exp(), self.objective.logit_scale_pi.exp())
-
-
-def _toy_data():
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    return {"state": _ToyTrainee().double().state_dict(), "audio": torch.randn(6, 6, generator=g, dtype=torch.float64),
-            "images": torch.randn(6, 4, generator=g, dtype=torch.float64)}
-
-
-def _toy_rank(rank: int, port: int, data_path: str, out_dir: str) -> None:
-    import os
-
-    from clapcli import dist
-    from clapcli.train.objective import Wav2ClipLoss
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init("cpu")
-    data = torch.load(data_path, weights_only=True)
-    results = {}
-    for local in (False, True):
-        model = _ToyTrainee().double()
-        model.load_state_dict(data["state"])
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        mine = slice(rank * 3, rank * 3 + 3)
-        loss = Wav2ClipLoss(local_loss=local, rank=rank, world_size=2)(ddp(data["audio"][mine], data["images"][mine]))
-        loss.backward()
-        results[local] = {"loss": dist.all_reduce_mean(loss.detach()),
-                          "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()}}
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.shutdown()
-
-
 def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_path):
     """Both terms gather through ClipLoss: two ranks of 3 under DDP give one process's loss and gradients on 6,
     for the image head and both logit scales too, with and without --local-loss."""
@@ -572,13 +518,14 @@ def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_path):
     import torch.multiprocessing as mp
 
     from clapcli.train.objective import Wav2ClipLoss
+    from wav2clip_ranks import ToyTrainee, toy_data, toy_rank
 
-    data = _toy_data()
+    data = toy_data()
     torch.save(data, tmp_path / "data.pt")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = mp.start_processes(_toy_rank, args=(port, str(tmp_path / "data.pt"), str(tmp_path)), nprocs=2,
+    procs = mp.start_processes(toy_rank, args=(port, str(tmp_path / "data.pt"), str(tmp_path)), nprocs=2,
                                join=False, start_method="spawn")
     deadline = time.monotonic() + 240
     try:
@@ -588,7 +535,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_path):
         for p in procs.processes:
             if p.is_alive():
                 p.terminate()
-    model = _ToyTrainee().double()
+    model = ToyTrainee().double()
     model.load_state_dict(data["state"])
     loss = Wav2ClipLoss()(model(data["audio"], data["images"]))
     loss.backward()
