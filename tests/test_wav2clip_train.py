@@ -484,6 +484,18 @@ def test_training_errors_are_one_line(image_shards, tiny_clip, roberta_tok, tmp_
     assert code == 1 and "Traceback" not in err and error.startswith("error: ") and ".tar: " in error
     assert error.endswith(".jpg: holds an image frame: pass --teacher CLIP_DIR to embed it")
 
+    from clapcli.train.shards import ShardWriter, encode_flac
+
+    bad = ShardWriter(tmp_path / "bad", shard_size=8)
+    for i in range(4):
+        bad.add(f"k{i}", encode_flac(np.full(16_000, 0.1, np.float32)), {}, image=("jpg", b"\xff\xd8 broken"))
+    bad.close()
+    code, err = run_main(monkeypatch, capsys, *base[:2], tmp_path / "bad", *base[3:], "--out", tmp_path / "r5",
+                         "--objective", "wav2clip", "--teacher", tiny_clip)
+    error = err.splitlines()[-1]
+    assert code == 1 and "Traceback" not in err
+    assert re.match(r"error: .*000000\.tar: k\d\.jpg: cannot be decoded as an image", error), error
+
 
 def test_init_continues_the_released_wav2clip_checkpoint(image_shards, tiny_clip, tmp_path):
     """`--init Wav2CLIP.pt` (the released layout): its audio weights are the starting point, they train, and
