@@ -183,29 +183,32 @@ class MonoReader:
             self.partial = self._note
 
     def _salvage(self) -> Iterator[np.ndarray]:
+        """Recover the frames before the damage that a failed read lost (it returns nothing of what it
+        decoded): bisect the failed block with fresh reads, so that what a broken stream yields does not
+        depend on the block size. Reads of k frames from a good position succeed up to the damage."""
         import soundfile as sf
 
-        try:
-            with captured_stderr(self.messages):
-                f = _open(self.path)
-        except AudioDecodeError:
-            return
-        with f:
+        lo, hi = self.decoded, self.decoded + self.block_frames  # reading up to lo works, up to hi failed
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
             try:
                 with captured_stderr(self.messages):
-                    f.seek(self.decoded)
-                    while True:
-                        block = f.read(_SALVAGE_FRAMES, dtype="float32", always_2d=True)
-                        if len(block) == 0:
-                            break
-                        self.decoded += len(block)
-                        yield self._mono(block)
-            except (sf.LibsndfileError, RuntimeError, MemoryError):
+                    f = _open(self.path)
+            except AudioDecodeError:
                 return
-
-
-# Frames per read when salvaging the block a decoding error interrupted.
-_SALVAGE_FRAMES = 1024
+            with f:
+                try:
+                    with captured_stderr(self.messages):
+                        f.seek(lo)
+                        block = f.read(mid - lo, dtype="float32", always_2d=True)
+                except (sf.LibsndfileError, RuntimeError, MemoryError):
+                    hi = mid
+                    continue
+            if len(block) == 0:
+                return
+            self.decoded += len(block)
+            lo = self.decoded
+            yield self._mono(block)
 
 
 def _container_truncation(f) -> str | None:

@@ -24,9 +24,20 @@ app = typer.Typer(
 
 @app.callback()
 def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors, and the debug log "
+                               "(what audio decoders printed) on stderr."),
 ) -> None:
     output.state.debug = debug
+    if debug:
+        import logging
+
+        log = logging.getLogger("clapcli")
+        if not any(h.get_name() == "clap-debug" for h in log.handlers):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.set_name("clap-debug")
+            handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+            log.addHandler(handler)
+        log.setLevel(logging.DEBUG)
 
 
 for _command in (index, search, tag, embed, models, shards, train, finetune, eval):
