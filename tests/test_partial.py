@@ -123,7 +123,8 @@ def test_tag_and_embed_json_carry_the_partial_reason(damaged_library, tiny_model
             .stdout.splitlines()]
     assert "truncated" in tags[0]["partial"] and tags[0]["labels"] and tags[0]["timeline"]
     assert "partial" not in tags[1]
-    emb = [json.loads(line) for line in clap("embed", cut, good, "--json", "--model", tiny_model_dir).stdout.splitlines()]
+    emb = [json.loads(line)
+           for line in clap("embed", cut, good, "--json", "--model", tiny_model_dir).stdout.splitlines()]
     assert "truncated" in emb[0]["partial"] and len(emb[0]["embedding"]) == 24 and "partial" not in emb[1]
 
 

@@ -152,3 +152,22 @@ def test_a_long_file_is_embedded_in_bounded_memory_with_progress_inside_it(tmp_p
         assert all(p == str(path) and e == pytest.approx(seconds) for p, _, e in reports)
     whole_file = 240.0 * 48_000 * 4  # bytes of the decoded 4-minute file at 48 kHz
     assert peaks[12] < 1.25 * peaks[3] + 4e6 and peaks[12] < 0.5 * whole_file, peaks
+
+
+def test_index_progress_moves_inside_a_long_file_before_it_is_committed(tmp_path, tiny_unfused_dir):
+    from clapcli.index.indexer import build_index
+
+    root = tmp_path / "lib"
+    root.mkdir()
+    write_audio(root / "a_long.wav", np.tile(tone_noise(20.0, 44_100, seed=8), 3), 44_100, subtype="PCM_16")
+    write_audio(root / "b_short.wav", tone_noise(2.0, 44_100, seed=9), 44_100)
+    events: list[tuple] = []
+    m = load_model(tiny_unfused_dir, device="cpu")
+    summary = build_index([root], tmp_path / "idx", lambda name: m, batch_size=2,
+                          on_audio=lambda p, s, e: events.append(("audio", p.rsplit("/", 1)[-1], s, e)),
+                          on_file=lambda r: events.append(("file", r.path.rsplit("/", 1)[-1])))
+    assert summary.added == 2 and summary.audio_seconds == pytest.approx(62.0)
+    long_audio = [e for e in events if e[:2] == ("audio", "a_long.wav")]
+    first_file = events.index(("file", "a_long.wav"))
+    assert len(long_audio) >= 5 and all(events.index(e) < first_file for e in long_audio)
+    assert sum(e[2] for e in long_audio) == pytest.approx(60.0) and long_audio[0][3] == pytest.approx(60.0)
