@@ -32,6 +32,11 @@ from .runtime import autocast, resolve_device, resolve_precision
 from .vectors import l2_normalize
 
 
+WHOLE_CLIP_SECONDS = 300.0  # Wav2CLIP: longest piece of a clip embedded in one pass (README "Wav2CLIP")
+SEGMENT_SECONDS = 1.0  # Wav2CLIP: segment (timeline, index window) length
+SEGMENT_BATCH = 64  # Wav2CLIP: 1 s segments per forward pass at least (~15 MB of activations at width 64)
+
+
 @dataclass
 class Segment:
     start: float  # seconds
@@ -44,7 +49,7 @@ class AudioEmbedding:
     path: str | None
     duration: float  # seconds
     embedding: np.ndarray | None  # (D,) L2-normalised file-level embedding; None on error
-    segments: list[Segment] = field(default_factory=list)  # 10 s windows, only for files longer than 10 s
+    segments: list[Segment] = field(default_factory=list)  # 10 s windows of files longer than 10 s (Wav2CLIP: 1 s)
     error: str | None = None
     sample_rate: int | None = None  # of the source file
     channels: int | None = None  # of the source file
@@ -134,9 +139,10 @@ class Clap:
             return np.zeros((0, self.dim), dtype=np.float32)
         from .models.text import tokenize
 
+        tokenizer = self.tokenizer if self.tokenizer is not None else self.model.text_tokenizer()  # Wav2CLIP: lazy
         out = []
         for i in range(0, len(texts), batch_size):
-            tok = tokenize(self.tokenizer, texts[i : i + batch_size], self.config.text.max_length)
+            tok = tokenize(tokenizer, texts[i : i + batch_size], self.config.text.max_length)
             with self._autocast():
                 emb = self.model.encode_text(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device))
             out.append(emb.float().cpu().numpy())
@@ -144,7 +150,8 @@ class Clap:
 
     # ---- audio -----------------------------------------------------------------------------------------
     def embed_audio(self, paths_or_arrays, sample_rate: int | None = None, batch_size: int = 8) -> np.ndarray:
-        """File-level embeddings (N, D). Arrays are mono or (T, C) samples at `sample_rate` (default 48 kHz)."""
+        """File-level embeddings (N, D). Arrays are mono or (T, C) samples at `sample_rate` (default: the model's,
+        48 kHz for CLAP, 16 kHz for Wav2CLIP)."""
         items = [paths_or_arrays] if isinstance(paths_or_arrays, (str, os.PathLike, np.ndarray)) else paths_or_arrays
         waves = []
         for item in items:
@@ -168,7 +175,10 @@ class Clap:
         """48 kHz mono (already quantised) waveforms → file embeddings and, if asked, window segments.
 
         `normalize=False` gives the raw projection outputs (a trained classifier head's input); an unfused
-        long file's embedding is then the plain mean of its windows."""
+        long file's embedding is then the plain mean of its windows. Wav2CLIP models (a "linear" front end)
+        embed each whole clip instead: see `_embed_whole_clips`."""
+        if self.config.frontend.kind == "linear":
+            return self._embed_whole_clips(waves, segments, batch_size, normalize)
         sr, clip = self.config.frontend.sample_rate, self.config.frontend.clip_samples
         # Every forward pass is a "job": (wave index, kind, samples, crop starts); kind is "file" or a window start.
         jobs: list[tuple[int, object, np.ndarray, tuple | None]] = []
@@ -229,6 +239,53 @@ class Clap:
             longer[k] = chunk[k][2].longer
         return feats, longer
 
+    # ---- Wav2CLIP: whole clips and 1 s segments ---------------------------------------------------------
+    def _embed_whole_clips(self, waves, segments: bool, batch_size: int, normalize: bool) -> list[AudioEmbedding]:
+        """Wav2CLIP's utterance mode: each 16 kHz clip whole through the encoder (no padding to a clip
+        length, no window mean), then the head. Clips go one at a time, so no clip sees another. A clip
+        longer than WHOLE_CLIP_SECONDS is cut into that many equal pieces of at most that length, and its
+        pooled encoder output is the duration-weighted mean of theirs (bounded memory). With `segments`, a
+        clip longer than SEGMENT_SECONDS also gets full-coverage 1 s windows (the last aligned to the end),
+        embedded as 1 s clips: the original's frame-level use."""
+        sr = self.config.frontend.sample_rate
+        limit, seg = int(WHOLE_CLIP_SECONDS * sr), int(SEGMENT_SECONDS * sr)
+        results = []
+        for wave in waves:
+            n = len(wave)
+            if n == 0:
+                raise ClapError("cannot embed an empty waveform")
+            pieces = -(-n // limit)  # ceil
+            bounds = [round(i * n / pieces) for i in range(pieces + 1)]
+            pooled = sum((self._encode_pooled(wave[a:b]) * ((b - a) / n) for a, b in zip(bounds, bounds[1:])))
+            result = AudioEmbedding(None, n / sr, self._project(pooled, normalize)[0])
+            if segments and n > seg:
+                starts = window_starts(n, seg)
+                per_pass = max(batch_size, SEGMENT_BATCH)
+                for b in range(0, len(starts), per_pass):
+                    chunk = starts[b : b + per_pass]
+                    batch = torch.as_tensor(np.stack([wave[s : s + seg] for s in chunk]), dtype=torch.float32)
+                    feats = self.features.frontend(batch.to(self.device))[:, None]  # (S, 1, frames, bins)
+                    with torch.inference_mode(), self._autocast():
+                        vecs = self._project(self.model.audio_model.audio_encoder(feats), normalize)
+                    result.segments += [Segment(s / sr, (s + seg) / sr, v) for s, v in zip(chunk, vecs)]
+            results.append(result)
+        return results
+
+    @torch.inference_mode()
+    def _encode_pooled(self, wave: np.ndarray) -> torch.Tensor:
+        """One clip of any length → its pooled encoder output (1, out_width) float32."""
+        feats = self.features.whole_clip_features(wave)  # (1, 1, frames, bins)
+        with self._autocast():
+            return self.model.audio_model.audio_encoder(feats).float()
+
+    @torch.inference_mode()
+    def _project(self, pooled: torch.Tensor, normalize: bool) -> list[np.ndarray]:
+        """Pooled encoder outputs (B, out_width) → the audio head's (B, D) embeddings, as numpy rows."""
+        with self._autocast():
+            emb = self.model.audio_projection(pooled).float()
+        emb = torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
+        return list(emb.cpu().numpy())
+
     def embed_files(
         self,
         paths: Iterable[str | os.PathLike],
@@ -248,6 +305,9 @@ class Clap:
         file whose stream breaks off is embedded from what decodes, with `partial` saying why.
         `on_audio(path, seconds, expected_seconds)` reports audio as it is decoded, within long files too
         (`expected_seconds`: the file's length by its header). `normalize` as in `embed_waveforms`."""
+        if self.config.frontend.kind == "linear":  # Wav2CLIP embeds whole clips: decoded whole
+            yield from self._embed_files_whole(paths, batch_size, segments, workers, on_error, normalize, on_audio)
+            return
         from .audio.decode import _log_messages
         from .audio.stream import FusionStack, StreamOptions, iter_pieces
 
@@ -315,6 +375,47 @@ class Clap:
             run(jobs)
             jobs = []
         yield from finished()
+
+    def _embed_files_whole(self, paths, batch_size, segments, workers, on_error, normalize, on_audio):
+        """`embed_files` for models that embed whole clips (Wav2CLIP): each file decoded whole, then
+        `embed_waveforms` on batches of files."""
+        from .audio.loader import iter_decoded
+
+        pending: list = []
+
+        def embed(decoded: list) -> list[AudioEmbedding]:
+            waves = [d.samples for d in decoded]
+            try:
+                return self.embed_waveforms(waves, segments=segments, batch_size=batch_size, normalize=normalize)
+            except (RuntimeError, ValueError, MemoryError) as exc:
+                if len(decoded) == 1:
+                    decoded[0].error = f"cannot embed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                    return []
+                return [e for d in decoded for e in embed([d])]  # find the file at fault, keep the rest
+
+        def flush():
+            it = iter(embed([d for d in pending if d.error is None]))
+            for d in pending:
+                if d.error is not None:
+                    if on_error:
+                        on_error(d.path, d.error)
+                    yield AudioEmbedding(d.path, 0.0, None, error=d.error)
+                else:
+                    e = next(it)
+                    e.path, e.sample_rate, e.channels, e.partial = d.path, d.sample_rate, d.channels, d.partial
+                    yield e
+            pending.clear()
+
+        sr, quantize = self.config.frontend.sample_rate, self.config.frontend.quantize_int16
+        for decoded in iter_decoded(paths, sr, quantize, workers):
+            if on_audio and decoded.samples is not None:
+                seconds = len(decoded.samples) / sr
+                on_audio(decoded.path, seconds, seconds)
+            pending.append(decoded)
+            if len(pending) >= batch_size:
+                yield from flush()
+        if pending:
+            yield from flush()
 
     # ---- misc ------------------------------------------------------------------------------------------
     def _autocast(self):

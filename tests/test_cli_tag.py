@@ -79,7 +79,7 @@ def test_list_labelsets_prints_names_and_sizes(app):
         (["--labels", "esc50"], "at least one audio file"),
         (["x.wav", "--labels", "esc50", "--threshold", "1.5"], "not a probability in [0, 1]"),
         (["x.wav", "--labels", "esc50", "--multi-label", "--threshold", "-2"], "not a cosine in [-1, 1]"),
-        (["x.wav", "--labels", "esc-fifty"], "unknown label set 'esc-fifty'"),
+        (["x.wav", "--labels", "esc-50"], "unknown label set 'esc-50'"),
         (["x.wav", "--labels", "dog,rain", "--template", "no slot here"], "exactly one"),
     ],
 )
@@ -92,7 +92,7 @@ def test_usage_errors_are_clap_errors_with_exit_code_2(app, args, message):
 
 
 def test_unknown_labelset_message_lists_the_builtin_sets(app):
-    message = str(invoke(app, "x.wav", "--labels", "esc-fifty").exception)
+    message = str(invoke(app, "x.wav", "--labels", "esc-50").exception)
     for name, size in builtin_labelsets().items():
         assert f"{name} ({size})" in message
 
@@ -108,9 +108,9 @@ def run_clap(*args):
 
 
 def test_entry_point_reports_a_usage_error_in_one_line_with_exit_code_2():
-    proc = run_clap("tag", "x.wav", "--labels", "esc-fifty")
+    proc = run_clap("tag", "x.wav", "--labels", "esc-50")
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.count("\n") == 1 and "unknown label set 'esc-fifty'" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "unknown label set 'esc-50'" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 

@@ -399,16 +399,18 @@ def test_audio_encoder_factory_and_its_width():
     assert encoder.out_width == cfg.out_width == 128
     assert ClapModel(tiny_config()).audio_projection.linear1.in_features == 128
     assert preset("htsat-base").audio.out_width == 1024 and preset("htsat-tiny").audio.out_width == 768
-    with pytest.raises(ClapError, match="unknown audio encoder 'pann14'; choose one of: htsat"):
-        build_audio_encoder(AudioConfig(encoder="pann14"))
-    assert "htsat" in AUDIO_ENCODERS
+    with pytest.raises(ClapError, match="unknown audio encoder 'pann10'; choose one of: .*htsat"):
+        build_audio_encoder(AudioConfig(encoder="pann10"))
+    assert "htsat" in AUDIO_ENCODERS and "cnn14" in AUDIO_ENCODERS
 
 
 def test_presets_are_data_and_an_unknown_name_lists_them():
     from clapcli.models.config import preset as reexported
 
-    assert preset_names() == ["htsat-base", "htsat-base-fused", "htsat-tiny", "htsat-tiny-fused", "tiny",
-                              "tiny-unfused"]
+    assert {"htsat-base", "htsat-base-fused", "htsat-tiny", "htsat-tiny-fused", "tiny", "tiny-unfused",
+            "pann14-roberta", "pann14-roberta-fusion", "tiny-pann", "tiny-pann-fused", "tiny-bert",
+            "tiny-clip", "tiny-wav2clip", "wav2clip"} <= set(preset_names())
+    assert preset_names() == sorted(preset_names())
     with pytest.raises(ClapError) as info:
         preset("htsat-large")
     assert "choose one of: " + ", ".join(preset_names()) in str(info.value)

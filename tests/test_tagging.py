@@ -100,9 +100,9 @@ def test_missing_or_empty_label_file_is_a_clear_error(tmp_path):
 
 def test_unknown_name_lists_the_builtin_sets():
     with pytest.raises(UsageError) as info:
-        resolve_labels("esc-fifty")
+        resolve_labels("esc-50")
     message = str(info.value)
-    assert "unknown label set 'esc-fifty'" in message
+    assert "unknown label set 'esc-50'" in message
     for name, size in builtin_labelsets().items():
         assert f"{name} ({size})" in message
     assert info.value.exit_code == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import sys
@@ -29,6 +30,12 @@ _BLOCK_FRAMES = 1 << 20
 
 # Compressed formats whose header frame count can be an estimate (no exact sample count in the stream).
 _ESTIMATED_LENGTH_FORMATS = {"MP3", "MPEG"}
+
+# Sample rates a file may have: no audio is stored below 1 kHz (and resampling it to 48 kHz would multiply it
+# 48-fold or more), none above 768 kHz; a header that says otherwise is damaged.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 768_000
+# Elements of torchaudio's sinc kernel above which a rate is not resampled exactly (see `_resampling_rate`).
+_MAX_RESAMPLE_KERNEL = 1 << 22
 
 
 @dataclass
@@ -76,7 +83,8 @@ def _open(path):
 
     _check_file(path)
     try:
-        return sf.SoundFile(os.fspath(path))
+        # bytes on POSIX: soundfile encodes a str strictly, so a name that is not UTF-8 could not be opened
+        return sf.SoundFile(os.fsencode(path) if os.name == "posix" else os.fspath(path))
     except sf.LibsndfileError as err:
         raise _fail(path, _libsndfile_reason(err)) from err
     except (RuntimeError, OSError, ValueError, TypeError) as err:
@@ -86,6 +94,9 @@ def _open(path):
 def _info_of(path, f) -> AudioInfo:
     if f.samplerate <= 0 or f.channels <= 0:
         raise _fail(path, f"invalid header (sample rate {f.samplerate}, channels {f.channels})")
+    if not MIN_SAMPLE_RATE <= f.samplerate <= MAX_SAMPLE_RATE:
+        raise _fail(path, f"unsupported sample rate {f.samplerate} Hz (a damaged header? "
+                          f"expected {MIN_SAMPLE_RATE}–{MAX_SAMPLE_RATE} Hz)")
     if f.frames <= 0:
         raise _fail(path, "contains no audio frames")
     return AudioInfo(
@@ -171,7 +182,7 @@ class MonoReader:
         if self.decoded == 0:
             _log_messages(self.path, self.messages)
             raise _fail(self.path, "contains no audio frames" if failure is None else
-                        f"cannot be decoded ({failure})")
+                        f"truncated or corrupt stream: no frame decodes ({failure})")
         shortfall = info.frames - self.decoded
         tolerance = 0 if info.format not in _ESTIMATED_LENGTH_FORMATS else info.frames // 100
         if failure is not None:
@@ -201,7 +212,7 @@ class MonoReader:
                     with captured_stderr(self.messages):
                         f.seek(lo)
                         block = f.read(mid - lo, dtype="float32", always_2d=True)
-                except (sf.LibsndfileError, RuntimeError, MemoryError):
+                except (sf.LibsndfileError, RuntimeError, MemoryError, ValueError):
                     hi = mid
                     continue
             if len(block) == 0:
@@ -312,8 +323,29 @@ def to_model_rate(samples: np.ndarray, sr: int, target_sr: int = 48_000, quantiz
         import torch
         import torchaudio.functional as AF
 
-        x = AF.resample(torch.from_numpy(x), sr, target_sr).numpy()
+        if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+            raise ValueError(f"unsupported sample rate {sr} Hz (expected {MIN_SAMPLE_RATE}–{MAX_SAMPLE_RATE} Hz)")
+        x = AF.resample(torch.from_numpy(x), _resampling_rate(sr, target_sr), target_sr).numpy()
     return quantize_int16(x) if quantize else x
+
+
+def _resampling_rate(sr: int, target_sr: int) -> int:
+    """The rate to resample from: `sr`, unless torchaudio's exact kernel for sr → target_sr would be huge.
+
+    That kernel has (target/g) × (sr/g + 2·width) elements, g = gcd(sr, target_sr): 160 × 161 for 44.1 kHz →
+    48 kHz, but gigabytes and minutes for a rate prime to the target (16001 Hz, as a damaged header may
+    say), and 1 GB and 10 s for a short clip at 11127 Hz (an old Macintosh rate). Such a rate is resampled
+    as the nearest multiple of 10 Hz (else 100 Hz, else 1 kHz) whose kernel is small: a change of pitch and
+    length of a few hertz' worth (0.03% at 11127 Hz, 0.006% at 16001 Hz)."""
+    rate = sr
+    for step in (1, 10, 100, 1000):
+        rate = max(step, round(sr / step) * step)
+        g = math.gcd(rate, target_sr)
+        orig, new = rate // g, target_sr // g
+        width = math.ceil(6 * orig / (min(orig, new) * 0.99))  # torchaudio's default lowpass width and rolloff
+        if new * (orig + 2 * width) <= _MAX_RESAMPLE_KERNEL:
+            break
+    return rate
 
 
 def load_audio(path, sample_rate: int = 48_000, quantize: bool = True) -> np.ndarray:

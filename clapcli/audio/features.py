@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.config import FrontEndConfig
-from .frontend import MelFrontEnd
+from .frontend import build_frontend
 
 
 def repeat_pad(wave: torch.Tensor, n: int = 480_000) -> torch.Tensor:
@@ -103,14 +103,16 @@ class FeatureBuilder:
     """Batches of 48 kHz mono waveforms -> the (B, C, 1001, 64) mel input of a CLAP audio encoder.
 
     C is 4 for fused checkpoints ([global, front, middle, back]) and 1 for unfused ones. The filter bank
-    follows cfg.mel_scale ("htk" for the fused checkpoints, "slaney" for the unfused ones).
+    follows cfg.mel_scale ("htk" for the fused checkpoints, "slaney" for the unfused ones). A "linear" front
+    end (Wav2CLIP: 16 kHz, (B, 1, clip_frames, 257) log power) follows the unfused rules for fixed-length
+    clips; `whole_clip_features` gives the features of a clip of any length (Wav2CLIP embeds whole clips).
     """
 
     def __init__(self, cfg: FrontEndConfig, fused: bool, device="cpu"):
         self.cfg = cfg
         self.fused = bool(fused)
         self.device = torch.device(device)
-        self.frontend = MelFrontEnd(cfg).to(self.device)
+        self.frontend = build_frontend(cfg).to(self.device)
 
     @property
     def channels(self) -> int:
@@ -122,7 +124,7 @@ class FeatureBuilder:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """waves: list of 1-D float32 waveforms at cfg.sample_rate (numpy or torch).
         crop_starts: per clip, explicit (front, middle, back) crop frames for long fused clips, or None.
-        Returns features (B, C, clip_frames, n_mels) float32 and is_longer (B,) bool, on self.device."""
+        Returns features (B, C, clip_frames, n_bins) float32 and is_longer (B,) bool, on self.device."""
         if len(waves) == 0:
             raise ValueError("clip_features needs at least one waveform")
         if crop_starts is not None and len(crop_starts) != len(waves):
@@ -130,7 +132,7 @@ class FeatureBuilder:
         n = self.cfg.clip_samples
         frames = self.cfg.clip_frames
         tensors = [_as_tensor(w, self.device) for w in waves]
-        out = torch.empty(len(tensors), self.channels, frames, self.cfg.n_mels, device=self.device)
+        out = torch.empty(len(tensors), self.channels, frames, self.cfg.n_bins, device=self.device)
         is_longer = torch.zeros(len(tensors), dtype=torch.bool, device=self.device)
 
         short = [i for i, t in enumerate(tensors) if t.shape[0] <= n]
@@ -151,3 +153,15 @@ class FeatureBuilder:
             starts = crop_starts[i] if crop_starts is not None else None
             out[i], is_longer[i] = build_fusion_input(mel, starts, frames)
         return out, is_longer
+
+    @torch.no_grad()
+    def whole_clip_features(self, wave) -> torch.Tensor:
+        """One 1-D waveform of any length -> (1, 1, frames, n_bins) features of all of it, no padding to
+        clip_samples (a "linear" front end; Wav2CLIP's utterance mode). A clip too short for one reflect-padded
+        STFT frame (at most n_fft // 2 samples) is repeat-padded to n_fft samples first."""
+        if self.fused:
+            raise ValueError("whole_clip_features is for unfused models")
+        t = _as_tensor(wave, self.device)
+        if t.shape[0] <= self.cfg.n_fft // 2:
+            t = repeat_pad(t, self.cfg.n_fft)
+        return self.frontend(t[None])[:, None]  # (1, 1, frames, n_bins)

@@ -1,4 +1,5 @@
-"""Log-mel front end shared by every CLAP checkpoint, batched and on any device.
+"""Log-mel front end shared by every LAION-CLAP checkpoint, batched and on any device; `build_frontend`
+picks it or the linear Wav2CLIP front end (spectrogram.py) from `FrontEndConfig.kind`.
 
 STFT (n_fft 1024, hop 480, periodic Hann, centred with reflect padding), power spectrum, mel projection
 and dB, exactly as transformers' `ClapFeatureExtractor`: HTK filters without normalisation for the fused
@@ -118,3 +119,14 @@ class MelFrontEnd(torch.nn.Module):
         power = spec.real.square() + spec.imag.square()
         mel = torch.matmul(power, self.mel_fb)  # (..., n_mels)
         return (10.0 * torch.log10(mel.clamp(min=_AMIN))).to(torch.float32)
+
+
+def build_frontend(cfg: FrontEndConfig) -> torch.nn.Module:
+    """The front end `cfg.kind` names: (B, T) waveforms -> (B, frames, cfg.n_bins) float32 features."""
+    if cfg.kind == "linear":
+        from .spectrogram import LinearFrontEnd
+
+        return LinearFrontEnd(cfg)
+    if cfg.kind != "mel":
+        raise ValueError(f"unknown front end kind {cfg.kind!r}; choose 'mel' or 'linear'")
+    return MelFrontEnd(cfg)

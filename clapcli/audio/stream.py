@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import AudioDecodeError, ClapError
-from .decode import MonoReader, quantize_int16
+from .decode import MonoReader, _resampling_rate, quantize_int16
 from .features import fusion_crop_starts
 from .frontend import MelFrontEnd
 
@@ -273,7 +273,7 @@ class _ModelRate:
 
     def __init__(self, reader: MonoReader, opts: StreamOptions):
         self.reader, self.opts = reader, opts
-        self.resampler = StreamResampler(reader.info.sample_rate, opts.sample_rate)
+        self.resampler = StreamResampler(_source_rate(reader.info.sample_rate, opts), opts.sample_rate)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for block in self.reader:
@@ -283,6 +283,11 @@ class _ModelRate:
         out = self.resampler.finish()
         if len(out):
             yield quantize_int16(out) if self.opts.quantize else out
+
+
+def _source_rate(sr: int, opts: StreamOptions) -> int:
+    """The rate resampled from, as `to_model_rate` takes it (a rate with a huge exact kernel is rounded)."""
+    return sr if sr == opts.sample_rate else _resampling_rate(sr, opts.sample_rate)
 
 
 def _open_reader(path: str, opts: StreamOptions) -> MonoReader:
@@ -311,7 +316,7 @@ def _file_pieces(index: int, path: str, opts: StreamOptions, frontend: MelFrontE
     clip, sr = opts.clip_samples, opts.sample_rate
     with _open_reader(path, opts) as reader:
         info = reader.info
-        expected = resampled_length(info.frames, info.sample_rate, sr)
+        expected = resampled_length(info.frames, _source_rate(info.sample_rate, opts), sr)
 
         def piece(kind: str, **fields) -> Piece:
             return Piece(index, path, kind, expected_seconds=expected / sr, **fields)

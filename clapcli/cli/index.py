@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from . import options, output
 
@@ -39,11 +40,18 @@ def index_command(
                                      "loses at most this many files' work."),
     tokenizer: Optional[str] = options.TOKENIZER,
 ) -> None:
-    """Embed audio files under DIR… into an index; unchanged files are skipped, deleted ones pruned."""
+    """Embed audio files under DIR… into an index (also `clap index list`, `clap index rm NAME`).
+
+    Unchanged files are skipped; deleted ones, and indexed files that --exclude now matches, are removed.
+
+    `clap index list` shows the indexes, `clap index rm NAME` removes one; index a folder named list as ./list.
+    """
     import os
     import sys
+    from functools import partial
 
     from ..errors import ClapError
+    from ..index import distributed
     from ..index.indexer import IndexInterrupted, emptied_message, build_index
     from ..index.paths import resolve_index
 
@@ -51,9 +59,11 @@ def index_command(
     if workers is None:
         workers = max(0, min(4, (os.cpu_count() or 1) - 1))
     progress = _IndexProgress(enabled=not as_json)
+    if distributed.launched():  # under torchrun: every rank embeds a share, rank 0 commits and reports
+        build_index = partial(distributed.build_index, device=device)
     try:
         summary = build_index(
-            dirs, index_dir, lambda name: options.load(name, device, precision, tokenizer),
+            dirs, index_dir, lambda name: _load_model(name, model, index_dir, device, precision, tokenizer),
             model_name=model, exclude=exclude or (), batch_size=batch_size, workers=workers,
             rebuild=rebuild, wait=wait, on_plan=progress.on_plan, on_file=progress.on_file, commit_every=commit_every,
             prune_empty=prune_empty, on_audio=progress.on_audio,
@@ -64,6 +74,8 @@ def index_command(
         raise typer.Exit(130) from None
     finally:
         progress.stop()
+    if summary is None:  # a rank other than 0 of a sharded run
+        return
     if as_json:
         output.json_line(summary.to_dict())
     else:
@@ -72,12 +84,25 @@ def index_command(
         raise ClapError(emptied_message(summary.emptied_roots, "nothing under it was pruned"))
 
 
+def _load_model(name, given, index_dir, device, precision, tokenizer):
+    """Load the model for `build_index`; a remembered model directory that has moved is named as such."""
+    from ..index.paths import check_remembered_model
+
+    if given is None:  # `name` is then the index's remembered model (or the default for a new index)
+        check_remembered_model(name, index_dir, "pass its new place with --model NEW_PATH; the index then "
+                                                 "remembers it")
+    return options.load(name, device, precision, tokenizer)
+
+
 def _print_summary(s) -> None:
+    from rich.markup import escape
+
     con = output.stderr_console()
     rate = f", {s.audio_seconds / 3600:.2f} h of audio at {s.audio_seconds / s.seconds:.1f}× real time" \
         if s.audio_seconds and s.seconds else ""
     partial = f", {len(s.partial)} partial" if s.partial else ""
-    con.print(f"[bold]{s.index}[/]: {s.added} added, {s.updated} updated, {s.removed} removed, "
+    excluded = f" ({s.removed_excluded} excluded)" if s.removed_excluded else ""
+    con.print(f"[bold]{s.index}[/]: {s.added} added, {s.updated} updated, {s.removed} removed{excluded}, "
               f"{s.unchanged + s.touched} unchanged, {len(s.skipped)} skipped{partial} in {s.seconds:.1f} s{rate}",
               highlight=False)
     errors = f", {len(s.unreadable)} unreadable (listed by --json)" if s.unreadable else ""
@@ -87,11 +112,13 @@ def _print_summary(s) -> None:
     if s.kept_aside:
         con.print(f"[yellow]the damaged database was kept as {s.kept_aside}[/]", highlight=False)
     for path, reason in s.skipped[:20]:
-        con.print(f"  [yellow]skipped[/] {path}: {reason}", highlight=False)
+        con.print(f"  [yellow]skipped[/] {escape(output.display_path(path))}: {escape(output.display_path(reason))}",
+                  highlight=False, soft_wrap=True)
     if len(s.skipped) > 20:
         con.print(f"  … and {len(s.skipped) - 20} more (see --json)", highlight=False)
     for path, reason in s.partial[:20]:
-        con.print(f"  [yellow]partial[/] {path}: {reason}", highlight=False)
+        con.print(f"  [yellow]partial[/] {escape(output.display_path(path))}: {escape(reason)}", highlight=False,
+                  soft_wrap=True)
     if len(s.partial) > 20:
         con.print(f"  … and {len(s.partial) - 20} more partly decoded (see --json)", highlight=False)
 
@@ -157,5 +184,17 @@ def _clock(seconds: float) -> str:
     return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
+class _IndexCommand(TyperCommand):
+    """`clap index DIR…`, or `clap index list|rm …` when the first argument is that word and not a path."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        from .index_admin import dispatch
+
+        admin = dispatch(args)
+        if admin is not None:
+            return admin.make_context(info_name, list(args), parent=parent, **extra)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("index")(index_command)
+    app.command("index", cls=_IndexCommand)(index_command)

@@ -22,10 +22,25 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"clap {version('clapcli')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            from .. import __version__
+
+            print(f"clap {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors, and the debug log "
                                "(what audio decoders printed) on stderr."),
+    version: bool = typer.Option(False, "--version", "-V", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
 ) -> None:
     output.state.debug = debug
     if debug:

@@ -20,9 +20,30 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="One JSON obj
          "cached": is_cached(m.name), "default": m.name == DEFAULT_MODEL, "note": m.note}
         for m in KNOWN_MODELS.values()
     ]
-    _show(rows, as_json, "CLAP models", ("name", "architecture", "fused", "dim", "cached", "note"), lambda r: (
-        r["name"] + (" (default)" if r["default"] else ""), r["architecture"], "yes" if r["fused"] else "no",
-        str(r["dim"]), "[green]yes[/]" if r["cached"] else "no", r["note"]))
+    if as_json or not output.is_terminal():
+        _show(rows, True, "", (), None)
+        return
+    output.stdout_console().print(models_table(rows))
+
+
+def models_table(rows: list[dict]):
+    """The `models list` table, readable at 80 columns: names are never cut (the name column is as wide as
+    the longest), and each note goes on a dimmed line under its name instead of a column of its own."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="CLAP models", show_edge=False)
+    table.add_column("name", min_width=max(len(r["name"]) for r in rows), overflow="fold")
+    for col in ("encoder", "fused", "dim", "cached"):
+        table.add_column(col, no_wrap=True)
+    for r in rows:
+        note = r["note"] or ""
+        if r["default"] and "default" not in note:
+            note = "default" + (f"; {note}" if note else "")
+        name = escape(r["name"]) + (f"\n[dim]{escape(note)}[/]" if note else "")
+        table.add_row(name, r["architecture"], "yes" if r["fused"] else "no", str(r["dim"]),
+                      "[green]yes[/]" if r["cached"] else "no")
+    return table
 
 
 @models_app.command("pull")
@@ -32,7 +53,11 @@ def pull(name: str = typer.Argument(..., help="A name from `clap models list` or
 
     path = fetch(name, download=True)
     known = lookup(name)
-    if known is not None and known.filename:  # original .pt files carry no tokenizer
+    if known is not None and known.text_tower:  # Wav2CLIP: its CLIP text tower, loaded on first text use
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(known.text_tower, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    elif known is not None and known.filename:  # original .pt files carry no tokenizer
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(ROBERTA_TOKENIZER)
@@ -42,18 +67,24 @@ def pull(name: str = typer.Argument(..., help="A name from `clap models list` or
 @models_app.command("presets")
 def presets(as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
     """Architectures `clap train --model-config` builds: encoder sizes, fusion, clip length, parameters."""
-    from ..models.presets import preset, preset_names
+    from ..models.presets import preset, preset_description, preset_names
 
     rows = []
     for name in preset_names():
         cfg = preset(name)
         a, t = cfg.audio, cfg.text
-        rows.append({"name": name, "audio": f"{a.encoder} {a.patch_embeds_hidden_size}×{'-'.join(map(str, a.depths))}",
-                     "fused": cfg.fused, "clip_seconds": round(cfg.frontend.clip_samples / cfg.frontend.sample_rate, 2),
-                     "text": f"{t.model_type} {t.num_hidden_layers}x{t.hidden_size}", "dim": cfg.projection_dim})
+        shape = ("-".join(map(str, a.pann_channels)) if a.encoder == "cnn14"
+                 else f"{a.patch_embeds_hidden_size}×{'-'.join(map(str, a.depths))}")
+        audio, text = f"{a.encoder} {shape}", f"{t.model_type} {t.num_hidden_layers}x{t.hidden_size}"
+        if a.encoder == "resnet18":  # Wav2CLIP: ResNet width; the CLIP text tower is loaded from a reference
+            audio, text = f"resnet18 width {a.resnet_width}", f"CLIP text {cfg.text_tower} (lazy)"
+        rows.append({"name": name, "audio": audio, "fused": cfg.fused,
+                     "clip_seconds": round(cfg.frontend.clip_samples / cfg.frontend.sample_rate, 2),
+                     "text": text, "dim": cfg.projection_dim, "description": preset_description(name)})
     _show(rows, as_json, "model presets (clap train --model-config NAME)",
-          ("name", "audio", "fused", "clip s", "text", "dim"), lambda r: (
-              r["name"], r["audio"], "yes" if r["fused"] else "no", str(r["clip_seconds"]), r["text"], str(r["dim"])))
+          ("name", "audio", "fused", "clip s", "text", "dim", "description"), lambda r: (
+              r["name"], r["audio"], "yes" if r["fused"] else "no", str(r["clip_seconds"]), r["text"], str(r["dim"]),
+              r["description"]))
 
 
 def _show(rows: list[dict], as_json: bool, title: str, columns, cells) -> None:

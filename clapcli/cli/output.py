@@ -53,7 +53,60 @@ def report_exception(exc: BaseException) -> int:
 
 
 def json_line(obj) -> None:
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    sys.stdout.write(json_text(obj) + "\n")
+
+
+def json_text(obj) -> str:
+    """One line of JSON that is valid UTF-8 even for file names that are not (see `portable`)."""
+    return json.dumps(portable(obj), ensure_ascii=False)
+
+
+def portable(obj):
+    """`obj` with every string made valid UTF-8 for JSON.
+
+    A file name that is not valid UTF-8 reaches Python with its bad bytes as lone surrogates, which JSON
+    cannot carry portably. Every "path" entry holding one becomes the name with U+FFFD for the bad bytes
+    (for people) plus "path_bytes", the name's exact bytes in hex (for scripts:
+    `bytes.fromhex(r["path_bytes"])`); other strings (an error that quotes the name) get the U+FFFDs only.
+    """
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            if key == "path" and isinstance(value, str) and not _is_utf8(value):
+                raw = _raw_bytes(value)
+                out[key], out["path_bytes"] = raw.decode("utf-8", "replace"), raw.hex()
+            else:
+                out[key] = portable(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        if obj and isinstance(obj[0], (int, float)):  # an embedding: numbers only
+            return obj
+        return [portable(v) for v in obj]
+    if isinstance(obj, str) and not _is_utf8(obj):
+        return _raw_bytes(obj).decode("utf-8", "replace")
+    return obj
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _raw_bytes(text: str) -> bytes:
+    """The bytes a surrogate-escaped str stands for (as os.fsencode does on POSIX)."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that no byte decoded to
+        return text.encode("utf-8", "surrogatepass")
+
+
+def display_path(path) -> str:
+    """A path as text any terminal or log can print: bytes that are not UTF-8 shown as U+FFFD."""
+    text = str(path)
+    return text if _is_utf8(text) else _raw_bytes(text).decode("utf-8", "replace")
 
 
 def is_terminal() -> bool:

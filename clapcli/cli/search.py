@@ -31,9 +31,17 @@ def search_command(
 ) -> None:
     """Search an index with text (and/or --audio FILE); results are files ranked by their best segment."""
     from ..errors import UsageError
-    from ..index.paths import resolve_index
-    from ..index.search import open_for_search, query_vector, search
+    from ..index.paths import check_remembered_model, resolve_index
+    from ..index.search import model_mismatch_advice, moved_model_advice, open_for_search, query_vector, search
 
+    for text in (query or []) + (negative or []):
+        if not text.strip():
+            raise UsageError("empty query: give words to search for (or --audio FILE)")
+    for a in audio or []:  # before the model loads: a typo fails at once
+        if not a.exists():
+            raise UsageError(f"--audio {output.display_path(a)}: no such file")
+        if not a.is_file():
+            raise UsageError(f"--audio {output.display_path(a)}: not a file")
     if as_json and paths:
         raise UsageError("choose one of --json and --paths")
     if not query and not audio:
@@ -41,8 +49,11 @@ def search_command(
     index_dir = resolve_index(index)
     with open_for_search(index_dir) as store:
         identity = store.model_identity or {}
+        if model is None:
+            check_remembered_model(identity.get("model"), index_dir, moved_model_advice(index))
         m = options.load(model or identity.get("model"), device, precision, tokenizer)
-        store.check_model_identity(m.identity_dict)
+        wanted = m.identity_dict
+        store.check_model_identity(wanted, advice=model_mismatch_advice(index, wanted.get("model"), model is not None))
         q = query_vector(m, query or [], negative or [], [str(a) for a in audio or []])
         hits = search(store, q, k=k, min_score=min_score)
     if paths:

@@ -7,7 +7,6 @@ numpy, torch and the model are imported inside the command, so `clap --help` sta
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from typing import TYPE_CHECKING, List, Optional, TextIO
 
@@ -166,8 +165,7 @@ def _run(model, files, labelset, templates, top_k, multi_label, threshold, timel
                 csv_writer.writerows(result.csv_rows())
                 sys.stdout.flush()
             elif result.error is None:
-                for renderable in render_tables(result):
-                    out.print(renderable)
+                print_tables(out, result)
             progress.advance()
     finally:
         progress.stop()
@@ -176,8 +174,20 @@ def _run(model, files, labelset, templates, top_k, multi_label, threshold, timel
 
 def write_json(result: FileTags, stream: TextIO) -> None:
     """One `--json` line: path, duration, labels, then timeline (with --timeline) and error (if failed)."""
-    stream.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+    stream.write(output.json_text(result.to_dict()) + "\n")
     stream.flush()
+
+
+def print_tables(console, result: FileTags) -> None:
+    """One tagged file on a terminal: its path on a line of its own, printed whole (a table title would break
+    a long path mid-word at 80 columns; the terminal wraps it instead, so it can still be copied), then its
+    tables."""
+    from rich.markup import escape
+
+    duration = "" if result.duration is None else f" ({result.duration:.1f} s)"
+    console.print(f"[bold]{escape(output.display_path(result.path))}[/]{duration}", highlight=False, soft_wrap=True)
+    for renderable in render_tables(result):
+        console.print(renderable)
 
 
 def render_tables(result: FileTags) -> list:
@@ -185,9 +195,8 @@ def render_tables(result: FileTags) -> list:
     from rich.markup import escape
     from rich.table import Table
 
-    duration = "" if result.duration is None else f" ({result.duration:.1f} s)"
-    table = Table(title=f"{escape(result.path)}{duration}", title_justify="left", show_edge=False)
-    table.add_column("label")
+    table = Table(show_edge=False)
+    table.add_column("label", overflow="fold")
     table.add_column("prob", justify="right")
     table.add_column("cosine", justify="right")
     for s in result.labels:
@@ -199,7 +208,7 @@ def render_tables(result: FileTags) -> list:
         windows = Table(title="timeline", title_justify="left", show_edge=False)
         windows.add_column("start", justify="right")
         windows.add_column("end", justify="right")
-        windows.add_column("labels (prob)")
+        windows.add_column("labels (prob)", overflow="fold")
         for w in result.timeline:
             tags = ", ".join(f"{escape(s.label)} ({s.prob:.2f})" for s in w.labels)
             windows.add_row(f"{w.start:.1f}", f"{w.end:.1f}", tags)

@@ -27,7 +27,11 @@ def train_command(
     model_config: Optional[str] = typer.Option(None, "--model-config", help="Or a fresh model from a preset "
                                                "(`clap models presets`; `tiny` for CPU experiments)."),
     text_model: Optional[str] = typer.Option(None, "--text-model", help="With --model-config: a pretrained "
-                                             "transformers text tower (name or directory)."),
+                                             "transformers text tower (name or directory): RoBERTa, BERT, CLIP "
+                                             "(its text half + projection) or any encoder."),
+    audio_init: Optional[Path] = typer.Option(None, "--audio-init", help="With --model-config: start the audio "
+                                              "encoder from AudioSet-pretrained weights (PANN Cnn14*.pth, a "
+                                              "sed_model. Lightning .ckpt, or a LAION .pt's audio branch)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer name or directory (a fresh "
                                             "model's vocabulary follows it; fully offline with a directory)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: ./runs/clap-<time>)."),
@@ -84,7 +88,8 @@ def train_command(
     cfg = TrainConfig(
         data=str(data), out=str(out), val=str(val) if val else None,
         val_zeroshot=str(val_zeroshot) if val_zeroshot else None, labels=labels, template=template, init=init, model_config=model_config,
-        text_model=text_model, tokenizer=tokenizer, epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup,
+        text_model=text_model, tokenizer=tokenizer, audio_init=str(audio_init) if audio_init else None,
+        epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup,
         wd=wd, grad_clip=grad_clip, precision=precision, freeze_audio=freeze_audio, freeze_text=freeze_text,
         grad_checkpointing=grad_checkpointing, accum_steps=accum_steps, local_loss=local_loss,
         gather_with_grad=gather_with_grad, text_source=text_source, spec_augment=spec_augment,

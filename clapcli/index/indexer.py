@@ -11,6 +11,8 @@ swaps it in on success.
 
 from __future__ import annotations
 
+import fnmatch
+import math
 import os
 import shutil
 import time
@@ -48,6 +50,7 @@ class IndexSummary:
     emptied_roots: list[tuple[str, int]] = field(default_factory=list)  # (folder, files kept): lists no audio now
     kept_aside: str | None = None  # where --rebuild moved a damaged database
     committed: int = 0  # files embedded (or recorded as unreadable) and committed in this run
+    removed_excluded: int = 0  # of `removed`: indexed files that --exclude now matches
     partial: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): embedded in part, this run
     partial_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of every partial row
 
@@ -76,6 +79,7 @@ class IndexSummary:
             "partial_files": [{"path": p, "reason": r} for p, r in self.partial_files],
             "emptied_roots": [{"path": p, "kept_files": n} for p, n in self.emptied_roots],
             "kept_aside": self.kept_aside,
+            "removed_excluded": self.removed_excluded,
         }
 
 
@@ -126,6 +130,20 @@ def plan_changes(store: IndexStore, entries: Sequence[ScanEntry], roots: Sequenc
 
 def _under(path: str, dirs: Sequence) -> bool:
     return any(path == str(d) or path.startswith(str(d).rstrip(os.sep) + os.sep) for d in dirs)
+
+
+def _excluded(path: str, roots: Sequence[Path], patterns: Sequence[str]) -> bool:
+    """Whether --exclude matches a stored path as the scan tests it: the name, path relative to the root or
+    absolute path of the file or of any folder above it under its root."""
+    for root in roots:
+        if path == str(root) or not _under(path, [root]):
+            continue
+        parts = Path(path).relative_to(root).parts
+        for i in range(len(parts)):
+            tests = (parts[i], "/".join(parts[: i + 1]), str(root.joinpath(*parts[: i + 1])))
+            if any(fnmatch.fnmatch(t, pattern) for t in tests for pattern in patterns):
+                return True
+    return False
 
 
 def _hash_or_none(path: str) -> str | None:
@@ -211,7 +229,8 @@ def build_index(
         else:
             with IndexStore.open(index_dir, create=True) as store:
                 summary = _update(store, model, load_model, model_name, root_paths, entries, problems, linked,
-                                  prune_empty, batch_size, workers, on_plan, (on_file, on_audio), commit_every)
+                                  prune_empty, batch_size, workers, on_plan, (on_file, on_audio), commit_every,
+                                  exclude=exclude)
         with IndexStore.open(index_dir) as store:
             from .ann import AnnIndex
 
@@ -225,7 +244,7 @@ def build_index(
 
 
 def _update(store: IndexStore, model, load_model, model_name, root_paths, entries, problems, linked,
-            prune_empty, batch_size, workers, on_plan, callbacks, commit_every) -> IndexSummary:
+            prune_empty, batch_size, workers, on_plan, callbacks, commit_every, exclude=()) -> IndexSummary:
     """Bring `store` up to date with the scan: prune, re-stat, embed and commit in batches.
 
     `callbacks` is (on_file, on_audio), as `build_index` takes them."""
@@ -255,6 +274,7 @@ def _update(store: IndexStore, model, load_model, model_name, root_paths, entrie
         for entry in plan.touched:
             store.update_file_stat(str(entry.path), entry.size, entry.mtime_ns)
     summary.removed, summary.touched = len(plan.to_remove), len(plan.touched)
+    summary.removed_excluded = sum(_excluded(p, root_paths, exclude) for p in plan.to_remove) if exclude else 0
 
     if plan.to_embed:
         try:
@@ -339,23 +359,27 @@ def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_siz
                       commit_every: int) -> None:
     on_file, on_audio = callbacks
     by_path = {str(e.path): e for e in plan.to_embed}
-    results = model.embed_files(list(by_path), batch_size=batch_size, segments=True, workers=workers,
-                                on_audio=on_audio)
-    for batch in _commit_batches(results, commit_every, on_file):
+    sharded = getattr(model, "commit_at_once", False)  # a torchrun-sharded run (distributed.py)
+    progress = {"on_audio": on_audio} if on_audio is not None and not sharded else {}
+    results = model.embed_files(list(by_path), batch_size=batch_size, segments=True, workers=workers, **progress)
+    seconds = COMMIT_EVERY_SECONDS
+    if sharded:  # one transaction
+        commit_every, seconds = len(by_path), math.inf
+    for batch in _commit_batches(results, commit_every, on_file, seconds):
         with store.transaction():  # the batch lands whole or not at all
             for result in batch:
                 _store_result(store, result, by_path[result.path], plan, summary)
         summary.committed += len(batch)
 
 
-def _commit_batches(results, commit_every: int, on_file) -> Iterator[list]:
-    """Group embedded files for one commit: `commit_every` files, or fewer after COMMIT_EVERY_SECONDS."""
+def _commit_batches(results, commit_every: int, on_file, seconds: float) -> Iterator[list]:
+    """Group embedded files for one commit: `commit_every` files, or fewer after `seconds`."""
     batch, started = [], time.monotonic()
     for result in results:
         batch.append(result)
         if on_file:
             on_file(result)
-        if len(batch) >= commit_every or time.monotonic() - started > COMMIT_EVERY_SECONDS:
+        if len(batch) >= commit_every or time.monotonic() - started > seconds:
             yield batch
             batch, started = [], time.monotonic()
     if batch:

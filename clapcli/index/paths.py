@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import IndexStoreError, UsageError
 from ..home import clap_home
 
 DEFAULT_INDEX_NAME = "default"
@@ -37,3 +37,18 @@ def resolve_index(name_or_path: str | os.PathLike | None) -> Path:
     if isinstance(name_or_path, os.PathLike) or not is_bare_name:
         return Path(os.path.abspath(Path(text).expanduser()))
     return indexes_dir() / text
+
+
+def check_remembered_model(model: str | None, index_dir: Path, advice: str) -> None:
+    """Raise IndexStoreError when `model`, the load reference an index remembers, is a local path that no
+    longer exists (a moved or deleted model folder): the message names it and ends with `advice`, how the
+    calling command takes the new place.
+
+    Hub ids and registry names are left to the loader (they are not paths on this machine).
+    """
+    if not model or not os.path.isabs(os.path.expanduser(model)) or os.path.exists(os.path.expanduser(model)):
+        return
+    raise IndexStoreError(
+        f"index {index_dir} was built with the model at {model}, which no longer exists (moved or deleted?); "
+        f"{advice} (the same weights in another folder are accepted)"
+    )

@@ -140,8 +140,8 @@ class _Walker:
         try:
             resolved.encode("utf-8")
         except UnicodeEncodeError:  # undecodable bytes in the name: the index stores UTF-8 text
-            printable = Path(os.fsencode(path).decode("utf-8", "replace"))  # so reports can print it
-            self.problems.append(ScanProblem(printable, "file name is not valid UTF-8; rename the file to index it"))
+            # the exact name (surrogate-escaped) is kept; JSON reports add its bytes as `path_bytes`
+            self.problems.append(ScanProblem(path, "file name is not valid UTF-8; rename the file to index it"))
             return
         if not os.access(resolved, os.R_OK):
             self.problems.append(ScanProblem(path, "permission denied"))

@@ -53,6 +53,24 @@ def query_vector(model, texts: Sequence[str] = (), negatives: Sequence[str] = ()
     return (q / norm).astype(np.float32)
 
 
+def model_mismatch_advice(index: str | None, model: str, given: bool = True) -> str:
+    """How to fix a search whose model is not the index's, with the flags each command has: `given` when the
+    model came from `--model`, else the index's remembered place now holds other weights."""
+    where = f" --index {index}" if index else ""
+    rebuild = f"`clap index DIR…{where} --model {model} --rebuild`"
+    if given:
+        return f"search without --model to use the index's own model, or rebuild the index with this one: {rebuild}"
+    return (f"the weights at {model} have changed since; pass the index's model with --model PATH, or rebuild "
+            f"the index with these weights: {rebuild}")
+
+
+def moved_model_advice(index: str | None) -> str:
+    """How `clap search` takes the new place of an index's model folder that has moved."""
+    where = f" --index {index}" if index else ""
+    return (f"pass its new place with --model NEW_PATH, and record it in the index with "
+            f"`clap index DIR…{where} --model NEW_PATH`")
+
+
 def open_for_search(index_dir: Path) -> IndexStore:
     if not IndexStore.exists(index_dir):
         raise IndexStoreError(f"no index at {index_dir}; build one with `clap index DIR`")

@@ -280,8 +280,9 @@ class IndexStore:
                 self.set_meta("dim", str(dim))
             self.set_meta("model_identity", canonical)
 
-    def check_model_identity(self, identity: dict) -> None:
-        """Raise IndexStoreError if the index was built with a different model identity.
+    def check_model_identity(self, identity: dict, advice: str = "pass the same --model or --rebuild") -> None:
+        """Raise IndexStoreError if the index was built with a different model identity; `advice` ends the
+        message (what the calling command offers to fix it).
 
         An index without an identity yet accepts any (the caller then calls `set_model_identity`).
         """
@@ -298,8 +299,7 @@ class IndexStore:
         asked_for = _identity_name(wanted)
         detail = f", not {asked_for}" if asked_for != built_with else f" (different {', '.join(differing)})"
         raise IndexStoreError(
-            f"index {self.index_dir} was built with model {built_with}{detail}; "
-            "pass the same --model or --rebuild"
+            f"index {self.index_dir} was built with model {built_with}{detail}; {advice}"
         )
 
     # -- files ----------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 1. Hugging Face CLAP directories and hub ids (`config.json` with `audio_config`, `model.safetensors`).
 2. Original LAION `.pt` files: architecture inferred from the state dict, keys renamed to ours.
-3. The project's own format: `config.json` (`"format": "clapcli"`) + `model.safetensors` + tokenizer.
+3. The project's own format: `config.json` (`"format": "clapcli"`) + `model.safetensors` + tokenizer
+   (Wav2CLIP models: no tokenizer; config.json names the CLIP text tower, loaded on first text use).
+4. Wav2CLIP's released `Wav2CLIP.pt` (wav2clip.py), told from LAION `.pt` files by its key names.
 
 Nothing here executes pickled code: `.pt` files go through `torch.load(weights_only=True)`.
 """
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ClapError, WeightsNotAvailable
-from . import registry
+from . import registry, wav2clip
 from .clap import ClapModel
 from .config import AudioConfig, ClapConfig, FrontEndConfig, TextConfig
 
@@ -37,7 +39,7 @@ class LoadedCheckpoint:
     tokenizer: Any
     name: str  # what the user asked for
     source: str  # resolved local path
-    kind: str  # "huggingface" | "laion" | "clapcli"
+    kind: str  # "huggingface" | "laion" | "wav2clip" | "clapcli"
     fingerprint: str  # short hash of the weights file(s)
 
 
@@ -81,6 +83,12 @@ def _load_own(path: Path, config: dict, name: str) -> LoadedCheckpoint:
     if version > OWN_FORMAT_VERSION:
         raise CheckpointError(f"{path} was saved by a newer clapcli (format {version}); upgrade clapcli to load it")
     cfg = _config_or_error(path, lambda: ClapConfig.from_dict(config["config"]))
+    if cfg.text_tower is not None:  # Wav2CLIP: the text tower is a reference, loaded on first text use
+        stored = cfg.text_tower
+        cfg.text_tower = wav2clip.text_tower_reference(stored, path)
+        model = build_and_load(cfg, _read_safetensors(path), str(path))
+        weights = wav2clip.fingerprint_with_text(_fingerprint(path), stored)
+        return LoadedCheckpoint(model, None, name, str(path), "clapcli", weights)
     model = build_and_load(cfg, _read_safetensors(path), str(path))
     return LoadedCheckpoint(model, _tokenizer_from_dir(path), name, str(path), "clapcli", _fingerprint(path))
 
@@ -90,10 +98,8 @@ def _load_laion(path: Path, name: str, tokenizer: str | None, download: bool) ->
     state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    if any(k.startswith(("audio_encoder.", "audio_transform.")) for k in state) and not any(
-        "audio_branch" in k for k in state
-    ):
-        raise CheckpointError(f"{path} looks like a Wav2CLIP checkpoint; Wav2CLIP is not supported yet")
+    if wav2clip.is_wav2clip_state(state):  # Wav2CLIP.pt; `tokenizer` names its CLIP text tower
+        return wav2clip.load_released_checkpoint(path, state, name, tokenizer)
     hf_state = convert_laion_state_dict(state)
     cfg = infer_laion_config(hf_state)
     model = build_and_load(cfg, hf_state, str(path))
@@ -229,17 +235,26 @@ LAION_RENAMES = [
 ]
 # Tensors of the original model that inference does not use (front-end buffers, AudioSet heads, MLP-loss heads).
 LAION_UNUSED = re.compile(
-    r"^(audio_branch\.(spectrogram_extractor|logmel_extractor|tscam_conv|head)\.|(audio|text)_transform\.)"
+    r"^(audio_branch\.(spectrogram_extractor|logmel_extractor|tscam_conv|head|fc_audioset)\.|(audio|text)_transform\.)"
 )
+# A PANN CNN14 audio branch keeps the original's names (pann.py); only its prefix changes.
+LAION_PANN_MARK = "audio_branch.conv_block1."
 
 
 def convert_laion_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Original LAION-CLAP keys → ours (= the transformers port's), qkv split into query/key/value."""
+    """Original LAION-CLAP keys → ours (= the transformers port's), qkv split into query/key/value.
+
+    HTSAT audio branches take the transformers port's renames; a PANN CNN14 branch (pann.py keeps the
+    original names) only moves from `audio_branch.` to `audio_model.audio_encoder.`."""
     out: dict[str, torch.Tensor] = {}
+    pann = any(k.removeprefix("module.").startswith(LAION_PANN_MARK) for k in state)
     for key, value in state.items():
         if key.startswith("module."):
             key = key[len("module.") :]
         if LAION_UNUSED.match(key):
+            continue
+        if pann and key.startswith("audio_branch."):
+            out["audio_model.audio_encoder." + key[len("audio_branch.") :]] = value
             continue
         for old, new in LAION_RENAMES:
             key = key.replace(old, new)
@@ -256,26 +271,16 @@ def convert_laion_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.
 
 def infer_laion_config(state: dict[str, torch.Tensor]) -> ClapConfig:
     enc = "audio_model.audio_encoder."
-    if enc + "patch_embed.proj.weight" not in state:
-        raise CheckpointError("not a LAION-CLAP HTSAT checkpoint (no audio_branch.patch_embed.proj.weight); "
-                              "PANN audio encoders are not supported yet")
+    if enc + "conv_block1.conv1.weight" in state:
+        audio = _infer_laion_pann(state, enc)
+    elif enc + "patch_embed.proj.weight" in state:
+        audio = _infer_laion_htsat(state, enc)
+    else:
+        raise CheckpointError("not a LAION-CLAP HTSAT or PANN CNN14 checkpoint (no audio_branch.patch_embed.proj "
+                              "or audio_branch.conv_block1 weights)")
     if "text_model.token_embedding.weight" in state:
         raise CheckpointError("LAION checkpoints with the CLIP-transformer text tower are not supported yet")
-    width = state[enc + "patch_embed.proj.weight"].shape[0]
-    depths, heads = [], []
-    for stage in range(8):
-        blocks = {int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(enc)}layers\.{stage}\.blocks\.(\d+)\.", k))}
-        if not blocks:
-            break
-        depths.append(max(blocks) + 1)
-        heads.append(state[f"{enc}layers.{stage}.blocks.0.attention.self.relative_position_bias_table"].shape[1])
-    fused = enc + "patch_embed.mel_conv2d.weight" in state
-    audio = AudioConfig(
-        patch_embeds_hidden_size=width,
-        depths=depths,
-        num_attention_heads=heads,
-        enable_fusion=fused,
-    )
+    fused = audio.enable_fusion
     vocab, hidden = state["text_model.embeddings.word_embeddings.weight"].shape
     positions = state["text_model.embeddings.position_embeddings.weight"].shape[0]
     types = state["text_model.embeddings.token_type_embeddings.weight"].shape[0]
@@ -303,6 +308,37 @@ def infer_laion_config(state: dict[str, torch.Tensor]) -> ClapConfig:
     )
 
 
+def _infer_laion_htsat(state: dict[str, torch.Tensor], enc: str) -> AudioConfig:
+    width = state[enc + "patch_embed.proj.weight"].shape[0]
+    depths, heads = [], []
+    for stage in range(8):
+        block = re.compile(rf"{re.escape(enc)}layers\.{stage}\.blocks\.(\d+)\.")
+        blocks = {int(m.group(1)) for k in state if (m := block.match(k))}
+        if not blocks:
+            break
+        depths.append(max(blocks) + 1)
+        heads.append(state[f"{enc}layers.{stage}.blocks.0.attention.self.relative_position_bias_table"].shape[1])
+    return AudioConfig(
+        patch_embeds_hidden_size=width,
+        depths=depths,
+        num_attention_heads=heads,
+        enable_fusion=enc + "patch_embed.mel_conv2d.weight" in state,
+    )
+
+
+def _infer_laion_pann(state: dict[str, torch.Tensor], enc: str) -> AudioConfig:
+    """CNN14: the six conv-block widths; fused when the local-crop conv (`mel_conv2d.0`) is there."""
+    from .pann import BLOCKS
+
+    missing = [i for i in range(1, BLOCKS + 1) if f"{enc}conv_block{i}.conv1.weight" not in state]
+    if missing:
+        raise CheckpointError(f"a LAION PANN checkpoint needs conv_block1..{BLOCKS}; conv_block{missing[0]} is "
+                              "missing (only CNN14 is supported, not Cnn6/Cnn10)")
+    channels = [int(state[f"{enc}conv_block{i}.conv1.weight"].shape[0]) for i in range(1, BLOCKS + 1)]
+    return AudioConfig(encoder="cnn14", pann_channels=channels, num_mel_bins=state[enc + "bn0.weight"].shape[0],
+                       enable_fusion=enc + "mel_conv2d.0.weight" in state)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Saving in the project's own format
 
@@ -315,6 +351,8 @@ def save_own(model: ClapModel, tokenizer, directory: str | os.PathLike, extra: d
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not DERIVED_KEY.search(k)}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": OWN_FORMAT})
     config = {"format": OWN_FORMAT, "format_version": OWN_FORMAT_VERSION, "config": model.config.to_dict()}
+    if model.config.text_tower is not None:  # Wav2CLIP: a reference to the tower, not its weights (README)
+        config["config"]["text_tower"] = wav2clip.stored_text_tower(model.config.text_tower, directory)
     config.update(extra or {})
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:

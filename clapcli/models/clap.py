@@ -6,6 +6,11 @@ State-dict names equal the transformers port (`audio_model.audio_encoder.*`, `te
 
 The same module embeds (`encode_audio`/`encode_text`) and trains (`forward` → `ClapOutput`, for one
 DDP-wrapped module); nothing in here turns gradients off, the inference API does that itself.
+
+Wav2CLIP models (`config.text_tower` set) have no text tower of their own: a frozen transformers CLIP text
+model is loaded from that reference the first time text is embedded, held outside the module tree (not in
+`state_dict()`, not moved by `.to()` until used), and its `text_embeds` are the text embeddings, so
+`text_projection` is the identity. Audio-only use never touches it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from torch import nn
 
 from .config import ClapConfig
 from .encoders import build_audio_encoder
-from .text import build_text_model
+from .text import build_text_model, pooled_text_output, text_output_width
 
 
 class ClapOutput(NamedTuple):
@@ -55,9 +60,12 @@ class ClapModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.audio_model = AudioModel(cfg)
-        self.text_model = build_text_model(cfg.text)
+        lazy_text = cfg.text_tower is not None
+        self.text_model = None if lazy_text else build_text_model(cfg.text)
         self.audio_projection = Projection(self.audio_model.audio_encoder.out_width, cfg.projection_dim)
-        self.text_projection = Projection(cfg.text.hidden_size, cfg.projection_dim)
+        self.text_projection = (nn.Identity() if lazy_text
+                                else Projection(text_output_width(cfg.text), cfg.projection_dim))
+        self._clip_text = None  # Wav2CLIP: (CLIPTextModelWithProjection, tokenizer) once loaded
         self.logit_scale_a = nn.Parameter(torch.tensor(cfg.logit_scale_init))
         self.logit_scale_t = nn.Parameter(torch.tensor(cfg.logit_scale_init))
         self.audio_tower_locked = False
@@ -77,9 +85,31 @@ class ClapModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
     ) -> torch.Tensor:
         """Token ids (B, L) → (B, projection_dim) float embeddings, L2-normalised unless `normalize=False`."""
-        pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output  # (B, hidden)
+        if self.config.text_tower is not None:
+            tower, _ = self.clip_text()
+            projected = tower(input_ids=input_ids, attention_mask=attention_mask).text_embeds.float()  # (B, D)
+            return F.normalize(projected, dim=-1) if normalize else projected
+        pooled = pooled_text_output(self.text_model, self.config.text, input_ids, attention_mask)  # (B, text width)
         projected = self.text_projection(pooled).float()
         return F.normalize(projected, dim=-1) if normalize else projected
+
+    def clip_text(self):
+        """Wav2CLIP: the CLIP text tower and its tokenizer, loaded from `config.text_tower` on first use
+        (WeightsNotAvailable / CheckpointError with a one-line reason if it cannot be), frozen, in eval mode,
+        on this model's device."""
+        if self._clip_text is None:
+            from .wav2clip import load_clip_text
+
+            self._clip_text = load_clip_text(self.config.text_tower, self.config.projection_dim)
+        tower, tokenizer = self._clip_text
+        device = self.logit_scale_a.device
+        if tower.device != device:
+            tower.to(device)
+        return tower, tokenizer
+
+    def text_tokenizer(self):
+        """The tokenizer of a lazily loaded (Wav2CLIP) text tower; None for models that carry their own."""
+        return self.clip_text()[1] if self.config.text_tower is not None else None
 
     def forward(
         self,
@@ -107,16 +137,17 @@ class ClapModel(nn.Module):
 
     def lock_text_tower(self) -> None:
         """Freeze the transformers text model and keep it in eval mode, even after `train()`; the projection
-        and the logit scales stay trainable."""
-        self.text_model.requires_grad_(False)
+        and the logit scales stay trainable. (A lazily loaded Wav2CLIP tower is always frozen.)"""
         self.text_tower_locked = True
-        self.text_model.eval()
+        if self.text_model is not None:
+            self.text_model.requires_grad_(False)
+            self.text_model.eval()
 
     def train(self, mode: bool = True) -> "ClapModel":
         super().train(mode)
         if self.audio_tower_locked:
             self.audio_model.audio_encoder.eval()
-        if self.text_tower_locked:
+        if self.text_tower_locked and self.text_model is not None:
             self.text_model.eval()
         return self
 
@@ -126,6 +157,8 @@ class ClapModel(nn.Module):
         self.audio_model.audio_encoder.set_grad_checkpointing(enable)
         # transformers 5.x renamed these to activation_checkpointing_* and warns on the old names
         text = self.text_model
+        if text is None:  # Wav2CLIP: the frozen, lazily loaded tower is never trained
+            return
         renamed = hasattr(text, "activation_checkpointing_enable")
         if enable and renamed:
             text.activation_checkpointing_enable({"use_reentrant": False})

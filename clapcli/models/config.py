@@ -18,10 +18,11 @@ from ..errors import ClapError
 
 @dataclass
 class FrontEndConfig:
+    kind: str = "mel"  # "mel": log-mel in dB (LAION-CLAP); "linear": log linear power STFT, log(x + 1e-7) (Wav2CLIP)
     sample_rate: int = 48_000  # Hz; audio is resampled to this before anything else
     n_fft: int = 1024  # STFT size and window length (periodic Hann)
     hop_length: int = 480  # STFT hop in samples (10 ms at 48 kHz)
-    n_mels: int = 64  # mel bands
+    n_mels: int = 64  # mel bands (kind "mel"; a "linear" front end has n_fft // 2 + 1 bins)
     f_min: float = 50.0  # lowest mel edge, Hz (the hub preprocessors use 50, not the class default 0)
     f_max: float = 14_000.0  # highest mel edge, Hz
     mel_scale: str = "htk"  # "htk" (no filter norm, fused models) or "slaney" (Slaney norm, unfused)
@@ -33,14 +34,24 @@ class FrontEndConfig:
     def clip_frames(self) -> int:
         return self.clip_samples // self.hop_length + 1
 
+    @property
+    def n_bins(self) -> int:
+        """Feature bins per frame: n_mels for kind "mel", n_fft // 2 + 1 for kind "linear"."""
+        return self.n_fft // 2 + 1 if self.kind == "linear" else self.n_mels
+
     def settings(self) -> dict[str, Any]:
-        """The fields that decide the features (everything but `extra`): what a model's identity compares."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        """The fields that decide the features (everything but `extra`): what a model's identity compares.
+
+        `kind` is left out when it is "mel", so identities stored before the field existed (which lack it,
+        meaning "mel") still match."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "extra" and not (f.name == "kind" and self.kind == "mel")}
 
 
 @dataclass
 class AudioConfig:
-    encoder: str = "htsat"  # audio encoder kind, a name in encoders.AUDIO_ENCODERS: "htsat" (the released checkpoints)
+    encoder: str = "htsat"  # audio encoder kind, a name in encoders.AUDIO_ENCODERS: "htsat" (the released
+    # checkpoints) or "cnn14" (PANN CNN14)
     patch_embeds_hidden_size: int = 96  # HTSAT width C: tiny 96, base 128
     depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])  # Swin blocks per stage
     num_attention_heads: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # heads per stage
@@ -48,6 +59,7 @@ class AudioConfig:
     spec_size: int = 256  # side of the square "image" the mel is folded into
     patch_size: int = 4  # patch-embed conv kernel and stride
     num_mel_bins: int = 64  # mel bands entering the encoder
+    resnet_width: int = 64  # Wav2CLIP ResNet-18 ("resnet18"): channels of the first stage, doubled per stage (→ 8×)
     mlp_ratio: float = 4.0  # Swin MLP width / block width
     qkv_bias: bool = True  # bias on query/key/value projections
     layer_norm_eps: float = 1e-5  # LayerNorm epsilon inside HTSAT
@@ -57,6 +69,8 @@ class AudioConfig:
     attn_drop_rate: float = 0.0  # dropout on attention probabilities (train only)
     drop_path_rate: float = 0.0  # stochastic depth of the last Swin block, rising linearly from 0 over the blocks
     # (LAION trained HTSAT with 0.1; train only)
+    pann_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 1024, 2048])  # CNN14 only: widths
+    # of conv_block1..6; the encoder outputs the last (2048) and AFF fuses at the first (64)
     extra: dict[str, Any] = field(default_factory=dict)  # other fields of a foreign config, kept, unused
     # Legacy input only: configs written before the encoder owned its output width carry `hidden_size`
     # (HTSAT: C * 8). Accepted, checked against the encoder's width, never stored; read `out_width`.
@@ -100,6 +114,10 @@ class TextConfig:
     hidden_dropout_prob: float = 0.0  # dropout on embeddings and layer outputs, train only (LAION's roberta-base
     # training used the transformers default 0.1; the hub configs carry 0.1 and loading them keeps it)
     attention_probs_dropout_prob: float = 0.0  # dropout on attention probabilities, train only (LAION: 0.1)
+    pooling: str = "auto"  # the tower's pooled output: "pooler" (pooler_output: RoBERTa/BERT tanh(dense(h[0]))),
+    # "clip" (CLIP text_embeds: the EOT token through the tower's own projection), "mean" (mean of the last
+    # hidden states over the attention mask), "auto" (clip for CLIP text, else pooler if the tower has one, else mean)
+    projection_dim: int = 512  # CLIP text towers only: width of the tower's own text_projection (its text_embeds)
     extra: dict[str, Any] = field(default_factory=dict)  # other fields of a foreign tower's config
 
 
@@ -110,6 +128,9 @@ class ClapConfig:
     frontend: FrontEndConfig = field(default_factory=FrontEndConfig)
     projection_dim: int = 512  # joint embedding width
     logit_scale_init: float = 2.6592600345611572  # ln(1 / 0.07)
+    # Wav2CLIP: a transformers CLIP text model (directory or hub id) loaded on first text use, whose `text_embeds`
+    # are the text embeddings (no text projection here); None: the text tower is part of this model's weights
+    text_tower: str | None = None
 
     @property
     def fused(self) -> bool:
@@ -124,7 +145,7 @@ class ClapConfig:
             audio=_build(AudioConfig, data.get("audio", {})),
             text=_build(TextConfig, data.get("text", {})),
             frontend=_build(FrontEndConfig, data.get("frontend", {})),
-            **{k: v for k, v in data.items() if k in ("projection_dim", "logit_scale_init")},
+            **{k: v for k, v in data.items() if k in ("projection_dim", "logit_scale_init", "text_tower")},
         )
 
     @classmethod

@@ -2,7 +2,8 @@
 
 Each encoder class takes an `AudioConfig`, maps mel features (B, C, T, F) and `is_longer` (B,) to pooled
 features (B, out_width), and answers `output_width(cfg)` from the config alone, the one formula for its
-width (the audio projection's input). New encoders (PANN CNN14, the Wav2CLIP ResNet) register here.
+width (the audio projection's input). "htsat" (every released checkpoint) and "cnn14" (PANN CNN14) live
+here; new encoders register the same way.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ from torch import nn
 from ..errors import ClapError
 from .config import AudioConfig
 from .htsat import HTSAT
+from .pann import Cnn14
+from .resnet import ResNet18
 
 AUDIO_ENCODERS: dict[str, type[nn.Module]] = {
     "htsat": HTSAT,
+    "cnn14": Cnn14,  # PANN CNN14
+    "resnet18": ResNet18,  # Wav2CLIP
 }
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..errors import WeightsNotAvailable
 
 DEFAULT_MODEL = "laion/clap-htsat-fused"
+WAV2CLIP_URL = "https://github.com/descriptinc/lyrebird-wav2clip/releases/download/v0.1.0-alpha/Wav2CLIP.pt"
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,8 @@ class KnownModel:
     fused: bool  # feature fusion for > 10 s input
     dim: int  # joint embedding width
     note: str = ""
+    url: str | None = None  # a single file downloaded from this URL (not the hub) into the torch hub cache
+    text_tower: str | None = None  # a separately loaded text tower (hub id) that `clap models pull` also caches
 
 
 KNOWN_MODELS: dict[str, KnownModel] = {
@@ -48,6 +51,9 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         KnownModel("music_speech_audioset_epoch_15_esc_89.98", "lukewys/laion_clap",
                    "music_speech_audioset_epoch_15_esc_89.98.pt", "HTSAT-base", False, 512,
                    "original LAION checkpoint"),
+        KnownModel("wav2clip", "descriptinc/lyrebird-wav2clip", "Wav2CLIP.pt", "ResNet-18", False, 512,
+                   "Wav2CLIP (16 kHz); text: CLIP ViT-B/32's text tower, loaded on first text use",
+                   url=WAV2CLIP_URL, text_tower="openai/clip-vit-base-patch32"),
     ]
 }
 
@@ -73,6 +79,8 @@ def fetch(name: str, download: bool) -> str:
     from huggingface_hub import hf_hub_download, snapshot_download
 
     known = lookup(name)
+    if known is not None and known.url:
+        return _fetch_url(known, download)
     repo = known.repo if known else name
     filename = known.filename if known else None
     attempts = [True, False] if download else [True]
@@ -89,6 +97,29 @@ def fetch(name: str, download: bool) -> str:
         except Exception as exc:  # the hub raises many types for "not cached" and "no network"
             last = exc
     raise WeightsNotAvailable(hint(name)) from last
+
+
+def _fetch_url(known: KnownModel, download: bool) -> str:
+    """A single-file model from a plain URL, cached where torch.hub keeps downloads ($TORCH_HOME/hub/checkpoints,
+    the original package's own cache, so a copy it fetched is found)."""
+    from pathlib import Path
+
+    import torch
+
+    target = Path(torch.hub.get_dir()) / "checkpoints" / known.filename
+    if target.is_file():
+        return str(target)
+    hint_text = (f"weights for {known.name!r} are not cached ({target}) and cannot be downloaded here; run "
+                 f"`clap models pull {known.name}` on a connected machine or download {known.url} and pass "
+                 f"--model PATH/{known.filename}")
+    if not download:
+        raise WeightsNotAvailable(hint_text)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(known.url, str(target), progress=False)
+    except Exception as exc:  # URLError, HTTPError, OSError, ...
+        raise WeightsNotAvailable(hint_text) from exc
+    return str(target)
 
 
 def is_cached(name: str) -> bool:

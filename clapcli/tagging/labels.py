@@ -42,7 +42,12 @@ def builtin_labelsets() -> dict[str, int]:
 
 
 def resolve_labels(spec: str) -> LabelSet:
-    """A built-in set name (`esc50`), a label file (`@path/labels.txt`) or a comma list (`dog,rain,siren`)."""
+    """A built-in set name (`esc50`), a label file (`@path/labels.txt`), a comma list (`dog,rain,siren`) or
+    one custom label (`dog`).
+
+    A single word that is nearly a built-in name (`esc-50`, `AudioSet `, `urbansound`) is refused with a
+    hint rather than taken as one label, which would score every file 1.0; `@FILE` holds such a label.
+    """
     spec = spec.strip()
     if not spec:
         raise LabelSetError(f"no labels given; use a built-in set ({_builtin_list()}), @FILE or a comma list")
@@ -55,10 +60,24 @@ def resolve_labels(spec: str) -> LabelSet:
         labels = [part.strip() for part in spec.split(",")]
         _check_labels(labels, [f"item {i + 1} of the comma list" for i in range(len(labels))])
         return LabelSet("custom", labels)
-    raise LabelSetError(
-        f"unknown label set {spec!r}; built-in sets: {_builtin_list()} "
-        "(or give a comma-separated list such as 'dog,rain,siren', or @FILE with one label per line)"
-    )
+    near = _near_builtin(spec)
+    if near is not None:
+        raise LabelSetError(
+            f"unknown label set {spec!r}: did you mean {near}? built-in sets: {_builtin_list()} "
+            "(a label of that name goes in @FILE, one label per line)"
+        )
+    return LabelSet("custom", [spec])
+
+
+def _near_builtin(spec: str) -> str | None:
+    """The built-in set name `spec` nearly spells (case, spaces, dashes and small typos aside), if any."""
+    import difflib
+
+    squashed = "".join(ch for ch in spec.lower() if ch.isalnum())
+    if squashed in BUILTIN_NAMES:
+        return squashed
+    close = difflib.get_close_matches(squashed, BUILTIN_NAMES, n=1, cutoff=0.8)
+    return close[0] if close else None
 
 
 def _builtin_list() -> str:

@@ -27,6 +27,8 @@ class TrainConfig:
     model_config: str | None = None  # or build a fresh model from this preset (see `clap models presets`)
     text_model: str | None = None  # with model_config: pretrained transformers text tower (name or directory)
     tokenizer: str | None = None  # with model_config: tokenizer (name or directory); default: text_model's
+    audio_init: str | None = None  # with model_config: AudioSet-pretrained audio encoder weights (PANN Cnn14 .pth,
+    # a PANN/HTSAT Lightning .ckpt with sed_model. keys, or a LAION-CLAP .pt's audio_branch)
     epochs: int = 1  # passes over the training data
     batch_size: int = 32  # samples per optimizer step and rank (before --accum-steps multiplies it)
     lr: float = 1e-4  # peak learning rate (LAION-CLAP's released recipe)

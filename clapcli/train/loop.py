@@ -135,6 +135,8 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
         log({"warning": "bf16 on this CPU (no native bf16) is several times slower than fp32"})
     torch.manual_seed(cfg.seed)
     model, tokenizer, model_info = build_model(cfg, resume_from)
+    for note in model_info.get("notes", []):
+        log({"warning": note})
     model.to(device)
     if cfg.freeze_audio:
         model.lock_audio_tower()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ..errors import DataError, UsageError
@@ -43,6 +44,9 @@ def build_model(cfg: TrainConfig, resume_from: str | None):
 
     if cfg.init and cfg.model_config:
         raise UsageError("give one of --init MODEL (adapt a trained model) and --model-config PRESET (a fresh one)")
+    if cfg.audio_init and not cfg.model_config:
+        raise UsageError("--audio-init initialises the audio encoder of a fresh --model-config model; give "
+                         "--model-config PRESET too")
     info = {"init": cfg.init, "preset": cfg.model_config, "text_model": cfg.text_model}
     if resume_from:
         loaded = load_checkpoint(resume_from)
@@ -54,7 +58,14 @@ def build_model(cfg: TrainConfig, resume_from: str | None):
         raise UsageError("nothing to train: give --init MODEL (adapt a trained model) or --model-config PRESET "
                          "(a fresh model; `clap models presets` lists them)")
     model, tokenizer = fresh_model(cfg.model_config, cfg.text_model, cfg.tokenizer)
-    return model, tokenizer, {**info, "source": cfg.model_config}
+    info = {**info, "source": cfg.model_config}
+    if cfg.audio_init:
+        random_keys = init_audio_encoder(model, cfg.audio_init, cfg.model_config)
+        info["audio_init"] = {"path": cfg.audio_init, "random": random_keys}
+        if random_keys:
+            info["notes"] = [f"--audio-init: {len(random_keys)} fusion tensors (fusion_model, mel_conv2d) are not in "
+                             f"{Path(cfg.audio_init).name} and start random"]
+    return model, tokenizer, info
 
 
 def fresh_model(preset_name: str, text_model: str | None, tokenizer_source: str | None):
@@ -63,14 +74,17 @@ def fresh_model(preset_name: str, text_model: str | None, tokenizer_source: str 
     from ..models.checkpoints import load_tokenizer
     from ..models.clap import ClapModel
     from ..models.presets import preset
+    from ..models.text import DEFAULT_TOKENIZERS, text_pooling
 
     cfg = preset(preset_name)
-    source = tokenizer_source or text_model or _default_tokenizer(cfg.text.model_type)
-    tokenizer = load_tokenizer(source, download=True)
-    pretrained = None
-    if text_model:
-        pretrained = _pretrained_text_model(text_model)
+    pretrained = _pretrained_text_model(text_model) if text_model else None
+    if pretrained is not None:
         cfg.text = _text_config(pretrained.config, cfg.text)
+        cfg.text.pooling = text_pooling(pretrained, cfg.text)  # recorded, so the saved model says which
+    source = tokenizer_source or text_model or DEFAULT_TOKENIZERS.get(cfg.text.model_type)
+    if source is None:
+        raise UsageError(f"no default tokenizer for a {cfg.text.model_type} text tower; pass --tokenizer")
+    tokenizer = load_tokenizer(source, download=True)
     cfg.text.vocab_size = max(cfg.text.vocab_size if pretrained is not None else 0, len(tokenizer))
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = getattr(tokenizer, name, None)
@@ -87,32 +101,86 @@ def fresh_model(preset_name: str, text_model: str | None, tokenizer_source: str 
 
 
 def _text_config(hf, base):
-    """Our TextConfig for a pretrained transformers tower (its own fields; ours keep their defaults)."""
+    """Our TextConfig for a pretrained transformers tower: the fields we name read from its config (through
+    its attribute aliases), every other field of its config kept in `extra` so the same architecture is
+    rebuilt from our config alone."""
     import dataclasses
 
     from ..models.config import TextConfig
 
-    names = {f.name for f in dataclasses.fields(TextConfig)} - {"extra", "max_length"}
-    values = {k: v for k, v in hf.to_dict().items() if k in names}
-    return TextConfig(**values, max_length=base.max_length)
-
-
-def _default_tokenizer(model_type: str) -> str:
-    from ..models.registry import ROBERTA_TOKENIZER
-
-    return ROBERTA_TOKENIZER if model_type == "roberta" else "bert-base-uncased"
+    names = {f.name for f in dataclasses.fields(TextConfig)} - {"extra", "max_length", "pooling"}
+    values = {k: getattr(hf, k) for k in names if hasattr(hf, k)}
+    if hf.model_type == "clip_text_model" and hasattr(hf, "dropout"):
+        values.update(hidden_dropout_prob=hf.dropout, attention_probs_dropout_prob=hf.attention_dropout)
+    internal = {"architectures", "transformers_version", "torch_dtype", "dtype", "model_type", "auto_map",
+                "id2label", "label2id", "output_attentions", "output_hidden_states", "return_dict"}
+    extra = {k: v for k, v in hf.to_dict().items() if k not in names and k not in internal and not k.startswith("_")}
+    return TextConfig(**values, max_length=min(base.max_length, int(values.get("max_position_embeddings") or 77)),
+                      extra=extra)
 
 
 def _pretrained_text_model(name: str):
-    from transformers import AutoModel
+    """The pretrained tower of a transformers model (a CLIP checkpoint gives its text half + projection)."""
+    from transformers import AutoConfig, AutoModel, CLIPTextModelWithProjection
 
     try:
-        return AutoModel.from_pretrained(name, add_pooling_layer=True)
-    except TypeError:  # towers without a pooling option (CLIP text)
-        return AutoModel.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name)
+        if config.model_type == "clip":  # a full CLIP: its text half, with the projection width of the whole
+            text_config = config.text_config
+            text_config.projection_dim = config.projection_dim
+            return CLIPTextModelWithProjection.from_pretrained(name, config=text_config)
+        if config.model_type == "clip_text_model":
+            return CLIPTextModelWithProjection.from_pretrained(name)
+        try:
+            return AutoModel.from_pretrained(name, add_pooling_layer=True)
+        except TypeError:  # towers without a pooling option
+            return AutoModel.from_pretrained(name)
     except Exception as exc:
         raise UsageError(f"--text-model {name}: cannot load it ({str(exc).splitlines()[0]}); give a local "
                          "directory or a model in the Hugging Face cache") from exc
+
+
+AUDIO_INIT_FUSION = re.compile(r"(^|\.)(fusion_model|mel_conv2d)\.")  # layers AudioSet-pretrained weights lack
+
+
+def init_audio_encoder(model, path: str, preset_name: str) -> list[str]:
+    """Load AudioSet-pretrained weights into the audio encoder: a PANN `Cnn14*.pth` ({"model": state}), a
+    Lightning checkpoint of the PANN/HTSAT code bases ({"state_dict": {"sed_model.…"}}), or a LAION-CLAP
+    checkpoint's `audio_branch.` (DDP `module.` prefixes stripped). Strict, except the fusion layers the
+    AudioSet weights cannot have; returns those (left at their random init)."""
+    import torch
+
+    from ..models.checkpoints import DERIVED_KEY, convert_laion_state_dict, safe_torch_load, state_dict_diff
+
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise UsageError(f"--audio-init {path}: no such file")
+    raw = safe_torch_load(source)
+    state = raw
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"--audio-init {path} does not hold a state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    for prefix in ("sed_model.", "audio_branch."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    enc = "audio_model.audio_encoder."
+    converted = convert_laion_state_dict({"audio_branch." + k: v for k, v in state.items()})
+    given = {k[len(enc) :]: v for k, v in converted.items() if k.startswith(enc) and not DERIVED_KEY.search(k)}
+    encoder = model.audio_model.audio_encoder
+    expected = {k: v for k, v in encoder.state_dict().items() if not DERIVED_KEY.search(k)}
+    left_random = sorted(k for k in expected if k not in given and AUDIO_INIT_FUSION.search(k))
+    diff = state_dict_diff({k: v for k, v in expected.items() if k not in left_random}, given)
+    if diff:
+        rows = "; ".join(line.strip() for line in diff.splitlines())
+        raise UsageError(f"--audio-init {path} does not fit the {model.config.audio.encoder} audio encoder of "
+                         f"--model-config {preset_name}: {rows}")
+    encoder.load_state_dict(given, strict=False)  # strict in effect: the diff is empty but for the fusion layers
+    return left_random
 
 
 def open_data(cfg: TrainConfig) -> tuple[ShardSplit, ShardSplit | None]:

@@ -171,7 +171,10 @@ def decode_audio(raw: RawSample, sample_rate: int = SHARD_SAMPLE_RATE, quantize:
         raise DataError(f"cannot be decoded ({_one_line(exc)})", source=raw.url or None, member=member) from exc
     if len(data) == 0:
         raise DataError("contains no audio frames", source=raw.url or None, member=member)
-    return to_model_rate(data, sr, sample_rate, quantize=quantize)
+    try:
+        return to_model_rate(data, sr, sample_rate, quantize=quantize)
+    except ValueError as exc:  # a sample rate no audio has (a damaged header)
+        raise DataError(f"cannot be decoded ({_one_line(exc)})", source=raw.url or None, member=member) from exc
 
 
 def _captions(value) -> list[str]:
