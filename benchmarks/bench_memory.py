@@ -4,7 +4,9 @@
     python -m benchmarks.bench_memory --minutes 120 --repo /path/to/other/checkout   # e.g. the old code
 
 Each command runs as `python -m clapcli …` in a child process; its peak resident set size comes from
-`os.wait4` (the kernel's ru_maxrss of that child, decode workers included once reaped). The audio is a
+`os.wait4` (the kernel's ru_maxrss of that child, decode workers included once reaped). A forked child's
+ru_maxrss starts at its parent's resident size, so this script stays small: torch is imported only in
+helper processes (machine description, model building), never here. The audio is a
 44.1 kHz mono 16-bit WAV (so resampling runs), written block by block from a 20 s synthesised clip; the
 models are the tests' tiny random checkpoints (`tests.tiny_models`), so memory is the front end's and not
 the weights'. `--repo` runs another checkout's code (PYTHONPATH) for a before/after comparison. The 1-min
@@ -22,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import ROOT, WORK, load_average, machine_info, markdown_table, print_machine
+from benchmarks._common import ROOT, WORK, load_average, markdown_table, print_machine
 
 
 def write_long_wav(path: Path, seconds: float, sr: int = 44_100) -> Path:
@@ -39,14 +41,19 @@ def write_long_wav(path: Path, seconds: float, sr: int = 44_100) -> Path:
     return path
 
 
-def tiny_models(folder: Path) -> dict[str, Path]:
-    from tests.tiny_models import save_hf_clap
+def _in_helper(code: str) -> str:
+    """Run Python `code` in a helper process (from the repository root), return its stdout."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout
 
+
+def tiny_models(folder: Path) -> dict[str, Path]:
     out = {}
     for name, fused, seed in (("tiny-fused", True, 1), ("tiny-unfused", False, 2)):
         d = folder / name
         if not (d / "config.json").exists():
-            save_hf_clap(d, fused=fused, seed=seed)
+            _in_helper(f"from tests.tiny_models import save_hf_clap; save_hf_clap({str(d)!r}, fused={fused}, "
+                       f"seed={seed})")
         out[name] = d
     return out
 
@@ -76,7 +83,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
 
-    info = machine_info()
+    info = json.loads(_in_helper("import json; from benchmarks._common import machine_info; "
+                                 "print(json.dumps(machine_info()))"))
     print_machine(info)
     work = WORK / "memory"
     work.mkdir(parents=True, exist_ok=True)
@@ -104,8 +112,11 @@ def main() -> None:
                     print(json.dumps(rec), flush=True)
     finally:
         files[f"{args.minutes:g} min"].unlink(missing_ok=True)
+    import resource
+
     print()
-    print(f"code: {args.repo}")
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"code: {args.repo}; this script's own peak RSS {own:.0f} MB")
     print(markdown_table(["model", "command", "audio", "peak RSS MB", "wall s", "load avg", "result"], rows))
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "repo": str(args.repo), "rows": records}, indent=1))
