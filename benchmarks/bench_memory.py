@@ -89,8 +89,9 @@ def main() -> None:
     work = WORK / "memory"
     work.mkdir(parents=True, exist_ok=True)
     models = tiny_models(work)
-    files = {f"{args.short_seconds:g} s": write_long_wav(work / "short.wav", args.short_seconds),
-             f"{args.minutes:g} min": write_long_wav(work / f"long_{args.minutes:g}.wav", args.minutes * 60)}
+    tag = os.getpid()  # runs side by side do not share their files
+    files = {f"{args.short_seconds:g} s": write_long_wav(work / f"short_{tag}.wav", args.short_seconds),
+             f"{args.minutes:g} min": write_long_wav(work / f"long_{args.minutes:g}_{tag}.wav", args.minutes * 60)}
     rows, records = [], []
     try:
         for model in args.models:
@@ -111,7 +112,8 @@ def main() -> None:
                                  "ok" if code == 0 else f"exit {code}: {tail.strip().splitlines()[-1:]}"])
                     print(json.dumps(rec), flush=True)
     finally:
-        files[f"{args.minutes:g} min"].unlink(missing_ok=True)
+        for path in files.values():
+            path.unlink(missing_ok=True)
     import resource
 
     print()
