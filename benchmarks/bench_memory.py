@@ -64,8 +64,9 @@ def peak_rss(args: list[str], repo: Path, home: Path) -> tuple[float, float, int
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     started = time.monotonic()
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-m", "clapcli", *args], env=env, stdout=subprocess.DEVNULL,
-                                stderr=err)
+        # run from `repo`: `python -m` puts the working directory before PYTHONPATH on sys.path
+        proc = subprocess.Popen([sys.executable, "-m", "clapcli", *args], env=env, cwd=repo,
+                                stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
