@@ -53,6 +53,8 @@ def make(
                                             "(LAION used mrm8488/t5-base-finetuned-common_gen)."),
     k2c_batch_size: int = typer.Option(16, "--k2c-batch-size", min=1, help="Tag lists per K2C generate call."),
     device: str = typer.Option("auto", "--device", help="Device of the K2C model: auto, cpu or cuda."),
+    images: Optional[str] = typer.Option(None, "--images", help="Manifest column with one image per clip for "
+                                         "Wav2CLIP training: a .jpg/.png frame or a .npy CLIP image embedding."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0,
                                           help="Decoding processes (default: cores - 1, at most 4)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
@@ -69,7 +71,8 @@ def make(
     try:
         report = make_shards(src, out, captions=captions, shard_size=shard_size, val_fraction=val_fraction,
                              seed=seed, captions_from_tags=captions_from_tags, k2c_model=k2c_model,
-                             k2c_batch_size=k2c_batch_size, device=device, workers=workers, progress=progress)
+                             k2c_batch_size=k2c_batch_size, device=device, workers=workers, progress=progress,
+                             images=images)
     finally:
         progress.stop()
     summary = report.as_dict()
@@ -119,12 +122,19 @@ def _render(splits) -> None:
     from rich.table import Table
 
     table = Table(title="shards")
-    for col in ("split", "shards", "clips", "hours", "text", "tags", "k2c text"):
+    with_images = any(s.with_frame or s.with_embedding for s in splits)
+    columns = ["split", "shards", "clips", "hours", "text", "tags", "k2c text"]
+    columns += ["frames", "embeddings"] if with_images else []
+    for col in columns:
         table.add_column(col)
     for s in splits:
         pct = (lambda n: f"{100 * n / s.samples:.0f}%" if s.samples else "-")
-        table.add_row(s.name, str(s.shards), str(s.samples), f"{s.seconds / 3600:.3f}", pct(s.with_text),
-                      pct(s.with_tag), pct(s.with_t5))
+        row = [s.name, str(s.shards), str(s.samples), f"{s.seconds / 3600:.3f}", pct(s.with_text),
+               pct(s.with_tag), pct(s.with_t5)]
+        if with_images:
+            dims = "/".join(map(str, s.embedding_dims))
+            row += [pct(s.with_frame), pct(s.with_embedding) + (f" (D={dims})" if dims else "")]
+        table.add_row(*row)
     output.stdout_console().print(table)
     console = output.stdout_console()
     for s in splits:

@@ -55,6 +55,10 @@ def train_command(
     text_source: str = typer.Option("text", "--text-source", help="Captions: text, k2c (text_augment_t5) or "
                                     "all (text_augment_all)."),
     spec_augment: bool = typer.Option(False, "--spec-augment", help="Random time/frequency masks in training."),
+    objective: str = typer.Option("clap", "--objective", help="clap (audio–caption) or wav2clip (distil the "
+                                  "audio encoder towards the CLIP image embeddings of the shards' images)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="wav2clip: CLIP model directory or hub id; its "
+                                          "vision tower embeds .jpg frames, its text tower becomes the model's."),
     save_every: int = typer.Option(0, "--save-every", min=0, help="Also checkpoint every N steps."),
     keep: int = typer.Option(2, "--keep", min=1, help="step-N/ checkpoints kept (best/ and final/ always)."),
     best_metric: str = typer.Option("mAP@10", "--best-metric", help="Validation metric choosing best/."),
@@ -72,6 +76,8 @@ def train_command(
     from ..errors import UsageError
     from ..runtime import TRAINING_PRECISIONS
 
+    if objective not in ("clap", "wav2clip"):
+        raise UsageError(f"--objective must be clap or wav2clip, got {objective!r}")
     if text_source not in ("text", "k2c", "all"):
         raise UsageError(f"--text-source must be text, k2c or all, got {text_source!r}")
     if precision not in TRAINING_PRECISIONS:
@@ -95,6 +101,7 @@ def train_command(
         gather_with_grad=gather_with_grad, text_source=text_source, spec_augment=spec_augment,
         save_every=save_every, keep_checkpoints=keep, best_metric=best_metric, seed=seed, workers=workers,
         device=device, resume=resume, max_steps=max_steps, log_every=log_every, log_samples=log_samples,
+        objective=objective, teacher=teacher,
     )
     with _Display(as_json) as display:
         train(cfg, display=display)

@@ -132,8 +132,9 @@ def load_clip_text(ref: str, dim: int):
     attempts = [{}] if local.is_dir() else [{"local_files_only": True}, {}]
     model = tokenizer = None
     last: Exception | None = None
-    bars = hf_logging.is_progress_bar_enabled()
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar in the middle of a command's output
+    hf_logging.set_verbosity_error()  # nor the report of a full CLIP directory's unused vision weights
     try:
         for kwargs in attempts:
             try:
@@ -143,6 +144,7 @@ def load_clip_text(ref: str, dim: int):
             except Exception as exc:  # transformers and the hub raise many types for "not there" and "not CLIP"
                 last = exc
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
     if model is None or tokenizer is None:

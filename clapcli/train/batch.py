@@ -8,11 +8,15 @@ would have seen. Inference stays deterministic (`clapcli.audio.features`); only 
   one from each third of the valid starts (the LAION-CLAP training rule); an unfused model gets a random
   10 s crop of the waveform.
 - A clip of 10 s or less is repeat-padded, as at inference.
+
+The Wav2CLIP objective's batches (`ImageCollate`) carry images instead of tokens: precomputed embeddings as
+they are, video frames as the teacher's pixel values, embedded on the training device before the step
+(`FrameBatch.resolve`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -76,6 +80,12 @@ class Collate:
     def __call__(self, waves: Sequence[np.ndarray], texts: Sequence[str], rng: np.random.Generator) -> Batch:
         from ..models.text import tokenize
 
+        features, is_longer = self.features(waves, rng)
+        tok = tokenize(self.tokenizer, list(texts), self.max_length, padding="max_length")
+        return Batch(features, is_longer, tok["input_ids"], tok["attention_mask"])
+
+    def features(self, waves: Sequence[np.ndarray], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, T, F) training input (random crops, optional masks) and is_longer (B,)."""
         if self._builder is None:
             self._builder = FeatureBuilder(self.frontend, self.fused, "cpu")
         clip = self.frontend.clip_samples
@@ -96,5 +106,69 @@ class Collate:
         features, is_longer = self._builder.clip_features(clips, starts)
         if self.use_spec_augment:
             features = spec_augment(features, rng)
-        tok = tokenize(self.tokenizer, list(texts), self.max_length, padding="max_length")
-        return Batch(features, is_longer, tok["input_ids"], tok["attention_mask"])
+        return features, is_longer
+
+
+class ImageBatch(NamedTuple):
+    """A Wav2CLIP training batch: audio input and one image embedding per clip."""
+
+    features: torch.Tensor  # (B, C, T, F) audio input, as Batch.features
+    is_longer: torch.Tensor  # (B,) bool
+    images: torch.Tensor  # (B, D) CLIP image embeddings (not normalised)
+
+    def to(self, device: torch.device) -> "ImageBatch":
+        return ImageBatch(*(t.to(device, non_blocking=True) for t in self))
+
+    def __len__(self) -> int:  # type: ignore[override]
+        return self.features.shape[0]
+
+
+class FrameBatch(NamedTuple):
+    """What the data workers hand over for Wav2CLIP: embeddings where the shards hold them, pixel values of
+    the frames the teacher still has to embed."""
+
+    features: torch.Tensor  # (B, C, T, F)
+    is_longer: torch.Tensor  # (B,) bool
+    images: torch.Tensor  # (B, D) precomputed embeddings; zero rows where a frame stands instead
+    pixel_values: torch.Tensor  # (P, 3, H, W) the frames, teacher-preprocessed (P = 0: none)
+    frame_rows: torch.Tensor  # (P,) long: the batch row of each frame
+
+    def to(self, device: torch.device) -> "FrameBatch":
+        return FrameBatch(*(t.to(device, non_blocking=True) for t in self))
+
+    def __len__(self) -> int:  # type: ignore[override]
+        return self.features.shape[0]
+
+    def resolve(self, embed: Callable[[torch.Tensor], torch.Tensor] | None) -> ImageBatch:
+        """The batch with every frame replaced by its embedding `embed(pixel_values)` (P, D)."""
+        images = self.images
+        if self.frame_rows.numel():
+            if embed is None:
+                raise ValueError("frames in the batch but no teacher to embed them")
+            images = images.clone()
+            images[self.frame_rows] = embed(self.pixel_values).to(images.dtype)
+        return ImageBatch(self.features, self.is_longer, images)
+
+
+class ImageCollate(Collate):
+    """(waveforms, images, generator) → FrameBatch; an image is a (D,) float32 embedding or a decoded RGB
+    frame, which `preprocess` (the teacher's image processor) turns into pixel values."""
+
+    def __init__(self, frontend: FrontEndConfig, fused: bool, dim: int, preprocess=None, spec_augment: bool = False):
+        super().__init__(frontend, fused, None, 0, spec_augment)
+        self.dim, self.preprocess = dim, preprocess
+
+    def __call__(self, waves: Sequence[np.ndarray], images: Sequence, rng: np.random.Generator) -> FrameBatch:
+        features, is_longer = self.features(waves, rng)
+        embeds = torch.zeros(len(images), self.dim)  # (B, D)
+        frames, rows = [], []
+        for i, image in enumerate(images):
+            if isinstance(image, np.ndarray):
+                embeds[i] = torch.from_numpy(image)
+            else:
+                frames.append(image)
+                rows.append(i)
+        if frames and self.preprocess is None:
+            raise ValueError("image frames need the teacher's preprocessing")
+        pixels = self.preprocess(frames) if frames else torch.zeros(0, 3, 1, 1)  # (P, 3, H, W)
+        return FrameBatch(features, is_longer, embeds, pixels, torch.tensor(rows, dtype=torch.long))

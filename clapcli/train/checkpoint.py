@@ -30,8 +30,9 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def save_checkpoint(run_dir: Path, name: str, model, tokenizer, optimizer, scaler, state: TrainState,
-                    extra: dict[str, Any] | None = None) -> Path:
-    """Write RUN/name/ atomically: the model (own format) and the trainer state."""
+                    extra: dict[str, Any] | None = None, objective: torch.nn.Module | None = None) -> Path:
+    """Write RUN/name/ atomically: the model (own format) and the trainer state, which includes the
+    objective's own parameters when it has any (wav2clip: the image head and its two logit scales)."""
     target = Path(run_dir) / name
     with atomic_directory(target) as tmp:
         save_own(model, tokenizer, tmp, extra)
@@ -41,6 +42,8 @@ def save_checkpoint(run_dir: Path, name: str, model, tokenizer, optimizer, scale
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,  # None in best/
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "torch_rng": torch.get_rng_state(),
+                "objective": ({k: v.detach().cpu() for k, v in objective.state_dict().items()}
+                              if objective is not None else None),
             },
             tmp / STATE_FILE,
         )

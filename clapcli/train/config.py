@@ -46,6 +46,8 @@ class TrainConfig:
     local_loss: bool = False  # distributed: each rank's rows against all columns (the option that scales)
     gather_with_grad: bool = True  # distributed: gather features with gradient (exact global loss)
     text_source: str = "text"  # caption field: text | k2c (text_augment_t5) | all (text_augment_all)
+    objective: str = "clap"  # clap: audio–caption contrastive; wav2clip: distil audio towards CLIP image embeddings
+    teacher: str | None = None  # wav2clip: CLIP model (directory or hub id) whose vision tower embeds .jpg frames
     spec_augment: bool = False  # random time/frequency masks on the training mel (never at inference)
     save_every: int = 0  # also checkpoint every N steps (0: only at each epoch end and at the end)
     keep_checkpoints: int = 2  # step-N/ folders kept (the newest); best/ and final/ are always kept

@@ -30,8 +30,8 @@ import torch
 
 from ..audio.loader import die_with_parent
 from ..errors import DataError
-from .batch import Batch, Collate
-from .shards import ShardSplit, decode_audio, iter_shard, select_text
+from .batch import Batch, Collate, FrameBatch, ImageCollate
+from .shards import ShardSplit, decode_audio, decode_frame, decode_image_embedding, iter_shard, select_text
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, split: ShardSplit, collate: Collate, *, batch_size: int, epoch: int, seed: int, rank: int,
                  world_size: int, workers: int, steps: int, skip: int = 0, text_source: str = "text",
                  shuffle_buffer: int = 1000, sample_rate: int = 48_000, quantize: bool = True):
+        """With an `ImageCollate` the samples' image members replace their captions (Wav2CLIP data)."""
         super().__init__()
         self.split, self.collate = split, collate
         self.batch_size, self.epoch, self.seed = batch_size, epoch, seed
@@ -88,7 +89,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.text_source, self.shuffle_buffer = text_source, shuffle_buffer
         self.sample_rate, self.quantize = sample_rate, quantize
 
-    def __iter__(self) -> Iterator[tuple[list[str], Batch] | DataError]:
+    def __iter__(self) -> Iterator[tuple[list[str], Batch | FrameBatch] | DataError]:
         info = torch.utils.data.get_worker_info()
         w = self.workers
         # The DataLoader starts every epoch at its worker 0; after skipping k batches the next one is logical
@@ -117,14 +118,35 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield DataError(f"a data worker ran out after {done} of {quota} batches: sizes.json counts more "
                             f"samples than the shards hold (run `clap shards info` on {self.split.directory})")
 
-    def _make_batch(self, raws: list, slot_id: int, number: int) -> tuple[list[str], Batch]:
+    def _make_batch(self, raws: list, slot_id: int, number: int) -> tuple[list[str], Batch | FrameBatch]:
         gen = np.random.default_rng([self.seed, self.epoch, slot_id, number])
+        if isinstance(self.collate, ImageCollate):
+            waves = [decode_audio(raw, self.sample_rate, self.quantize) for raw in raws]
+            return [raw.key for raw in raws], self.collate(waves, [sample_image(raw, self.collate) for raw in raws],
+                                                           gen)
         waves, texts = [], []
         for raw in raws:
             captions = select_text(raw.meta, self.text_source, key=f"{raw.url}: {raw.key}")
             texts.append(captions[int(gen.integers(len(captions)))])
             waves.append(decode_audio(raw, self.sample_rate, self.quantize))
         return [raw.key for raw in raws], self.collate(waves, texts, gen)
+
+
+def sample_image(raw, collate: ImageCollate):
+    """A sample's image for `collate`: its embedding (checked against the model's D) or its decoded frame."""
+    if raw.image_ext is None:
+        raise DataError("has no image member (.jpg frame or .npy embedding; `clap shards make --images` writes "
+                        "them)", source=raw.url or None, member=raw.key)
+    if raw.image_ext == "npy":
+        vector = decode_image_embedding(raw)
+        if vector.shape[0] != collate.dim:
+            raise DataError(f"image embedding has {vector.shape[0]} values, the model compares {collate.dim}",
+                            source=raw.url or None, member=f"{raw.key}.npy")
+        return vector
+    if collate.preprocess is None:
+        raise DataError("holds an image frame: pass --teacher CLIP_DIR to embed it", source=raw.url or None,
+                        member=f"{raw.key}.{raw.image_ext}")
+    return decode_frame(raw)
 
 
 def _slot_samples(slot: Slot):

@@ -3,6 +3,10 @@
 One process per device; under `torchrun` every rank runs this same code on its own share of the data
 (`data.py`), features are gathered across ranks inside the loss (`loss.py`), DDP averages the gradients,
 and only rank 0 logs, validates and saves.
+
+`--objective wav2clip` runs the same loop on image batches: the model and the objective's own parameters
+(image head, logit scales) train as one module (`objective.Wav2ClipTrainee`), frames are embedded by the
+frozen teacher (`teacher.py`) before each step, and validation is audio↔image retrieval.
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ import torch
 from .. import dist
 from ..errors import DataError, TrainingError, UsageError
 from ..runtime import TRAINING_PRECISIONS, autocast, native_bf16, resolve_precision
-from .batch import Batch, Collate
+from .batch import Collate, FrameBatch, ImageCollate
 from .checkpoint import load_trainer_state, prune_step_checkpoints, save_checkpoint
 from .config import TrainConfig, TrainState
 from .data import ShardStream, loader, steps_per_epoch
 from .loss import ClipLoss, clamp_logit_scale_
+from .objective import Wav2ClipLoss, Wav2ClipObjective, Wav2ClipTrainee, check_widths
 from .runlog import RunLog
 from .setup import build_model, open_data, open_zeroshot, prepare_run_dir
-from .validate import validate, validate_zeroshot
+from .validate import validate, validate_images, validate_zeroshot
+
+OBJECTIVES = ("clap", "wav2clip")
 
 Logger = Callable[[dict], None]
 
@@ -50,31 +57,32 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
-def train_step(model, batch: Batch, loss_fn: ClipLoss, optimizer, *, accum_steps: int = 1, grad_clip: float = 0.0,
+def train_step(model, batch, loss_fn, optimizer, *, accum_steps: int = 1, grad_clip: float = 0.0,
                scaler=None, precision: str = "fp32", device: torch.device = torch.device("cpu")) -> float:
     """One optimizer step on `batch`; returns the loss.
+
+    `model(*batch)` gives the features (a NamedTuple: (B, D) rows and () logit scales): a `ClapModel` on a
+    `Batch` with a `ClipLoss`, or a `Wav2ClipTrainee` on an `ImageBatch` with a `Wav2ClipLoss`.
 
     With accum_steps K > 1 the batch runs as K micro-batches and the gradient is still that of the loss
     over the whole batch: features of every micro-batch are first computed without gradient, then each
     micro-batch is run again with gradient and its features swapped into the cached set (the feature-cache
-    method). The logit scale's gradient is taken from the first micro-batch only, so it is counted once.
+    method). The logit scales' gradient is taken from the first micro-batch only, so it is counted once.
     (BatchNorm layers in training mode see micro-batch statistics and update their running averages on both
     passes; with a locked audio tower the result equals the whole-batch step exactly, see the tests.)
     """
     module = getattr(model, "module", model)
+    loss_of = loss_fn if isinstance(loss_fn, Wav2ClipLoss) else _clap_loss(loss_fn)
     optimizer.zero_grad(set_to_none=True)
     if accum_steps <= 1:
         with autocast(device, precision):
-            out = model(batch.features, batch.is_longer, batch.input_ids, batch.attention_mask)
-            loss = loss_fn(out.audio_embeds.float(), out.text_embeds.float(), out.logit_scale_a.float())
+            loss = loss_of(model(*batch))
         _backward(loss, scaler)
         value = float(loss.detach())
     else:
-        micro = [Batch(*parts) for parts in zip(*(t.chunk(accum_steps) for t in batch))]
+        micro = [type(batch)(*parts) for parts in zip(*(t.chunk(accum_steps) for t in batch))]
         with torch.no_grad(), autocast(device, precision):
-            cached = [model(*m) for m in micro]
-        audio = [o.audio_embeds.float() for o in cached]
-        text = [o.text_embeds.float() for o in cached]
+            cached = [[f.float() for f in model(*m)] for m in micro]
         value = 0.0
         for j, m in enumerate(micro):
             last = j == len(micro) - 1
@@ -82,10 +90,8 @@ def train_step(model, batch: Batch, loss_fn: ClipLoss, optimizer, *, accum_steps
             with (model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()), \
                     autocast(device, precision):
                 out = model(*m)
-                a = torch.cat(audio[:j] + [out.audio_embeds.float()] + audio[j + 1 :])
-                t = torch.cat(text[:j] + [out.text_embeds.float()] + text[j + 1 :])
-                scale = out.logit_scale_a.float() if j == 0 else out.logit_scale_a.float().detach()
-                loss = loss_fn(a, t, scale)
+                merged = type(out)(*(_with_cached(f.float(), [c[i] for c in cached], j) for i, f in enumerate(out)))
+                loss = loss_of(merged)
                 _backward(loss, scaler)
             value = float(loss.detach())
     if scaler is not None:
@@ -98,8 +104,22 @@ def train_step(model, batch: Batch, loss_fn: ClipLoss, optimizer, *, accum_steps
     else:
         optimizer.step()
     with torch.no_grad():
-        clamp_logit_scale_(module.logit_scale_a)
+        if hasattr(module, "clamp_logit_scales_"):
+            module.clamp_logit_scales_()
+        else:
+            clamp_logit_scale_(module.logit_scale_a)
     return value
+
+
+def _clap_loss(loss_fn: ClipLoss):
+    return lambda out: loss_fn(out.audio_embeds.float(), out.text_embeds.float(), out.logit_scale_a.float())
+
+
+def _with_cached(live: torch.Tensor, cached: list[torch.Tensor], j: int) -> torch.Tensor:
+    """Micro-batch j's live features among the cached ones of the others; a logit scale counts in micro-batch 0."""
+    if live.ndim == 0:
+        return live if j == 0 else live.detach()
+    return torch.cat(cached[:j] + [live] + cached[j + 1 :])
 
 
 def _backward(loss: torch.Tensor, scaler) -> None:
@@ -117,6 +137,10 @@ def train(cfg: TrainConfig, ctx: dist.DistContext | None = None, display: Logger
     precision = resolve_precision(cfg.precision, device, allowed=TRAINING_PRECISIONS)
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a CUDA device; use fp32 (or bf16 where the CPU runs it natively)")
+    if cfg.objective not in OBJECTIVES:
+        raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
+    if cfg.teacher and cfg.objective != "wav2clip":
+        raise UsageError("--teacher is for --objective wav2clip")
     if cfg.best_metric not in BEST_METRICS:
         raise UsageError(f"--best-metric {cfg.best_metric!r} is not a validation metric; choose one of: "
                          + ", ".join(BEST_METRICS))
@@ -137,6 +161,8 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
     model, tokenizer, model_info = build_model(cfg, resume_from)
     for note in model_info.get("notes", []):
         log({"warning": note})
+    wav2clip = cfg.objective == "wav2clip"
+    teacher, (dim, width) = _distillation_setup(cfg, model, device) if wav2clip else (None, (None, None))
     model.to(device)
     if cfg.freeze_audio:
         model.lock_audio_tower()
@@ -144,13 +170,14 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
         model.lock_text_tower()
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    model.train()
+    trainee = Wav2ClipTrainee(model, Wav2ClipObjective(dim, width)).to(device) if wav2clip else model
+    trainee.train()
     split, val_split = open_data(cfg)
     zeroshot = open_zeroshot(cfg)
     steps = steps_per_epoch(split, cfg.batch_size, ctx.world_size, cfg.workers, cfg.seed)
     total = steps * cfg.epochs  # the schedule's length; --max-steps only stops early
     planned = min(total, cfg.max_steps) if cfg.max_steps else total
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(trainee, cfg)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     state = TrainState(steps_per_epoch=steps)
     if resume_from:
@@ -160,21 +187,29 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
             raise TrainingError(f"cannot resume {run_dir}: it ran {state.steps_per_epoch} steps per epoch, this "
                                 f"setup gives {steps} (same data, --batch-size and number of ranks needed)")
         optimizer.load_state_dict(saved["optimizer"])
+        if wav2clip:
+            if not saved.get("objective"):
+                raise TrainingError(f"cannot resume {resume_from}: it holds no wav2clip objective state")
+            trainee.objective.load_state_dict(saved["objective"])
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
         log({"event": "resumed", "from": str(resume_from), "step": state.step, "epoch": state.epoch})
     if ctx.is_main:
         (run_dir / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": model_info,
                                                          "world_size": ctx.world_size}, indent=2) + "\n")
-    ddp = model
+    ddp = trainee
     if ctx.distributed:
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, rank=ctx.rank,
-                       world_size=ctx.world_size)
-    collate = Collate(model.config.frontend, model.config.fused, tokenizer, model.config.text.max_length,
-                      cfg.spec_augment)
-    save = _saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info, ctx)
+            trainee, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    loss_kind = Wav2ClipLoss if wav2clip else ClipLoss
+    loss_fn = loss_kind(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, rank=ctx.rank,
+                        world_size=ctx.world_size)
+    collate = (ImageCollate(model.config.frontend, model.config.fused, dim, teacher and teacher.preprocess,
+                            cfg.spec_augment) if wav2clip else
+               Collate(model.config.frontend, model.config.fused, tokenizer, model.config.text.max_length,
+                       cfg.spec_augment))
+    objective = trainee.objective if wav2clip else None
+    save = _saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info, ctx, objective)
     log({"event": "start", "steps_per_epoch": steps, "total_steps": planned, "samples": split.num_samples,
          "world_size": ctx.world_size, "device": str(device), "precision": precision})
 
@@ -190,6 +225,8 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
                 raise item
             keys, batch = item
             batch = batch.to(device)
+            if isinstance(batch, FrameBatch):
+                batch = batch.resolve(teacher.embed if teacher else None)
             lr = lr_at(state.step, cfg.lr, cfg.warmup, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -205,22 +242,23 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
             n_last += len(batch) * ctx.world_size
             if ctx.is_main and (state.step % cfg.log_every == 0 or state.epoch_step == steps or cfg.log_samples):
                 now = time.perf_counter()
-                record = {"step": state.step, "epoch": state.epoch, "loss": round(loss, 6), "lr": lr,
-                          "logit_scale": round(float(model.logit_scale_a.detach().exp()), 4),
+                scales = (trainee.logit_scales() if wav2clip else
+                          {"logit_scale": round(float(model.logit_scale_a.detach().exp()), 4)})
+                record = {"step": state.step, "epoch": state.epoch, "loss": round(loss, 6), "lr": lr, **scales,
                           "samples_per_s": round(n_last / max(now - t_last, 1e-9), 2), "total_steps": planned}
                 log({**record, "keys": keys} if cfg.log_samples else record)
                 t_last, n_last = now, 0
             if state.epoch_step == steps:
                 state.epoch, state.epoch_step = state.epoch + 1, 0
                 if (val_split or zeroshot) and (state.epoch % cfg.val_every_epochs == 0 or state.epoch == cfg.epochs):
-                    _validate(cfg, model, tokenizer, val_split, zeroshot, state, ctx, log)
+                    _validate(cfg, trainee, tokenizer, val_split, zeroshot, state, ctx, log, teacher)
                 save(f"step-{state.step}")
             elif cfg.save_every and state.step % cfg.save_every == 0:
                 save(f"step-{state.step}")
             if _stop(cfg, state):
                 break
     if state.epoch_step and (val_split or zeroshot):  # stopped by --max-steps inside an epoch: validate the end too
-        _validate(cfg, model, tokenizer, val_split, zeroshot, state, ctx, log)
+        _validate(cfg, trainee, tokenizer, val_split, zeroshot, state, ctx, log, teacher)
     save("final")
     dist.barrier()
     summary = {"event": "done", "steps": state.step, "epochs": state.epoch, "out": str(run_dir),
@@ -229,25 +267,44 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
     return summary
 
 
+def _distillation_setup(cfg: TrainConfig, model, device):
+    """wav2clip: (the teacher or None, (D, W)); a Wav2CLIP model's text side becomes the teacher's CLIP text
+    tower (its `text_tower` reference, loaded only when text is embedded), so the saved model searches."""
+    from .teacher import ImageTeacher
+
+    teacher = ImageTeacher(cfg.teacher, device) if cfg.teacher else None
+    widths = check_widths(model, teacher.dim if teacher else None)
+    if cfg.teacher and model.config.text_tower is not None:
+        model.config.text_tower = cfg.teacher
+    return teacher, widths
+
+
 def _stop(cfg: TrainConfig, state: TrainState) -> bool:
     return bool(cfg.max_steps) and state.step >= cfg.max_steps
 
 
-def _saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info, ctx):
+def _saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info, ctx, objective=None):
     def save(name: str) -> None:
         if ctx.is_main:
             save_checkpoint(run_dir, name, model, tokenizer, optimizer, scaler, state,
                             {"source": model_info.get("source"), "training_run": str(run_dir.resolve()),
-                             "step": state.step})
+                             "step": state.step}, objective=objective)
             prune_step_checkpoints(run_dir, cfg.keep_checkpoints)
         dist.barrier()
 
     return save
 
 
-def _validate(cfg, model, tokenizer, val_split, zeroshot, state, ctx, log) -> None:
+def _validate(cfg, trainee, tokenizer, val_split, zeroshot, state, ctx, log, teacher=None) -> None:
+    """Validate on rank 0 (retrieval, zero-shot); keep best/ by `cfg.best_metric`. `trainee` is the model, or
+    the Wav2ClipTrainee holding it (then retrieval is audio↔image, with `teacher` for frames)."""
+    wav2clip = isinstance(trainee, Wav2ClipTrainee)
+    model = trainee.model if wav2clip else trainee
     if ctx.is_main:
-        metrics = validate(model, tokenizer, val_split) if val_split is not None else {}
+        metrics = {}
+        if val_split is not None:
+            metrics = (validate_images(model, tokenizer, val_split, teacher) if wav2clip
+                       else validate(model, tokenizer, val_split))
         if zeroshot is not None:
             metrics.update(validate_zeroshot(model, tokenizer, *zeroshot, template=cfg.template))
         metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
@@ -258,23 +315,27 @@ def _validate(cfg, model, tokenizer, val_split, zeroshot, state, ctx, log) -> No
             state.best_value, state.best_step = value, state.step
             save_checkpoint(Path(cfg.out), "best", model, tokenizer, None, None, state,
                             {"training_run": str(Path(cfg.out).resolve()), "step": state.step,
-                             "best_metric": cfg.best_metric, "value": value})
-    model.train()
+                             "best_metric": cfg.best_metric, "value": value},
+                            objective=trainee.objective if wav2clip else None)
+    trainee.train()
     dist.barrier()
 
 
 RETRIEVAL_KEYS = [f"{d}_{m}" for d in ("t2a", "a2t") for m in ("R@1", "R@5", "R@10", "mAP@10", "mean_rank",
                                                                  "median_rank")]
+IMAGE_RETRIEVAL_KEYS = [k.replace("t2a", "i2a").replace("a2t", "a2i") for k in RETRIEVAL_KEYS]  # wav2clip
 ZEROSHOT_KEYS = [f"zeroshot_{m}" for m in ("top1", "top5", "top10", "mAP@10", "mean_rank")]
-BEST_METRICS = ["mAP@10", *RETRIEVAL_KEYS, *ZEROSHOT_KEYS]
+BEST_METRICS = ["mAP@10", *RETRIEVAL_KEYS, *IMAGE_RETRIEVAL_KEYS, *ZEROSHOT_KEYS]
 
 
 def _metric(metrics: dict, name: str) -> float | None:
     """The value `name` ranks checkpoints by, larger = better (ranks are negated); None if not measured.
-    mAP@10 is the mean of both directions (LAION's selection); without retrieval data, zero-shot top-1."""
+    mAP@10 is the mean of both directions (LAION's selection; audio↔image for wav2clip); without retrieval
+    data, zero-shot top-1."""
     if name == "mAP@10":
-        if "t2a_mAP@10" in metrics:
-            return (metrics["t2a_mAP@10"] + metrics["a2t_mAP@10"]) / 2
+        for one, other in (("t2a", "a2t"), ("i2a", "a2i")):
+            if f"{one}_mAP@10" in metrics:
+                return (metrics[f"{one}_mAP@10"] + metrics[f"{other}_mAP@10"]) / 2
         name = "zeroshot_top1"
     value = metrics.get(name)
     if value is None:

@@ -77,6 +77,8 @@ def fresh_model(preset_name: str, text_model: str | None, tokenizer_source: str 
     from ..models.text import DEFAULT_TOKENIZERS, text_pooling
 
     cfg = preset(preset_name)
+    if cfg.text_tower is not None:  # Wav2CLIP: the text side is a CLIP tower by reference, loaded on first use
+        return ClapModel(cfg), None
     pretrained = _pretrained_text_model(text_model) if text_model else None
     if pretrained is not None:
         cfg.text = _text_config(pretrained.config, cfg.text)

@@ -9,6 +9,9 @@ Format (reference/laion_clap.md §9), the same as LAION's own tools write, so LA
   `tag` (list), `original_data` (source metadata), `text_augment_t5` (a keyword-to-caption caption) and
   `text_augment_all` (the `text` list plus the t5 caption). Shards written here add `original_path`
   and `duration` (seconds);
+- Wav2CLIP data adds one image member per sample (`clap shards make --images`): `KEY.jpg` (a video frame,
+  embedded by the CLIP teacher at training time; `.jpeg`/`.png` are read too) or `KEY.npy` (a precomputed CLIP
+  image embedding, float32 (D,)). A sample then needs no caption;
 - the key of a member is its name up to the first dot of its base name (webdataset's rule), so keys carry
   no dots.
 
@@ -36,6 +39,8 @@ from ..errors import DataError, UsageError
 
 # Audio member extensions a shard may use (LAION's shards are flac).
 AUDIO_EXTENSIONS = ("flac", "wav", "mp3", "ogg")
+FRAME_EXTENSIONS = ("jpg", "jpeg", "png")  # image members embedded by the teacher
+IMAGE_EXTENSIONS = (*FRAME_EXTENSIONS, "npy")  # npy: a precomputed image embedding
 
 SIZES_FILE = "sizes.json"
 SHARD_SAMPLE_RATE = 48_000  # Hz: the rate shards are written at and the models' rate
@@ -56,6 +61,8 @@ class RawSample:
     audio_ext: str  # "flac", "wav", "mp3" or "ogg"
     meta: dict  # the parsed KEY.json
     url: str = ""  # the shard it came from
+    image_bytes: bytes | None = None  # the image member as stored (Wav2CLIP data), or None
+    image_ext: str | None = None  # "jpg" (also "jpeg", "png") or "npy"
 
 
 @dataclass
@@ -142,13 +149,18 @@ def _sample(path: str, key: str, members: dict[str, bytes]) -> RawSample:
                         source=path)
     if len(audio) > 1:
         raise DataError(f"sample {key} has several audio members ({', '.join(audio)})", source=path)
+    images = [ext for ext in IMAGE_EXTENSIONS if ext in members]
+    if len(images) > 1:
+        raise DataError(f"sample {key} has several image members ({', '.join(images)})", source=path)
     try:
         meta = json.loads(members["json"].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"member {key}.json is not valid JSON ({_one_line(exc)})", source=path) from exc
     if not isinstance(meta, dict):
         raise DataError(f"member {key}.json holds a {type(meta).__name__}, not a JSON object", source=path)
-    return RawSample(key=key, audio_bytes=members[audio[0]], audio_ext=audio[0], meta=meta, url=path)
+    image = images[0] if images else None
+    return RawSample(key=key, audio_bytes=members[audio[0]], audio_ext=audio[0], meta=meta, url=path,
+                     image_bytes=members[image] if image else None, image_ext=image)
 
 
 def decode_audio(raw: RawSample, sample_rate: int = SHARD_SAMPLE_RATE, quantize: bool = True) -> np.ndarray:
@@ -175,6 +187,62 @@ def decode_audio(raw: RawSample, sample_rate: int = SHARD_SAMPLE_RATE, quantize:
         return to_model_rate(data, sr, sample_rate, quantize=quantize)
     except ValueError as exc:  # a sample rate no audio has (a damaged header)
         raise DataError(f"cannot be decoded ({_one_line(exc)})", source=raw.url or None, member=member) from exc
+
+
+def decode_image_embedding(raw: RawSample) -> np.ndarray:
+    """The sample's precomputed image embedding (`KEY.npy`) as (D,) float32; DataError naming the member when
+    it is missing, not a plain array, not one vector (an (F, D) stack of frame embeddings is averaged, as
+    Wav2CLIP pooled its 30 fps frames) or not finite."""
+    member = f"{raw.key}.{raw.image_ext or 'npy'}"
+    if raw.image_bytes is None or raw.image_ext != "npy":
+        raise DataError("has no image embedding (.npy member)", source=raw.url or None, member=raw.key)
+    try:
+        array = np.load(io.BytesIO(raw.image_bytes), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"is not a .npy array ({_one_line(exc)})", source=raw.url or None, member=member) from exc
+    try:
+        return image_embedding_vector(array)
+    except ValueError as exc:
+        raise DataError(str(exc), source=raw.url or None, member=member) from exc
+
+
+def image_embedding_vector(array: np.ndarray) -> np.ndarray:
+    """(D,) or (F, D) numeric array → (D,) float32 (frames averaged); ValueError saying what is wrong."""
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"holds {array.dtype} values, not an embedding")
+    if array.ndim == 2 and array.shape[0] > 0:
+        array = array.mean(axis=0)
+    if array.ndim != 1 or array.shape[0] == 0:
+        raise ValueError(f"has shape {tuple(array.shape)}; an image embedding is (D,) (or (frames, D))")
+    vector = array.astype(np.float32)
+    if not np.all(np.isfinite(vector)):
+        raise ValueError("holds NaN or infinite values")
+    return vector
+
+
+def decode_frame(raw: RawSample):
+    """The sample's video frame (`KEY.jpg`) as an RGB PIL image; DataError naming the member when it is
+    missing or cannot be decoded."""
+    if raw.image_bytes is None or raw.image_ext not in FRAME_EXTENSIONS:
+        raise DataError("has no image frame (.jpg member)", source=raw.url or None, member=raw.key)
+    try:
+        return open_image(raw.image_bytes)
+    except ValueError as exc:
+        raise DataError(str(exc), source=raw.url or None, member=f"{raw.key}.{raw.image_ext}") from exc
+
+
+def open_image(data: bytes):
+    """JPEG/PNG bytes → a fully decoded RGB PIL image; ValueError when they are not a readable image."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as exc:
+        raise UsageError("reading image frames needs Pillow: pip install pillow (or use precomputed .npy "
+                         "embeddings)") from exc
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")  # convert() decodes the whole image, so a truncated file fails here
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ValueError(f"cannot be decoded as an image ({_one_line(exc)})") from exc
 
 
 def _captions(value) -> list[str]:
@@ -277,13 +345,18 @@ class SplitInfo:
     with_text: int = 0  # samples with a non-empty `text`
     with_tag: int = 0  # samples with a non-empty `tag` list
     with_t5: int = 0  # samples with `text_augment_t5`
+    with_frame: int = 0  # samples with an image frame (`KEY.jpg`, Wav2CLIP data)
+    with_embedding: int = 0  # samples with a precomputed image embedding (`KEY.npy`)
+    embedding_dims: list[int] = field(default_factory=list)  # the distinct widths D of those embeddings
     examples: list[str] = field(default_factory=list)  # a few captions, from the first samples
     problems: list[str] = field(default_factory=list)  # one line each: which shard, what is wrong
 
     def as_dict(self) -> dict:
         return {"split": self.name, "directory": self.directory, "shards": self.shards, "samples": self.samples,
                 "hours": round(self.seconds / 3600, 6), "with_text": self.with_text, "with_tag": self.with_tag,
-                "with_text_augment_t5": self.with_t5, "examples": self.examples, "problems": self.problems}
+                "with_text_augment_t5": self.with_t5, "with_image_frame": self.with_frame,
+                "with_image_embedding": self.with_embedding, "image_embedding_dims": self.embedding_dims,
+                "examples": self.examples, "problems": self.problems}
 
 
 def split_dirs(path: str | os.PathLike) -> list[tuple[str, Path]]:
@@ -341,6 +414,17 @@ def inspect_shards(path: str | os.PathLike, examples: int = 3) -> list[SplitInfo
                     info.with_text += bool(text)
                     info.with_tag += bool(_captions(raw.meta.get("tag")))
                     info.with_t5 += bool(_captions(raw.meta.get("text_augment_t5")))
+                    if raw.image_ext == "npy":
+                        info.with_embedding += 1
+                        try:
+                            dim = int(decode_image_embedding(raw).shape[0])
+                        except DataError as exc:
+                            info.problems.append(str(exc))
+                        else:
+                            if dim not in info.embedding_dims:
+                                info.embedding_dims.append(dim)
+                    elif raw.image_ext is not None:
+                        info.with_frame += 1
                     if text and len(info.examples) < examples:
                         info.examples.append(text[0])
             except DataError as exc:
@@ -350,6 +434,9 @@ def inspect_shards(path: str | os.PathLike, examples: int = 3) -> list[SplitInfo
             info.samples += count
             if sizes is not None and tar.name in sizes and sizes[tar.name] != count:
                 info.problems.append(f"{tar}: {SIZES_FILE} says {sizes[tar.name]} samples, the shard holds {count}")
+        if len(info.embedding_dims) > 1:
+            info.problems.append(f"{directory}: image embeddings of different widths "
+                                 f"({', '.join(map(str, sorted(info.embedding_dims)))})")
         report.append(info)
     return report
 
@@ -365,6 +452,7 @@ class SourceItem:
     text: str | list[str] | None = None  # given caption(s)
     tags: list[str] | None = None  # given tags
     origin: str = ""  # where the caption came from ("manifest.csv:12", "x.txt"), for messages
+    image: Path | None = None  # with an image column: the row's image (.jpg/.png frame or .npy embedding)
 
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
@@ -411,12 +499,14 @@ def _row_text(row: dict) -> tuple[str | list[str] | None, list[str] | None]:
     return _parse_caption(caption), _parse_tags(tags)
 
 
-def read_manifest(path: str | os.PathLike, base: str | os.PathLike | None = None) -> list[SourceItem]:
+def read_manifest(path: str | os.PathLike, base: str | os.PathLike | None = None,
+                  image_column: str | None = None) -> list[SourceItem]:
     """Rows of a CSV (`path` column, `caption` and/or `tags` columns) or JSONL manifest (the same keys).
 
     A caption is a string or a JSON list of strings; tags are a JSON list or `;`-separated. `text` and `tag`
-    are accepted as the column names too. Relative paths resolve against `base` (default: the manifest's
-    folder). A malformed manifest is a DataError naming the file and line.
+    are accepted as the column names too. With `image_column`, each row's image path is read from that column
+    (a manifest without the column is a DataError; an empty cell leaves `image` None). Relative paths resolve
+    against `base` (default: the manifest's folder). A malformed manifest is a DataError naming the file and line.
     """
     manifest = Path(path)
     base = Path(base) if base is not None else manifest.resolve().parent
@@ -432,6 +522,9 @@ def read_manifest(path: str | os.PathLike, base: str | os.PathLike | None = None
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames or "path" not in reader.fieldnames:
             raise DataError("needs a 'path' column (and 'caption' and/or 'tags')", source=str(manifest))
+        if image_column is not None and image_column not in reader.fieldnames:
+            raise DataError(f"has no column {image_column!r} (--images); its columns: {', '.join(reader.fieldnames)}",
+                            source=str(manifest))
         rows = [(reader.line_num, dict(r)) for r in reader]
     else:
         for number, line in enumerate(text.splitlines(), 1):
@@ -451,8 +544,16 @@ def read_manifest(path: str | os.PathLike, base: str | os.PathLike | None = None
             raise DataError(f"line {number}: no 'path'", source=str(manifest))
         p = Path(value.strip()).expanduser()
         caption, tags = _row_text(row)
+        image = None
+        if image_column is not None:
+            if suffix == ".jsonl" and image_column not in row:
+                raise DataError(f"line {number}: no {image_column!r} key (--images)", source=str(manifest))
+            cell = row.get(image_column)
+            if isinstance(cell, str) and cell.strip():
+                image = Path(cell.strip()).expanduser()
+                image = image if image.is_absolute() else base / image
         items.append(SourceItem(path=p if p.is_absolute() else base / p, text=caption, tags=tags,
-                                origin=f"{manifest.name}:{number}"))
+                                origin=f"{manifest.name}:{number}", image=image))
     return items
 
 
@@ -476,8 +577,8 @@ def _sidecar(audio: Path) -> tuple[str | list[str] | None, list[str] | None, str
     return None, None, ""
 
 
-def collect_sources(src: str | os.PathLike, captions: str | os.PathLike | None = None
-                    ) -> tuple[list[SourceItem], list[tuple[str, str]]]:
+def collect_sources(src: str | os.PathLike, captions: str | os.PathLike | None = None,
+                    image_column: str | None = None) -> tuple[list[SourceItem], list[tuple[str, str]]]:
     """The clips of `src` with their text, and (path, reason) of those that have to be skipped now.
 
     - `src` a .csv/.jsonl manifest: its rows, in order; relative paths resolve against the manifest's folder.
@@ -485,14 +586,18 @@ def collect_sources(src: str | os.PathLike, captions: str | os.PathLike | None =
       when given (rows matched by path; relative paths there resolve against `src`; files without a row are
       skipped), else from sidecars `x.json` (`text`/`caption` and/or `tags`) or `x.txt` (one caption per
       line; several lines give a list).
+
+    `image_column` (`--images`) reads each clip's image from that manifest column, so it needs a manifest.
     """
     source = Path(src)
     if source.is_file():
         if captions is not None:
             raise UsageError("--captions is for a folder of audio; a manifest SRC carries its own captions")
-        return read_manifest(source), []
+        return read_manifest(source, image_column=image_column), []
     if not source.is_dir():
         raise UsageError(f"{source}: no such file or folder")
+    if image_column is not None and captions is None:
+        raise UsageError("--images names a manifest column: give SRC as a .csv/.jsonl manifest, or --captions")
     from ..index.scan import ScanProblem, scan
 
     problems: list[ScanProblem] = []
@@ -502,7 +607,7 @@ def collect_sources(src: str | os.PathLike, captions: str | os.PathLike | None =
     if captions is not None:
         root = source.resolve()
         by_path = {}
-        for item in read_manifest(captions, base=root):
+        for item in read_manifest(captions, base=root, image_column=image_column):
             by_path[str(item.path.resolve())] = item
         items = []
         for f in files:
@@ -510,7 +615,7 @@ def collect_sources(src: str | os.PathLike, captions: str | os.PathLike | None =
             if item is None:
                 skipped.append((str(f), f"no row for it in {Path(captions).name}"))
             else:
-                items.append(SourceItem(path=f, text=item.text, tags=item.tags, origin=item.origin))
+                items.append(SourceItem(path=f, text=item.text, tags=item.tags, origin=item.origin, image=item.image))
         for path, item in by_path.items():
             skipped.append((path, f"named in {item.origin} but not an audio file under {source}"))
         return items, skipped
@@ -574,7 +679,9 @@ class ShardWriter:
         self._count = 0
         self._write_sizes()
 
-    def add(self, key: str, audio: bytes, meta: dict, audio_ext: str = "flac") -> None:
+    def add(self, key: str, audio: bytes, meta: dict, audio_ext: str = "flac",
+            image: tuple[str, bytes] | None = None) -> None:
+        """One sample: KEY.<audio_ext>, KEY.json and, with `image` = (ext, bytes), KEY.<ext>, adjacent."""
         if self._tar is None:
             self._name = f"{len(self.sizes):06d}.tar"
             self._tar = tarfile.open(self.directory / (self._name + ".tmp"), mode="w", format=tarfile.USTAR_FORMAT)
@@ -582,6 +689,8 @@ class ShardWriter:
         payload = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
         self._add_member(f"{key}.{audio_ext}", audio)
         self._add_member(f"{key}.json", payload)
+        if image is not None:
+            self._add_member(f"{key}.{image[0]}", image[1])
         self._count += 1
         self.samples += 1
         self.seconds += float(meta.get("duration", 0.0))
@@ -647,6 +756,40 @@ class MakeReport:
 Progress = Callable[[str, int], None]
 
 
+JPEG_QUALITY = 95  # PNG frames are stored as JPEG at this quality
+
+
+def image_member(path: str | os.PathLike) -> tuple[str, bytes]:
+    """The shard member for one image file: ("jpg", bytes) for a frame (.jpg/.jpeg stored as they are, .png
+    decoded and re-encoded as JPEG), ("npy", bytes) for an embedding (.npy, (D,) or (frames, D) averaged,
+    stored as float32 (D,)). ValueError with the reason when the file is missing, unreadable or of another kind."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".jpg", ".jpeg", ".png", ".npy"):
+        raise ValueError(f"image {path.name} is not a .jpg, .png or .npy file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"image {path}: {exc.strerror or _one_line(exc)}") from exc
+    if suffix == ".npy":
+        try:
+            vector = image_embedding_vector(np.load(io.BytesIO(data), allow_pickle=False))
+        except (ValueError, OSError, EOFError) as exc:
+            raise ValueError(f"image embedding {path.name}: {_one_line(exc)}") from exc
+        buf = io.BytesIO()
+        np.save(buf, vector)
+        return "npy", buf.getvalue()
+    try:
+        picture = open_image(data)
+    except ValueError as exc:
+        raise ValueError(f"image {path.name} {exc}") from exc
+    if suffix == ".png":
+        buf = io.BytesIO()
+        picture.save(buf, format="JPEG", quality=JPEG_QUALITY)
+        data = buf.getvalue()
+    return "jpg", data
+
+
 def val_indices(n: int, fraction: float, seed: int) -> set[int]:
     """Which of n items go to validation: round(n × fraction) of them (at least one when fraction > 0 and n > 1,
     never all), drawn by a permutation seeded with `seed`."""
@@ -670,6 +813,7 @@ def make_shards(
     device: str = "auto",
     workers: int = 0,
     progress: Progress | None = None,
+    images: str | None = None,
 ) -> MakeReport:
     """Write `src` (see `collect_sources`) as shards under `out/train` (and `out/val` when `val_fraction` > 0).
 
@@ -679,6 +823,11 @@ def make_shards(
     "The sounds of a, b and c" for clips without a caption; `k2c` also writes `text_augment_t5` (the
     de-biased caption of `k2c_model`; clips under 2 s keep the template) and `text_augment_all` for clips
     with tags. Clips that cannot be used are skipped and listed in the report with their reason.
+
+    `images` names a manifest column holding one image per clip (Wav2CLIP distillation data): a frame
+    (.jpg/.png, stored as `KEY.jpg`) or a precomputed CLIP image embedding (.npy, stored as float32 (D,)
+    `KEY.npy`; all of one run must share D). Clips then need no caption; a clip whose image is missing or
+    unreadable is skipped like one whose audio is.
     """
     from ..audio.loader import iter_decoded
     from .captions import K2C_MIN_SECONDS, KeywordToCaption, template_caption
@@ -701,10 +850,15 @@ def make_shards(
             raise UsageError(f"{d} already holds shards; choose a new --out or delete it first")
     progress = progress or (lambda stage, n: None)
 
-    items, skipped = collect_sources(src, captions)
+    items, skipped = collect_sources(src, captions, image_column=images)
     usable: list[tuple[int, SourceItem]] = []
     for i, item in enumerate(items):
-        if item.text is None and not item.tags:
+        if images is not None:
+            if item.image is None:
+                skipped.append((str(item.path), f"no image in column {images!r} of {item.origin}"))
+            else:
+                usable.append((i, item))
+        elif item.text is None and not item.tags:
             where = f" in {item.origin}" if item.origin else " (no .txt/.json sidecar)"
             skipped.append((str(item.path), f"no caption or tags{where}"))
         elif item.text is None and captions_from_tags == "none":
@@ -738,6 +892,7 @@ def make_shards(
     if val:  # a fraction that rounds to no clip (a one-clip source) makes no val/ folder
         writers["val"] = ShardWriter(out / "val", shard_size)
     report = MakeReport(out=str(out), captions_from_tags=captions_from_tags)
+    embedding_dim: int | None = None
     progress("writing", len(usable))
     try:
         decoded = iter_decoded([item.path for _, item in usable], SHARD_SAMPLE_RATE, quantize=True, workers=workers)
@@ -746,12 +901,31 @@ def make_shards(
             if dec.error is not None or dec.samples is None:
                 skipped.append((str(item.path), dec.error or "no audio"))
                 continue
+            image = None
+            if item.image is not None:
+                try:
+                    image = image_member(item.image)
+                except ValueError as exc:
+                    skipped.append((str(item.path), str(exc)))
+                    continue
+                if image[0] == "npy":
+                    dim = int(np.load(io.BytesIO(image[1])).shape[0])
+                    if embedding_dim is not None and dim != embedding_dim:
+                        skipped.append((str(item.path), f"image embedding {item.image.name} has {dim} values, the "
+                                                        f"earlier ones {embedding_dim}"))
+                        continue
+                    embedding_dim = dim
             duration = len(dec.samples) / SHARD_SAMPLE_RATE
             meta: dict = {"original_path": str(item.path), "duration": round(duration, 6)}
+            if item.image is not None:
+                meta["original_image"] = str(item.image)
             if item.tags:
                 meta["tag"] = list(item.tags)
-            text = item.text if item.text is not None else template_caption(item.tags)
-            meta["text"] = text
+            text = item.text
+            if text is None and item.tags and captions_from_tags != "none":
+                text = template_caption(item.tags)
+            if text is not None:  # only image data (--images) may come without any text
+                meta["text"] = text
             if captions_from_tags == "k2c" and item.tags:
                 t5 = k2c_text.get(i) if duration >= K2C_MIN_SECONDS else None
                 if t5 is not None:
@@ -759,7 +933,7 @@ def make_shards(
                 meta["text_augment_t5"] = t5 if t5 is not None else template_caption(item.tags)
                 meta["text_augment_all"] = ([text] if isinstance(text, str) else list(text)) + [meta["text_augment_t5"]]
             writer = writers["val" if position in val else "train"]
-            writer.add(sample_key(i, item.path), encode_flac(dec.samples), meta)
+            writer.add(sample_key(i, item.path), encode_flac(dec.samples), meta, image=image)
         for writer in writers.values():
             writer.close()
     except BaseException:

@@ -13,7 +13,7 @@ import torch
 from ..errors import DataError
 from .labelled import LabelledClip
 from .metrics import retrieval_metrics, zeroshot_metrics
-from .shards import ShardSplit, decode_audio, iter_shard, select_text
+from .shards import ShardSplit, decode_audio, decode_frame, decode_image_embedding, iter_shard, select_text
 
 ZEROSHOT_TEMPLATE = "This is a sound of {}."  # LAION-CLAP's zero-shot prompt
 
@@ -51,6 +51,57 @@ def validate(model, tokenizer, split: ShardSplit, batch_size: int = 16) -> dict:
     metrics = retrieval_metrics(np.stack(audio), text, np.asarray(owner))
     metrics["samples"] = len(audio)
     metrics["captions"] = len(captions)
+    return metrics
+
+
+def validate_images(model, tokenizer, split: ShardSplit, teacher=None, batch_size: int = 16) -> dict:
+    """Wav2CLIP validation: audio↔image retrieval between each clip's embedding (as `clap index` embeds it)
+    and its own image's CLIP embedding (the `.npy` as stored, a `.jpg` frame through `teacher`); keys
+    `a2i_R@1`, `a2i_mAP@10`, ... and the same `i2a_` (image → audio)."""
+    import torch
+
+    clap = embedder(model, tokenizer)
+    sr, quantize = clap.config.frontend.sample_rate, clap.config.frontend.quantize_int16
+    dim = clap.config.projection_dim
+    audio: list[np.ndarray] = []
+    images: list[np.ndarray | None] = []  # (D,) each; None until the teacher has embedded the frame
+    waves: list[np.ndarray] = []
+    frames: list[tuple[int, object]] = []  # (row, decoded frame) waiting for the teacher
+
+    def flush():
+        if waves:
+            audio.extend(e.embedding for e in clap.embed_waveforms(waves, segments=False, batch_size=batch_size))
+            waves.clear()
+        if frames:
+            embedded = teacher.embed_frames([f for _, f in frames], batch_size=batch_size).cpu().numpy()  # (P, D)
+            for (row, _), vector in zip(frames, embedded):
+                images[row] = vector
+            frames.clear()
+
+    for url in split.urls:
+        for raw in iter_shard(url):
+            if raw.image_ext is None:
+                raise DataError("has no image member", source=raw.url, member=raw.key)
+            if raw.image_ext == "npy":
+                vector = decode_image_embedding(raw)
+                if vector.shape[0] != dim:
+                    raise DataError(f"image embedding has {vector.shape[0]} values, the model compares {dim}",
+                                    source=raw.url, member=f"{raw.key}.npy")
+                images.append(vector)
+            elif teacher is None:
+                raise DataError("holds an image frame: pass --teacher CLIP_DIR to embed it", source=raw.url,
+                                member=f"{raw.key}.{raw.image_ext}")
+            else:
+                frames.append((len(images), decode_frame(raw)))
+                images.append(None)
+            waves.append(decode_audio(raw, sr, quantize))
+            if len(waves) >= batch_size:
+                flush()
+    flush()
+    image = torch.nn.functional.normalize(torch.from_numpy(np.stack(images)).float(), dim=-1)  # (N, D)
+    metrics = retrieval_metrics(np.stack(audio), image, np.arange(len(images)))
+    metrics = {k.replace("t2a_", "i2a_").replace("a2t_", "a2i_"): v for k, v in metrics.items()}
+    metrics["samples"] = len(audio)
     return metrics
 
 
