@@ -53,6 +53,32 @@ class AudioEmbedding:
     error: str | None = None
     sample_rate: int | None = None  # of the source file
     channels: int | None = None  # of the source file
+    partial: str | None = None  # why only part of the file could be decoded (what decoded was embedded)
+
+
+@dataclass
+class _StreamedFile:
+    """What `embed_files` gathers for one file while its pieces stream in."""
+
+    path: str
+    vector: np.ndarray | None = None  # the file-level job's output
+    windows: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (start sample, vector), in order
+    pending: int = 0  # jobs queued but not run
+    ended: bool = False
+    end: object = None  # the "end" (or "error") piece
+    error: str | None = None
+
+    def result(self, sr: int, clip: int, segments: bool, normalize: bool) -> AudioEmbedding:
+        if self.error is not None:
+            return AudioEmbedding(self.path, 0.0, None, error=self.error)
+        n = self.end.samples_total
+        embedding = self.vector
+        if embedding is None:  # unfused long file: mean of normalised windows, renormalised
+            mean = np.mean([v for _, v in self.windows], axis=0)
+            embedding = l2_normalize(mean) if normalize else mean.astype(np.float32)
+        segs = [Segment(s / sr, min(s + clip, n) / sr, v) for s, v in self.windows] if segments else []
+        return AudioEmbedding(self.path, n / sr, embedding, segs, sample_rate=self.end.sample_rate,
+                              channels=self.end.channels, partial=self.end.partial)
 
 
 class Clap:
@@ -184,14 +210,34 @@ class Clap:
 
     @torch.inference_mode()
     def _run_jobs(self, jobs, batch_size: int, normalize: bool = True) -> list[np.ndarray]:
+        """Jobs (wave index, kind, samples or a ready `FusionStack`, crop starts) -> one vector each."""
         out: list[np.ndarray] = []
         for b in range(0, len(jobs), batch_size):
             chunk = jobs[b : b + batch_size]
-            feats, longer = self.features.clip_features([j[2] for j in chunk], [j[3] for j in chunk])
+            feats, longer = self._job_features(chunk)
             with self._autocast():
                 emb = self.model.encode_audio(feats, longer, normalize=normalize)
             out.extend(emb.float().cpu().numpy())
         return out
+
+    def _job_features(self, chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model inputs of a chunk of jobs: waveforms through the feature builder, fusion stacks as they are."""
+        from .audio.stream import FusionStack
+
+        ready = [k for k, j in enumerate(chunk) if isinstance(j[2], FusionStack)]
+        if not ready:
+            return self.features.clip_features([j[2] for j in chunk], [j[3] for j in chunk])
+        waves = [k for k in range(len(chunk)) if k not in ready]
+        first = chunk[ready[0]][2].features
+        feats = torch.empty(len(chunk), *first.shape, device=self.device)  # (B, 4, frames, mels)
+        longer = torch.zeros(len(chunk), dtype=torch.bool, device=self.device)
+        if waves:
+            f, lo = self.features.clip_features([chunk[k][2] for k in waves], [chunk[k][3] for k in waves])
+            feats[waves], longer[waves] = f, lo
+        for k in ready:
+            feats[k] = chunk[k][2].features.to(self.device)
+            longer[k] = chunk[k][2].longer
+        return feats, longer
 
     # ---- Wav2CLIP: whole clips and 1 s segments ---------------------------------------------------------
     def _embed_whole_clips(self, waves, segments: bool, batch_size: int, normalize: bool) -> list[AudioEmbedding]:
@@ -248,11 +294,91 @@ class Clap:
         workers: int = 0,
         on_error: Callable[[str, str], None] | None = None,
         normalize: bool = True,
+        on_audio: Callable[[str, float, float], None] | None = None,
     ) -> Iterator[AudioEmbedding]:
         """Decode (in `workers` DataLoader processes when > 0) and embed, yielding one result per path, in order.
 
-        A file that cannot be decoded, or whose forward pass fails (say, out of memory on a very long file),
-        yields an AudioEmbedding with `error` set; the run goes on. `normalize` as in `embed_waveforms`."""
+        Files are streamed (`clapcli.audio.stream`): decoded, resampled and cut into 10 s windows block by
+        block, windows embedded in batches as they complete, so memory does not grow with a file's length;
+        the results equal `embed_waveforms` on the whole decoded file. A file that cannot be decoded, or whose
+        forward pass fails (say, out of memory), yields an AudioEmbedding with `error` set; the run goes on. A
+        file whose stream breaks off is embedded from what decodes, with `partial` saying why.
+        `on_audio(path, seconds, expected_seconds)` reports audio as it is decoded, within long files too
+        (`expected_seconds`: the file's length by its header). `normalize` as in `embed_waveforms`."""
+        if self.config.frontend.kind == "linear":  # Wav2CLIP embeds whole clips: decoded whole
+            yield from self._embed_files_whole(paths, batch_size, segments, workers, on_error, normalize, on_audio)
+            return
+        from .audio.decode import _log_messages
+        from .audio.stream import FusionStack, StreamOptions, iter_pieces
+
+        fe = self.config.frontend
+        sr, clip = fe.sample_rate, fe.clip_samples
+        opts = StreamOptions(sr, fe.quantize_int16, clip, windows=segments or not self.fused, fusion=self.fused,
+                             frontend=fe)
+        paths = [os.fspath(p) for p in paths]
+        files: dict[int, _StreamedFile] = {}
+        jobs: list[tuple[int, object, object, None]] = []
+        next_out = 0
+
+        def run(batch: list) -> None:
+            try:
+                vectors = self._run_jobs(batch, len(batch), normalize)
+            except (RuntimeError, ValueError, MemoryError) as exc:
+                if len(batch) > 1:  # find the file at fault, keep the rest
+                    for job in batch:
+                        run([job])
+                    return
+                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                state = files[batch[0][0]]
+                state.error = state.error or f"cannot embed: {why}"
+                vectors = [None]
+            for (i, kind, _, _), vec in zip(batch, vectors):
+                state = files[i]
+                state.pending -= 1
+                if vec is None:
+                    continue
+                if kind == "file":
+                    state.vector = vec
+                else:
+                    state.windows.append((kind, vec))
+
+        def finished() -> Iterator[AudioEmbedding]:
+            nonlocal next_out
+            while next_out in files and files[next_out].ended and files[next_out].pending == 0:
+                result = files.pop(next_out).result(sr, clip, segments, normalize)
+                if result.error is not None and on_error:
+                    on_error(result.path, result.error)
+                next_out += 1
+                yield result
+
+        for piece in iter_pieces(paths, opts, workers, frontend=self.features.frontend if self.fused else None):
+            state = files.setdefault(piece.index, _StreamedFile(piece.path))
+            payload = None
+            if piece.kind in ("clip", "window"):
+                payload = piece.samples
+            elif piece.kind == "fusion":
+                payload = FusionStack(piece.features, piece.longer)
+            elif piece.kind in ("end", "error"):
+                state.ended, state.end = True, piece
+                state.error = state.error or piece.error
+                _log_messages(piece.path, piece.messages)
+            if payload is not None:
+                jobs.append((piece.index, "file" if piece.kind != "window" else piece.start, payload, None))
+                state.pending += 1
+            if on_audio and piece.seconds:
+                on_audio(piece.path, piece.seconds, piece.expected_seconds)
+            if len(jobs) >= batch_size:
+                batch, jobs = jobs[:batch_size], jobs[batch_size:]
+                run(batch)
+            yield from finished()
+        if jobs:
+            run(jobs)
+            jobs = []
+        yield from finished()
+
+    def _embed_files_whole(self, paths, batch_size, segments, workers, on_error, normalize, on_audio):
+        """`embed_files` for models that embed whole clips (Wav2CLIP): each file decoded whole, then
+        `embed_waveforms` on batches of files."""
         from .audio.loader import iter_decoded
 
         pending: list = []
@@ -276,12 +402,15 @@ class Clap:
                     yield AudioEmbedding(d.path, 0.0, None, error=d.error)
                 else:
                     e = next(it)
-                    e.path, e.sample_rate, e.channels = d.path, d.sample_rate, d.channels
+                    e.path, e.sample_rate, e.channels, e.partial = d.path, d.sample_rate, d.channels, d.partial
                     yield e
             pending.clear()
 
         sr, quantize = self.config.frontend.sample_rate, self.config.frontend.quantize_int16
         for decoded in iter_decoded(paths, sr, quantize, workers):
+            if on_audio and decoded.samples is not None:
+                seconds = len(decoded.samples) / sr
+                on_audio(decoded.path, seconds, seconds)
             pending.append(decoded)
             if len(pending) >= batch_size:
                 yield from flush()

@@ -9,13 +9,21 @@ file becomes an `AudioDecodeError` whose message is one line naming the file and
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import re
+import sys
+import tempfile
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
 from ..errors import AudioDecodeError
+
+logger = logging.getLogger("clapcli.audio")
 
 # Frames decoded per block when reading a file: bounds the memory of multichannel files to one mono copy.
 _BLOCK_FRAMES = 1 << 20
@@ -38,6 +46,7 @@ class AudioInfo:
     frames: int  # samples per channel, as declared by the container
     duration: float  # seconds = frames / sample_rate
     format: str  # libsndfile major format name: "WAV", "FLAC", "OGG", "MP3", "AIFF", ...
+    partial: str | None = None  # set by a decode that stopped early: why only part of the file was read
 
 
 def _fail(path, reason: str) -> AudioDecodeError:
@@ -102,43 +111,173 @@ def _info_of(path, f) -> AudioInfo:
 
 def probe(path) -> AudioInfo:
     """Header facts of an audio file, without decoding it; AudioDecodeError if it is not usable audio."""
-    with _open(path) as f:
+    messages: list[str] = []
+    with captured_stderr(messages):
+        f = _open(path)
+    _log_messages(path, messages)
+    with f:
         return _info_of(path, f)
 
 
-def read_mono(path) -> tuple[np.ndarray, AudioInfo]:
-    """Decode the whole file as float32, averaging channels block by block. -> ((T,) float32, info)"""
-    import soundfile as sf
+class MonoReader:
+    """Mono float32 blocks of a file, decoded block by block; what cannot be decoded ends the stream early.
 
-    with _open(path) as f:
-        info = _info_of(path, f)
-        blocks = []
-        decoded = 0
+    `info` is read on construction (AudioDecodeError if the file is not usable audio). Iterating yields
+    (n,) float32 blocks of at most `block_frames` frames, channels averaged. A stream that breaks off (a
+    truncated FLAC, an MP3 cut mid-frame, a WAV or AIFF shorter than its header, an Ogg without its last
+    page) yields what decodes and then sets `partial` to the reason; `decoded` counts the frames yielded.
+    Messages the C decoders print on stderr meanwhile are kept in `messages` (see `captured_stderr`)."""
+
+    def __init__(self, path, block_frames: int = _BLOCK_FRAMES):
+        self.path, self.block_frames = path, block_frames
+        self.messages: list[str] = []
+        self.partial: str | None = None
+        self.decoded = 0
         try:
-            while True:
-                block = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)  # (n, C)
-                if len(block) == 0:
-                    break
-                decoded += len(block)
-                blocks.append(block[:, 0].copy() if info.channels == 1 else block.mean(axis=1, dtype=np.float32))
-        except sf.LibsndfileError as err:
-            raise _fail(
-                path,
-                f"truncated or corrupt stream after {decoded} of {info.frames} frames "
-                f"({_raw_reason(err)})",
-            ) from err
-        except (RuntimeError, MemoryError) as err:
-            raise _fail(path, f"decoding failed after {decoded} of {info.frames} frames ({err})") from err
-    if decoded == 0:
-        raise _fail(path, "contains no audio frames")
-    shortfall = info.frames - decoded
-    tolerance = 0 if info.format not in _ESTIMATED_LENGTH_FORMATS else info.frames // 100
-    if shortfall > tolerance:
-        raise _fail(
-            path, f"truncated stream: the header declares {info.frames} frames but only {decoded} could be decoded"
-        )
+            with captured_stderr(self.messages):
+                self._file = _open(path)
+        except AudioDecodeError:
+            _log_messages(path, self.messages)
+            raise
+        try:
+            self.info = _info_of(path, self._file)
+            self._note = _container_truncation(self._file)
+        except BaseException:
+            self._file.close()
+            _log_messages(path, self.messages)
+            raise
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "MonoReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _mono(self, block: np.ndarray) -> np.ndarray:  # (n, C) -> (n,)
+        return block[:, 0].copy() if self.info.channels == 1 else block.mean(axis=1, dtype=np.float32)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        import soundfile as sf
+
+        info, failure = self.info, None
+        while True:
+            try:
+                with captured_stderr(self.messages):
+                    block = self._file.read(self.block_frames, dtype="float32", always_2d=True)  # (n, C)
+            except sf.LibsndfileError as err:
+                failure = _raw_reason(err)
+                break
+            except (RuntimeError, MemoryError) as err:
+                failure = str(err) or type(err).__name__
+                break
+            if len(block) == 0:
+                break
+            self.decoded += len(block)
+            yield self._mono(block)
+        if failure is not None:  # the failed read lost its whole block: salvage it in small reads
+            yield from self._salvage()
+        if self.decoded == 0:
+            _log_messages(self.path, self.messages)
+            raise _fail(self.path, "contains no audio frames" if failure is None else
+                        f"truncated or corrupt stream: no frame decodes ({failure})")
+        shortfall = info.frames - self.decoded
+        tolerance = 0 if info.format not in _ESTIMATED_LENGTH_FORMATS else info.frames // 100
+        if failure is not None:
+            self.partial = (f"truncated or corrupt stream: decoded {self.decoded} of {info.frames} frames "
+                            f"({failure})")
+        elif shortfall > tolerance:
+            self.partial = f"truncated stream: the header declares {info.frames} frames, {self.decoded} decoded"
+        elif self._note:
+            self.partial = self._note
+
+    def _salvage(self) -> Iterator[np.ndarray]:
+        """Recover the frames before the damage that a failed read lost (it returns nothing of what it
+        decoded): bisect the failed block with fresh reads, so that what a broken stream yields does not
+        depend on the block size. Reads of k frames from a good position succeed up to the damage."""
+        import soundfile as sf
+
+        lo, hi = self.decoded, self.decoded + self.block_frames  # reading up to lo works, up to hi failed
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            try:
+                with captured_stderr(self.messages):
+                    f = _open(self.path)
+            except AudioDecodeError:
+                return
+            with f:
+                try:
+                    with captured_stderr(self.messages):
+                        f.seek(lo)
+                        block = f.read(mid - lo, dtype="float32", always_2d=True)
+                except (sf.LibsndfileError, RuntimeError, MemoryError, ValueError):
+                    hi = mid
+                    continue
+            if len(block) == 0:
+                return
+            self.decoded += len(block)
+            lo = self.decoded
+            yield self._mono(block)
+
+
+def _container_truncation(f) -> str | None:
+    """Truncation libsndfile notices in the container but does not report as an error: a WAV/AIFF data chunk
+    shorter than its header says (libsndfile then plays what is there), an Ogg stream without its final page."""
+    try:
+        log = f.extra_info or ""
+    except (RuntimeError, AttributeError):
+        return None
+    chunk = re.search(r"^(data|SSND)\s*:\s*(\d+) \(should be (\d+)\)", log, re.MULTILINE)
+    if chunk:
+        return f"truncated file: its {chunk.group(1)} chunk declares {chunk.group(2)} bytes, {chunk.group(3)} present"
+    if "lacks an end-of-stream" in log:
+        return "truncated stream: the last Ogg page lacks its end-of-stream mark"
+    return None
+
+
+def read_mono(path) -> tuple[np.ndarray, AudioInfo]:
+    """Decode the whole file as float32, averaging channels block by block. -> ((T,) float32, info)
+
+    A truncated stream gives what decodes, with `info.partial` saying why it is short."""
+    with MonoReader(path) as reader:
+        blocks = list(reader)
+        reader.info.partial = reader.partial
+        _log_messages(reader.path, reader.messages)
+        info = reader.info
     mono = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
     return mono, info
+
+
+def _log_messages(path, messages: list[str]) -> None:
+    for message in messages:
+        logger.debug("%s: %s", os.fspath(path), message)
+
+
+@contextlib.contextmanager
+def captured_stderr(messages: list[str]) -> Iterator[None]:
+    """Redirect file descriptor 2 around C decoder calls; what they print is appended to `messages`.
+
+    libsndfile's decoders (mpg123's "Xing stream size off by more than 1%", ...) write straight to fd 2,
+    which would tear through a progress bar; callers send `messages` to the debug log instead."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        try:
+            os.dup2(sink.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if sink.tell():
+                sink.seek(0)
+                text = sink.read().decode("utf-8", "replace")
+                messages.extend(line.strip() for line in text.splitlines() if line.strip())
 
 
 def quantize_int16(x):

@@ -108,6 +108,11 @@ class MelFrontEnd(torch.nn.Module):
                 out[b, start : start + block] = self._log_mel(frames[b, start : start + block])
         return out
 
+    def log_mel(self, frames: torch.Tensor) -> torch.Tensor:
+        """(..., n_fft) raw frames (float64, on this module's device) -> (..., n_mels) float32 dB; for callers
+        that cut frames themselves (`clapcli.audio.stream`)."""
+        return self._log_mel(frames)
+
     def _log_mel(self, frames: torch.Tensor) -> torch.Tensor:
         """(..., n_fft) raw frames -> (..., n_mels) float32 dB."""
         spec = torch.fft.rfft(frames * self.window)  # (..., n_fft//2+1) complex

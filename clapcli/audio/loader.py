@@ -3,6 +3,9 @@
 Workers decode and resample (CPU-bound, releases the main process for the batched forward pass);
 a file that fails yields a `Decoded` with `error` set instead of stopping the stream. Workers die with the
 process that started them (see `die_with_parent`), so a killed `clap index` leaves no decoder behind.
+
+`iter_decoded` hands over whole decoded files (short clips: training shards); embedding streams files in
+blocks instead (`clapcli.audio.stream.iter_pieces`, whose workers start the same way).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class Decoded:
     sample_rate: int | None = None  # of the source file
     channels: int | None = None  # of the source file
     error: str | None = None  # why it failed, without the path (callers report the path themselves)
+    partial: str | None = None  # why only part of the file decoded (`samples` holds that part)
 
 
 def decode_one(path: str, sample_rate: int, quantize: bool) -> Decoded:
@@ -39,7 +43,7 @@ def decode_one(path: str, sample_rate: int, quantize: bool) -> Decoded:
         if len(mono) == 0:
             return Decoded(path, None, info.sample_rate, info.channels, error="no audio frames")
         samples = to_model_rate(mono, info.sample_rate, sample_rate, quantize)
-        return Decoded(path, samples, info.sample_rate, info.channels)
+        return Decoded(path, samples, info.sample_rate, info.channels, partial=info.partial)
     except AudioDecodeError as exc:
         return Decoded(path, None, error=exc.reason)
     except ClapError as exc:

@@ -50,6 +50,9 @@ def embed(
             rows.append(e.embedding)
             rec = {"type": "audio", "path": e.path, "duration": round(e.duration, 4),
                    "embedding": e.embedding.tolist()}
+            if e.partial is not None:  # embedded from the part that decodes
+                output.stderr_console().print(f"[yellow]partial:[/] {e.path}: {e.partial}", highlight=False)
+                rec["partial"] = e.partial
             if segments and e.segments:
                 rec["segments"] = [{"start": round(s.start, 3), "end": round(s.end, 3),
                                     "embedding": s.embedding.tolist()} for s in e.segments]

@@ -66,7 +66,7 @@ def index_command(
             dirs, index_dir, lambda name: _load_model(name, model, index_dir, device, precision, tokenizer),
             model_name=model, exclude=exclude or (), batch_size=batch_size, workers=workers,
             rebuild=rebuild, wait=wait, on_plan=progress.on_plan, on_file=progress.on_file, commit_every=commit_every,
-            prune_empty=prune_empty,
+            prune_empty=prune_empty, on_audio=progress.on_audio,
         )
     except IndexInterrupted as interrupted:
         progress.stop()
@@ -100,12 +100,15 @@ def _print_summary(s) -> None:
     con = output.stderr_console()
     rate = f", {s.audio_seconds / 3600:.2f} h of audio at {s.audio_seconds / s.seconds:.1f}× real time" \
         if s.audio_seconds and s.seconds else ""
+    partial = f", {len(s.partial)} partial" if s.partial else ""
     excluded = f" ({s.removed_excluded} excluded)" if s.removed_excluded else ""
     con.print(f"[bold]{s.index}[/]: {s.added} added, {s.updated} updated, {s.removed} removed{excluded}, "
-              f"{s.unchanged + s.touched} unchanged, {len(s.skipped)} skipped in {s.seconds:.1f} s{rate}",
+              f"{s.unchanged + s.touched} unchanged, {len(s.skipped)} skipped{partial} in {s.seconds:.1f} s{rate}",
               highlight=False)
     errors = f", {len(s.unreadable)} unreadable (listed by --json)" if s.unreadable else ""
-    con.print(f"now {s.total_files} files, {s.total_segments} segments{errors}; model {s.model}", highlight=False)
+    partial = f", {len(s.partial_files)} partly decoded (listed by --json)" if s.partial_files else ""
+    con.print(f"now {s.total_files} files, {s.total_segments} segments{errors}{partial}; model {s.model}",
+              highlight=False)
     if s.kept_aside:
         con.print(f"[yellow]the damaged database was kept as {s.kept_aside}[/]", highlight=False)
     for path, reason in s.skipped[:20]:
@@ -113,24 +116,72 @@ def _print_summary(s) -> None:
                   highlight=False, soft_wrap=True)
     if len(s.skipped) > 20:
         con.print(f"  … and {len(s.skipped) - 20} more (see --json)", highlight=False)
+    for path, reason in s.partial[:20]:
+        con.print(f"  [yellow]partial[/] {escape(output.display_path(path))}: {escape(reason)}", highlight=False,
+                  soft_wrap=True)
+    if len(s.partial) > 20:
+        con.print(f"  … and {len(s.partial) - 20} more partly decoded (see --json)", highlight=False)
 
 
-class _IndexProgress(output.ProgressBar):
-    """The shared bar, sized once the plan is known, with audio hours per hour beside files/s."""
+class _IndexProgress:
+    """A bar over the bytes of the files to embed (known before decoding, and close to proportional to audio
+    time within a file), moved as each file's audio is decoded, so a two-hour recording moves it too; beside
+    it files done, audio embedded and the speed against real time. Only on a terminal."""
 
     def __init__(self, enabled: bool):
-        super().__init__("embedding")
-        self.enabled, self.audio = enabled, 0.0
+        self.enabled = enabled
+        self._bar = None
+        self.sizes: dict[str, int] = {}  # path -> bytes, of the files to embed
+        self.moved: dict[str, float] = {}  # path -> bytes the bar has advanced for it so far
+        self.done = 0
+        self.audio = 0.0  # seconds decoded
 
     def on_plan(self, plan) -> None:
-        if self.enabled:
-            self.start(len(plan.to_embed))
+        import sys
+
+        if not self.enabled or not plan.to_embed or not sys.stderr.isatty():
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.sizes = {str(e.path): max(int(e.size), 1) for e in plan.to_embed}
+        self._bar = Progress(TextColumn("embedding"), BarColumn(), TextColumn("{task.fields[files]}"),
+                             TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                             console=output.stderr_console(), transient=True)
+        self._task = self._bar.add_task("embedding", total=sum(self.sizes.values()), files="", rate="")
+        self._bar.start()
+        self._refresh(0.0)
+
+    def on_audio(self, path: str, seconds: float, expected: float) -> None:
+        self.audio += seconds
+        size = self.sizes.get(path)
+        if self._bar is None or size is None or expected <= 0:
+            return
+        moved = self.moved.get(path, 0.0)
+        step = min(size * seconds / expected, size * 0.99 - moved)  # the file's last bytes move when it is done
+        if step > 0:
+            self.moved[path] = moved + step
+            self._refresh(step)
 
     def on_file(self, result) -> None:
+        self.done += 1
         if self._bar is not None:
-            self.audio += result.duration or 0.0
-            elapsed = max(self._bar.tasks[0].elapsed or 0.0, 1e-6)
-            self.advance(f"{self.audio / elapsed:.1f} audio-h/h")
+            self._refresh(self.sizes.get(result.path, 0) - self.moved.pop(result.path, 0.0))
+
+    def _refresh(self, advance: float) -> None:
+        elapsed = max(self._bar.tasks[0].elapsed or 0.0, 1e-6)
+        audio = _clock(self.audio)
+        rate = f"{audio} audio · {self.audio / elapsed:.1f}× real time" if self.audio else ""
+        self._bar.update(self._task, advance=advance, files=f"{self.done}/{len(self.sizes)} files", rate=rate)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def _clock(seconds: float) -> str:
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 class _IndexCommand(TyperCommand):

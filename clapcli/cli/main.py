@@ -37,11 +37,22 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors, and the debug log "
+                               "(what audio decoders printed) on stderr."),
     version: bool = typer.Option(False, "--version", "-V", callback=_print_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
     output.state.debug = debug
+    if debug:
+        import logging
+
+        log = logging.getLogger("clapcli")
+        if not any(h.get_name() == "clap-debug" for h in log.handlers):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.set_name("clap-debug")
+            handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+            log.addHandler(handler)
+        log.setLevel(logging.DEBUG)
 
 
 for _command in (index, search, tag, embed, models, shards, train, finetune, eval):

@@ -156,6 +156,9 @@ def _run(model, files, labelset, templates, top_k, multi_label, threshold, timel
                 failed += 1
                 err.print(f"[red]skipped:[/] {escape(result.path)}: {escape(result.error)}", highlight=False,
                           soft_wrap=True)
+            elif result.partial is not None:
+                err.print(f"[yellow]partial:[/] {escape(result.path)}: {escape(result.partial)}", highlight=False,
+                          soft_wrap=True)
             if as_json or (csv_writer is None and not out.is_terminal):  # pipes get JSON lines
                 write_json(result, sys.stdout)
             elif csv_writer is not None:

@@ -51,6 +51,8 @@ class IndexSummary:
     kept_aside: str | None = None  # where --rebuild moved a damaged database
     committed: int = 0  # files embedded (or recorded as unreadable) and committed in this run
     removed_excluded: int = 0  # of `removed`: indexed files that --exclude now matches
+    partial: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): embedded in part, this run
+    partial_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of every partial row
 
     def to_dict(self) -> dict:
         return {
@@ -72,6 +74,9 @@ class IndexSummary:
             "total_segments": self.total_segments,
             "total_errors": len(self.unreadable),
             "unreadable_files": [{"path": p, "reason": r} for p, r in self.unreadable],
+            "partial": len(self.partial),
+            "total_partial": len(self.partial_files),
+            "partial_files": [{"path": p, "reason": r} for p, r in self.partial_files],
             "emptied_roots": [{"path": p, "kept_files": n} for p, n in self.emptied_roots],
             "kept_aside": self.kept_aside,
             "removed_excluded": self.removed_excluded,
@@ -173,6 +178,7 @@ def build_index(
     on_file: Callable[[object], None] | None = None,
     commit_every: int = COMMIT_EVERY_FILES,
     prune_empty: bool = False,
+    on_audio: Callable[[str, float, float], None] | None = None,
 ) -> IndexSummary:
     """Index `roots` into `index_dir`. `load_model(name)` is called only when something needs embedding.
 
@@ -181,6 +187,8 @@ def build_index(
     store beside the old one (in `index_dir/.rebuild`) and swaps it in only on success; a database that
     cannot be opened is then kept aside as `index.sqlite.damaged-<time>`, never deleted. A root that held
     indexed files and now lists no audio (an unmounted drive) prunes nothing unless `prune_empty`.
+    `on_audio(path, seconds, expected_seconds)` reports decoded audio as it goes, within long files too;
+    `on_file(result)` each embedded (or failed) file.
     """
     started = time.monotonic()
     root_paths = []
@@ -217,11 +225,12 @@ def build_index(
     with WriterLock(index_dir, wait=True, timeout=None if wait else LOCK_GRACE_SECONDS):
         if rebuild and IndexStore.exists(index_dir):
             summary = _rebuild(index_dir, model, damaged, root_paths, entries, problems, linked, prune_empty,
-                               batch_size, workers, on_plan, on_file, commit_every)
+                               batch_size, workers, on_plan, (on_file, on_audio), commit_every)
         else:
             with IndexStore.open(index_dir, create=True) as store:
                 summary = _update(store, model, load_model, model_name, root_paths, entries, problems, linked,
-                                  prune_empty, batch_size, workers, on_plan, on_file, commit_every, exclude=exclude)
+                                  prune_empty, batch_size, workers, on_plan, (on_file, on_audio), commit_every,
+                                  exclude=exclude)
         with IndexStore.open(index_dir) as store:
             from .ann import AnnIndex
 
@@ -229,13 +238,16 @@ def build_index(
             counts = store.counts()
             summary.total_files, summary.total_segments = counts.ok_files, counts.segments
             summary.unreadable = [(r.path, r.error or "") for r in store.error_files()]
+            summary.partial_files = [(r.path, r.error or "") for r in store.partial_files()]
     summary.seconds = time.monotonic() - started
     return summary
 
 
 def _update(store: IndexStore, model, load_model, model_name, root_paths, entries, problems, linked,
-            prune_empty, batch_size, workers, on_plan, on_file, commit_every, exclude=()) -> IndexSummary:
-    """Bring `store` up to date with the scan: prune, re-stat, embed and commit in batches."""
+            prune_empty, batch_size, workers, on_plan, callbacks, commit_every, exclude=()) -> IndexSummary:
+    """Bring `store` up to date with the scan: prune, re-stat, embed and commit in batches.
+
+    `callbacks` is (on_file, on_audio), as `build_index` takes them."""
     stored_identity = store.model_identity
     name = model_name or (stored_identity or {}).get("model")
     states = store.file_states()
@@ -266,7 +278,7 @@ def _update(store: IndexStore, model, load_model, model_name, root_paths, entrie
 
     if plan.to_embed:
         try:
-            _embed_and_commit(store, model, plan, summary, batch_size, workers, on_file, commit_every)
+            _embed_and_commit(store, model, plan, summary, batch_size, workers, callbacks, commit_every)
         except KeyboardInterrupt:
             left = len(plan.to_embed) - summary.committed
             raise IndexInterrupted(
@@ -294,7 +306,7 @@ def _emptied_roots(roots: Sequence[Path], entries: Sequence[ScanEntry], linked: 
 
 
 def _rebuild(index_dir: Path, model, damaged: bool, root_paths, entries, problems, linked, prune_empty,
-             batch_size, workers, on_plan, on_file, commit_every) -> IndexSummary:
+             batch_size, workers, on_plan, callbacks, commit_every) -> IndexSummary:
     """Build a fresh store in `index_dir/.rebuild`, then swap it in; the old one serves until the swap."""
     db = index_dir / DB_FILENAME
     if not damaged and not prune_empty:
@@ -307,7 +319,7 @@ def _rebuild(index_dir: Path, model, damaged: bool, root_paths, entries, problem
     try:
         with IndexStore.open(staging, create=True) as store:
             summary = _update(store, model, None, None, root_paths, entries, problems, linked, True,
-                              batch_size, workers, on_plan, on_file, commit_every)
+                              batch_size, workers, on_plan, callbacks, commit_every)
             store.checkpoint()  # everything in the main file, so the database is one file to move
         summary.index = str(index_dir)
         if damaged:
@@ -343,12 +355,15 @@ def emptied_message(emptied: Sequence[tuple], outcome: str) -> str:
             "pass --prune-empty to remove those files from the index")
 
 
-def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_size, workers, on_file,
+def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_size, workers, callbacks,
                       commit_every: int) -> None:
+    on_file, on_audio = callbacks
     by_path = {str(e.path): e for e in plan.to_embed}
-    results = model.embed_files(list(by_path), batch_size=batch_size, segments=True, workers=workers)
+    sharded = getattr(model, "commit_at_once", False)  # a torchrun-sharded run (distributed.py)
+    progress = {"on_audio": on_audio} if on_audio is not None and not sharded else {}
+    results = model.embed_files(list(by_path), batch_size=batch_size, segments=True, workers=workers, **progress)
     seconds = COMMIT_EVERY_SECONDS
-    if getattr(model, "commit_at_once", False):  # a torchrun-sharded run (distributed.py): one transaction
+    if sharded:  # one transaction
         commit_every, seconds = len(by_path), math.inf
     for batch in _commit_batches(results, commit_every, on_file, seconds):
         with store.transaction():  # the batch lands whole or not at all
@@ -379,8 +394,11 @@ def _store_result(store, result, entry: ScanEntry, plan: Plan, summary: IndexSum
         return
     segments = [(0.0, result.duration, "file", result.embedding)]
     segments += [(s.start, s.end, "window", s.embedding) for s in result.segments]
+    partial = getattr(result, "partial", None)
     store.upsert_file(result.path, entry.size, entry.mtime_ns, digest, result.duration,
-                      result.sample_rate or 0, result.channels or 0, segments)
+                      result.sample_rate or 0, result.channels or 0, segments, partial=partial)
+    if partial is not None:
+        summary.partial.append((result.path, partial))
     summary.audio_seconds += result.duration
     if result.path in plan.new_paths:
         summary.added += 1

@@ -65,9 +65,30 @@ def _migrate_to_1(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_to_2(conn: sqlite3.Connection) -> None:
+    """files.status may be 'partial': a truncated file embedded from the part that decodes (reason in `error`).
+
+    SQLite cannot alter a CHECK constraint, and rebuilding `files` inside the migration's transaction would
+    cascade-delete every segment (foreign keys cannot be switched off inside a transaction). Widening a CHECK
+    changes nothing stored, so the table's recorded SQL is edited in place, the documented procedure for such
+    changes (sqlite.org/lang_altertable.html, "making other kinds of table schema changes")."""
+    (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'files'").fetchone()
+    old = "CHECK (status IN ('ok', 'error'))"
+    if old not in sql:
+        raise IndexStoreError(f"unexpected schema of the files table: {sql}")
+    (version,) = conn.execute("PRAGMA schema_version").fetchone()
+    conn.execute("PRAGMA writable_schema = ON")
+    try:
+        conn.execute("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'files'",
+                     (sql.replace(old, "CHECK (status IN ('ok', 'partial', 'error'))"),))
+        conn.execute(f"PRAGMA schema_version = {int(version) + 1}")
+    finally:
+        conn.execute("PRAGMA writable_schema = OFF")
+
+
 # MIGRATIONS[i] upgrades a store at schema version i to version i + 1 (version 0 = an empty database).
 # Append a function to change the schema; never edit a released one.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2]
 
 
 def open_database(index_dir: Path, create: bool, readonly: bool) -> sqlite3.Connection:

@@ -63,8 +63,8 @@ class FileRecord:
     duration: float | None  # seconds (None for error rows)
     sample_rate: int | None  # Hz of the source file
     channels: int | None
-    status: str  # 'ok' or 'error'
-    error: str | None  # why the file was skipped (status 'error')
+    status: str  # 'ok', 'partial' (embedded from the part that decodes) or 'error'
+    error: str | None  # why the file was skipped (status 'error') or only partly decoded ('partial')
     indexed_at: float  # unix time of the last write of this row
 
 
@@ -81,7 +81,7 @@ class SegmentRow(NamedTuple):
 
 class Counts(NamedTuple):
     files: int  # all file rows
-    ok_files: int
+    ok_files: int  # searchable: status 'ok' or 'partial'
     error_files: int
     segments: int
     embeddings: int
@@ -309,6 +309,11 @@ class IndexStore:
         rows = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM files")
         return {row[1]: FileRecord(*row) for row in rows}
 
+    def partial_files(self) -> list[FileRecord]:
+        """The files embedded from the part that decodes, with the reasons, sorted by path."""
+        rows = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE status = 'partial' ORDER BY path")
+        return [FileRecord(*row) for row in rows]
+
     def error_files(self) -> list[FileRecord]:
         """The files that were skipped, with their reasons, sorted by path."""
         rows = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE status = 'error' ORDER BY path")
@@ -324,8 +329,11 @@ class IndexStore:
         sample_rate: int,
         channels: int,
         segments: Sequence[Segment],
+        partial: str | None = None,
     ) -> int:
         """Store a successfully embedded file, replacing any previous row and segments of that path.
+
+        `partial` (the reason) records a file embedded from the part that decodes: status 'partial'.
 
         `segments` is a non-empty list of (start s, end s, kind, vector (D,)) with kind 'file' or
         'window'; vectors are stored as float32. Returns the file id (kept when the path was already
@@ -338,7 +346,8 @@ class IndexStore:
             if self.dim is None:
                 self.set_meta("dim", str(len(prepared[0][3]) // _VECTOR_DTYPE.itemsize))
             file_id = self._write_file_row(
-                path, size, mtime_ns, content_hash, duration, sample_rate, channels, "ok", None
+                path, size, mtime_ns, content_hash, duration, sample_rate, channels,
+                "ok" if partial is None else "partial", partial,
             )
             self._conn.execute("DELETE FROM segments WHERE file_id = ?", (file_id,))
             for start, end, kind, blob in prepared:
@@ -489,7 +498,8 @@ class IndexStore:
 
     def counts(self) -> Counts:
         files, ok, errors = self._conn.execute(
-            "SELECT count(*), coalesce(sum(status = 'ok'), 0), coalesce(sum(status = 'error'), 0) FROM files"
+            "SELECT count(*), coalesce(sum(status IN ('ok', 'partial')), 0), coalesce(sum(status = 'error'), 0) "
+            "FROM files"
         ).fetchone()
         segments = self._conn.execute("SELECT count(*) FROM segments").fetchone()[0]
         embeddings = self._conn.execute("SELECT count(*) FROM embeddings").fetchone()[0]

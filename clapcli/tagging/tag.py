@@ -47,9 +47,11 @@ class FileTags:
     labels: list[LabelScore]  # file-level labels, best first; empty when the file failed
     timeline: list[WindowTags] | None = None  # per-window labels when asked for; None otherwise
     error: str | None = None  # why the file failed (without the path); None when it was tagged
+    partial: str | None = None  # why only part of the file could be decoded (the tags describe that part)
 
     def to_dict(self) -> dict[str, Any]:
-        """The `--json` object: timeline only when computed, error only when the file failed."""
+        """The `--json` object: timeline only when computed, error only when the file failed, partial only
+        when the file was tagged from the part that decodes."""
         out: dict[str, Any] = {
             "path": self.path,
             "duration": None if self.duration is None else round(self.duration, 3),
@@ -59,6 +61,8 @@ class FileTags:
             out["timeline"] = [window.to_dict() for window in self.timeline]
         if self.error is not None:
             out["error"] = self.error
+        if self.partial is not None:
+            out["partial"] = self.partial
         return out
 
     def csv_rows(self) -> list[tuple]:
@@ -158,7 +162,7 @@ def _tag_one(path: str, item, pick, timeline: bool) -> FileTags:
             ]
         else:
             windows = []  # ≤ 10 s: the file-level labels are the whole story; no window repeats them
-    return FileTags(path, duration, file_labels, windows, None)
+    return FileTags(path, duration, file_labels, windows, None, getattr(item, "partial", None))
 
 
 def _duration(item) -> float | None:
