@@ -3,6 +3,7 @@ records about the precision of its embeddings."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -104,3 +105,27 @@ def test_label_cache_keeps_int8_embeddings_apart_from_fp32(fp32_and_int8, tmp_pa
     fresh = cached_label_embeddings(exact, labels, None, cache_dir=tmp_path / "other")
     np.testing.assert_array_equal(again, fresh)  # fp32 did not get int8's cached vectors
     assert not np.array_equal(first, again)
+
+
+def test_clap_index_and_search_at_int8_through_the_cli(tiny_model_dir, tmp_path):
+    """`clap index --precision int8` records int8; an fp32 search of that index is accepted (same model) and
+    finds the file whose int8 embedding matches best; a top-up at fp32 records both precisions."""
+    from audio_synth import write_audio
+    from cli_runner import clap
+    from clapcli.index.store import IndexStore
+
+    lib, index_dir = tmp_path / "lib", tmp_path / "idx"
+    lib.mkdir()
+    for i, seconds in enumerate([1.0, 3.0]):
+        write_audio(lib / f"clip{i}.wav", tone_noise(seconds, 48_000, seed=i), 48_000)
+    clap("index", lib, "--index", index_dir, "--model", tiny_model_dir, "--precision", "int8", "--json",
+         "--workers", "0")
+    with IndexStore.open(index_dir, readonly=True) as store:
+        assert store.precisions == ["int8"]
+    hits = [json.loads(line) for line in clap("search", "--audio", lib / "clip1.wav", "--index", index_dir,
+                                               "--precision", "fp32", "--json").stdout.splitlines()]
+    assert hits[0]["path"].endswith("clip1.wav") and hits[0]["score"] == pytest.approx(1.0, abs=0.005)
+    write_audio(lib / "clip2.wav", tone_noise(2.0, 48_000, seed=7), 48_000)
+    clap("index", lib, "--index", index_dir, "--precision", "fp32", "--json", "--workers", "0")
+    with IndexStore.open(index_dir, readonly=True) as store:
+        assert store.precisions == ["fp32", "int8"]
