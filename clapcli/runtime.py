@@ -28,6 +28,10 @@ TRAINING_PRECISIONS = ("fp32", "bf16", "fp16")  # what training accepts
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class SlowPrecisionWarning(UserWarning):
+    """A precision was asked for that this device runs slower than fp32."""
+
+
 def resolve_device(name: str | None) -> torch.device:
     """`auto` (or None) → cuda when available, else cpu; `cpu`, `cuda`, `cuda:N` as given."""
     name = (name or "auto").lower()
@@ -86,10 +90,6 @@ def resolve_precision(
         warnings.warn("this CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 runs several times slower "
                       "than fp32 here; int8 is the fast CPU precision", SlowPrecisionWarning, stacklevel=2)
     return name
-
-
-class SlowPrecisionWarning(UserWarning):
-    """A precision was asked for that this device runs slower than fp32."""
 
 
 def autocast(device: torch.device, precision: str):
