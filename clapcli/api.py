@@ -15,6 +15,7 @@ one embedding per window ("segments"), the last window aligned to the file end.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -30,6 +31,8 @@ from .models.checkpoints import LoadedCheckpoint, load_checkpoint, save_own
 from .models.registry import DEFAULT_MODEL
 from .runtime import autocast, quantize_int8, resolve_device, resolve_precision
 from .vectors import l2_normalize
+
+TEXT_CACHE_SIZE = 10_000  # texts kept by Clap.embed_text(cache=True): 2 KB each at 512 dimensions
 
 
 @dataclass
@@ -66,7 +69,7 @@ class Clap:
         self.device = device
         self.precision = precision
         self._features: FeatureBuilder | None = None
-        self._text_cache: dict[str, np.ndarray] = {}  # query text → embedding (see embed_text(cache=True))
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()  # text → embedding, least recent first
 
     @property
     def text_only(self) -> bool:
@@ -122,15 +125,22 @@ class Clap:
     # ---- text ------------------------------------------------------------------------------------------
     def embed_text(self, texts: Sequence[str], batch_size: int = 64, cache: bool = False) -> np.ndarray:
         """(N, D) L2-normalised text embeddings. With `cache`, texts embedded before (with cache) come from an
-        in-process cache instead of the model: for a process answering many queries (`clap search --stdin`)."""
+        in-process cache of the last TEXT_CACHE_SIZE texts instead of the model: for a process answering many
+        queries (`clap search --stdin`)."""
         if isinstance(texts, str):
             texts = [texts]
         if not cache:
             return self._embed_text(texts, batch_size)
         new = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
-        if new:
-            self._text_cache.update(zip(new, self._embed_text(new, batch_size)))
-        return np.stack([self._text_cache[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+        found = dict(zip(new, self._embed_text(new, batch_size))) if new else {}
+        for t in texts:
+            found.setdefault(t, self._text_cache.get(t))
+        for t, vector in found.items():
+            self._text_cache[t] = vector
+            self._text_cache.move_to_end(t)
+        while len(self._text_cache) > TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
+        return np.stack([found[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
 
     @torch.inference_mode()
     def _embed_text(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:

@@ -187,3 +187,14 @@ def test_searcher_sees_a_commit_made_after_it_was_opened(tmp_path):
         assert [h.path for h in searcher.search(b, k=5)] == ["/lib/a.wav"]
         store.upsert_file("/lib/b.wav", 1, 1, "b", 1.0, 48_000, 1, [(0.0, 1.0, "file", b)])
         assert [h.path for h in searcher.search(b, k=5)] == ["/lib/b.wav", "/lib/a.wav"]
+
+
+def test_embed_text_cache_keeps_the_most_recent_texts(tiny_model_dir, monkeypatch):
+    from clapcli import api
+
+    monkeypatch.setattr(api, "TEXT_CACHE_SIZE", 2)
+    m = load_model(tiny_model_dir, device="cpu", precision="fp32", text_only=True)
+    m.embed_text(TEXTS, cache=True)
+    assert list(m._text_cache) == TEXTS[1:]  # the oldest left
+    m.embed_text([TEXTS[1]], cache=True)
+    assert list(m._text_cache) == [TEXTS[2], TEXTS[1]]  # a hit becomes the most recent
