@@ -46,9 +46,9 @@ print(tuple(getattr(out, "pooler_output", out).shape))
 """
 
 
-def wall(cmd: list[str], env: dict | None = None, stdin: str | None = None) -> tuple[float, subprocess.CompletedProcess]:
+def wall(cmd: list[str], env: dict | None = None) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, input=stdin, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     return time.perf_counter() - t0, proc
 
 
@@ -218,7 +218,8 @@ def report(r: dict) -> None:
         print(f"\n- cold clap search / cold transformers query: {r['cold_ratio_medians']:.2f}x on medians; per round "
               + ", ".join(f"{x:.2f}" for x in r["cold_ratio_per_round"]))
     print()
-    print(C.markdown_table(["in-process load (after imports)", "s"], [[k, f"{v:.2f}"] for k, v in r["loads_s"].items()]))
+    loads = [[k, f"{v:.2f}"] for k, v in r["loads_s"].items()]
+    print(C.markdown_table(["in-process load (after imports)", "s"], loads))
     print()
     rows = [[k, v["n"], f"{v['median_ms']:.1f}", f"{v['p95_ms']:.1f}", f"{100 * v['other_share']:.0f}%"]
             for k, v in r["warm"].items()]
