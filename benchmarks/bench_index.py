@@ -12,8 +12,9 @@ model of make_model.py), batch 8, CPU, in one process run (the `clap index` part
     `ClapFeatureExtractor` (the hub's config) -> `ClapModel.get_audio_features`, fp32, inference_mode.
     Sequential in the main process: no decode workers (transformers has none to offer here).
     File-level embeddings only: one forward per file (fusion for files > 10 s).
-(b) ours, like for like: `Clap.embed_files(paths, batch_size=8, segments=False, workers=W)` at
-    precision fp32 and at precision auto (bf16 autocast only where the CPU has avx512_bf16/amx).
+(b) ours, like for like: `Clap.embed_files(paths, batch_size=8, segments=False, workers=W)` at each
+    of --precisions: fp32, auto (bf16 autocast only where the CPU has avx512_bf16/amx) and int8 (dynamic
+    int8 Linear layers; its min/median cosine to ours fp32 over every file is reported).
 (c) ours, the real `clap index LIBRARY --index TMP --model MODEL --json --batch-size 8 --workers W
     --precision P`: file embeddings AND 10 s window embeddings of every file longer than 10 s (a 25 s
     file costs 1 fused pass + 3 window passes), SQLite commits and the hnswlib write, plus process start,
@@ -49,6 +50,7 @@ from .make_model import make_model
 
 CLIP = 480_000  # samples of one 10 s clip at 48 kHz
 MIN_COSINE = 0.9999  # ours vs transformers on the same samples and crops (DESIGN.md §2, fidelity)
+INT8_MIN_COSINE = 0.995  # int8 (dynamic quantisation) against ours fp32, every file
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-ours", action="store_true", help="skip embed_files (b)")
     ap.add_argument("--skip-index", action="store_true", help="skip the `clap index` subprocess (c)")
     ap.add_argument("--index-precision", default="fp32", help="--precision for clap index (default fp32)")
+    ap.add_argument("--precisions", default="fp32,auto,int8",
+                    help="precisions of ours (b), comma-separated (default fp32,auto,int8)")
     ap.add_argument("--check-long", type=int, default=16,
                     help="long files re-embedded by ours with transformers' crops for an exact check (default 16)")
     ap.add_argument("--library", type=Path, help="use this library folder (default: generated under _work)")
@@ -266,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         hf_model, loads["a"] = load_hf(args.model)
     ours_models = {}
     if not args.skip_ours:
-        for precision in ("fp32", "auto"):
+        for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
             ours_models[precision], loads[f"b-{precision}"] = load_ours(args.model, precision)
 
-    runs: dict[str, list[dict]] = {"a": [], "b-fp32": [], "b-auto": [], "c": []}
+    runs: dict[str, list[dict]] = {"a": [], "c": [], **{f"b-{p}": [] for p in ours_models}}
     first_hf = None
     index_problem = None
     for rnd in range(max(1, args.repeat)):
@@ -334,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{t['feature_extractor']:.1f} s, forward {t['forward']:.1f} s (best round)")
     for precision, m in ours_models.items():
         key = f"b-{precision}"
-        label = precision if precision == "fp32" else f"auto (= {m.precision} here)"
+        label = f"auto (= {m.precision} here)" if precision == "auto" else precision
         add_row("(b) ours embed_files, segments=False", label, len(paths), [r["wall_s"] for r in runs[key]],
                 best_of(key), loads[key])
     if runs["c"]:
@@ -365,10 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     fidelity: dict = {}
     if first_hf is not None and "fp32" in ours_models:
         fidelity = fidelity_report(ours_models["fp32"], first_hf, runs["b-fp32"][0]["embeddings"], samples)
-    if "fp32" in ours_models and "auto" in ours_models:
-        fidelity["auto_vs_fp32_min_cosine"] = float(
-            cosine_rows(runs["b-auto"][0]["embeddings"], runs["b-fp32"][0]["embeddings"]).min()
-        )
+    for other in ("auto", "int8"):
+        if "fp32" in ours_models and other in ours_models:
+            cos = cosine_rows(runs[f"b-{other}"][0]["embeddings"], runs["b-fp32"][0]["embeddings"])
+            fidelity[f"{other}_vs_fp32_min_cosine"] = float(cos.min())
+            fidelity[f"{other}_vs_fp32_median_cosine"] = float(np.median(cos))
 
     info_after = C.load_average()
     result = dict(
@@ -422,6 +427,9 @@ def fidelity_failures(fidelity: dict) -> list[str]:
         value = fidelity.get(key)
         if value is not None and not value >= MIN_COSINE:  # `not >=` so that NaN fails too
             failures.append(f"{what}: min cosine {value:.6f} < {MIN_COSINE}")
+    value = fidelity.get("int8_vs_fp32_min_cosine")
+    if value is not None and not value >= INT8_MIN_COSINE:
+        failures.append(f"int8 vs fp32: min cosine {value:.6f} < {INT8_MIN_COSINE}")
     return failures
 
 

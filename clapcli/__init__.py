@@ -3,13 +3,13 @@
 __version__ = "0.1.0"
 
 
-def load_model(name_or_path=None, device="auto", precision="auto", tokenizer=None):
+def load_model(name_or_path=None, device="auto", precision="auto", tokenizer=None, text_only=False):
     """Load a CLAP model (hub id, local directory or .pt file); see `clapcli.api.load_model`.
 
     Defined here so `import clapcli` stays light: torch loads on the first call."""
     from .api import load_model as _load
 
-    return _load(name_or_path, device=device, precision=precision, tokenizer=tokenizer)
+    return _load(name_or_path, device=device, precision=precision, tokenizer=tokenizer, text_only=text_only)
 
 
 def load_classifier(directory, model=None, device="auto", precision="auto"):

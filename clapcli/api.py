@@ -15,6 +15,7 @@ one embedding per window ("segments"), the last window aligned to the file end.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -28,8 +29,10 @@ from .errors import ClapError
 from .identity import fingerprint, model_identity
 from .models.checkpoints import LoadedCheckpoint, load_checkpoint, save_own
 from .models.registry import DEFAULT_MODEL
-from .runtime import autocast, resolve_device, resolve_precision
+from .runtime import autocast, quantize_int8, resolve_device, resolve_precision
 from .vectors import l2_normalize
+
+TEXT_CACHE_SIZE = 10_000  # texts kept by Clap.embed_text(cache=True): 2 KB each at 512 dimensions
 
 
 WHOLE_CLIP_SECONDS = 300.0  # Wav2CLIP: longest piece of a clip embedded in one pass (README "Wav2CLIP")
@@ -82,16 +85,36 @@ class _StreamedFile:
 
 
 class Clap:
-    """A loaded model plus its front end, on one device, at one precision."""
+    """A loaded model plus its front end, on one device, at one precision.
+
+    Precision int8 quantises the model's Linear layers (both towers and the projections) once, here.
+    A model loaded with `text_only=True` embeds text only (see `load_model`)."""
 
     def __init__(self, loaded: LoadedCheckpoint, device: torch.device, precision: str):
         self.loaded = loaded
         self.model = loaded.model.to(device).eval()
+        if precision == "int8":
+            quantize_int8(self.model)
         self.tokenizer = loaded.tokenizer
         self.config = self.model.config
         self.device = device
         self.precision = precision
-        self.features = FeatureBuilder(self.config.frontend, self.config.fused, device)
+        self._features: FeatureBuilder | None = None
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()  # text → embedding, least recent first
+
+    @property
+    def text_only(self) -> bool:
+        """True when only the text half of the checkpoint was loaded (`load_model(..., text_only=True)`)."""
+        return not hasattr(self.model, "encode_audio")
+
+    @property
+    def features(self) -> FeatureBuilder:
+        """The audio front end, built on first use (a text-only caller never needs it)."""
+        if self._features is None:
+            if self.text_only:
+                raise ClapError(f"{self.name} was loaded for text only; load it without text_only to embed audio")
+            self._features = FeatureBuilder(self.config.frontend, self.config.fused, self.device)
+        return self._features
 
     # ---- identity -------------------------------------------------------------------------------------
     @property
@@ -131,10 +154,27 @@ class Clap:
         return fingerprint(self.identity_dict)
 
     # ---- text ------------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def embed_text(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    def embed_text(self, texts: Sequence[str], batch_size: int = 64, cache: bool = False) -> np.ndarray:
+        """(N, D) L2-normalised text embeddings. With `cache`, texts embedded before (with cache) come from an
+        in-process cache of the last TEXT_CACHE_SIZE texts instead of the model: for a process answering many
+        queries (`clap search --stdin`)."""
         if isinstance(texts, str):
             texts = [texts]
+        if not cache:
+            return self._embed_text(texts, batch_size)
+        new = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
+        found = dict(zip(new, self._embed_text(new, batch_size))) if new else {}
+        for t in texts:
+            found.setdefault(t, self._text_cache.get(t))
+        for t, vector in found.items():
+            self._text_cache[t] = vector
+            self._text_cache.move_to_end(t)
+        while len(self._text_cache) > TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
+        return np.stack([found[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+
+    @torch.inference_mode()
+    def _embed_text(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         from .models.text import tokenize
@@ -423,6 +463,9 @@ class Clap:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the project's own format: config.json + model.safetensors + tokenizer files."""
+        if self.text_only or self.precision == "int8":
+            raise ClapError("only a whole model at full precision can be saved (this one is "
+                            f"{'text only' if self.text_only else 'int8-quantised'})")
         return save_own(self.model, self.tokenizer, directory, {"source": self.loaded.name})
 
 
@@ -431,11 +474,24 @@ def load_model(
     device: str = "auto",
     precision: str = "auto",
     tokenizer: str | None = None,
+    text_only: bool = False,
 ) -> Clap:
-    """Load a model: a hub id (default `laion/clap-htsat-fused`), a local directory, or an original .pt."""
+    """Load a model: a hub id (default `laion/clap-htsat-fused`), a local directory, or an original .pt.
+
+    precision: auto (bf16 where native, else fp32), fp32, bf16 or int8 (CPU: dynamic int8 Linear layers,
+    within cosine 0.995 of fp32). text_only: read and build only the text tower and projection (no
+    transformers import, the audio weights never read) where the checkpoint allows it (a Hugging Face or
+    clapcli directory with a RoBERTa/BERT tower and a tokenizer.json); elsewhere the whole model loads."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    loaded = load_checkpoint(name_or_path or os.environ.get("CLAP_MODEL") or DEFAULT_MODEL, tokenizer=tokenizer)
+    ref = name_or_path or os.environ.get("CLAP_MODEL") or DEFAULT_MODEL
+    loaded = None
+    if text_only:
+        from .models.text_only import load_text_checkpoint
+
+        loaded = load_text_checkpoint(ref, tokenizer=tokenizer)
+    if loaded is None:
+        loaded = load_checkpoint(ref, tokenizer=tokenizer)
     return Clap(loaded, dev, prec)
 
 

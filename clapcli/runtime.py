@@ -2,15 +2,19 @@
 
     device = resolve_device("auto")                       # cuda when torch sees a GPU, else cpu
     precision = resolve_precision("auto", device)         # bf16 where native, else fp32
-    with autocast(device, precision):
+    if precision == "int8":
+        quantize_int8(model)                              # dynamic int8 Linear layers (CPU only)
+    with autocast(device, precision):                     # a no-op for fp32 and int8
         ...
 
-Inference accepts auto|fp32|bf16 (`INFERENCE_PRECISIONS`, the default); training passes
+Inference accepts auto|fp32|bf16|int8 (`INFERENCE_PRECISIONS`, the default); training passes
 `allowed=TRAINING_PRECISIONS` (fp32|bf16|fp16: fp16 needs a loss scaler, which is the trainer's business).
+`auto` never picks int8: it changes the numbers (within cosine 0.995 of fp32), so it is asked for by name.
 """
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -18,10 +22,14 @@ import torch
 
 from .errors import ClapError, UsageError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # every name resolve_precision knows
-INFERENCE_PRECISIONS = ("auto", "fp32", "bf16")  # what embed/index/search/tag accept
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # every name resolve_precision knows
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "int8")  # what embed/index/search/tag accept
 TRAINING_PRECISIONS = ("fp32", "bf16", "fp16")  # what training accepts
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class SlowPrecisionWarning(UserWarning):
+    """A precision was asked for that this device runs slower than fp32."""
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -42,12 +50,21 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        return " avx512_bf16" in flags or " amx_bf16" in flags
+        return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
     return False
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (Linux); elsewhere torch's capability name (AVX2, AVX512, ...),
+    which names no bf16 support, so bf16 then counts as not native."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {torch.backends.cpu.get_cpu_capability().lower()}
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
 def resolve_precision(
@@ -56,7 +73,8 @@ def resolve_precision(
     """The precision to run at: one of `allowed`, with `auto` (or None) → bf16 where native, else fp32.
 
     None means `auto` only where `allowed` has it, else fp32. An unknown or disallowed name is a
-    UsageError naming the choices.
+    UsageError naming the choices; int8 on a GPU is a UsageError too (dynamic quantisation is a CPU
+    path). bf16 asked for by name on a CPU without native bf16 runs, with a warning that it is slower.
     """
     if name is None:
         name = "auto" if "auto" in allowed else "fp32"
@@ -65,13 +83,40 @@ def resolve_precision(
         raise UsageError(f"unknown precision {name!r}; choose one of: {', '.join(allowed)}")
     if name == "auto":
         return "bf16" if native_bf16(device) else "fp32"
+    if name == "int8" and device.type != "cpu":
+        raise UsageError(f"--precision int8 runs on the CPU only (PyTorch dynamic quantisation); on {device.type} "
+                         "use bf16 or fp32, or pass --device cpu")
+    if name == "bf16" and device.type == "cpu" and not native_bf16(device):
+        warnings.warn("this CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 runs several times slower "
+                      "than fp32 here; int8 is the fast CPU precision", SlowPrecisionWarning, stacklevel=2)
     return name
 
 
 def autocast(device: torch.device, precision: str):
-    """A context manager running matrix work at `precision` (a resolved name); fp32 is a no-op."""
-    if precision == "fp32":
+    """A context manager running matrix work at `precision` (a resolved name); fp32 is a no-op, and so is
+    int8 (the model's Linear layers are quantised instead, see `quantize_int8`)."""
+    if precision in ("fp32", "int8"):
         return nullcontext()
     if precision not in _DTYPES:
-        raise ValueError(f"autocast needs a resolved precision (fp32, bf16 or fp16), got {precision!r}")
+        raise ValueError(f"autocast needs a resolved precision (fp32, bf16, fp16 or int8), got {precision!r}")
     return torch.autocast(device.type, dtype=_DTYPES[precision])
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every nn.Linear of `model` (in place) by a dynamically quantised int8 one: weights stored as
+    int8 per tensor, activations quantised on the fly per batch; biases and every other layer stay fp32.
+    For inference on the CPU only. Returns `model`."""
+    from torch import nn
+
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao on every call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    return model
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """True when some layer of `model` is a dynamically quantised int8 Linear."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    return any(isinstance(m, DynamicQuantizedLinear) for m in model.modules())

@@ -42,8 +42,8 @@ def test_auto_is_bf16_exactly_where_it_is_native(monkeypatch, native, expected):
 
 
 def test_inference_refuses_fp16_and_training_accepts_it():
-    assert INFERENCE_PRECISIONS == ("auto", "fp32", "bf16")
-    with pytest.raises(UsageError, match="unknown precision 'fp16'; choose one of: auto, fp32, bf16"):
+    assert INFERENCE_PRECISIONS == ("auto", "fp32", "bf16", "int8")
+    with pytest.raises(UsageError, match="unknown precision 'fp16'; choose one of: auto, fp32, bf16, int8"):
         resolve_precision("fp16", CPU)
     assert resolve_precision("fp16", CPU, allowed=TRAINING_PRECISIONS) == "fp16"
     assert resolve_precision(None, CPU, allowed=TRAINING_PRECISIONS) == "fp32"  # no auto there

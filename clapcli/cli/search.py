@@ -1,7 +1,13 @@
-"""`clap search`: text or example audio → the best-matching files of an index."""
+"""`clap search`: text or example audio → the best-matching files of an index.
+
+A text-only search loads only the text half of the model (`load_model(..., text_only=True)`); `--stdin`
+loads it once and answers one query per input line.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -28,11 +34,13 @@ def search_command(
     device: str = options.DEVICE,
     precision: str = options.PRECISION,
     tokenizer: Optional[str] = options.TOKENIZER,
+    stdin: bool = typer.Option(False, "--stdin", help="Load the model once, then answer one query per line of "
+                               "standard input: plain text, or JSON with a 'query' and an optional 'k'."),
 ) -> None:
     """Search an index with text (and/or --audio FILE); results are files ranked by their best segment."""
     from ..errors import UsageError
     from ..index.paths import check_remembered_model, resolve_index
-    from ..index.search import model_mismatch_advice, moved_model_advice, open_for_search, query_vector, search
+    from ..index.search import Searcher, model_mismatch_advice, moved_model_advice, open_for_search, query_vector
 
     for text in (query or []) + (negative or []):
         if not text.strip():
@@ -44,18 +52,27 @@ def search_command(
             raise UsageError(f"--audio {output.display_path(a)}: not a file")
     if as_json and paths:
         raise UsageError("choose one of --json and --paths")
-    if not query and not audio:
+    if stdin and (query or audio):
+        raise UsageError("--stdin reads the queries from standard input; give no QUERY or --audio with it")
+    if not query and not audio and not stdin:
         raise UsageError("nothing to search for: give a text query and/or --audio FILE")
     index_dir = resolve_index(index)
     with open_for_search(index_dir) as store:
         identity = store.model_identity or {}
         if model is None:
             check_remembered_model(identity.get("model"), index_dir, moved_model_advice(index))
-        m = options.load(model or identity.get("model"), device, precision, tokenizer)
+        m = options.load(model or identity.get("model"), device, precision, tokenizer, text_only=not audio)
         wanted = m.identity_dict
         store.check_model_identity(wanted, advice=model_mismatch_advice(index, wanted.get("model"), model is not None))
+        note = _precision_note(store.precisions, getattr(m, "precision", None))
+        searcher = Searcher(store)
+        if stdin:
+            failed = _answer_stdin(m, searcher, negative or [], k, min_score, as_json, paths, note)
+            if failed:
+                raise typer.Exit(1)
+            return
         q = query_vector(m, query or [], negative or [], [str(a) for a in audio or []])
-        hits = search(store, q, k=k, min_score=min_score)
+        hits = searcher.search(q, k=k, min_score=min_score)
     if paths:
         for h in hits:
             print(h.path)
@@ -63,15 +80,76 @@ def search_command(
         for h in hits:
             output.json_line(h.to_dict())
     else:
-        _table(hits, " + ".join((query or []) + [str(a) for a in audio or []]), negative or [])
+        _table(hits, " + ".join((query or []) + [str(a) for a in audio or []]), negative or [], note)
 
 
-def _table(hits, title: str, negative) -> None:
+def _answer_stdin(m, searcher, negative, k, min_score, as_json, paths, note) -> int:
+    """One result set per query line, flushed as it is answered; returns how many lines were refused.
+
+    --json (or a pipe): one object per query, {"query", "k", "results": [hit, ...]}, or {"line", "error"}
+    for a line that is not a query. --paths: the paths, then an empty line. Repeated texts (and the --not
+    terms) are embedded once (the model's in-process cache)."""
+    from ..errors import UsageError
+    from ..index.search import query_vector
+
+    failed = 0
+    as_json = as_json or (not paths and not output.is_terminal())
+    for number, line in enumerate(sys.stdin, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            text, top = parse_query_line(line, k)
+        except UsageError as exc:
+            failed += 1
+            if as_json:
+                output.json_line({"line": number, "error": str(exc)})
+            print(f"error: line {number}: {exc}", file=sys.stderr)
+            continue
+        hits = searcher.search(query_vector(m, [text], negative, cache=True), k=top, min_score=min_score)
+        if as_json:
+            output.json_line({"query": text, "k": top, "results": [h.to_dict() for h in hits]})
+        elif paths:
+            print("\n".join([h.path for h in hits] + [""]))
+        else:
+            _table(hits, text, negative, note)
+        sys.stdout.flush()
+    return failed
+
+
+def parse_query_line(line: str, k: int) -> tuple[str, int]:
+    """A `--stdin` line → (query text, k): the line itself, or a JSON object {"query": str, "k": int}."""
+    from ..errors import UsageError
+
+    if not line.startswith("{"):
+        return line, k
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    text, top = obj.get("query"), obj.get("k", k)
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError('a JSON query line needs a non-empty "query" string')
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise UsageError(f'"k" must be a whole number ≥ 1, not {top!r}')
+    return text.strip(), top
+
+
+def _precision_note(index_precisions: list[str], query_precision: str | None) -> str:
+    """A caption for the table when the index and the query were embedded at different precisions; the
+    scores stay comparable (same weights; int8 within cosine 0.995 of fp32), so nothing else changes."""
+    if not index_precisions or query_precision is None or index_precisions == [query_precision]:
+        return ""
+    return (f"index embedded at {' + '.join(index_precisions)}, query at {query_precision}: "
+            "scores may differ from a single-precision search in the third decimal")
+
+
+def _table(hits, title: str, negative, note: str = "") -> None:
     from rich.table import Table
 
     if negative:
         title += "  (not: " + ", ".join(negative) + ")"
-    table = Table(title=title)
+    table = Table(title=title, caption=note or None)
     for col, justify in (("#", "right"), ("score", "right"), ("path", "left"), ("at", "right"),
                          ("duration", "right")):
         table.add_column(col, justify=justify)

@@ -268,6 +268,8 @@ def _update(store: IndexStore, model, load_model, model_name, root_paths, entrie
         summary.model = model.model_ref
         # Refuses a different model unless the store is empty (a rebuild starts from an empty store).
         store.set_model_identity(model.identity_dict)
+        if plan.to_embed:
+            store.record_precision(model.precision)
 
     with store.transaction():
         store.remove_files(plan.to_remove)

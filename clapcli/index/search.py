@@ -33,10 +33,16 @@ class Hit:
 
 
 def query_vector(model, texts: Sequence[str] = (), negatives: Sequence[str] = (),
-                 audio: Sequence[str] = ()) -> np.ndarray:
+                 audio: Sequence[str] = (), cache: bool = False) -> np.ndarray:
+    """The normalised sum of the positive embeddings minus the negative ones. With `cache`, texts come from
+    the model's in-process embedding cache when embedded before (`Clap.embed_text(cache=True)`)."""
+
+    def embed_text(items: Sequence[str]) -> np.ndarray:
+        return model.embed_text(list(items), cache=True) if cache else model.embed_text(list(items))
+
     positives = []
     if texts:
-        positives.extend(model.embed_text(list(texts)))
+        positives.extend(embed_text(texts))
     for path in audio:
         result = next(iter(model.embed_files([path], segments=False)))
         if result.error:
@@ -46,7 +52,7 @@ def query_vector(model, texts: Sequence[str] = (), negatives: Sequence[str] = ()
         raise ClapError("nothing to search for: give a text query and/or --audio FILE")
     q = np.sum(positives, axis=0)
     if negatives:
-        q = q - np.sum(model.embed_text(list(negatives)), axis=0)
+        q = q - np.sum(embed_text(negatives), axis=0)
     norm = np.linalg.norm(q)
     if not np.isfinite(norm) or norm < 1e-6:
         raise ClapError("the query terms cancel out; drop a --not term")
@@ -82,14 +88,28 @@ def open_for_search(index_dir: Path) -> IndexStore:
 
 
 def search(store: IndexStore, query: np.ndarray, k: int = 10, min_score: float | None = None) -> list[Hit]:
-    with store.snapshot():  # one consistent state, even while `clap index` commits
-        return _search(store, query, k, min_score)
+    return Searcher(store).search(query, k, min_score)
 
 
-def _search(store: IndexStore, query: np.ndarray, k: int, min_score: float | None) -> list[Hit]:
-    from .ann import AnnIndex
+class Searcher:
+    """Answers any number of queries on one open store (`clap search --stdin`): the nearest-neighbour
+    graph is loaded once and synced again only when the store's generation moves on (`clap index`
+    committed meanwhile)."""
 
-    ann = AnnIndex.sync(store, persist=None)
+    def __init__(self, store: IndexStore):
+        self.store = store
+        self._ann = None
+
+    def search(self, query: np.ndarray, k: int = 10, min_score: float | None = None) -> list[Hit]:
+        from .ann import AnnIndex
+
+        with self.store.snapshot():  # one consistent state, even while `clap index` commits
+            if self._ann is None or self._ann.generation != self.store.generation:
+                self._ann = AnnIndex.sync(self.store, persist=None)
+            return _search(self.store, self._ann, query, k, min_score)
+
+
+def _search(store: IndexStore, ann, query: np.ndarray, k: int, min_score: float | None) -> list[Hit]:
     total = ann.count
     fetch = min(total, max(4 * k, 32))
     while True:

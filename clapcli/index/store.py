@@ -280,6 +280,18 @@ class IndexStore:
                 self.set_meta("dim", str(dim))
             self.set_meta("model_identity", canonical)
 
+    @property
+    def precisions(self) -> list[str]:
+        """The precisions the stored embeddings were computed at (fp32, bf16, int8), sorted; [] when not
+        recorded (an index built before this was). Not part of the model identity: the same weights at
+        another precision give comparable embeddings (int8 within cosine 0.995 of fp32)."""
+        value = self.get_meta("precision")
+        return sorted(value.split(",")) if value else []
+
+    def record_precision(self, precision: str) -> None:
+        """Add `precision` to `precisions` (an index topped up at another precision lists both)."""
+        self.set_meta("precision", ",".join(sorted(set(self.precisions) | {precision})))
+
     def check_model_identity(self, identity: dict, advice: str = "pass the same --model or --rebuild") -> None:
         """Raise IndexStoreError if the index was built with a different model identity; `advice` ends the
         message (what the calling command offers to fix it).
@@ -419,7 +431,7 @@ class IndexStore:
         """
         with self.transaction():
             self._conn.execute("DELETE FROM files")
-            self._conn.execute("DELETE FROM meta WHERE key IN ('model_identity', 'dim')")
+            self._conn.execute("DELETE FROM meta WHERE key IN ('model_identity', 'dim', 'precision')")
             self.set_meta("index_uuid", uuid.uuid4().hex)
             self._bump_generation()
 

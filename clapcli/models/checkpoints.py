@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,15 +131,24 @@ def safe_torch_load(path: Path) -> Any:
         raise CheckpointError(f"cannot read {path} as a torch checkpoint: {str(exc).splitlines()[0]}") from exc
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _read_safetensors(path: Path, prefixes: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of every *.safetensors file in `path`, memory-mapped (pages are read when first touched,
+    and `build_and_load` makes them the model's parameters: no second copy). With `prefixes`, only the
+    keys that start with one of them are taken: the rest of the file is never read."""
+    from safetensors import safe_open
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path} has no *.safetensors weights (pytorch_model.bin is not loaded: it is a pickle)")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(f))
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    if prefixes is None or key.startswith(prefixes):
+                        state[key] = handle.get_tensor(key)
+        except (OSError, RuntimeError, ValueError) as exc:  # safetensors raises SafetensorError (a RuntimeError)
+            raise CheckpointError(f"cannot read {f}: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
     return state
 
 
@@ -187,15 +197,61 @@ def _fingerprint(path: Path) -> str:
 # Strict loading with a readable diff
 
 
-def build_and_load(cfg: ClapConfig, state: dict[str, torch.Tensor], source: str) -> ClapModel:
-    model = ClapModel(cfg)
+def build_and_load(cfg: ClapConfig, state: dict[str, torch.Tensor], source: str, module=ClapModel) -> torch.nn.Module:
+    """`module(cfg)` (ClapModel by default) with the weights of `state`, strictly: any missing, unused or
+    misshapen tensor is a CheckpointError listing them. The module is built with its parameters on the
+    `meta` device (no random initialisation, no memory) and `state`'s tensors become its parameters
+    (`assign=True`: a memory-mapped state is not copied); buffers derived from the config (position ids,
+    attention masks) are computed for real, and BatchNorm statistics come from `state`."""
+    with parameters_on_meta():
+        model = module(cfg)
     expected = {k: v for k, v in model.state_dict().items() if not DERIVED_KEY.search(k)}
     given = {k: v for k, v in state.items() if not DERIVED_KEY.search(k)}
     diff = state_dict_diff(expected, given)
     if diff:
         raise CheckpointError(f"{source} does not match the architecture it declares:\n{diff}")
-    model.load_state_dict(given, strict=False)  # strict in effect: the diff above is empty; derived buffers stay
+    # assign keeps the checkpoint's dtype: cast where it differs (an fp16 file into an fp32 model)
+    given = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in given.items()}
+    model.load_state_dict(given, strict=False, assign=True)  # strict in effect: the diff above is empty
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{source}: {len(left)} tensors were not loaded (e.g. {left[0]})")
     return model.eval()
+
+
+# The torch.nn.init functions made no-ops while a model is built on `meta`: its parameters get their values
+# from the checkpoint, and some of these (normal_, trunc_normal_) would import torch._dynamo for meta tensors.
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")
+
+
+@contextmanager
+def parameters_on_meta():
+    """Within this block, every parameter a module registers lives on the `meta` device and torch.nn.init
+    does nothing: constructing a model allocates no weights and runs no random initialisation. Buffers stay
+    real (so buffers a module computes from its config, like position ids or attention masks, keep their
+    values). Not thread-safe: it patches torch.nn.Module.register_parameter for the duration."""
+    register = torch.nn.Module.register_parameter
+    inits = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    def skip(tensor, *args, **kwargs):
+        return tensor
+
+    torch.nn.Module.register_parameter = on_meta
+    for name in inits:
+        setattr(torch.nn.init, name, skip)
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+        for name, fn in inits.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def state_dict_diff(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], limit: int = 12) -> str:

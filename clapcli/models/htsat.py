@@ -129,9 +129,13 @@ class Attention(nn.Module):
         heads, hd, nw = att.heads, c // att.heads, bw // batch
         # One GEMM for query, key and value; then fold windows into the head axis, so one additive mask
         # (nW·heads, w², w²) broadcasts over the batch instead of being copied per clip.
-        weight = torch.cat([att.query.weight, att.key.weight, att.value.weight])
-        bias = None if att.query.bias is None else torch.cat([att.query.bias, att.key.bias, att.value.bias])
-        qkv = F.linear(x, weight, bias).view(batch, nw, n, 3, heads, hd).permute(3, 0, 1, 4, 2, 5)
+        if isinstance(att.query, nn.Linear):
+            weight = torch.cat([att.query.weight, att.key.weight, att.value.weight])
+            bias = None if att.query.bias is None else torch.cat([att.query.bias, att.key.bias, att.value.bias])
+            qkv = F.linear(x, weight, bias)  # (B·nW, w², 3C)
+        else:  # int8-quantised layers (runtime.quantize_int8) expose no weight tensor: three GEMMs
+            qkv = torch.cat([att.query(x), att.key(x), att.value(x)], dim=-1)
+        qkv = qkv.view(batch, nw, n, 3, heads, hd).permute(3, 0, 1, 4, 2, 5)
         q, k, v = (t.reshape(batch, nw * heads, n, hd) for t in qkv)  # (B, nW·heads, w², hd)
         rel = att.relative_position_bias_table[att.relative_position_index.view(-1)]
         rel = rel.view(n, n, heads).permute(2, 0, 1)  # (heads, w², w²)

@@ -62,7 +62,9 @@ def cached_label_embeddings(
 ) -> np.ndarray:
     """Ensembled label embeddings (L, D): from the cache, or encoded with `model.embed_text` and stored."""
     templates = check_templates(templates)
-    key = cache_key(str(model.fingerprint), labelset, templates)
+    # Embeddings at a precision other than fp32 (bf16, int8) are close to fp32's but not equal: kept apart.
+    precision = getattr(model, "precision", "fp32")
+    key = cache_key(str(model.fingerprint) + ("" if precision == "fp32" else f"/{precision}"), labelset, templates)
     directory = Path(cache_dir) if cache_dir is not None else label_cache_dir()
     digest = _key_digest(key)
     array_path, meta_path = directory / f"{digest}.npy", directory / f"{digest}.json"
