@@ -24,6 +24,7 @@ def supports(cfg: TextConfig) -> bool:
     """True when `cfg` describes a tower this module computes exactly as transformers does."""
     return (
         cfg.model_type in ("roberta", "bert")
+        and cfg.pooling in ("auto", "pooler")  # a mean-pooled tower goes through transformers
         and cfg.hidden_act in ACTIVATIONS
         and cfg.extra.get("position_embedding_type", "absolute") == "absolute"
         and not cfg.extra.get("is_decoder", False)

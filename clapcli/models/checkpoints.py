@@ -212,11 +212,26 @@ def build_and_load(cfg: ClapConfig, state: dict[str, torch.Tensor], source: str,
         raise CheckpointError(f"{source} does not match the architecture it declares:\n{diff}")
     # assign keeps the checkpoint's dtype: cast where it differs (an fp16 file into an fp32 model)
     given = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in given.items()}
+    given = _unaliased(given)
     model.load_state_dict(given, strict=False, assign=True)  # strict in effect: the diff above is empty
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"{source}: {len(left)} tensors were not loaded (e.g. {left[0]})")
     return model.eval()
+
+
+def _unaliased(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with every tensor that is the same memory as an earlier one (one tensor under two names, as a
+    converter may fill two scales from one value) replaced by a copy: assigned as they are, aliases would
+    become tied parameters that train together and that safetensors refuses to save."""
+    seen: set[tuple] = set()
+    out = {}
+    for name, tensor in state.items():
+        where = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                 tensor.stride())
+        out[name] = tensor.clone() if where in seen and tensor.numel() else tensor
+        seen.add(where)
+    return out
 
 
 # The torch.nn.init functions made no-ops while a model is built on `meta`: its parameters get their values
