@@ -176,3 +176,36 @@ def test_presets_have_the_released_architectures(name, audio):
         ours = Ours(preset(name)).state_dict()
     shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items() if not DERIVED_KEY.search(k)}  # noqa: E731
     assert shapes(ours) == shapes(ref)
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_model_loadable(tmp_path, monkeypatch):
+    """The weights are written beside the old file and renamed into place: a save killed halfway (disk full,
+    Ctrl-C) leaves the previous model whole, and a process with the old file memory-mapped keeps its pages."""
+    import safetensors.torch
+
+    from clapcli.models.checkpoints import load_checkpoint, save_own
+    from clapcli.models.clap import ClapModel
+    from clapcli.models.presets import preset
+    from tiny_models import train_tokenizer
+
+    tokenizer = train_tokenizer()
+    cfg = preset("tiny")
+    cfg.text.vocab_size = len(tokenizer)
+    model = ClapModel(cfg)
+    save_own(model, tokenizer, tmp_path / "m")
+    loaded = load_checkpoint(tmp_path / "m").model
+    snapshot = {k: v.clone() for k, v in loaded.state_dict().items()}
+
+    def dies_midway(state, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 1000)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_midway)
+    with pytest.raises(OSError):
+        save_own(model, tokenizer, tmp_path / "m")
+    monkeypatch.undo()
+    again = load_checkpoint(tmp_path / "m").model
+    assert all(torch.equal(v, snapshot[k]) for k, v in again.state_dict().items())
+    assert all(torch.equal(v, snapshot[k]) for k, v in loaded.state_dict().items())
+    assert [p.name for p in (tmp_path / "m").iterdir() if p.name.startswith(".")] == []

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_write
 from ..errors import CheckpointError, ClapError, WeightsNotAvailable
 from . import registry, wav2clip
 from .clap import ClapModel
@@ -420,12 +421,15 @@ def save_own(model: ClapModel, tokenizer, directory: str | os.PathLike, extra: d
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not DERIVED_KEY.search(k)}
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": OWN_FORMAT})
+    # Written beside and renamed into place: a process that has the old weights memory-mapped keeps reading
+    # the old file (an in-place overwrite would pull the pages from under it: SIGBUS)
+    atomic_write(directory / "model.safetensors",
+                 writer=lambda tmp: save_file(state, str(tmp), metadata={"format": OWN_FORMAT}))
     config = {"format": OWN_FORMAT, "format_version": OWN_FORMAT_VERSION, "config": model.config.to_dict()}
     if model.config.text_tower is not None:  # Wav2CLIP: a reference to the tower, not its weights (README)
         config["config"]["text_tower"] = wav2clip.stored_text_tower(model.config.text_tower, directory)
     config.update(extra or {})
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write(directory / "config.json", json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return directory
