@@ -87,15 +87,15 @@ def test_a_partition_holds_files_segments_and_errors(tmp_path):
     rng = np.random.default_rng(0)
     vec = lambda: rng.standard_normal(4).astype(np.float32)  # noqa: E731
     results = [
-        AudioEmbedding("/a.wav", 2.5, vec(), sample_rate=44_100, channels=2),
+        AudioEmbedding("/a.wav", 2.5, vec(), sample_rate=44_100, channels=2, partial="truncated after 2.5 s"),
         AudioEmbedding("/b.flac", 25.0, vec(), [Segment(0.0, 10.0, vec()), Segment(10.0, 20.0, vec()),
                                                  Segment(15.0, 25.0, vec())], sample_rate=48_000, channels=1),
         AudioEmbedding("/c.mp3", 0.0, None, error="cannot be decoded (x)"),
     ]
     write_partition(tmp_path, 3, results)
     back = list(read_partition(tmp_path, 3))
-    assert [(r.path, r.duration, r.error, r.sample_rate, r.channels) for r in back] == \
-        [(r.path, r.duration, r.error, r.sample_rate, r.channels) for r in results]
+    assert [(r.path, r.duration, r.error, r.sample_rate, r.channels, r.partial) for r in back] == \
+        [(r.path, r.duration, r.error, r.sample_rate, r.channels, r.partial) for r in results]
     for got, want in zip(back, results):
         assert (got.embedding is None) == (want.embedding is None)
         if want.embedding is not None:

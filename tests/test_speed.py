@@ -117,6 +117,20 @@ def test_text_only_falls_back_to_the_whole_model_where_it_does_not_apply(tiny_mo
     assert load_text_checkpoint(tiny_model_dir, tokenizer="some-tokenizer") is None
 
 
+def test_text_only_serves_models_in_the_own_format(tiny_model_dir, tmp_path):
+    """What `clap train` and `Clap.save` write (config.json with every ClapConfig field) takes the text-only
+    path too, with the whole model's embeddings."""
+    from clapcli.models.text_only import load_text_checkpoint
+
+    whole = load_model(tiny_model_dir, device="cpu", precision="fp32")
+    whole.save(tmp_path / "own")
+    assert load_text_checkpoint(tmp_path / "own") is not None
+    lean = load_model(tmp_path / "own", device="cpu", precision="fp32", text_only=True)
+    assert lean.text_only
+    texts = ["a dog barking", "rain on a roof"]
+    np.testing.assert_allclose(lean.embed_text(texts), whole.embed_text(texts), atol=1e-5)
+
+
 def test_weights_are_memory_mapped_into_the_model_without_a_random_init(tiny_model_dir, monkeypatch):
     """The parameters live in the checkpoint's file mapping (no second copy), and no torch.nn.init function
     runs while the model is built (they would fail here)."""

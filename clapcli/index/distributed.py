@@ -89,7 +89,7 @@ def write_partition(directory: Path, rank: int, results: Iterable[AudioEmbedding
     records, vectors = [], []
     for result in results:
         record = {"path": result.path, "duration": result.duration, "error": result.error,
-                  "sample_rate": result.sample_rate, "channels": result.channels}
+                  "sample_rate": result.sample_rate, "channels": result.channels, "partial": result.partial}
         if result.error is None:
             record["row"] = len(vectors)
             record["segments"] = [[s.start, s.end] for s in result.segments]
@@ -122,7 +122,7 @@ def read_partition(directory: Path, rank: int) -> Iterator[AudioEmbedding]:
         segments = [Segment(start, end, np.array(vectors[row + 1 + k]))
                     for k, (start, end) in enumerate(rec["segments"])]
         yield AudioEmbedding(rec["path"], rec["duration"], np.array(vectors[row]), segments,
-                             sample_rate=rec["sample_rate"], channels=rec["channels"])
+                             sample_rate=rec["sample_rate"], channels=rec["channels"], partial=rec.get("partial"))
 
 
 # ---------------------------------------------------------------------------------------------------------

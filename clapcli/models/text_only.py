@@ -24,7 +24,7 @@ from .clap import Projection
 from .config import ClapConfig
 
 TEXT_PREFIXES = ("text_model.", "text_projection.", "logit_scale_")
-OWN_CONFIG_KEYS = {"audio", "text", "frontend", "projection_dim", "logit_scale_init"}
+OWN_CONFIG_KEYS = {"audio", "text", "frontend", "projection_dim", "logit_scale_init", "text_tower"}
 
 
 class ClapTextModel(nn.Module):
@@ -111,7 +111,8 @@ def text_config(path: Path) -> tuple[ClapConfig, str] | None:
         config = json.loads((path / "config.json").read_text())
         if config.get("format") == OWN_FORMAT:
             inner = config.get("config")
-            if config.get("format_version", 0) > OWN_FORMAT_VERSION or not set(inner) <= OWN_CONFIG_KEYS:
+            if (config.get("format_version", 0) > OWN_FORMAT_VERSION or not set(inner) <= OWN_CONFIG_KEYS
+                    or inner.get("text_tower")):  # a Wav2CLIP model's text side is a separate CLIP tower
                 return None
             cfg, kind = ClapConfig.from_dict(inner), "clapcli"
         elif "audio_config" in config:
