@@ -87,7 +87,8 @@ class _StreamedFile:
 class Clap:
     """A loaded model plus its front end, on one device, at one precision.
 
-    Precision int8 quantises the model's Linear layers (both towers and the projections) once, here.
+    Precision int8 quantises the model's Linear layers (both towers and the projections) once, here; a
+    Wav2CLIP model's CLIP text tower, loaded lazily on first use, stays fp32.
     A model loaded with `text_only=True` embeds text only (see `load_model`)."""
 
     def __init__(self, loaded: LoadedCheckpoint, device: torch.device, precision: str):

@@ -103,6 +103,7 @@ def test_index_rm_of_a_directory_index_keeps_other_files(tiny_model_dir, tmp_pat
     index_dir = lib / "my-index"  # an index inside the user's own folder: only the index's files may go
     clap("index", lib, "--index", index_dir, "--model", tiny_model_dir)
     (index_dir / "notes.txt").write_text("mine")
+    (index_dir / ".partitions" / "run-1").mkdir(parents=True)  # what a killed sharded run leaves behind
     clap("index", "rm", index_dir, "--yes")
     assert sorted(p.name for p in index_dir.iterdir()) == ["notes.txt"]
     assert (lib / "a.wav").is_file()

@@ -471,6 +471,8 @@ def test_training_errors_are_one_line(image_shards, tiny_clip, roberta_tok, tmp_
             "--model-config", "tiny-wav2clip"]
     code, err = run_main(monkeypatch, capsys, *base, "--out", tmp_path / "r1", "--teacher", tiny_clip)
     assert code == 2 and "--teacher is for --objective wav2clip" in err
+    code, err = run_main(monkeypatch, capsys, *base, "--out", tmp_path / "r1b")  # the default objective: clap
+    assert code == 2 and "a Wav2CLIP model has no text tower" in err and err.count("\n") == 1
     code, err = run_main(monkeypatch, capsys, *base, "--out", tmp_path / "r2", "--objective", "w2c")
     assert code == 2 and "--objective must be clap or wav2clip" in err
     wide = save_tiny_clip(tmp_path / "clip64", dim=64)

@@ -51,7 +51,6 @@ def index_command(
     from functools import partial
 
     from ..errors import ClapError
-    from ..index import distributed
     from ..index.indexer import IndexInterrupted, emptied_message, build_index
     from ..index.paths import resolve_index
 
@@ -59,8 +58,11 @@ def index_command(
     if workers is None:
         workers = max(0, min(4, (os.cpu_count() or 1) - 1))
     progress = _IndexProgress(enabled=not as_json)
-    if distributed.launched():  # under torchrun: every rank embeds a share, rank 0 commits and reports
-        build_index = partial(distributed.build_index, device=device)
+    if {"WORLD_SIZE", "SLURM_NTASKS"} & set(os.environ):  # maybe under torchrun/srun (torch only then)
+        from ..index import distributed
+
+        if distributed.launched():  # every rank embeds a share, rank 0 commits and reports
+            build_index = partial(distributed.build_index, device=device)
     try:
         summary = build_index(
             dirs, index_dir, lambda name: _load_model(name, model, index_dir, device, precision, tokenizer),

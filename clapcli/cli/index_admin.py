@@ -172,9 +172,9 @@ def _own_entries(index_dir: Path) -> list[Path]:
     from ..index.ann import ANN_FILENAME, SIDECAR_FILENAME
     from ..index.indexer import REBUILD_DIR
     from ..index.lock import LOCK_FILE, LOCK_PID_FILE
-    from ..index.schema import DB_FILENAME
+    from ..index.schema import DB_FILENAME, PARTITIONS_DIR
 
-    names = {ANN_FILENAME, SIDECAR_FILENAME, LOCK_PID_FILE, REBUILD_DIR, LOCK_FILE}
+    names = {ANN_FILENAME, SIDECAR_FILENAME, LOCK_PID_FILE, REBUILD_DIR, LOCK_FILE, PARTITIONS_DIR}
     return [p for p in index_dir.iterdir() if p.name in names or p.name.startswith(DB_FILENAME)]
 
 

@@ -50,8 +50,8 @@ from ..api import AudioEmbedding, Segment
 from ..atomic import atomic_write
 from ..errors import ClapError
 from . import indexer
+from .schema import PARTITIONS_DIR
 
-PARTITIONS_DIR = ".partitions"  # inside the index directory: one sub-directory per sharded run
 COORDINATION_TIMEOUT = timedelta(days=7)  # how long ranks wait for each other (a scan, the slowest share)
 
 

@@ -24,6 +24,7 @@ from typing import Callable
 from ..errors import IndexStoreError
 
 DB_FILENAME = "index.sqlite"
+PARTITIONS_DIR = ".partitions"  # inside the index directory: one sub-directory per sharded (torchrun) run
 BUSY_TIMEOUT_S = 30.0  # how long a write waits for another writer's transaction before giving up
 
 

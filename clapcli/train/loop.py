@@ -162,6 +162,9 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
     for note in model_info.get("notes", []):
         log({"warning": note})
     wav2clip = cfg.objective == "wav2clip"
+    if model.config.text_tower is not None and not wav2clip:
+        raise UsageError("a Wav2CLIP model has no text tower of its own to train against captions; distil it "
+                         "with --objective wav2clip --teacher CLIP_DIR")
     teacher, (dim, width) = _distillation_setup(cfg, model, device) if wav2clip else (None, (None, None))
     model.to(device)
     if cfg.freeze_audio:
