@@ -75,13 +75,24 @@ class _StreamedFile:
         if self.error is not None:
             return AudioEmbedding(self.path, 0.0, None, error=self.error)
         n = self.end.samples_total
-        embedding = self.vector
-        if embedding is None:  # unfused long file: mean of normalised windows, renormalised
-            mean = np.mean([v for _, v in self.windows], axis=0)
-            embedding = l2_normalize(mean) if normalize else mean.astype(np.float32)
-        segs = [Segment(s / sr, min(s + clip, n) / sr, v) for s, v in self.windows] if segments else []
+        embedding, segs = _file_level(self.vector, self.windows, n, sr, clip, segments, normalize)
         return AudioEmbedding(self.path, n / sr, embedding, segs, sample_rate=self.end.sample_rate,
                               channels=self.end.channels, partial=self.end.partial)
+
+
+def _file_level(vector, windows, n: int, sr: int, clip: int, segments: bool, normalize: bool):
+    """(file embedding, segments) of an n-sample file from its file-level vector (None: an unfused long
+    file, whose embedding is the mean of its normalised windows, renormalised) and its (start, vector)
+    windows."""
+    if vector is None:
+        mean = np.mean([v for _, v in windows], axis=0)
+        vector = l2_normalize(mean) if normalize else mean.astype(np.float32)
+    return vector, [Segment(s / sr, min(s + clip, n) / sr, v) for s, v in windows] if segments else []
+
+
+def _embed_failure(exc: BaseException) -> str:
+    """The error recorded for a file whose forward pass failed (say, out of memory on a very long file)."""
+    return f"cannot embed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
 
 
 class Clap:
@@ -242,11 +253,8 @@ class Clap:
             else:
                 windows.setdefault(i, []).append((kind, vec))
         for i, wins in windows.items():
-            if results[i].embedding is None:  # unfused long file: mean of normalised windows, renormalised
-                mean = np.mean([v for _, v in wins], axis=0)
-                results[i].embedding = l2_normalize(mean) if normalize else mean.astype(np.float32)
-            if segments:
-                results[i].segments = [Segment(s / sr, min(s + clip, len(waves[i])) / sr, v) for s, v in wins]
+            results[i].embedding, results[i].segments = _file_level(results[i].embedding, wins, len(waves[i]), sr,
+                                                                    clip, segments, normalize)
         return results
 
     @torch.inference_mode()
@@ -369,9 +377,8 @@ class Clap:
                     for job in batch:
                         run([job])
                     return
-                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 state = files[batch[0][0]]
-                state.error = state.error or f"cannot embed: {why}"
+                state.error = state.error or _embed_failure(exc)
                 vectors = [None]
             for (i, kind, _, _), vec in zip(batch, vectors):
                 state = files[i]
@@ -430,7 +437,7 @@ class Clap:
                 return self.embed_waveforms(waves, segments=segments, batch_size=batch_size, normalize=normalize)
             except (RuntimeError, ValueError, MemoryError) as exc:
                 if len(decoded) == 1:
-                    decoded[0].error = f"cannot embed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                    decoded[0].error = _embed_failure(exc)
                     return []
                 return [e for d in decoded for e in embed([d])]  # find the file at fault, keep the rest
 

@@ -11,7 +11,6 @@ swaps it in on success.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
 import shutil
@@ -22,7 +21,7 @@ from typing import Callable, Iterator, Sequence
 
 from ..errors import ClapError, IndexStoreError
 from .lock import WriterLock
-from .scan import AUDIO_EXTENSIONS, ScanEntry, ScanProblem, scan
+from .scan import AUDIO_EXTENSIONS, ScanEntry, ScanProblem, matches_exclude, scan
 from .schema import DB_FILENAME
 from .store import IndexStore, content_hash
 
@@ -140,8 +139,7 @@ def _excluded(path: str, roots: Sequence[Path], patterns: Sequence[str]) -> bool
             continue
         parts = Path(path).relative_to(root).parts
         for i in range(len(parts)):
-            tests = (parts[i], "/".join(parts[: i + 1]), str(root.joinpath(*parts[: i + 1])))
-            if any(fnmatch.fnmatch(t, pattern) for t in tests for pattern in patterns):
+            if matches_exclude(parts[i], "/".join(parts[: i + 1]), str(root.joinpath(*parts[: i + 1])), patterns):
                 return True
     return False
 

@@ -150,14 +150,15 @@ class _Walker:
             self.entries[resolved] = ScanEntry(Path(resolved), st.st_size, st.st_mtime_ns)
 
     def _excluded(self, name: str, path: Path, root: Path) -> bool:
-        if not self.exclude:
-            return False
-        relative = path.relative_to(root).as_posix()
-        absolute = str(path)
-        return any(
-            fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(relative, pattern) or fnmatch.fnmatch(absolute, pattern)
-            for pattern in self.exclude
-        )
+        return bool(self.exclude) and matches_exclude(name, path.relative_to(root).as_posix(), str(path),
+                                                      self.exclude)
+
+
+def matches_exclude(name: str, relative: str, absolute: str, patterns: Iterable[str]) -> bool:
+    """The --exclude rule: a glob matches a file or folder by its name, its path relative to the scanned
+    root, or its absolute path."""
+    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(absolute, p)
+               for p in patterns)
 
 
 def _extension(name: str) -> str:

@@ -122,8 +122,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         gen = np.random.default_rng([self.seed, self.epoch, slot_id, number])
         if isinstance(self.collate, ImageCollate):
             waves = [decode_audio(raw, self.sample_rate, self.quantize) for raw in raws]
-            return [raw.key for raw in raws], self.collate(waves, [sample_image(raw, self.collate) for raw in raws],
-                                                           gen)
+            frames_ok = self.collate.preprocess is not None
+            images = [sample_image(raw, self.collate.dim, frames_ok) for raw in raws]
+            return [raw.key for raw in raws], self.collate(waves, images, gen)
         waves, texts = [], []
         for raw in raws:
             captions = select_text(raw.meta, self.text_source, key=f"{raw.url}: {raw.key}")
@@ -132,18 +133,19 @@ class ShardStream(torch.utils.data.IterableDataset):
         return [raw.key for raw in raws], self.collate(waves, texts, gen)
 
 
-def sample_image(raw, collate: ImageCollate):
-    """A sample's image for `collate`: its embedding (checked against the model's D) or its decoded frame."""
+def sample_image(raw, dim: int, can_embed_frames: bool):
+    """A sample's image: its `.npy` embedding (checked against the model's D = `dim`) or its decoded frame,
+    which only a run with a teacher (`can_embed_frames`) can use."""
     if raw.image_ext is None:
         raise DataError("has no image member (.jpg frame or .npy embedding; `clap shards make --images` writes "
                         "them)", source=raw.url or None, member=raw.key)
     if raw.image_ext == "npy":
         vector = decode_image_embedding(raw)
-        if vector.shape[0] != collate.dim:
-            raise DataError(f"image embedding has {vector.shape[0]} values, the model compares {collate.dim}",
+        if vector.shape[0] != dim:
+            raise DataError(f"image embedding has {vector.shape[0]} values, the model compares {dim}",
                             source=raw.url or None, member=f"{raw.key}.npy")
         return vector
-    if collate.preprocess is None:
+    if not can_embed_frames:
         raise DataError("holds an image frame: pass --teacher CLIP_DIR to embed it", source=raw.url or None,
                         member=f"{raw.key}.{raw.image_ext}")
     return decode_frame(raw)

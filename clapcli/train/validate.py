@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .data import sample_image
 from .labelled import LabelledClip
 from .metrics import retrieval_metrics, zeroshot_metrics
-from .shards import ShardSplit, decode_audio, decode_frame, decode_image_embedding, iter_shard, select_text
+from .shards import ShardSplit, decode_audio, iter_shard, select_text
 
 ZEROSHOT_TEMPLATE = "This is a sound of {}."  # LAION-CLAP's zero-shot prompt
 
@@ -80,19 +81,11 @@ def validate_images(model, tokenizer, split: ShardSplit, teacher=None, batch_siz
 
     for url in split.urls:
         for raw in iter_shard(url):
-            if raw.image_ext is None:
-                raise DataError("has no image member", source=raw.url, member=raw.key)
+            image = sample_image(raw, dim, teacher is not None)
             if raw.image_ext == "npy":
-                vector = decode_image_embedding(raw)
-                if vector.shape[0] != dim:
-                    raise DataError(f"image embedding has {vector.shape[0]} values, the model compares {dim}",
-                                    source=raw.url, member=f"{raw.key}.npy")
-                images.append(vector)
-            elif teacher is None:
-                raise DataError("holds an image frame: pass --teacher CLIP_DIR to embed it", source=raw.url,
-                                member=f"{raw.key}.{raw.image_ext}")
+                images.append(image)
             else:
-                frames.append((len(images), decode_frame(raw)))
+                frames.append((len(images), image))
                 images.append(None)
             waves.append(decode_audio(raw, sr, quantize))
             if len(waves) >= batch_size:
