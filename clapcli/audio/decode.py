@@ -157,7 +157,13 @@ class MonoReader:
         self.close()
 
     def _mono(self, block: np.ndarray) -> np.ndarray:  # (n, C) -> (n,)
-        return block[:, 0].copy() if self.info.channels == 1 else block.mean(axis=1, dtype=np.float32)
+        if self.info.channels == 1:
+            return block[:, 0].copy()
+        if self.info.channels == 2:  # numpy's mean of two is (a + b) / 2, bit for bit; this is ~10x faster
+            out = np.add(block[:, 0], block[:, 1])
+            out *= np.float32(0.5)
+            return out
+        return block.mean(axis=1, dtype=np.float32)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         import soundfile as sf

@@ -38,15 +38,20 @@ class PatchEmbed(nn.Module):
         # image: (B, 1, 256, 256) global view; local: (B', 3, 256, 256) crops of the clips in longer_idx
         x = self.proj(image)  # (B, D, 64, 64)
         if self.enable_fusion and local is not None and longer_idx is not None and longer_idx.numel() > 0:
-            b, crops, h, w = local.shape
-            local = self.mel_conv2d(local.reshape(b * crops, 1, h, w))  # (B'·3, D, 64, 21)
-            _, d, lh, lw = local.shape
-            local = local.view(b, crops, d, lh, lw).permute(0, 2, 3, 1, 4).flatten(3)  # (B', D, 64, 63)
-            local = F.pad(local, (0, x.shape[-1] - local.shape[-1]))  # (B', D, 64, 64)
             x = x.clone()
-            x[longer_idx] = self.fusion_model(x[longer_idx], local)
-        x = x.flatten(2).transpose(1, 2)  # (B, 64·64, D)
-        return self.norm(x)
+            x[longer_idx] = self.fusion_model(x[longer_idx], self.local_embedding(local, x.shape[-1]))
+        return self.tokens(x)
+
+    def local_embedding(self, local: torch.Tensor, width: int) -> torch.Tensor:
+        """The three local crops (B', 3, 256, 256) → one patch map (B', D, 64, width), side by side in time."""
+        b, crops, h, w = local.shape
+        local = self.mel_conv2d(local.reshape(b * crops, 1, h, w))  # (B'·3, D, 64, 21)
+        _, d, lh, lw = local.shape
+        local = local.view(b, crops, d, lh, lw).permute(0, 2, 3, 1, 4).flatten(3)  # (B', D, 64, 63)
+        return F.pad(local, (0, width - local.shape[-1]))  # (B', D, 64, 64)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.flatten(2).transpose(1, 2))  # (B, D, 64, 64) → (B, 64·64, D)
 
 
 def window_partition(x: torch.Tensor, w: int) -> torch.Tensor:
@@ -55,10 +60,15 @@ def window_partition(x: torch.Tensor, w: int) -> torch.Tensor:
     return x.reshape(-1, w * w, c)
 
 
-def window_reverse(windows: torch.Tensor, w: int, h: int, wd: int) -> torch.Tensor:
-    c = windows.shape[-1]  # (B·nW, w·w, C) -> (B, H, W, C)
-    x = windows.view(-1, h // w, wd // w, w, w, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, h, wd, c)
+def window_order(r: int, w: int, shift: int) -> torch.Tensor:
+    """Token order of the (shifted) windows: for tokens (B, r·r, C) in row-major order, `x[:, order]` equals
+    rolling the (r, r) grid by −shift on both axes and cutting it into w×w windows (window-major, each
+    window row-major), and `x[:, argsort(order)]` undoes it. One gather instead of a roll, a 6-d transpose
+    and a copy before the attention, and the same again after it; the values are moved, never changed."""
+    idx = torch.arange(r * r).view(1, r, r, 1)
+    if shift:
+        idx = torch.roll(idx, shifts=(-shift, -shift), dims=(1, 2))
+    return window_partition(idx, w).flatten()
 
 
 def relative_position_index(w: int) -> torch.Tensor:
@@ -172,18 +182,15 @@ class SwinBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
         mask = shift_mask(resolution, resolution, self.window, self.shift) if self.shift else None
         self.register_buffer("attn_mask", mask, persistent=False)
+        order = window_order(resolution, self.window, self.shift)
+        self.register_buffer("window_order", order, persistent=False)
+        self.register_buffer("token_order", torch.argsort(order), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape  # (B, H·W, C)
-        r, w, s = self.resolution, self.window, self.shift
-        h = self.layernorm_before(x).view(b, r, r, c)
-        if s:
-            h = torch.roll(h, shifts=(-s, -s), dims=(1, 2))
-        h = self.attention(window_partition(h, w), self.attn_mask, b)
-        h = window_reverse(h, w, r, r)
-        if s:
-            h = torch.roll(h, shifts=(s, s), dims=(1, 2))
-        x = x + self.drop_path(h.reshape(b, n, c))
+        h = self.layernorm_before(x).index_select(1, self.window_order)  # (B, nW·w², C), windows in a row
+        h = self.attention(h.view(-1, self.window**2, c), self.attn_mask, b)  # (B·nW, w², C)
+        x = x + self.drop_path(h.view(b, n, c).index_select(1, self.token_order))
         h = self.mlp_drop(F.gelu(self.intermediate.dense(self.layernorm_after(x))))
         return x + self.drop_path(self.mlp_drop(self.output.dense(h)))
 
@@ -283,11 +290,14 @@ class HTSAT(nn.Module):
             if longer_idx.numel() > 0:
                 local = self.fold(self.normalise(features[longer_idx, 1:]))  # (B', 3, 256, 256)
         image = self.fold(self.normalise(features[:, :1]))  # (B, 1, 256, 256)
-        x = self.pos_drop(self.patch_embed(image, local, longer_idx))  # (B, 4096, D)
+        return self.encode_tokens(self.patch_embed(image, local, longer_idx))
+
+    def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, 4096, D) → pooled features (B, 8D): the Swin stages, a LayerNorm, the token mean."""
+        x = self.pos_drop(x)
         for stage in self.layers:
             x = stage(x)
-        x = self.norm(x)  # (B, 64, 8D)
-        return x.mean(dim=1)  # mean over all final tokens
+        return self.norm(x).mean(dim=1)  # (B, 64, 8D) → mean over all final tokens
 
     def normalise(self, mel: torch.Tensor) -> torch.Tensor:
         return self.batch_norm(mel.transpose(1, 3)).transpose(1, 3)  # BatchNorm over the mel-bin axis
