@@ -102,11 +102,20 @@ class Clap:
     Wav2CLIP model's CLIP text tower, loaded lazily on first use, stays fp32.
     A model loaded with `text_only=True` embeds text only (see `load_model`)."""
 
-    def __init__(self, loaded: LoadedCheckpoint, device: torch.device, precision: str):
+    def __init__(self, loaded: LoadedCheckpoint, device: torch.device, precision: str, engine: str | None = None):
+        from .models.onnx_audio import OnnxHTSAT, resolve_engine
+
         self.loaded = loaded
         self.model = loaded.model.to(device).eval()
+        encoder = getattr(getattr(self.model, "audio_model", None), "audio_encoder", None)
+        self.engine = resolve_engine(engine, device, encoder, precision)
+        if self.engine == "onnx":  # the audio encoder runs in onnxruntime (fp32 or its own int8), the rest in torch
+            self.model.audio_runner = OnnxHTSAT(encoder, loaded.fingerprint, precision)
         if precision == "int8":
-            quantize_int8(self.model)
+            parts = [self.model] if self.engine == "torch" else [
+                m for m in (self.model.text_model, self.model.text_projection, self.model.audio_projection) if m]
+            for part in parts:
+                quantize_int8(part)
         self.tokenizer = loaded.tokenizer
         self.config = self.model.config
         self.device = device
@@ -483,13 +492,17 @@ def load_model(
     precision: str = "auto",
     tokenizer: str | None = None,
     text_only: bool = False,
+    engine: str | None = None,
 ) -> Clap:
     """Load a model: a hub id (default `laion/clap-htsat-fused`), a local directory, or an original .pt.
 
     precision: auto (bf16 where native, else fp32), fp32, bf16 or int8 (CPU: dynamic int8 Linear layers,
     within cosine 0.995 of fp32). text_only: read and build only the text tower and projection (no
     transformers import, the audio weights never read) where the checkpoint allows it (a Hugging Face or
-    clapcli directory with a RoBERTa/BERT tower and a tokenizer.json); elsewhere the whole model loads."""
+    clapcli directory with a RoBERTa/BERT tower and a tokenizer.json); elsewhere the whole model loads.
+    engine: None ($CLAP_ENGINE if set, else auto), auto (onnx where it can run: CPU, an HTSAT encoder, fp32 or int8,
+    onnxruntime installed; else torch), torch, or onnx (the audio encoder in onnxruntime; see
+    `clapcli.models.onnx_audio`)."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     ref = name_or_path or os.environ.get("CLAP_MODEL") or DEFAULT_MODEL
@@ -500,13 +513,13 @@ def load_model(
         loaded = load_text_checkpoint(ref, tokenizer=tokenizer)
     if loaded is None:
         loaded = load_checkpoint(ref, tokenizer=tokenizer)
-    return Clap(loaded, dev, prec)
+    return Clap(loaded, dev, prec, engine)
 
 
 def load_classifier(directory: str | os.PathLike, model: Clap | None = None, device: str = "auto",
-                    precision: str = "auto"):
+                    precision: str = "auto", engine: str | None = None):
     """Load a classifier written by `clap finetune` (see `clapcli.models.classifier`), with its base model
     (or the finetuned one it saved) unless `model` is given; a `model` with other weights is refused."""
     from .models.classifier import load_classifier as _load
 
-    return _load(directory, model=model, device=device, precision=precision)
+    return _load(directory, model=model, device=device, precision=precision, engine=engine)

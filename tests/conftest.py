@@ -10,6 +10,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The suite runs the audio encoder in torch (the reference; exports per test would cost minutes);
+# tests/test_onnx.py runs the onnxruntime engine, `auto` included, explicitly.
+os.environ["CLAP_ENGINE"] = "torch"
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ def embed(
     model: Optional[str] = options.MODEL,
     device: str = options.DEVICE,
     precision: str = options.PRECISION,
+    engine: Optional[str] = options.ENGINE,
     batch_size: int = options.BATCH_SIZE,
     tokenizer: Optional[str] = options.TOKENIZER,
 ) -> None:
@@ -36,7 +37,7 @@ def embed(
         raise UsageError(f"--out must end in .npy, got {out}")
     if out is not None and not out.parent.is_dir():
         raise UsageError(f"--out: no such directory {out.parent}")
-    m = options.load(model, device, precision, tokenizer)
+    m = options.load(model, device, precision, tokenizer, engine=engine)
     rows, records, failed = [], [], 0
     with output.ProgressBar("embedding", len(files)) as bar:
         for e in m.embed_files(files, batch_size=batch_size, segments=segments):

@@ -30,6 +30,7 @@ def retrieval(
     model: Optional[str] = options.MODEL,
     device: str = options.DEVICE,
     precision: str = options.PRECISION,
+    engine: Optional[str] = options.ENGINE,
     batch_size: int = options.BATCH_SIZE,
     tokenizer: Optional[str] = options.TOKENIZER,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -38,7 +39,7 @@ def retrieval(
     from ..train.evaluate import evaluate_retrieval, open_retrieval_data
 
     source = open_retrieval_data(data, split)
-    clap_model = options.load(model, device, precision, tokenizer)
+    clap_model = options.load(model, device, precision, tokenizer, engine=engine)
     with output.ProgressBar("evaluating", source.total) as bar:
         report = evaluate_retrieval(clap_model, source, batch_size=batch_size,
                                     progress=_advance_by(bar), on_skip=_warn_skip)
@@ -70,6 +71,7 @@ def zeroshot(
     model: Optional[str] = options.MODEL,
     device: str = options.DEVICE,
     precision: str = options.PRECISION,
+    engine: Optional[str] = options.ENGINE,
     batch_size: int = options.BATCH_SIZE,
     tokenizer: Optional[str] = options.TOKENIZER,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -83,7 +85,7 @@ def zeroshot(
     templates = check_templates(template)
     clips = read_zeroshot_data(data, fold)
     labelset, targets, clips = match_classes(clips, labelset, (exclude or "").split(","))
-    clap_model = options.load(model, device, precision, tokenizer)
+    clap_model = options.load(model, device, precision, tokenizer, engine=engine)
     with output.ProgressBar("evaluating", len(clips)) as bar:
         report = evaluate_zeroshot(clap_model, clips, targets, labelset, templates, batch_size=batch_size,
                                    data=str(data), fold=fold, progress=_advance_by(bar),

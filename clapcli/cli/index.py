@@ -23,6 +23,7 @@ def index_command(
                                              "an existing index keeps the model it was built with."),
     device: str = options.DEVICE,
     precision: str = options.PRECISION,
+    engine: Optional[str] = options.ENGINE,
     batch_size: int = options.BATCH_SIZE,
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0,
                                           help="Decoding processes beside the model (default: cores − 1, max 4)."),
@@ -65,7 +66,7 @@ def index_command(
             build_index = partial(distributed.build_index, device=device)
     try:
         summary = build_index(
-            dirs, index_dir, lambda name: _load_model(name, model, index_dir, device, precision, tokenizer),
+            dirs, index_dir, lambda name: _load_model(name, model, index_dir, device, precision, tokenizer, engine),
             model_name=model, exclude=exclude or (), batch_size=batch_size, workers=workers,
             rebuild=rebuild, wait=wait, on_plan=progress.on_plan, on_file=progress.on_file, commit_every=commit_every,
             prune_empty=prune_empty, on_audio=progress.on_audio,
@@ -86,14 +87,14 @@ def index_command(
         raise ClapError(emptied_message(summary.emptied_roots, "nothing under it was pruned"))
 
 
-def _load_model(name, given, index_dir, device, precision, tokenizer):
+def _load_model(name, given, index_dir, device, precision, tokenizer, engine=None):
     """Load the model for `build_index`; a remembered model directory that has moved is named as such."""
     from ..index.paths import check_remembered_model
 
     if given is None:  # `name` is then the index's remembered model (or the default for a new index)
         check_remembered_model(name, index_dir, "pass its new place with --model NEW_PATH; the index then "
                                                  "remembers it")
-    return options.load(name, device, precision, tokenizer)
+    return options.load(name, device, precision, tokenizer, engine=engine)
 
 
 def _print_summary(s) -> None:

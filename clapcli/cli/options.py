@@ -14,11 +14,17 @@ PRECISION = typer.Option(
     help="auto (bf16 where the device runs it natively, else fp32), fp32 (exact), bf16, or int8 (CPU: dynamic "
     "int8 quantisation, faster, within cosine 0.995 of fp32).",
 )
+ENGINE = typer.Option(
+    None, "--engine", envvar="CLAP_ENGINE", show_default="auto",
+    help="What runs the audio encoder: auto (onnxruntime where it can: CPU, HTSAT models, fp32/int8, "
+    "clapcli[onnx] installed; else torch), torch, or onnx. The onnx graph is exported once per model.",
+)
 BATCH_SIZE = typer.Option(8, "--batch-size", "-b", min=1, help="Clips per forward pass.")
 TOKENIZER = typer.Option(None, "--tokenizer", help="Tokenizer directory or hub id for .pt checkpoints.")
 
 
-def load(model, device, precision, tokenizer=None, text_only=False):
+def load(model, device, precision, tokenizer=None, text_only=False, engine=None):
     from ..api import load_model
 
-    return load_model(model, device=device, precision=precision, tokenizer=tokenizer, text_only=text_only)
+    return load_model(model, device=device, precision=precision, tokenizer=tokenizer, text_only=text_only,
+                      engine=engine)

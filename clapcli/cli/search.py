@@ -33,6 +33,7 @@ def search_command(
                                         help="Must match the index's model (default: the model that built it)."),
     device: str = options.DEVICE,
     precision: str = options.PRECISION,
+    engine: Optional[str] = options.ENGINE,
     tokenizer: Optional[str] = options.TOKENIZER,
     stdin: bool = typer.Option(False, "--stdin", help="Load the model once, then answer one query per line of "
                                "standard input: plain text, or JSON with a 'query' and an optional 'k'."),
@@ -61,7 +62,8 @@ def search_command(
         identity = store.model_identity or {}
         if model is None:
             check_remembered_model(identity.get("model"), index_dir, moved_model_advice(index))
-        m = options.load(model or identity.get("model"), device, precision, tokenizer, text_only=not audio)
+        m = options.load(model or identity.get("model"), device, precision, tokenizer, text_only=not audio,
+                      engine=engine)
         wanted = m.identity_dict
         store.check_model_identity(wanted, advice=model_mismatch_advice(index, wanted.get("model"), model is not None))
         note = _precision_note(store.precisions, getattr(m, "precision", None))

@@ -65,6 +65,7 @@ def tag_command(
     model: Optional[str] = options.MODEL,
     device: str = options.DEVICE,
     precision: str = options.PRECISION,
+    engine: Optional[str] = options.ENGINE,
     batch_size: int = options.BATCH_SIZE,
     tokenizer: Optional[str] = options.TOKENIZER,
     list_labelsets: bool = typer.Option(
@@ -86,7 +87,7 @@ def tag_command(
         raise UsageError("--json and --csv cannot be used together")
     if classifier is not None:
         _run_classifier(classifier, files, labels, template, top, multi_label, threshold, timeline, model,
-                        device, precision, batch_size, tokenizer, as_json, as_csv)
+                        device, precision, batch_size, tokenizer, as_json, as_csv, engine)
         return
     if labels is None:
         raise UsageError("choose a label set with --labels: a built-in name (see --list-labelsets), "
@@ -105,7 +106,7 @@ def tag_command(
 
     labelset = resolve_labels(labels)  # before loading the model: a typo fails in milliseconds
     templates = check_templates(template)
-    clap_model = options.load(model, device, precision, tokenizer)
+    clap_model = options.load(model, device, precision, tokenizer, engine=engine)
     failed = _run(clap_model, files, labelset, templates, top_k, multi_label, threshold, timeline, batch_size,
                   as_json, as_csv)
     if failed:
@@ -113,7 +114,7 @@ def tag_command(
 
 
 def _run_classifier(directory, files, labels, template, top, multi_label, threshold, timeline, model, device,
-                    precision, batch_size, tokenizer, as_json, as_csv) -> None:
+                    precision, batch_size, tokenizer, as_json, as_csv, engine=None) -> None:
     """`--classifier`: the head's softmax (or, for multi-label heads, sigmoid) probabilities as the scores."""
     from ..models.classifier import load_classifier, read_classifier
 
@@ -125,8 +126,8 @@ def _run_classifier(directory, files, labels, template, top, multi_label, thresh
         raise UsageError(f"--threshold {threshold:g} is not a probability in [0, 1]")
     top_k = top if top is not None else (None if multi_label else DEFAULT_TOP)
     read_classifier(directory)  # a wrong directory fails before any model loads
-    clap_model = options.load(model, device, precision, tokenizer) if model else None
-    scorer = load_classifier(directory, model=clap_model, device=device, precision=precision)
+    clap_model = options.load(model, device, precision, tokenizer, engine=engine) if model else None
+    scorer = load_classifier(directory, model=clap_model, device=device, precision=precision, engine=engine)
     failed = _run(scorer.model, files, None, None, top_k, multi_label, threshold, timeline, batch_size,
                   as_json, as_csv, scorer=scorer)
     if failed:

@@ -70,6 +70,9 @@ class ClapModel(nn.Module):
         self.logit_scale_t = nn.Parameter(torch.tensor(cfg.logit_scale_init))
         self.audio_tower_locked = False
         self.text_tower_locked = False
+        # Inference only (no grad, eval mode): a callable standing in for the audio encoder, e.g. the
+        # onnxruntime engine (models/onnx_audio.py). A plain attribute: not a module, not in state_dict().
+        self.audio_runner = None
 
     # ---- embedding --------------------------------------------------------------------------------------
     def encode_audio(
@@ -77,7 +80,10 @@ class ClapModel(nn.Module):
     ) -> torch.Tensor:
         """(B, C, 1001, 64) mel features → (B, projection_dim) float embeddings, L2-normalised unless
         `normalize=False` (then the raw projection output, as a linear probe wants it)."""
-        pooled = self.audio_model.audio_encoder(features, is_longer)  # (B, out_width)
+        encoder = self.audio_model.audio_encoder
+        if self.audio_runner is not None and not self.training and not torch.is_grad_enabled():
+            encoder = self.audio_runner
+        pooled = encoder(features, is_longer)  # (B, out_width)
         projected = self.audio_projection(pooled).float()
         return F.normalize(projected, dim=-1) if normalize else projected
 

@@ -187,14 +187,14 @@ def read_classifier(directory: str | os.PathLike) -> Classifier:
 
 
 def load_classifier(directory: str | os.PathLike, model=None, device: str = "auto",
-                    precision: str = "auto") -> Classifier:
+                    precision: str = "auto", engine: str | None = None) -> Classifier:
     """`read_classifier` plus its model: `model` if given (refused unless it is the one the head was
     trained on), else the model the classifier names (its base model, or its finetuned `model/`)."""
     classifier = read_classifier(directory)
     if model is None:
         from ..api import load_model
 
-        model = load_model(classifier.model_ref, device=device, precision=precision)
+        model = load_model(classifier.model_ref, device=device, precision=precision, engine=engine)
     classifier.check_model(model)
     classifier.model = model
     return classifier

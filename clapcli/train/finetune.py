@@ -320,10 +320,12 @@ def finetune(cfg: FinetuneConfig, out: str | Path, on_epoch: Callable[[dict], No
     val_set = to_dataset(val_clips, labels, cfg.multi_label, "the validation data")
 
     torch.manual_seed(cfg.seed)
-    clap = model if model is not None else load_model(cfg.model, device=cfg.device, precision="fp32")
+    clap = model if model is not None else load_model(cfg.model, device=cfg.device, precision="fp32", engine="torch")
     base_identity, base_fingerprint = clap.identity_dict, clap.fingerprint
     head_cfg = HeadConfig(cfg.head, clap.dim, len(labels))
     head = build_head(head_cfg).to(clap.device)
+    if cfg.full and clap.model.audio_runner is not None:  # an exported (onnx) audio encoder would go stale
+        clap.model.audio_runner, clap.engine = None, "torch"
     train_fn = _train_full if cfg.full else _train_frozen
     history, best = train_fn(cfg, clap, head, train_set, val_set, labels, on_epoch, on_embed)
 

@@ -25,7 +25,8 @@ def embedder(model, tokenizer, device: torch.device | None = None):
     from ..models.checkpoints import LoadedCheckpoint
 
     device = device or next(model.parameters()).device
-    return Clap(LoadedCheckpoint(model, tokenizer, "training", "", "training", "training"), device, "fp32")
+    # torch engine: the weights change every step, and an exported copy would go stale
+    return Clap(LoadedCheckpoint(model, tokenizer, "training", "", "training", "training"), device, "fp32", "torch")
 
 
 def validate(model, tokenizer, split: ShardSplit, batch_size: int = 16) -> dict:

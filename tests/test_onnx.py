@@ -1,0 +1,168 @@
+"""The onnxruntime engine (`--engine onnx`, chosen by `auto` where it can run): the HTSAT audio encoder exported
+once to ONNX, cached, and run by onnxruntime, at fp32 (equal to torch to float rounding) and int8."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from audio_synth import tone_noise, write_audio  # noqa: E402
+from cli_runner import clap  # noqa: E402
+from clapcli import load_model  # noqa: E402
+from clapcli.errors import ClapError  # noqa: E402
+from clapcli.models import onnx_audio  # noqa: E402
+from clapcli.models.onnx_audio import OnnxHTSAT, resolve_engine  # noqa: E402
+
+CPU = torch.device("cpu")
+# Short (global path only) and long (fused: AFF over three local crops) clips in one batch: the exported
+# graph must pick the fused patch map for exactly the clips marked is_longer.
+SECONDS = [0.7, 4.0, 10.0, 14.0, 23.0, 31.0]
+
+
+def waves():
+    return [tone_noise(s, 48_000, seed=i) for i, s in enumerate(SECONDS)]
+
+
+def embed(m, segments=True):
+    out = m.embed_waveforms(waves(), segments=segments, batch_size=4)
+    files = np.stack([e.embedding for e in out])
+    windows = np.stack([s.embedding for e in out for s in e.segments]) if segments else None
+    return files, windows
+
+
+@pytest.fixture(scope="module")
+def torch_fp32(tiny_model_dir):
+    return load_model(tiny_model_dir, device="cpu", precision="fp32", engine="torch")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_unfused_dir"])
+def test_onnx_fp32_equals_torch_for_fused_and_unfused_models(fixture, request):
+    directory = request.getfixturevalue(fixture)
+    ref = load_model(directory, device="cpu", precision="fp32", engine="torch")
+    fast = load_model(directory, device="cpu", precision="fp32", engine="onnx")
+    assert (ref.engine, fast.engine) == ("torch", "onnx")
+    a_files, a_windows = embed(ref)
+    b_files, b_windows = embed(fast)
+    assert np.abs(a_files - b_files).max() < 1e-5 and np.abs(a_windows - b_windows).max() < 1e-5
+    assert (a_files * b_files).sum(-1).min() > 0.99999
+    runner = fast.model.audio_runner
+    assert set(runner._sessions) == ({"global", "fused"} if runner.fused else {"global"})  # onnxruntime ran
+
+
+def test_the_fused_graph_applies_aff_only_to_clips_marked_longer(tiny_model_dir, torch_fp32):
+    fast = load_model(tiny_model_dir, device="cpu", precision="fp32", engine="onnx")
+    feats = torch.randn(4, 4, 1001, 64)
+    for flags in ([True, False, True, False], [False] * 4, [True] * 4):
+        longer = torch.tensor(flags)
+        with torch.inference_mode():
+            want = torch_fp32.model.audio_model.audio_encoder(feats, longer)
+            got = fast.model.audio_runner(feats, longer)
+        assert torch.allclose(got, want, atol=1e-5), flags
+    with torch.inference_mode():  # and the flag changes the result (AFF is not a no-op on these weights)
+        a = fast.model.audio_runner(feats, torch.tensor([True] * 4))
+        b = fast.model.audio_runner(feats, torch.tensor([False] * 4))
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
+def test_onnx_int8_stays_within_cosine_0995_of_fp32_and_differs_from_it(tiny_model_dir, torch_fp32):
+    fast = load_model(tiny_model_dir, device="cpu", precision="int8", engine="onnx")
+    a, _ = embed(torch_fp32, segments=False)
+    b, _ = embed(fast, segments=False)
+    cos = (a * b).sum(-1)
+    assert cos.min() >= 0.995, cos
+    assert not np.allclose(a, b, atol=1e-6)
+    names = sorted(p.name.split("-", 2)[2] for p in fast.model.audio_runner.path().parent.iterdir())
+    assert names == ["fused-fp32.onnx", "fused-int8.onnx"]  # quantised from the fp32 export; no windows here
+    text = ["a dog barking", "rain"]  # the text tower is torch's dynamic int8
+    assert (torch_fp32.embed_text(text) * fast.embed_text(text)).sum(-1).min() >= 0.995
+
+
+def test_the_export_is_cached_per_weights_and_reused(tiny_model_dir, tiny_unfused_dir, monkeypatch, clap_home):
+    first = load_model(tiny_model_dir, device="cpu", precision="fp32", engine="onnx")
+    embed(first, segments=False)
+    path = first.model.audio_runner.path("fused")
+    assert path.is_file() and path.is_relative_to(clap_home)
+    stamp = path.stat().st_mtime_ns
+    monkeypatch.setattr(OnnxHTSAT, "_export", lambda self, graph, p: pytest.fail("exported again"))
+    second = load_model(tiny_model_dir, device="cpu", precision="fp32", engine="onnx")
+    embed(second, segments=False)
+    assert second.model.audio_runner.path("fused") == path and path.stat().st_mtime_ns == stamp
+    other = load_model(tiny_unfused_dir, device="cpu", precision="fp32", engine="onnx")
+    assert other.model.audio_runner.path() != path  # other weights, other file
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_auto_picks_onnx_where_it_can_run_and_torch_elsewhere(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("CLAP_ENGINE")
+    htsat = load_model(tiny_model_dir, device="cpu", precision="fp32").model.audio_model.audio_encoder
+    assert resolve_engine(None, CPU, htsat, "fp32") == "onnx"
+    assert resolve_engine("auto", CPU, htsat, "int8") == "onnx"
+    assert resolve_engine("auto", torch.device("cuda"), htsat, "fp32") == "torch"
+    assert resolve_engine("auto", CPU, htsat, "bf16") == "torch"
+    assert resolve_engine("auto", CPU, None, "fp32") == "torch"  # text only: no audio tower
+    assert resolve_engine("auto", CPU, torch.nn.Linear(2, 2), "fp32") == "torch"  # PANN, Wav2CLIP: torch
+    monkeypatch.setenv("CLAP_ENGINE", "torch")
+    assert resolve_engine(None, CPU, htsat, "fp32") == "torch"
+    monkeypatch.setattr(onnx_audio, "onnxruntime_available", lambda: False)
+    assert resolve_engine("auto", CPU, htsat, "fp32") == "torch"
+    with pytest.raises(ClapError, match=r"onnxruntime is not installed: pip install 'clapcli\[onnx\]'"):
+        resolve_engine("onnx", CPU, htsat, "fp32")
+
+
+def test_onnx_by_name_where_it_cannot_run_is_a_one_line_error(tiny_model_dir):
+    htsat = load_model(tiny_model_dir, device="cpu", precision="fp32").model.audio_model.audio_encoder
+    with pytest.raises(ClapError, match="runs HTSAT audio encoders only"):
+        resolve_engine("onnx", CPU, torch.nn.Linear(2, 2), "fp32")
+    with pytest.raises(ClapError, match="on the CPU only"):
+        resolve_engine("onnx", torch.device("cuda"), htsat, "fp32")
+    with pytest.raises(ClapError, match="unknown engine 'tpu'"):
+        resolve_engine("tpu", CPU, htsat, "fp32")
+
+
+def test_training_mode_and_gradients_never_use_the_exported_copy(tiny_model_dir):
+    m = load_model(tiny_model_dir, device="cpu", precision="fp32", engine="onnx")
+    calls = []
+    m.model.audio_runner = lambda *a: calls.append(1) or pytest.fail("runner used with gradients")
+    feats, longer = torch.randn(2, 4, 1001, 64), torch.tensor([True, False])
+    m.model.train()
+    m.model.encode_audio(feats, longer).sum().backward()
+    m.model.eval()
+    with torch.enable_grad():
+        m.model.encode_audio(feats, longer)
+    assert calls == []
+
+
+def test_text_only_and_training_embedders_stay_on_torch(tiny_model_dir, monkeypatch):
+    from clapcli.train.validate import embedder
+
+    monkeypatch.delenv("CLAP_ENGINE")
+    assert load_model(tiny_model_dir, device="cpu", text_only=True).engine == "torch"
+    m = load_model(tiny_model_dir, device="cpu", precision="fp32")
+    assert m.engine == "onnx"
+    assert embedder(m.model, m.tokenizer, CPU).engine == "torch"  # weights change every step
+
+
+def test_cli_engine_option_and_auto_default(tiny_model_dir, tmp_path, monkeypatch):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for i, s in enumerate([3.0, 17.0]):
+        write_audio(lib / f"f{i}.wav", tone_noise(s, 44_100, seed=i), 44_100)
+    vectors = {}
+    for engine in ("torch", "onnx"):
+        out = tmp_path / f"{engine}.npy"
+        clap("embed", lib / "f1.wav", "--model", tiny_model_dir, "--engine", engine, "--out", out)
+        vectors[engine] = np.load(out)
+    assert np.abs(vectors["torch"] - vectors["onnx"]).max() < 1e-5
+    monkeypatch.delenv("CLAP_ENGINE")  # the default a user gets: auto → onnx here
+    r = clap("index", lib, "--index", tmp_path / "idx", "--model", tiny_model_dir, "--json")
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["added"] == 2 and summary["total_errors"] == 0
+    assert list((tmp_path / "clap-home" / "onnx").glob("htsat-*-fused-fp32.onnx"))  # ran in onnxruntime
+    bad = clap("embed", lib / "f0.wav", "--model", tiny_model_dir, "--engine", "tpu", ok=False)
+    assert bad.exit_code != 0 and "unknown engine 'tpu'" in str(bad.exception)
