@@ -12,11 +12,15 @@ model of make_model.py), batch 8, CPU, in one process run (the `clap index` part
     `ClapFeatureExtractor` (the hub's config) -> `ClapModel.get_audio_features`, fp32, inference_mode.
     Sequential in the main process: no decode workers (transformers has none to offer here).
     File-level embeddings only: one forward per file (fusion for files > 10 s).
-(b) ours, like for like: `Clap.embed_files(paths, batch_size=8, segments=False, workers=W)` at each
-    of --precisions: fp32, auto (bf16 autocast only where the CPU has avx512_bf16/amx) and int8 (dynamic
-    int8 Linear layers; its min/median cosine to ours fp32 over every file is reported).
+(b) ours, like for like: `Clap.embed_files(paths, batch_size=8, segments=False, workers=W)` for each
+    of --configs, "precision[/engine]" (default fp32/torch, fp32/onnx, int8/torch, int8/onnx): precision
+    fp32, auto (bf16 autocast only where the CPU has avx512_bf16/amx), bf16 or int8 (dynamic int8 Linear
+    layers); engine torch, onnx (onnxruntime runs the HTSAT audio encoder) or auto; no engine = load_model's
+    default. ours fp32/torch is the reference: every other configuration gets its speed-up over it, its
+    min/median cosine to it over every file (int8 >= 0.995, fp32 on another engine >= 0.9999), top-1 ESC-50
+    tag agreement and top-10 text-search overlap with it (see agreement_report).
 (c) ours, the real `clap index LIBRARY --index TMP --model MODEL --json --batch-size 8 --workers W
-    --precision P`: file embeddings AND 10 s window embeddings of every file longer than 10 s (a 25 s
+    --precision P [--engine E]`: file embeddings AND 10 s window embeddings of every file longer than 10 s (a 25 s
     file costs 1 fused pass + 3 window passes), SQLite commits and the hnswlib write, plus process start,
     imports and model load. More work than (a): its speed-up is not like for like (see the passes column).
 
@@ -50,7 +54,37 @@ from .make_model import make_model
 
 CLIP = 480_000  # samples of one 10 s clip at 48 kHz
 MIN_COSINE = 0.9999  # ours vs transformers on the same samples and crops (DESIGN.md §2, fidelity)
-INT8_MIN_COSINE = 0.995  # int8 (dynamic quantisation) against ours fp32, every file
+INT8_MIN_COSINE = 0.995  # int8 (dynamic quantisation) against ours fp32/torch, every file
+ENGINE_MIN_COSINE = 0.9999  # fp32 on another engine (onnxruntime) against ours fp32/torch, every file
+REFERENCE = ("fp32", "torch")  # the configuration of ours every other one is compared with
+PRECISIONS = ("fp32", "auto", "bf16", "int8")
+ENGINES = ("auto", "torch", "onnx")
+DEFAULT_CONFIGS = "fp32/torch,fp32/onnx,int8/torch,int8/onnx"
+AGREEMENT_LABELSET = "esc50"  # built-in label set of the top-1 tag agreement
+AGREEMENT_TOP_K = 10  # search overlap: |top-k ∩ top-k of fp32/torch| / k per query
+# Text queries of the top-10 search overlap: everyday sounds, as someone searching a library would type them.
+SEARCH_QUERIES = (
+    "a dog barking",
+    "rain on a window",
+    "footsteps on gravel",
+    "a car engine starting",
+    "birds singing in the morning",
+    "a baby crying",
+    "church bells ringing",
+    "thunder in the distance",
+    "someone typing on a keyboard",
+    "a door slamming",
+    "waves crashing on a beach",
+    "a siren passing by",
+    "people talking in a crowded room",
+    "a piano melody",
+    "wind blowing through trees",
+    "glass breaking",
+    "a cat meowing",
+    "a train passing",
+    "water dripping from a tap",
+    "an electric guitar solo",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,12 +170,63 @@ def run_hf(hf_model, paths: list[str], batch_size: int, keep_long: int) -> dict:
 # (b) ours: Clap.embed_files, file embeddings only
 
 
-def load_ours(model_dir: Path, precision: str):
-    from clapcli import load_model
+def parse_configs(spec: str) -> list[tuple[str, str | None]]:
+    """"fp32/torch,int8" -> [("fp32", "torch"), ("int8", None)]: (precision, engine or None = load_model's
+    default). Raises ValueError on an unknown precision or engine, or a configuration given twice."""
+    out: list[tuple[str, str | None]] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        precision, _, engine = (x.strip().lower() for x in item.partition("/"))
+        if precision not in PRECISIONS:
+            raise ValueError(f"configuration {item!r}: precision must be one of {', '.join(PRECISIONS)}")
+        if engine and engine not in ENGINES:
+            raise ValueError(f"configuration {item!r}: engine must be one of {', '.join(ENGINES)}")
+        config = (precision, engine or None)
+        if config in out:
+            raise ValueError(f"configuration {item!r} is given twice")
+        out.append(config)
+    if not out:
+        raise ValueError("no configuration given")
+    return out
 
-    with C.Timer() as load:
-        m = load_model(str(model_dir), device="cpu", precision=precision)
-    return m, load.seconds
+
+def config_name(precision: str, engine: str | None) -> str:
+    return f"{precision}/{engine}" if engine else precision
+
+
+def load_ours(model_dir: Path, precision: str, engine: str | None = None):
+    """(model, load seconds, note). `engine` is passed to load_model only when given; a load_model without the
+    `engine` parameter (TypeError) loads engine torch without it (its default engine, which the row shows
+    resolved) and returns model None for any other engine, with the note saying why; so does a failed load
+    on an engine other than torch (e.g. onnx without onnxruntime)."""
+    from clapcli.api import load_model  # not the light `clapcli.load_model` wrapper, which may lag behind its kwargs
+
+    kwargs = dict(device="cpu", precision=precision)
+    if engine is not None:
+        kwargs["engine"] = engine
+    note = ""
+    try:
+        with C.Timer() as load:
+            m = load_model(str(model_dir), **kwargs)
+    except TypeError as err:
+        if engine is None or "engine" not in str(err):
+            raise
+        if engine != "torch":
+            return None, None, f"skipped: this clapcli's load_model has no engine parameter ({err})"
+        with C.Timer() as load:
+            m = load_model(str(model_dir), device="cpu", precision=precision)
+        note = f"load_model has no engine parameter: loaded with its default engine ({resolved_engine(m)})"
+    except Exception as err:  # e.g. engine onnx without onnxruntime installed: skip that configuration only
+        if engine in (None, "torch"):
+            raise
+        return None, None, f"skipped: load_model(engine={engine!r}) failed: {type(err).__name__}: {err}"
+    return m, load.seconds, note
+
+
+def resolved_engine(m) -> str:
+    """The engine the loaded model runs its audio encoder on (a Clap without the attribute is torch-only)."""
+    return str(getattr(m, "engine", "torch"))
 
 
 def run_ours(m, paths: list[str], batch_size: int, workers: int) -> dict:
@@ -160,24 +245,30 @@ def run_ours(m, paths: list[str], batch_size: int, workers: int) -> dict:
 
 
 def run_clap_index(
-    library: Path, model_dir: Path, batch_size: int, workers: int, precision: str, threads: int | None = None
+    library: Path, model_dir: Path, batch_size: int, workers: int, precision: str, threads: int | None = None,
+    engine: str | None = None,
 ) -> dict:
     if not C.clap_has_command("index"):
         return dict(skipped="`clap index` is not available in this checkout yet (clap index --help fails)")
     index_dir = Path(tempfile.mkdtemp(prefix="bench-index-", dir=C.WORK))
     base = [C.clap_executable(), "index", str(library), "--index", str(index_dir), "--model", str(model_dir),
             "--json", "--batch-size", str(batch_size), "--workers", str(workers)]
-    cmd = base + ["--precision", precision]
+    options = {"--precision": precision}
+    if engine is not None:
+        options["--engine"] = engine
     notes = []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     try:
-        with C.CpuMeter() as meter:
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-        if proc.returncode != 0 and "--precision" in proc.stderr and "No such option" in proc.stderr:
-            notes.append("clap index has no --precision option; ran with its default precision")
-            cmd = base
+        while True:
+            cmd = base + [x for flag, value in options.items() for x in (flag, value)]
             with C.CpuMeter() as meter:
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+            missing = [flag for flag in options if flag in proc.stderr and "No such option" in proc.stderr]
+            if proc.returncode == 0 or not missing:
+                break
+            for flag in missing:  # an older `clap index`: run it with its default instead, and say so
+                notes.append(f"clap index has no {flag} option; ran with its default")
+                del options[flag]
         summary = C.last_json_line(proc.stdout)
         if proc.returncode != 0 or summary is None:
             return dict(
@@ -237,14 +328,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-ours", action="store_true", help="skip embed_files (b)")
     ap.add_argument("--skip-index", action="store_true", help="skip the `clap index` subprocess (c)")
     ap.add_argument("--index-precision", default="fp32", help="--precision for clap index (default fp32)")
-    ap.add_argument("--precisions", default="fp32,auto,int8",
-                    help="precisions of ours (b), comma-separated (default fp32,auto,int8)")
+    ap.add_argument("--index-engine", choices=ENGINES,
+                    help="--engine for clap index (default: the flag is not passed, the command's default)")
+    ap.add_argument("--configs", default=None, metavar="LIST",
+                    help="configurations of ours (b), comma-separated precision[/engine]; precision fp32, auto, "
+                         "bf16 or int8, engine torch, onnx or auto (none: load_model's default); fp32/torch is "
+                         f"the reference of the others (default {DEFAULT_CONFIGS})")
+    ap.add_argument("--precisions", default=None, metavar="LIST",
+                    help="deprecated: --configs with engine torch for each precision (fp32,int8 = "
+                         "fp32/torch,int8/torch)")
     ap.add_argument("--check-long", type=int, default=16,
                     help="long files re-embedded by ours with transformers' crops for an exact check (default 16)")
     ap.add_argument("--library", type=Path, help="use this library folder (default: generated under _work)")
     ap.add_argument("--model", type=Path, default=C.MODEL_DIR, help="model directory (default: generated)")
     args = ap.parse_args(argv)
     n_files = 20 if args.quick else args.files
+    if args.precisions is not None and args.configs is not None:
+        ap.error("give --configs or the deprecated --precisions, not both")
+    if args.precisions is not None:
+        print("# --precisions is deprecated: it means --configs with engine torch", file=sys.stderr)
+        spec = ",".join(f"{p.strip()}/torch" for p in args.precisions.split(",") if p.strip())
+    else:
+        spec = args.configs if args.configs is not None else DEFAULT_CONFIGS
+    try:
+        configs = parse_configs(spec)
+    except ValueError as err:
+        ap.error(str(err))
 
     if args.threads:
         import torch
@@ -268,12 +377,28 @@ def main(argv: list[str] | None = None) -> int:
     hf_model = None
     if not args.skip_hf:
         hf_model, loads["a"] = load_hf(args.model)
-    ours_models = {}
+    # ours: name -> dict(model, precision / engine asked for, resolved, load note); skipped ones apart
+    ours: dict[str, dict] = {}
+    skipped_configs: dict[str, str] = {}
     if not args.skip_ours:
-        for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
-            ours_models[precision], loads[f"b-{precision}"] = load_ours(args.model, precision)
+        for precision, engine in configs:
+            name = config_name(precision, engine)
+            m, load_s, note = load_ours(args.model, precision, engine)
+            if m is None:
+                skipped_configs[name] = note
+                print(f"# (b) {name}: {note}", flush=True)
+                continue
+            loads[f"b-{name}"] = load_s
+            ours[name] = dict(model=m, precision=precision, engine=engine, resolved_precision=str(m.precision),
+                              resolved_engine=resolved_engine(m), note=note)
+    # The reference: the first configuration that ran fp32 on torch (fp32/torch, or fp32 whose default is torch).
+    ref_name = next((n for n, o in ours.items()
+                     if o["precision"] == REFERENCE[0] and o["resolved_engine"] == REFERENCE[1]), None)
+    if ours and ref_name is None:
+        print("# no ours fp32/torch among the configurations: no speed-up over it, fidelity or agreement "
+              "against it", flush=True)
 
-    runs: dict[str, list[dict]] = {"a": [], "c": [], **{f"b-{p}": [] for p in ours_models}}
+    runs: dict[str, list[dict]] = {"a": [], "c": [], **{f"b-{n}": [] for n in ours}}
     first_hf = None
     index_problem = None
     for rnd in range(max(1, args.repeat)):
@@ -286,15 +411,15 @@ def main(argv: list[str] | None = None) -> int:
                 r = {k: v for k, v in r.items() if k in ("wall_s", "other_share", "times")}
             runs["a"].append(r)
             _progress(rnd, "(a) transformers", r)
-        for precision, m in ours_models.items():
-            C.wait_for_quiet(args.wait_quiet, label=f"(b) {precision}")
-            r = run_ours(m, paths, args.batch_size, args.workers)
-            runs[f"b-{precision}"].append(r)
-            _progress(rnd, f"(b) ours {precision}", r)
+        for name, o in ours.items():
+            C.wait_for_quiet(args.wait_quiet, label=f"(b) {name}")
+            r = run_ours(o["model"], paths, args.batch_size, args.workers)
+            runs[f"b-{name}"].append(r)
+            _progress(rnd, f"(b) ours {name}", r)
         if not args.skip_index and index_problem is None:
             C.wait_for_quiet(args.wait_quiet, label="(c)")
             r = run_clap_index(library, args.model, args.batch_size, args.workers, args.index_precision,
-                               args.threads)
+                               args.threads, args.index_engine)
             if "skipped" in r or "failed" in r:
                 index_problem = r
                 print(f"#   (c) clap index: {r.get('skipped') or r.get('failed')}")
@@ -318,11 +443,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
 
-    def add_row(name: str, precision: str, passes: int, walls: list[float], best_run: dict, load_s, note=""):
+    def add_row(name: str, precision: str, engine: str, passes: int, walls: list[float], best_run: dict, load_s,
+                note="", config=None):
         best = min(walls)
         rows.append(dict(
-            pipeline=name, precision=precision, forward_passes=passes, wall_s=best, wall_runs_s=walls,
-            median_wall_s=float(np.median(walls)),
+            pipeline=name, precision=precision, engine=engine, config=config, forward_passes=passes, wall_s=best,
+            wall_runs_s=walls, median_wall_s=float(np.median(walls)),
             other_share=best_run.get("other_share"), load_s=load_s, files_per_s=len(paths) / best,
             audio_s_per_s=audio_s / best, note=note,
         ))
@@ -333,14 +459,20 @@ def main(argv: list[str] | None = None) -> int:
     if runs["a"]:
         b = best_of("a")
         t = b["times"]
-        add_row("(a) transformers FE + get_audio_features", "fp32", len(paths), [r["wall_s"] for r in runs["a"]], b,
+        add_row("(a) transformers FE + get_audio_features", "fp32", "torch", len(paths),
+                [r["wall_s"] for r in runs["a"]], b,
                 loads["a"], f"decode+resample {t['decode_resample']:.1f} s, feature extractor "
                 f"{t['feature_extractor']:.1f} s, forward {t['forward']:.1f} s (best round)")
-    for precision, m in ours_models.items():
-        key = f"b-{precision}"
-        label = f"auto (= {m.precision} here)" if precision == "auto" else precision
-        add_row("(b) ours embed_files, segments=False", label, len(paths), [r["wall_s"] for r in runs[key]],
-                best_of(key), loads[key])
+    for name, o in ours.items():
+        key = f"b-{name}"
+        precision = o["precision"]
+        if precision != o["resolved_precision"]:
+            precision = f"{precision} (= {o['resolved_precision']} here)"
+        engine = o["engine"] or "default"
+        if engine != o["resolved_engine"]:
+            engine = f"{engine} (= {o['resolved_engine']} here)"
+        add_row("(b) ours embed_files, segments=False", precision, engine, len(paths),
+                [r["wall_s"] for r in runs[key]], best_of(key), loads[key], o["note"], config=name)
     if runs["c"]:
         b = best_of("c")
         s = b["summary"]
@@ -349,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         reported_audio = _summary_number(s, "audio_seconds", "audio_s")
         fps = _summary_number(s, "files_per_second", "files_per_s")
         passes = len(paths) + n_windows
-        add_row("(c) `clap index` (files + 10 s windows, SQLite, hnsw)", args.index_precision, passes,
+        index_engine = args.index_engine if args.index_engine and "--engine" in b["command"] else "default"
+        add_row("(c) `clap index` (files + 10 s windows, SQLite, hnsw)", args.index_precision, index_engine, passes,
                 [r["wall_s"] for r in runs["c"]], b, None,
                 f"subprocess wall incl. process start, imports and model load; its summary: added={added}, "
                 f"seconds={inner}, audio_seconds={reported_audio}, files_per_second={fps}; "
@@ -357,57 +490,108 @@ def main(argv: list[str] | None = None) -> int:
         if inner:
             inners = [_summary_number(r["summary"], "seconds", "elapsed", "elapsed_s", "wall_seconds")
                       for r in runs["c"]]
-            add_row("(c) `clap index`, the `seconds` it reports", args.index_precision, passes, inners, b, None,
-                    "time the command reports for itself (same runs)")
+            add_row("(c) `clap index`, the `seconds` it reports", args.index_precision, index_engine, passes,
+                    inners, b, None, "time the command reports for itself (same runs)")
 
     base = rows[0]["audio_s_per_s"] if runs["a"] else None
     base_median = rows[0]["median_wall_s"] if runs["a"] else None
+    ref_row = next((r for r in rows if ref_name is not None and r["config"] == ref_name), None)
     for row in rows:
         row["speedup_vs_a"] = row["audio_s_per_s"] / base if base else None
         row["median_speedup_vs_a"] = base_median / row["median_wall_s"] if base_median else None
+        # over ours fp32/torch: for the (b) rows only, the like-for-like ones
+        like = ref_row is not None and row["config"] is not None
+        row["speedup_vs_fp32_torch"] = row["audio_s_per_s"] / ref_row["audio_s_per_s"] if like else None
+        row["median_speedup_vs_fp32_torch"] = ref_row["median_wall_s"] / row["median_wall_s"] if like else None
 
+    # Fidelity against transformers (ours fp32/torch) and of every other configuration against ours fp32/torch,
+    # on the file embeddings of each one's best round.
     fidelity: dict = {}
-    if first_hf is not None and "fp32" in ours_models:
-        fidelity = fidelity_report(ours_models["fp32"], first_hf, runs["b-fp32"][0]["embeddings"], samples)
-    for other in ("auto", "int8"):
-        if "fp32" in ours_models and other in ours_models:
-            cos = cosine_rows(runs[f"b-{other}"][0]["embeddings"], runs["b-fp32"][0]["embeddings"])
-            fidelity[f"{other}_vs_fp32_min_cosine"] = float(cos.min())
-            fidelity[f"{other}_vs_fp32_median_cosine"] = float(np.median(cos))
+    ref_emb = best_of(f"b-{ref_name}")["embeddings"] if ref_name is not None else None
+    if first_hf is not None and ref_name is not None:
+        fidelity = fidelity_report(ours[ref_name]["model"], first_hf, ref_emb, samples)
+    comparisons: dict[str, dict] = {}
+    agreement: dict = {}
+    if ref_name is not None:
+        others = {n: (o["model"], best_of(f"b-{n}")["embeddings"]) for n, o in ours.items() if n != ref_name}
+        for name, (m, emb) in others.items():
+            cos = cosine_rows(emb, ref_emb)
+            comparisons[name] = dict(
+                min_cosine=float(cos.min()), median_cosine=float(np.median(cos)),
+                required_min_cosine=required_min_cosine(ours[name]["resolved_precision"]),
+            )
+        if others:
+            print("\n# agreement with ours fp32/torch: embedding the ESC-50 prompts and the search queries ...",
+                  flush=True)
+            agreement = agreement_report(ours[ref_name]["model"], ref_emb, others)
+            for name, values in comparisons.items():
+                values.update(agreement[name])
 
     info_after = C.load_average()
     result = dict(
         machine=info, load_average_after=[round(x, 2) for x in info_after], files=len(paths),
         batch_size=args.batch_size, workers=args.workers, repeat=args.repeat, wait_quiet=args.wait_quiet,
-        library=str(library),
-        model=str(args.model), audio_seconds=audio_s, long_files=n_long, window_passes=n_windows,
-        rows=rows, fidelity=fidelity, clap_index_problem=index_problem,
+        library=str(library), model=str(args.model), audio_seconds=audio_s, long_files=n_long,
+        window_passes=n_windows, configs=[config_name(p, e) for p, e in configs], reference=ref_name,
+        configurations={n: {k: v for k, v in o.items() if k != "model"} for n, o in ours.items()},
+        skipped_configs=skipped_configs, index_engine=args.index_engine,
+        rows=rows, fidelity=fidelity, vs_fp32_torch=comparisons, agreement_reference=agreement.get("reference"),
+        search_queries=list(SEARCH_QUERIES), clap_index_problem=index_problem,
         clap_index_summaries=[r["summary"] for r in runs["c"]],
     )
 
+    def times(x):
+        return f"{x:.2f}x" if x else "-"
+
     print()
     print(C.markdown_table(
-        ["pipeline", "precision", "forward passes", "best wall s", "files/s", "audio-s / s", "speed-up vs (a)",
-         "speed-up, medians", "other load", "all rounds, s", "model load s"],
-        [[r["pipeline"], r["precision"], r["forward_passes"], f"{r['wall_s']:.1f}", f"{r['files_per_s']:.2f}",
-          f"{r['audio_s_per_s']:.1f}", f"{r['speedup_vs_a']:.2f}x" if r["speedup_vs_a"] else "-",
-          f"{r['median_speedup_vs_a']:.2f}x" if r["median_speedup_vs_a"] else "-",
+        ["pipeline", "precision", "engine", "forward passes", "best wall s", "files/s", "audio-s / s",
+         "speed-up vs (a)", "speed-up, medians", "vs ours fp32/torch (best / medians)", "other load",
+         "all rounds, s", "model load s"],
+        [[r["pipeline"], r["precision"], r["engine"], r["forward_passes"], f"{r['wall_s']:.1f}",
+          f"{r['files_per_s']:.2f}", f"{r['audio_s_per_s']:.1f}", times(r["speedup_vs_a"]),
+          times(r["median_speedup_vs_a"]),
+          f"{times(r['speedup_vs_fp32_torch'])} / {times(r['median_speedup_vs_fp32_torch'])}"
+          if r["speedup_vs_fp32_torch"] else "-",
           f"{100 * r['other_share']:.0f}%" if r["other_share"] == r["other_share"] else "?",
           " / ".join(f"{w:.1f}" for w in r["wall_runs_s"]),
           f"{r['load_s']:.1f}" if r["load_s"] is not None else "-"] for r in rows],
     ))
     for r in rows:
         if r["note"]:
-            print(f"- {r['pipeline']}: {r['note']}")
+            print(f"- {r['pipeline']}{' ' + r['config'] if r['config'] else ''}: {r['note']}")
+    for name, note in skipped_configs.items():
+        print(f"- (b) {name}: {note}")
     print(f"- audio: {audio_s:.0f} s in {len(paths)} files, {n_long} longer than 10 s; "
           f"`clap index` adds {n_windows} window passes")
     print(f"- load average before {info['load_average_1_5_15']}, after {result['load_average_after']}")
+    if comparisons:
+        ref_info = agreement.get("reference") or {}
+        k = ref_info.get("k", AGREEMENT_TOP_K)
+        print()
+        print(f"agreement with ours fp32/torch (file embeddings of the best round; {len(paths)} files, "
+              f"{len(SEARCH_QUERIES)} text queries):")
+        print(C.markdown_table(
+            ["configuration", "min cosine", "median cosine", "required min", f"top-1 {AGREEMENT_LABELSET} tag agreement",
+             f"top-{k} search overlap, mean", "min"],
+            [[name, f"{c['min_cosine']:.6f}", f"{c['median_cosine']:.6f}",
+              f"{c['required_min_cosine']}" if c["required_min_cosine"] else "- (reported)",
+              f"{100 * c['top1_tag_agreement']:.1f}% ({c['top1_tag_disagreements']} differ)",
+              f"{100 * c['search_top_k_overlap_mean']:.1f}%", f"{100 * c['search_top_k_overlap_min']:.0f}%"]
+             for name, c in comparisons.items()],
+        ))
+        if ref_info:
+            print(f"- fp32/torch itself: top-1 tags spread over {ref_info['distinct_top1_labels']} of the "
+                  f"{AGREEMENT_LABELSET} labels, median cosine margin best - second label "
+                  f"{ref_info['median_top1_cosine_margin']:.2g} (random weights: small margins flip easily)")
+        if k < AGREEMENT_TOP_K:
+            print(f"- only {len(paths)} files: top-{k} overlap is trivially 100%")
     if fidelity:
         print()
-        print("fidelity (cosine, ours fp32 vs transformers, same decoded samples):")
+        print("fidelity (cosine, ours fp32/torch vs transformers, same decoded samples):")
         for k, v in fidelity.items():
             print(f"- {k}: {v}")
-    failures = fidelity_failures(fidelity)
+    failures = fidelity_failures(fidelity, comparisons)
     result["fidelity_failures"] = failures
     out = C.write_result("bench_index-quick" if args.quick else f"bench_index-{len(paths)}", result)
     print(f"\n# results written to {out}")
@@ -418,18 +602,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def fidelity_failures(fidelity: dict) -> list[str]:
+def required_min_cosine(resolved_precision: str) -> float | None:
+    """The cosine to ours fp32/torch every file of a configuration must reach: int8 INT8_MIN_COSINE, fp32 (on
+    another engine) ENGINE_MIN_COSINE; bf16 is only reported."""
+    return {"int8": INT8_MIN_COSINE, "fp32": ENGINE_MIN_COSINE}.get(resolved_precision)
+
+
+def fidelity_failures(fidelity: dict, comparisons: dict | None = None) -> list[str]:
     """The fidelity checks that failed, as sentences: the deterministic comparisons (short files not forced
-    onto the fusion path, long files given transformers' own crops) must reach MIN_COSINE."""
+    onto the fusion path, long files given transformers' own crops) must reach MIN_COSINE, and every other
+    configuration of ours its required_min_cosine against ours fp32/torch."""
     failures = []
     for key, what in (("short_min_cosine", "files <= 10 s"),
                       ("long_min_cosine_same_crops", "long files with transformers' crops")):
         value = fidelity.get(key)
         if value is not None and not value >= MIN_COSINE:  # `not >=` so that NaN fails too
             failures.append(f"{what}: min cosine {value:.6f} < {MIN_COSINE}")
-    value = fidelity.get("int8_vs_fp32_min_cosine")
-    if value is not None and not value >= INT8_MIN_COSINE:
-        failures.append(f"int8 vs fp32: min cosine {value:.6f} < {INT8_MIN_COSINE}")
+    for name, c in (comparisons or {}).items():
+        value, required = c.get("min_cosine"), c.get("required_min_cosine")
+        if value is not None and required is not None and not value >= required:
+            failures.append(f"{name} vs fp32/torch: min cosine {value:.6f} < {required}")
     return failures
 
 
@@ -466,6 +658,73 @@ def fidelity_report(m, hf: dict, ours_fp32: np.ndarray, samples: list[int]) -> d
     off = gram[~np.eye(len(e), dtype=bool)]
     rep["between_different_files_median_cosine"] = float(np.median(off)) if off.size else None
     rep["between_different_files_max_cosine"] = float(off.max()) if off.size else None
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Agreement with ours fp32/torch: what a user of the tags and of search would notice
+
+
+def esc50_label_embeddings(m) -> tuple[list[str], np.ndarray]:
+    """The built-in ESC-50 labels and their (L, D) label embeddings from `m`'s own text tower, the way
+    `clap tag` builds them (clapcli.tagging: resolve_labels -> default prompt template -> render ->
+    embed_text -> prompt-ensembled label_embeddings), without the on-disk label cache (which keys on the
+    precision but not on the engine, and may hold entries of an earlier checkout)."""
+    from clapcli.tagging.labels import resolve_labels
+    from clapcli.tagging.prompts import check_templates, render
+    from clapcli.tagging.scoring import label_embeddings
+
+    labelset = resolve_labels(AGREEMENT_LABELSET)
+    templates = check_templates(None)
+    text_emb = np.asarray(m.embed_text(render(templates, labelset.labels)), dtype=np.float32)
+    return labelset.labels, label_embeddings(text_emb, len(templates), len(labelset))
+
+
+def top1_labels(m, file_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per file, the index of the best ESC-50 label under `m`'s zero-shot scorer (the one `clap tag` uses),
+    and the cosine margin between the best and the second best label."""
+    from clapcli.tagging.scoring import ZeroShotScorer
+
+    labels, label_emb = esc50_label_embeddings(m)
+    scores = ZeroShotScorer(labels, label_emb, float(m.logit_scale))(file_emb)
+    top = np.argmax(scores.probs, axis=1)
+    cos = np.sort(scores.cosine, axis=1)
+    return top, cos[:, -1] - cos[:, -2]
+
+
+def search_top_k(m, file_emb: np.ndarray, k: int) -> np.ndarray:
+    """(Q, k) indices of the files ranked best by cosine for each of SEARCH_QUERIES, with `m`'s text tower."""
+    q = np.asarray(m.embed_text(list(SEARCH_QUERIES)), dtype=np.float32)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    files = file_emb / np.linalg.norm(file_emb, axis=1, keepdims=True)
+    sims = q @ files.T  # (Q, N)
+    return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+
+
+def agreement_report(ref_model, ref_emb: np.ndarray, others: dict) -> dict:
+    """Per configuration in `others` ({name: (model, file embeddings)}): the share of files whose top-1 ESC-50
+    tag equals ours fp32/torch's, and the mean and minimum top-10 overlap of SEARCH_QUERIES with it; plus,
+    under "reference", how discriminative the reference itself is (with random weights the tags collapse
+    onto few labels and the margins are tiny, so disagreement is easy and agreement says little)."""
+    n = len(ref_emb)
+    k = min(AGREEMENT_TOP_K, n)
+    ref_top1, ref_margin = top1_labels(ref_model, ref_emb)
+    ref_topk = search_top_k(ref_model, ref_emb, k)
+    rep: dict = {"reference": dict(
+        labelset=AGREEMENT_LABELSET, files=n, queries=len(SEARCH_QUERIES), k=k,
+        distinct_top1_labels=int(len(set(ref_top1.tolist()))),
+        median_top1_cosine_margin=float(np.median(ref_margin)),
+    )}
+    for name, (m, emb) in others.items():
+        top1, _ = top1_labels(m, emb)
+        topk = search_top_k(m, emb, k)
+        overlap = np.array([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(topk, ref_topk)])
+        rep[name] = dict(
+            top1_tag_agreement=float(np.mean(top1 == ref_top1)),
+            top1_tag_disagreements=int(np.sum(top1 != ref_top1)),
+            search_top_k_overlap_mean=float(overlap.mean()),
+            search_top_k_overlap_min=float(overlap.min()),
+        )
     return rep
 
 
