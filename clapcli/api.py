@@ -500,8 +500,8 @@ def load_model(
     within cosine 0.995 of fp32). text_only: read and build only the text tower and projection (no
     transformers import, the audio weights never read) where the checkpoint allows it (a Hugging Face or
     clapcli directory with a RoBERTa/BERT tower and a tokenizer.json); elsewhere the whole model loads.
-    engine: None ($CLAP_ENGINE if set, else auto), auto (onnx where it can run: CPU, an HTSAT encoder, fp32 or int8,
-    onnxruntime installed; else torch), torch, or onnx (the audio encoder in onnxruntime; see
+    engine: None ($CLAP_ENGINE if set, else auto), auto (onnx for int8 where it can run: CPU, an HTSAT encoder,
+    onnxruntime installed; else torch), torch, or onnx (the audio encoder in onnxruntime, fp32 or int8; see
     `clapcli.models.onnx_audio`)."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)

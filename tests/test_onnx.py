@@ -78,7 +78,7 @@ def test_onnx_int8_stays_within_cosine_0995_of_fp32_and_differs_from_it(tiny_mod
     assert cos.min() >= 0.995, cos
     assert not np.allclose(a, b, atol=1e-6)
     names = sorted(p.name.split("-", 2)[2] for p in fast.model.audio_runner.path().parent.iterdir())
-    assert names == ["fused-fp32.onnx", "fused-int8.onnx"]  # quantised from the fp32 export; no windows here
+    assert names == ["fused-int8.onnx"]  # the fp32 export it was quantised from is gone; no windows here
     text = ["a dog barking", "rain"]  # the text tower is torch's dynamic int8
     assert (torch_fp32.embed_text(text) * fast.embed_text(text)).sum(-1).min() >= 0.995
 
@@ -101,16 +101,18 @@ def test_the_export_is_cached_per_weights_and_reused(tiny_model_dir, tiny_unfuse
 def test_auto_picks_onnx_where_it_can_run_and_torch_elsewhere(tiny_model_dir, monkeypatch):
     monkeypatch.delenv("CLAP_ENGINE")
     htsat = load_model(tiny_model_dir, device="cpu", precision="fp32").model.audio_model.audio_encoder
-    assert resolve_engine(None, CPU, htsat, "fp32") == "onnx"
+    assert resolve_engine(None, CPU, htsat, "int8") == "onnx"
     assert resolve_engine("auto", CPU, htsat, "int8") == "onnx"
-    assert resolve_engine("auto", torch.device("cuda"), htsat, "fp32") == "torch"
+    assert resolve_engine("auto", CPU, htsat, "fp32") == "torch"  # exact fp32: torch unless asked
+    assert resolve_engine("onnx", CPU, htsat, "fp32") == "onnx"
+    assert resolve_engine("auto", torch.device("cuda"), htsat, "int8") == "torch"
     assert resolve_engine("auto", CPU, htsat, "bf16") == "torch"
-    assert resolve_engine("auto", CPU, None, "fp32") == "torch"  # text only: no audio tower
-    assert resolve_engine("auto", CPU, torch.nn.Linear(2, 2), "fp32") == "torch"  # PANN, Wav2CLIP: torch
+    assert resolve_engine("auto", CPU, None, "int8") == "torch"  # text only: no audio tower
+    assert resolve_engine("auto", CPU, torch.nn.Linear(2, 2), "int8") == "torch"  # PANN, Wav2CLIP: torch
     monkeypatch.setenv("CLAP_ENGINE", "torch")
-    assert resolve_engine(None, CPU, htsat, "fp32") == "torch"
+    assert resolve_engine(None, CPU, htsat, "int8") == "torch"
     monkeypatch.setattr(onnx_audio, "onnxruntime_available", lambda: False)
-    assert resolve_engine("auto", CPU, htsat, "fp32") == "torch"
+    assert resolve_engine("auto", CPU, htsat, "int8") == "torch"
     with pytest.raises(ClapError, match=r"onnxruntime is not installed: pip install 'clapcli\[onnx\]'"):
         resolve_engine("onnx", CPU, htsat, "fp32")
 
@@ -142,8 +144,8 @@ def test_text_only_and_training_embedders_stay_on_torch(tiny_model_dir, monkeypa
     from clapcli.train.validate import embedder
 
     monkeypatch.delenv("CLAP_ENGINE")
-    assert load_model(tiny_model_dir, device="cpu", text_only=True).engine == "torch"
-    m = load_model(tiny_model_dir, device="cpu", precision="fp32")
+    assert load_model(tiny_model_dir, device="cpu", text_only=True, precision="int8").engine == "torch"
+    m = load_model(tiny_model_dir, device="cpu", precision="int8")
     assert m.engine == "onnx"
     assert embedder(m.model, m.tokenizer, CPU).engine == "torch"  # weights change every step
 
@@ -159,10 +161,10 @@ def test_cli_engine_option_and_auto_default(tiny_model_dir, tmp_path, monkeypatc
         clap("embed", lib / "f1.wav", "--model", tiny_model_dir, "--engine", engine, "--out", out)
         vectors[engine] = np.load(out)
     assert np.abs(vectors["torch"] - vectors["onnx"]).max() < 1e-5
-    monkeypatch.delenv("CLAP_ENGINE")  # the default a user gets: auto → onnx here
-    r = clap("index", lib, "--index", tmp_path / "idx", "--model", tiny_model_dir, "--json")
+    monkeypatch.delenv("CLAP_ENGINE")  # the default a user gets: auto → onnx for int8 here
+    r = clap("index", lib, "--index", tmp_path / "idx", "--model", tiny_model_dir, "--precision", "int8", "--json")
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["added"] == 2 and summary["total_errors"] == 0
-    assert list((tmp_path / "clap-home" / "onnx").glob("htsat-*-fused-fp32.onnx"))  # ran in onnxruntime
+    assert list((tmp_path / "clap-home" / "onnx").glob("htsat-*-fused-int8.onnx"))  # ran in onnxruntime
     bad = clap("embed", lib / "f0.wav", "--model", tiny_model_dir, "--engine", "tpu", ok=False)
     assert bad.exit_code != 0 and "unknown engine 'tpu'" in str(bad.exception)

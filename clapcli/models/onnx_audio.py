@@ -1,11 +1,12 @@
 """The onnxruntime engine: the HTSAT audio encoder exported once to ONNX and run by onnxruntime on the CPU.
 
-    runner = OnnxHTSAT(model.audio_model.audio_encoder, key, precision="fp32")   # nothing runs yet
+    runner = OnnxHTSAT(model.audio_model.audio_encoder, weights_fingerprint, "int8")   # nothing runs yet
     model.audio_runner = runner       # ClapModel.encode_audio calls it in inference (no grad, eval mode)
 
 Why: on a CPU, onnxruntime runs the same HTSAT forward faster than PyTorch eager (its fused LayerNorm and
-GELU kernels, fewer copies and transposes), at fp32 and with its dynamic int8 (the MatMuls with weights; the
-attention's own products stay fp32, as in PyTorch's dynamic quantisation). Measured in benchmarks/RESULTS.md.
+GELU kernels, fewer copies and transposes): 1.10-1.26x at fp32 and 1.3-1.4x PyTorch's dynamic int8 with its
+own dynamic int8 (the MatMuls with weights; the attention's own products stay fp32, as in PyTorch's). `auto`
+uses it for int8 only (see `resolve_engine`). Measured in benchmarks/RESULTS.md.
 
 What is exported: the encoder from the folded mel image(s) to the pooled features, with the batch size free.
 The BatchNorm over mel bins and the bicubic fold (`HTSAT.normalise`, `HTSAT.fold`) stay in PyTorch, so the
@@ -15,11 +16,12 @@ models, "fused": every clip's global image, a local-crop image (zeros for a clip
 the `is_longer` flags, selecting the AFF-fused patch map only where the flag is set, which is the PyTorch
 encoder's rule (AFF for longer clips only).
 
-The ONNX files are a cache (`cache_dir()/onnx/`, one file per graph and precision), keyed by the weights' fingerprint, the audio config, the
-precision, this module's EXPORT_VERSION and the torch version: exported on first use (a few seconds for the
-full-size model; int8 is quantised from the fp32 file by onnxruntime's `quantize_dynamic`, MatMul only), then
-read back by every later process. Files are written atomically; two processes exporting at once both
-succeed and the last rename wins (the files are equal).
+The ONNX files are a cache (`cache_dir()/onnx/`, one file per graph and precision), keyed by the weights'
+fingerprint, the audio config, this module's EXPORT_VERSION and the torch version: exported on first use (a
+few seconds for the full-size model; int8 is quantised from an fp32 export by onnxruntime's
+`quantize_dynamic`, MatMul only, and that fp32 file is removed again unless it was already cached), then read
+back by every later process. Files are written atomically; two processes exporting at once both succeed and
+the last rename wins (the files are equal).
 """
 
 from __future__ import annotations
@@ -114,9 +116,12 @@ class OnnxHTSAT:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         if precision == "int8":
+            kept = self.path(graph, "fp32").is_file()
             source = self.ensure_file(graph, "fp32")
             log.info("quantising the onnx audio encoder to int8 (once per model): %s", target)
             _atomic(target, lambda tmp: _quantize(source, tmp))
+            if not kept:  # 4x the size of the int8 file, and only needed to make it
+                source.unlink(missing_ok=True)
         else:
             log.info("exporting the audio encoder to onnx (once per model): %s", target)
             _atomic(target, lambda tmp: self._export(graph, tmp))
@@ -177,9 +182,9 @@ class OnnxHTSAT:
 def _quantize(source: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    root = logging.getLogger()  # quantize_dynamic reports every tensor through the root logger, at INFO
+    root = logging.getLogger()  # quantize_dynamic logs every tensor (INFO) and advice (WARNING) through the root logger
     level = root.level
-    root.setLevel(max(level, logging.WARNING))
+    root.setLevel(max(level, logging.ERROR))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -196,8 +201,12 @@ def _atomic(target: Path, write) -> None:
 
 
 def resolve_engine(name: str | None, device: torch.device, encoder: nn.Module | None, precision: str) -> str:
-    """None → $CLAP_ENGINE, else auto; `auto` → onnx on the CPU for an HTSAT encoder at fp32 or int8 when
-    onnxruntime is installed, else torch. `onnx` asked for by name where it cannot run is a ClapError."""
+    """None → $CLAP_ENGINE, else auto; `auto` → onnx on the CPU for an HTSAT encoder at int8 when onnxruntime
+    is installed, else torch. `onnx` asked for by name (fp32 or int8) where it cannot run is a ClapError.
+
+    Why auto leaves fp32 to torch: measured on the full-size model (benchmarks/RESULTS.md), onnxruntime's fp32
+    forward is 1.10-1.26x torch's, which `clap index` (decode, windows, SQLite) turns into no measurable gain,
+    while the first run would pay the export; its int8 forward is 1.3-1.4x torch's dynamic int8."""
     name = (name or os.environ.get("CLAP_ENGINE") or "auto").lower()
     if name not in ENGINES:
         raise UsageError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}")
@@ -212,7 +221,7 @@ def resolve_engine(name: str | None, device: torch.device, encoder: nn.Module | 
         reason = f"it runs fp32 or int8 (asked: {precision})"
     elif not onnxruntime_available():
         reason = f"onnxruntime is not installed: {INSTALL_HINT}"
-    if reason is None:
+    if reason is None and (name == "onnx" or precision == "int8"):
         return "onnx"
     if name == "onnx":
         raise ClapError(f"--engine onnx cannot be used: {reason}")
