@@ -119,23 +119,34 @@ def main(argv: list[str] | None = None) -> int:
         build_graph(index_dir)
         (index_dir / "bench_cold.json").write_text("{}\n")
 
+    query_graph = None
+    try:  # the torch-free text query (`clap index` saves it when onnxruntime is installed)
+        from clapcli.models.onnx_text import load_text_query, save_text_query
+
+        if save_text_query(text_model) is not None:
+            query_graph = load_text_query(str(args.model))
+    except ImportError:
+        pass
     print("# start-up floors and cold queries (subprocesses, interleaved)", flush=True)
     py = sys.executable
+    search = [exe, "search", "a dog barking", "--index", str(index_dir), "--model", str(args.model), "--json"]
+    torch_env = dict(env, CLAP_ENGINE="torch")  # the model's text half loaded in torch
     commands = {
-        "python -c pass": [py, "-c", "pass"],
-        "python -c 'import torch'": [py, "-c", "import torch"],
-        "clap --help": [exe, "--help"],
-        "clap search (cold, text)": [exe, "search", "a dog barking", "--index", str(index_dir), "--model",
-                                     str(args.model), "--json"],
+        "python -c pass": ([py, "-c", "pass"], env),
+        "python -c 'import torch'": ([py, "-c", "import torch"], env),
+        "clap --help": ([exe, "--help"], env),
+        "clap search (cold, text)": (search, torch_env),
     }
+    if query_graph is not None:
+        commands["clap search (cold, text, saved query graph: no torch)"] = (search, env)
     if not args.skip_hf:
-        commands["transformers text query (cold)"] = [py, "-c", HF_COLD, str(args.model)]
+        commands["transformers text query (cold)"] = ([py, "-c", HF_COLD, str(args.model)], env)
     cold: dict[str, dict] = {name: dict(runs_s=[], other=[]) for name in commands}
     for rnd in range(args.repeat):
-        for name, cmd in commands.items():
+        for name, (cmd, cmd_env) in commands.items():
             C.wait_for_quiet(args.wait_quiet, label=name)
             with C.CpuMeter() as meter:
-                seconds, proc = wall(cmd, env)
+                seconds, proc = wall(cmd, cmd_env)
             if proc.returncode != 0:
                 print(f"{name} failed: {proc.stderr[-1500:]}", file=sys.stderr)
                 return 1
@@ -150,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         ours, theirs = cold["clap search (cold, text)"], cold["transformers text query (cold)"]
         result["cold_ratio_medians"] = ours["median_s"] / theirs["median_s"]
         result["cold_ratio_per_round"] = [a / b for a, b in zip(ours["runs_s"], theirs["runs_s"])]
+        graph = cold.get("clap search (cold, text, saved query graph: no torch)")
+        if graph is not None:
+            result["cold_ratio_query_graph_medians"] = graph["median_s"] / theirs["median_s"]
 
     print("# in-process loads and warm queries", flush=True)
     import torch
@@ -169,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     del whole
     warm["ours fp32"] = warm_latency(lean.embed_text, texts)
     warm["ours int8"] = warm_latency(lean8.embed_text, texts)
+    if query_graph is not None:
+        warm["ours saved query graph (onnxruntime fp32)"] = warm_latency(query_graph.embed_text, texts)
+        result["query_graph_max_abs_diff"] = float(abs(query_graph.embed_text(texts) - lean.embed_text(texts)).max())
     a, b = lean.embed_text(texts), lean8.embed_text(texts)
     result["int8_text_min_cosine"] = float((a * b).sum(-1).min())
     if not args.skip_hf:
@@ -194,13 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     print("# clap search --stdin", flush=True)
     C.wait_for_quiet(args.wait_quiet, label="--stdin")
     stdin_texts = [QUERIES[i % len(QUERIES)] + f" take {i}" for i in range(args.stdin_queries)]
-    with C.CpuMeter() as meter:
-        result["stdin"] = stdin_latency([exe, "search", "--stdin", "--json", "--index", str(index_dir), "--model",
-                                         str(args.model)], stdin_texts, env)
-    result["stdin"]["other_share"] = meter.other_share
-    s = result["stdin"]
-    print(f"#   first answer {s['first_answer_s']:.2f} s; further queries median {s['further']['median_ms']:.1f} ms; "
-          f"repeated (cache) median {s['repeated']['median_ms']:.1f} ms", flush=True)
+    stdin_cmd = [exe, "search", "--stdin", "--json", "--index", str(index_dir), "--model", str(args.model)]
+    runs = {"stdin": torch_env} if query_graph is None else {"stdin": torch_env, "stdin_query_graph": env}
+    for key, run_env in runs.items():
+        with C.CpuMeter() as meter:
+            result[key] = stdin_latency(stdin_cmd, stdin_texts, run_env)
+        result[key]["other_share"] = meter.other_share
+        s = result[key]
+        print(f"#   {key}: first answer {s['first_answer_s']:.2f} s; further queries median "
+              f"{s['further']['median_ms']:.1f} ms; repeated (cache) median {s['repeated']['median_ms']:.1f} ms",
+              flush=True)
 
     result["load_average_after"] = [round(x, 2) for x in C.load_average()]
     report(result)
@@ -217,6 +237,10 @@ def report(r: dict) -> None:
     if "cold_ratio_medians" in r:
         print(f"\n- cold clap search / cold transformers query: {r['cold_ratio_medians']:.2f}x on medians; per round "
               + ", ".join(f"{x:.2f}" for x in r["cold_ratio_per_round"]))
+    if "cold_ratio_query_graph_medians" in r:
+        print(f"- cold clap search with the saved query graph / cold transformers query: "
+              f"{r['cold_ratio_query_graph_medians']:.2f}x on medians; query graph vs torch text embeddings: max abs "
+              f"difference {r['query_graph_max_abs_diff']:.1e}")
     print()
     loads = [[k, f"{v:.2f}"] for k, v in r["loads_s"].items()]
     print(C.markdown_table(["in-process load (after imports)", "s"], loads))
@@ -225,10 +249,14 @@ def report(r: dict) -> None:
             for k, v in r["warm"].items()]
     print(C.markdown_table(["warm text query (1 text)", "n", "median ms", "p95 ms", "other load"], rows))
     print(f"\n- int8 vs fp32 text embeddings: min cosine {r['int8_text_min_cosine']:.5f}")
-    s = r["stdin"]
-    print(f"- clap search --stdin: first answer {s['first_answer_s']:.2f} s; further distinct queries median "
-          f"{s['further']['median_ms']:.1f} ms (p95 {s['further']['p95_ms']:.1f}); repeated queries median "
-          f"{s['repeated']['median_ms']:.1f} ms; other load {100 * s['other_share']:.0f}%")
+    for key in ("stdin", "stdin_query_graph"):
+        if key not in r:
+            continue
+        s = r[key]
+        what = "model in torch" if key == "stdin" else "saved query graph"
+        print(f"- clap search --stdin ({what}): first answer {s['first_answer_s']:.2f} s; further distinct queries "
+              f"median {s['further']['median_ms']:.1f} ms (p95 {s['further']['p95_ms']:.1f}); repeated queries median "
+              f"{s['repeated']['median_ms']:.1f} ms; other load {100 * s['other_share']:.0f}%")
 
 
 if __name__ == "__main__":

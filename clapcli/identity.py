@@ -37,3 +37,24 @@ def fingerprint(identity: Mapping[str, Any]) -> str:
 def same_model(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     """True when two identity dicts describe the same weights, front end and dim, whatever their names."""
     return fingerprint(a) == fingerprint(b)
+
+
+def weights_fingerprint(path) -> str:
+    """Hash of size + first and last 4 MiB of each weights file (a file, or a directory's *.safetensors):
+    cheap, and changes with any re-save. Needs no torch: a text search checks its cached query graph with it."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    h = hashlib.blake2b(digest_size=8)
+    for f in files:
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(4 << 20))
+            if size > 8 << 20:
+                fh.seek(-(4 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return h.hexdigest()
+

@@ -168,3 +168,57 @@ def test_cli_engine_option_and_auto_default(tiny_model_dir, tmp_path, monkeypatc
     assert list((tmp_path / "clap-home" / "onnx").glob("htsat-*-fused-int8.onnx"))  # ran in onnxruntime
     bad = clap("embed", lib / "f0.wav", "--model", tiny_model_dir, "--engine", "tpu", ok=False)
     assert bad.exit_code != 0 and "unknown engine 'tpu'" in str(bad.exception)
+
+
+# ---- the torch-free text query (clapcli.models.onnx_text) ----------------------------------------------------
+
+QUERIES = ["a dog barking", "rain on a tin roof", "x", "a very long query " * 30]
+
+
+@pytest.mark.parametrize("text_only", [False, True])
+def test_a_saved_text_query_graph_embeds_like_the_model(tiny_model_dir, text_only):
+    from clapcli.models.onnx_text import load_text_query, save_text_query
+
+    ref = load_model(tiny_model_dir, device="cpu", precision="fp32", engine="torch", text_only=text_only)
+    assert load_text_query(str(tiny_model_dir)) is None  # nothing saved yet
+    assert save_text_query(ref) is not None
+    q = load_text_query(str(tiny_model_dir))
+    assert q is not None and q.identity_dict == ref.identity_dict and q.fingerprint == ref.fingerprint
+    want = ref.embed_text(QUERIES)
+    assert np.abs(q.embed_text(QUERIES) - want).max() < 1e-5  # long one truncated at 77 tokens, as the model
+    assert np.abs(q.embed_text(QUERIES[:2], cache=True) - want[:2]).max() < 1e-5
+    assert np.array_equal(q.embed_text(QUERIES[:2], cache=True), q.embed_text(QUERIES[:2], cache=True))
+
+
+def test_int8_models_save_no_text_query_graph(tiny_model_dir):
+    from clapcli.models.onnx_text import save_text_query
+
+    assert save_text_query(load_model(tiny_model_dir, device="cpu", precision="int8", engine="torch")) is None
+
+
+def test_clap_index_saves_the_query_graph_and_a_text_search_then_runs_without_torch(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for i, s in enumerate([3.0, 6.0, 17.0]):
+        write_audio(lib / f"f{i}.wav", tone_noise(s, 44_100, seed=i), 44_100)
+    monkeypatch.delenv("CLAP_ENGINE")
+    idx = tmp_path / "idx"
+    clap("index", lib, "--index", idx, "--model", tiny_model_dir, "--json")
+    assert list((tmp_path / "clap-home" / "onnx").glob("text-*.onnx"))
+    monkeypatch.setenv("CLAP_ENGINE", "torch")  # the model loaded in torch: the reference
+    with_torch = clap("search", "a dog barking", "--index", idx, "--json").stdout
+    script = ("import sys, runpy; sys.argv = ['clap', 'search', 'a dog barking', '--index', sys.argv[1], '--json'];"
+              "code = 0\ntry:\n    runpy.run_module('clapcli', run_name='__main__')\nexcept SystemExit as e:\n"
+              "    code = e.code or 0\nassert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(code)")
+    env = {**os.environ, "CLAP_ENGINE": "auto"}
+    run = subprocess.run([sys.executable, "-c", script, str(idx)], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    a = [json.loads(line) for line in with_torch.splitlines()]
+    b = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [h["path"] for h in a] == [h["path"] for h in b] and len(a) == 3
+    assert max(abs(x["score"] - y["score"]) for x, y in zip(a, b)) < 1e-4

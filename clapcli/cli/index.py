@@ -59,14 +59,17 @@ def index_command(
     if workers is None:
         workers = max(0, min(4, (os.cpu_count() or 1) - 1))
     progress = _IndexProgress(enabled=not as_json)
+    loaded: list = []  # the model, once build_index had something to embed
+    sharded = False
     if {"WORLD_SIZE", "SLURM_NTASKS"} & set(os.environ):  # maybe under torchrun/srun (torch only then)
         from ..index import distributed
 
         if distributed.launched():  # every rank embeds a share, rank 0 commits and reports
-            build_index = partial(distributed.build_index, device=device)
+            build_index, sharded = partial(distributed.build_index, device=device), True
     try:
         summary = build_index(
-            dirs, index_dir, lambda name: _load_model(name, model, index_dir, device, precision, tokenizer, engine),
+            dirs, index_dir, lambda name: _remember(loaded, _load_model(name, model, index_dir, device, precision,
+                                                                       tokenizer, engine)),
             model_name=model, exclude=exclude or (), batch_size=batch_size, workers=workers,
             rebuild=rebuild, wait=wait, on_plan=progress.on_plan, on_file=progress.on_file, commit_every=commit_every,
             prune_empty=prune_empty, on_audio=progress.on_audio,
@@ -83,8 +86,33 @@ def index_command(
         output.json_line(summary.to_dict())
     else:
         _print_summary(summary)
+    sys.stdout.flush()
+    if loaded and not sharded and (engine or os.environ.get("CLAP_ENGINE") or "auto") != "torch":
+        _save_text_query(loaded[0])
     if summary.emptied_roots:
         raise ClapError(emptied_message(summary.emptied_roots, "nothing under it was pruned"))
+
+
+def _remember(loaded: list, model):
+    loaded.append(model)
+    return model
+
+
+def _save_text_query(model) -> None:
+    """Once per model, with onnxruntime installed: the text tower as an ONNX graph, so that later text searches
+    run without importing torch (`clapcli.models.onnx_text`). Never fails the index."""
+    from importlib.util import find_spec
+
+    if find_spec("onnxruntime") is None or find_spec("onnx") is None:
+        return
+    import logging
+
+    from ..models.onnx_text import save_text_query
+
+    try:
+        save_text_query(model)
+    except Exception as exc:  # noqa: BLE001 - the index is done; searches then load the model as before
+        logging.getLogger(__name__).warning("could not save the text query graph: %s", exc)
 
 
 def _load_model(name, given, index_dir, device, precision, tokenizer, engine=None):

@@ -62,8 +62,10 @@ def search_command(
         identity = store.model_identity or {}
         if model is None:
             check_remembered_model(identity.get("model"), index_dir, moved_model_advice(index))
-        m = options.load(model or identity.get("model"), device, precision, tokenizer, text_only=not audio,
-                      engine=engine)
+        m = _torch_free_query(model or identity.get("model"), audio, device, precision, tokenizer, engine)
+        if m is None:
+            m = options.load(model or identity.get("model"), device, precision, tokenizer, text_only=not audio,
+                             engine=engine)
         wanted = m.identity_dict
         store.check_model_identity(wanted, advice=model_mismatch_advice(index, wanted.get("model"), model is not None))
         note = _precision_note(store.precisions, getattr(m, "precision", None))
@@ -83,6 +85,21 @@ def search_command(
             output.json_line(h.to_dict())
     else:
         _table(hits, " + ".join((query or []) + [str(a) for a in audio or []]), negative or [], note)
+
+
+def _torch_free_query(ref, audio, device, precision, tokenizer, engine):
+    """The model's saved text-query graph (`clapcli.models.onnx_text`, written by `clap index`) when this is a
+    plain text query that it answers exactly like the model: fp32 on the CPU, no --tokenizer, engine not torch.
+    None otherwise, and where no graph was saved: the caller loads the model."""
+    import os
+
+    engine = (engine or os.environ.get("CLAP_ENGINE") or "auto").lower()
+    if (audio or tokenizer or ref is None or engine == "torch" or (precision or "auto").lower() not in ("auto", "fp32")
+            or (device or "auto").lower() not in ("auto", "cpu")):
+        return None
+    from ..models.onnx_text import load_text_query
+
+    return load_text_query(ref)
 
 
 def _answer_stdin(m, searcher, negative, k, min_score, as_json, paths, note) -> int:

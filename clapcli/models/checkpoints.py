@@ -181,17 +181,9 @@ def load_tokenizer(source: str, download: bool = True):
 
 def _fingerprint(path: Path) -> str:
     """Hash of size + first and last 4 MiB of each weights file: cheap, and changes with any re-save."""
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
-    h = hashlib.blake2b(digest_size=8)
-    for f in files:
-        size = f.stat().st_size
-        h.update(str(size).encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(4 << 20))
-            if size > 8 << 20:
-                fh.seek(-(4 << 20), os.SEEK_END)
-                h.update(fh.read())
-    return h.hexdigest()
+    from ..identity import weights_fingerprint
+
+    return weights_fingerprint(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
