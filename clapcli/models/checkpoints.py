@@ -11,7 +11,6 @@ Nothing here executes pickled code: `.pt` files go through `torch.load(weights_o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
