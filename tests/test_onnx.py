@@ -190,10 +190,12 @@ def test_a_saved_text_query_graph_embeds_like_the_model(tiny_model_dir, text_onl
     assert np.array_equal(q.embed_text(QUERIES[:2], cache=True), q.embed_text(QUERIES[:2], cache=True))
 
 
-def test_int8_models_save_no_text_query_graph(tiny_model_dir):
-    from clapcli.models.onnx_text import save_text_query
+def test_an_int8_model_saves_the_fp32_text_query_graph(tiny_model_dir):
+    from clapcli.models.onnx_text import load_text_query, save_text_query
 
-    assert save_text_query(load_model(tiny_model_dir, device="cpu", precision="int8", engine="torch")) is None
+    assert save_text_query(load_model(tiny_model_dir, device="cpu", precision="int8", engine="torch")) is not None
+    exact = load_model(tiny_model_dir, device="cpu", precision="fp32", engine="torch")
+    assert np.abs(load_text_query(str(tiny_model_dir)).embed_text(QUERIES) - exact.embed_text(QUERIES)).max() < 1e-5
 
 
 def test_clap_index_saves_the_query_graph_and_a_text_search_then_runs_without_torch(tiny_model_dir, tmp_path,
@@ -208,7 +210,7 @@ def test_clap_index_saves_the_query_graph_and_a_text_search_then_runs_without_to
         write_audio(lib / f"f{i}.wav", tone_noise(s, 44_100, seed=i), 44_100)
     monkeypatch.delenv("CLAP_ENGINE")
     idx = tmp_path / "idx"
-    clap("index", lib, "--index", idx, "--model", tiny_model_dir, "--json")
+    clap("index", lib, "--index", idx, "--model", tiny_model_dir, "--precision", "int8", "--json")  # the fast way
     assert list((tmp_path / "clap-home" / "onnx").glob("text-*.onnx"))
     monkeypatch.setenv("CLAP_ENGINE", "torch")  # the model loaded in torch: the reference
     with_torch = clap("search", "a dog barking", "--index", idx, "--json").stdout
