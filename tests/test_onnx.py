@@ -224,3 +224,14 @@ def test_clap_index_saves_the_query_graph_and_a_text_search_then_runs_without_to
     b = [json.loads(line) for line in run.stdout.splitlines()]
     assert [h["path"] for h in a] == [h["path"] for h in b] and len(a) == 3
     assert max(abs(x["score"] - y["score"]) for x, y in zip(a, b)) < 1e-4
+
+
+def test_a_damaged_query_graph_falls_back_and_is_saved_again(tiny_model_dir):
+    from clapcli.models.onnx_text import load_text_query, save_text_query
+
+    m = load_model(tiny_model_dir, device="cpu", precision="fp32", engine="torch")
+    graph = save_text_query(m)
+    graph.write_bytes(b"not an onnx file")
+    assert load_text_query(str(tiny_model_dir)) is None  # the search then loads the model
+    assert save_text_query(m) == graph  # the entry was dropped, so the next clap index writes it again
+    assert np.abs(load_text_query(str(tiny_model_dir)).embed_text(QUERIES) - m.embed_text(QUERIES)).max() < 1e-5

@@ -78,7 +78,7 @@ def save_text_query(clap) -> Path | None:
     if getattr(clap.model.config, "text_tower", None) is not None:
         return None
     graph, tok_file, meta = _files(clap.loaded.fingerprint)
-    if meta.is_file():
+    if meta.is_file() and graph.is_file() and tok_file.is_file():
         return graph
     if clap.precision != "fp32" or clap.device.type != "cpu":
         from ..api import load_model
@@ -184,10 +184,14 @@ def load_text_query(ref: str, threads: int | None = None) -> OnnxTextQuery | Non
         return None
     try:
         graph, tok_file, meta_file = _files(weights_fingerprint(path))
-        if not meta_file.is_file():
-            return None
+    except OSError:
+        return None
+    if not meta_file.is_file():
+        return None
+    try:
         meta = json.loads(meta_file.read_text())
         return OnnxTextQuery(ref, path, graph, tok_file, meta, threads)
     except Exception as exc:  # noqa: BLE001 - a damaged cache entry: the caller loads the model instead
-        log.debug("text query graph of %s not usable: %s", ref, exc)
+        log.debug("text query graph of %s not usable (dropped; the next clap index saves it again): %s", ref, exc)
+        meta_file.unlink(missing_ok=True)
         return None
