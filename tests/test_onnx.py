@@ -190,12 +190,11 @@ def test_a_saved_text_query_graph_embeds_like_the_model(tiny_model_dir, text_onl
     assert np.array_equal(q.embed_text(QUERIES[:2], cache=True), q.embed_text(QUERIES[:2], cache=True))
 
 
-def test_an_int8_model_saves_the_fp32_text_query_graph(tiny_model_dir):
-    from clapcli.models.onnx_text import load_text_query, save_text_query
+def test_only_an_fp32_model_saves_the_text_query_graph(tiny_model_dir):
+    from clapcli.models.onnx_text import save_text_query
 
-    assert save_text_query(load_model(tiny_model_dir, device="cpu", precision="int8", engine="torch")) is not None
-    exact = load_model(tiny_model_dir, device="cpu", precision="fp32", engine="torch")
-    assert np.abs(load_text_query(str(tiny_model_dir)).embed_text(QUERIES) - exact.embed_text(QUERIES)).max() < 1e-5
+    # clap index at int8 loads the text half again at fp32 for it (test_clap_index_saves_the_query_graph...)
+    assert save_text_query(load_model(tiny_model_dir, device="cpu", precision="int8", engine="torch")) is None
 
 
 def test_clap_index_saves_the_query_graph_and_a_text_search_then_runs_without_torch(tiny_model_dir, tmp_path,

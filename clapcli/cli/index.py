@@ -110,7 +110,9 @@ def _save_text_query(model) -> None:
     from ..models.onnx_text import save_text_query
 
     try:
-        save_text_query(model)
+        if save_text_query(model) is None and (model.precision != "fp32" or model.device.type != "cpu"):
+            # an int8 (or GPU) index: the graph is fp32 on the CPU, from the text half loaded again
+            save_text_query(options.load(model.model_ref, "cpu", "fp32", text_only=True, engine="torch"))
     except Exception as exc:  # noqa: BLE001 - the index is done; searches then load the model as before
         logging.getLogger(__name__).warning("could not save the text query graph: %s", exc)
 

@@ -14,7 +14,7 @@ checkpoint loader records, computed here from the files without torch) and EXPOR
 the load reference, the pad token and the tower's max length). The three are written atomically, the
 sidecar last, so a reader finds all three or none. A model whose files change gets another key.
 
-The graph is always fp32 (an int8 model's text half is loaded again at fp32 to export it). Only an fp32 query
+The graph is always fp32 (`clap index` at int8 loads the text half again at fp32 to export it). Only an fp32 query
 on the CPU takes this path; anything it cannot answer (no saved graph, a
 model that is not a local directory or a cached hub snapshot) returns None and the caller loads the model.
 """
@@ -69,8 +69,8 @@ def _backend_tokenizer(tokenizer):
 
 def save_text_query(clap) -> Path | None:
     """Export `clap`'s text tower and projection (fp32, eval) for torch-free queries; returns the graph's path,
-    or None where this model has no such tower or tokenizer (Wav2CLIP's CLIP tower, a slow tokenizer). A model
-    loaded at another precision or on another device is loaded again, text half only, fp32 on the CPU."""
+    or None where this model has no such tower or tokenizer (Wav2CLIP's CLIP tower, a slow tokenizer) or is not
+    fp32 on the CPU (load its text half again for that: `load_model(ref, "cpu", "fp32", text_only=True)`)."""
     import torch
 
     from ..atomic import atomic_write
@@ -81,9 +81,7 @@ def save_text_query(clap) -> Path | None:
     if meta.is_file() and graph.is_file() and tok_file.is_file():
         return graph
     if clap.precision != "fp32" or clap.device.type != "cpu":
-        from ..api import load_model
-
-        clap = load_model(clap.model_ref, device="cpu", precision="fp32", text_only=True, engine="torch")
+        return None  # the caller loads the text half again at fp32 (`clap index` does)
     model, tok = clap.model, _backend_tokenizer(clap.tokenizer)
     pad = getattr(clap.tokenizer, "pad_token_id", None)
     if tok is None or pad is None or getattr(model, "text_model", None) is None:
