@@ -234,3 +234,40 @@ def test_a_damaged_query_graph_falls_back_and_is_saved_again(tiny_model_dir):
     assert load_text_query(str(tiny_model_dir)) is None  # the search then loads the model
     assert save_text_query(m) == graph  # the entry was dropped, so the next clap index writes it again
     assert np.abs(load_text_query(str(tiny_model_dir)).embed_text(QUERIES) - m.embed_text(QUERIES)).max() < 1e-5
+
+
+def test_the_query_graph_key_follows_the_tokenizer_and_configs(tiny_model_dir, tmp_path):
+    import shutil
+
+    from clapcli.models.onnx_text import load_text_query, save_text_query
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    assert save_text_query(load_model(copy, device="cpu", precision="fp32", engine="torch")) is not None
+    assert load_text_query(str(copy)) is not None
+    tok = copy / "tokenizer_config.json"
+    tok.write_text(tok.read_text().replace("{", '{"edited": true, ', 1))  # same weights, other tokenizer settings
+    assert load_text_query(str(copy)) is None  # not the saved graph's: the search loads the model
+
+
+def test_an_int8_export_quantises_from_a_file_of_its_own(tiny_model_dir, monkeypatch):
+    """Two processes exporting int8 at once: neither may delete the fp32 file the other quantises from, so
+    the fp32 intermediate is private (a temporary name) unless an fp32 export was already cached."""
+    from clapcli.models import onnx_audio as oa
+
+    runner = load_model(tiny_model_dir, device="cpu", precision="int8", engine="onnx").model.audio_runner
+    real, seen = oa._quantize, []
+
+    def spy(source, target):
+        seen.append((source, source.is_file(), runner.path("global", "fp32").exists()))
+        real(source, target)
+
+    monkeypatch.setattr(oa, "_quantize", spy)
+    assert runner.ensure_file("global").is_file()
+    source, present, shared = seen[0]
+    assert present and not shared and source != runner.path("global", "fp32")  # a private fp32 export ...
+    assert not source.exists()  # ... removed after
+    cached = runner.ensure_file("global", "fp32")  # with an fp32 export cached, int8 is made from it, kept
+    runner.path("global").unlink()
+    runner.ensure_file("global")
+    assert seen[-1][0] == cached and cached.is_file()

@@ -87,7 +87,7 @@ def index_command(
     else:
         _print_summary(summary)
     sys.stdout.flush()
-    if loaded and not sharded and (engine or os.environ.get("CLAP_ENGINE") or "auto") != "torch":
+    if loaded and not sharded and not tokenizer and (engine or os.environ.get("CLAP_ENGINE") or "auto") != "torch":
         _save_text_query(loaded[0])
     if summary.emptied_roots:
         raise ClapError(emptied_message(summary.emptied_roots, "nothing under it was pruned"))
@@ -107,9 +107,11 @@ def _save_text_query(model) -> None:
         return
     import logging
 
-    from ..models.onnx_text import save_text_query
+    from ..models.onnx_text import can_save, save_text_query
 
     try:
+        if not can_save(model):
+            return
         if save_text_query(model) is None and (model.precision != "fp32" or model.device.type != "cpu"):
             # an int8 (or GPU) index: the graph is fp32 on the CPU, from the text half loaded again
             save_text_query(options.load(model.model_ref, "cpu", "fp32", text_only=True, engine="torch"))

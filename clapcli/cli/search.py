@@ -39,7 +39,7 @@ def search_command(
                                "standard input: plain text, or JSON with a 'query' and an optional 'k'."),
 ) -> None:
     """Search an index with text (and/or --audio FILE); results are files ranked by their best segment."""
-    from ..errors import UsageError
+    from ..errors import IndexStoreError, UsageError
     from ..index.paths import check_remembered_model, resolve_index
     from ..index.search import Searcher, model_mismatch_advice, moved_model_advice, open_for_search, query_vector
 
@@ -63,6 +63,11 @@ def search_command(
         if model is None:
             check_remembered_model(identity.get("model"), index_dir, moved_model_advice(index))
         m = _torch_free_query(model or identity.get("model"), audio, device, precision, tokenizer, engine)
+        if m is not None:
+            try:
+                store.check_model_identity(m.identity_dict)
+            except IndexStoreError:  # a graph saved under other settings: the model decides (and explains)
+                m = None
         if m is None:
             m = options.load(model or identity.get("model"), device, precision, tokenizer, text_only=not audio,
                              engine=engine)
@@ -94,7 +99,7 @@ def _torch_free_query(ref, audio, device, precision, tokenizer, engine):
     import os
 
     engine = (engine or os.environ.get("CLAP_ENGINE") or "auto").lower()
-    if (audio or tokenizer or ref is None or engine == "torch" or (precision or "auto").lower() not in ("auto", "fp32")
+    if (audio or tokenizer or ref is None or engine not in ("auto", "onnx") or (precision or "auto").lower() not in ("auto", "fp32")
             or (device or "auto").lower() not in ("auto", "cpu")):
         return None
     from ..models.onnx_text import load_text_query

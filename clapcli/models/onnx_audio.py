@@ -19,7 +19,8 @@ encoder's rule (AFF for longer clips only).
 The ONNX files are a cache (`cache_dir()/onnx/`, one file per graph and precision), keyed by the weights'
 fingerprint, the audio config, this module's EXPORT_VERSION and the torch version: exported on first use (a
 few seconds for the full-size model; int8 is quantised from an fp32 export by onnxruntime's
-`quantize_dynamic`, MatMul only, and that fp32 file is removed again unless it was already cached), then read
+`quantize_dynamic`, MatMul only, from the cached fp32 file or else from a temporary export of this process's
+own, removed after), then read
 back by every later process. Files are written atomically; two processes exporting at once both succeed and
 the last rename wins (the files are equal).
 """
@@ -116,12 +117,18 @@ class OnnxHTSAT:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         if precision == "int8":
-            kept = self.path(graph, "fp32").is_file()
-            source = self.ensure_file(graph, "fp32")
+            from ..atomic import temp_path
+
+            source, temp = self.path(graph, "fp32"), None
+            if not source.is_file():  # export to a name of this process's own (4x the int8 file, only needed
+                source = temp = temp_path(source)  # to make it), so a concurrent export never loses its input
+                self._export(graph, temp)
             log.info("quantising the onnx audio encoder to int8 (once per model): %s", target)
-            _atomic(target, lambda tmp: _quantize(source, tmp))
-            if not kept:  # 4x the size of the int8 file, and only needed to make it
-                source.unlink(missing_ok=True)
+            try:
+                _atomic(target, lambda tmp: _quantize(source, tmp))
+            finally:
+                if temp is not None:
+                    temp.unlink(missing_ok=True)
         else:
             log.info("exporting the audio encoder to onnx (once per model): %s", target)
             _atomic(target, lambda tmp: self._export(graph, tmp))

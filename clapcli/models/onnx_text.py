@@ -8,11 +8,13 @@ Why: a cold text search spends most of its time importing torch (~3-4 s of ~6 s 
 saved query graph it imports numpy, tokenizers and onnxruntime only.
 
 What is cached, under `cache_dir()/onnx/`, keyed by the weights fingerprint (the same cheap hash the
-checkpoint loader records, computed here from the files without torch) and EXPORT_VERSION:
+checkpoint loader records, computed here from the files without torch), the tokenizer and config files
+beside them (SIDE_FILES), the clapcli version and EXPORT_VERSION:
 `text-KEY.onnx` (token ids + attention mask → normalised embedding, batch and length free),
 `text-KEY.tokenizer.json` (the model's tokenizers tokenizer) and `text-KEY.json` (its identity dict without
 the load reference, the pad token and the tower's max length). The three are written atomically, the
-sidecar last, so a reader finds all three or none. A model whose files change gets another key.
+sidecar last, so a reader finds all three or none. A model whose files change gets another key; `clap search` also falls back to the model when the saved
+identity does not match the index's.
 
 The graph is always fp32 (`clap index` at int8 loads the text half again at fp32 to export it). Only an fp32 query
 on the CPU takes this path; anything it cannot answer (no saved graph, a
@@ -36,14 +38,28 @@ log = logging.getLogger(__name__)
 EXPORT_VERSION = 1
 
 
-def _key(weights: str) -> str:
-    return hashlib.blake2b(f"text|{weights}|{EXPORT_VERSION}".encode(), digest_size=10).hexdigest()
+# The files beside the weights that the query depends on (tokenizer, text config, the front-end settings in
+# the stored identity): a change to any of them is another key, as a change to the weights is.
+SIDE_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json")
 
 
-def _files(weights: str) -> tuple[Path, Path, Path]:
+def _key(path: Path) -> str:
+    from .. import __version__
+
+    h = hashlib.blake2b(f"text|{weights_fingerprint(path)}|{EXPORT_VERSION}|{__version__}".encode(), digest_size=10)
+    folder = path if path.is_dir() else path.parent
+    for name in SIDE_FILES:
+        side = folder / name
+        if side.is_file():
+            h.update(name.encode() + hashlib.blake2b(side.read_bytes(), digest_size=16).digest())
+    return h.hexdigest()
+
+
+def _files(path: Path) -> tuple[Path, Path, Path]:
     from ..home import cache_dir
 
-    base = cache_dir() / "onnx" / f"text-{_key(weights)}"
+    base = cache_dir() / "onnx" / f"text-{_key(Path(path))}"
     return base.with_suffix(".onnx"), base.with_suffix(".tokenizer.json"), base.with_suffix(".json")
 
 
@@ -67,6 +83,12 @@ def _backend_tokenizer(tokenizer):
     return inner if inner is not None and hasattr(inner, "to_str") else None
 
 
+def can_save(clap) -> bool:
+    """Whether `clap` has a text tower and tokenizer the query graph covers (not Wav2CLIP's CLIP tower, not a
+    slow tokenizer), whatever its precision and device."""
+    return getattr(clap.model.config, "text_tower", None) is None and _backend_tokenizer(clap.tokenizer) is not None
+
+
 def save_text_query(clap) -> Path | None:
     """Export `clap`'s text tower and projection (fp32, eval) for torch-free queries; returns the graph's path,
     or None where this model has no such tower or tokenizer (Wav2CLIP's CLIP tower, a slow tokenizer) or is not
@@ -75,9 +97,9 @@ def save_text_query(clap) -> Path | None:
 
     from ..atomic import atomic_write
 
-    if getattr(clap.model.config, "text_tower", None) is not None:
+    if not can_save(clap) or not clap.loaded.source:
         return None
-    graph, tok_file, meta = _files(clap.loaded.fingerprint)
+    graph, tok_file, meta = _files(Path(clap.loaded.source))
     if meta.is_file() and graph.is_file() and tok_file.is_file():
         return graph
     if clap.precision != "fp32" or clap.device.type != "cpu":
@@ -181,7 +203,7 @@ def load_text_query(ref: str, threads: int | None = None) -> OnnxTextQuery | Non
     if path is None:
         return None
     try:
-        graph, tok_file, meta_file = _files(weights_fingerprint(path))
+        graph, tok_file, meta_file = _files(path)
     except OSError:
         return None
     if not meta_file.is_file():
