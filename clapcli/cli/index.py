@@ -52,7 +52,7 @@ def index_command(
     from functools import partial
 
     from ..errors import ClapError
-    from ..index.indexer import IndexInterrupted, emptied_message, build_index
+    from ..index.indexer import IndexInterrupted, build_index, emptied_message
     from ..index.paths import resolve_index
 
     index_dir = resolve_index(index)
@@ -87,7 +87,7 @@ def index_command(
     else:
         _print_summary(summary)
     sys.stdout.flush()
-    if loaded and not sharded and not tokenizer and (engine or os.environ.get("CLAP_ENGINE") or "auto") != "torch":
+    if loaded and not sharded and not tokenizer and (engine or "auto").lower() != "torch":  # --engine or $CLAP_ENGINE
         _save_text_query(loaded[0])
     if summary.emptied_roots:
         raise ClapError(emptied_message(summary.emptied_roots, "nothing under it was pruned"))
@@ -112,9 +112,10 @@ def _save_text_query(model) -> None:
     try:
         if not can_save(model):
             return
-        if save_text_query(model) is None and (model.precision != "fp32" or model.device.type != "cpu"):
+        if model.precision != "fp32" or model.device.type != "cpu":
             # an int8 (or GPU) index: the graph is fp32 on the CPU, from the text half loaded again
-            save_text_query(options.load(model.model_ref, "cpu", "fp32", text_only=True, engine="torch"))
+            model = options.load(model.model_ref, "cpu", "fp32", text_only=True, engine="torch")
+        save_text_query(model)
     except Exception as exc:  # noqa: BLE001 - the index is done; searches then load the model as before
         logging.getLogger(__name__).warning("could not save the text query graph: %s", exc)
 

@@ -39,7 +39,8 @@ def search_command(
                                "standard input: plain text, or JSON with a 'query' and an optional 'k'."),
 ) -> None:
     """Search an index with text (and/or --audio FILE); results are files ranked by their best segment."""
-    from ..errors import IndexStoreError, UsageError
+    from ..errors import UsageError
+    from ..identity import same_model
     from ..index.paths import check_remembered_model, resolve_index
     from ..index.search import Searcher, model_mismatch_advice, moved_model_advice, open_for_search, query_vector
 
@@ -63,11 +64,8 @@ def search_command(
         if model is None:
             check_remembered_model(identity.get("model"), index_dir, moved_model_advice(index))
         m = _torch_free_query(model or identity.get("model"), audio, device, precision, tokenizer, engine)
-        if m is not None:
-            try:
-                store.check_model_identity(m.identity_dict)
-            except IndexStoreError:  # a graph saved under other settings: the model decides (and explains)
-                m = None
+        if m is not None and identity and not same_model(identity, m.identity_dict):
+            m = None  # a graph saved under other settings: the model decides (and explains a real mismatch)
         if m is None:
             m = options.load(model or identity.get("model"), device, precision, tokenizer, text_only=not audio,
                              engine=engine)
@@ -96,11 +94,9 @@ def _torch_free_query(ref, audio, device, precision, tokenizer, engine):
     """The model's saved text-query graph (`clapcli.models.onnx_text`, written by `clap index`) when this is a
     plain text query that it answers exactly like the model: fp32 on the CPU, no --tokenizer, engine not torch.
     None otherwise, and where no graph was saved: the caller loads the model."""
-    import os
-
-    engine = (engine or os.environ.get("CLAP_ENGINE") or "auto").lower()
-    if (audio or tokenizer or ref is None or engine not in ("auto", "onnx") or (precision or "auto").lower() not in ("auto", "fp32")
-            or (device or "auto").lower() not in ("auto", "cpu")):
+    plain_text = not audio and not tokenizer and ref is not None
+    fp32_cpu = (precision or "auto").lower() in ("auto", "fp32") and (device or "auto").lower() in ("auto", "cpu")
+    if not (plain_text and fp32_cpu) or (engine or "auto").lower() not in ("auto", "onnx"):  # --engine/$CLAP_ENGINE
         return None
     from ..models.onnx_text import load_text_query
 

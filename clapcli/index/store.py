@@ -40,6 +40,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from ..errors import IndexStoreError
+from ..identity import NAME_KEYS
 from .schema import BUSY_TIMEOUT_S, DB_FILENAME, open_database
 
 SEGMENT_KINDS = ("file", "window")  # a whole-file embedding, or one 10 s window of a long file
@@ -632,7 +633,7 @@ def _canonical_identity(identity: dict) -> str:
 
 
 def _without_name(identity: dict) -> dict:
-    return {k: v for k, v in identity.items() if k not in ("model", "name")}
+    return {k: v for k, v in identity.items() if k not in NAME_KEYS}
 
 
 def _identity_name(identity: dict) -> str:

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import atomic_write, temp_path
 from ..errors import ClapError, UsageError
 from .htsat import HTSAT
 
@@ -117,21 +118,19 @@ class OnnxHTSAT:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         if precision == "int8":
-            from ..atomic import temp_path
-
             source, temp = self.path(graph, "fp32"), None
             if not source.is_file():  # export to a name of this process's own (4x the int8 file, only needed
                 source = temp = temp_path(source)  # to make it), so a concurrent export never loses its input
                 self._export(graph, temp)
             log.info("quantising the onnx audio encoder to int8 (once per model): %s", target)
             try:
-                _atomic(target, lambda tmp: _quantize(source, tmp))
+                atomic_write(target, writer=lambda tmp: _quantize(source, tmp))
             finally:
                 if temp is not None:
                     temp.unlink(missing_ok=True)
         else:
             log.info("exporting the audio encoder to onnx (once per model): %s", target)
-            _atomic(target, lambda tmp: self._export(graph, tmp))
+            atomic_write(target, writer=lambda tmp: self._export(graph, tmp))
         return target
 
     def _export(self, graph: str, path: Path) -> None:
@@ -199,12 +198,6 @@ def _quantize(source: Path, target: Path) -> None:
                              op_types_to_quantize=["MatMul"])
     finally:
         root.setLevel(level)
-
-
-def _atomic(target: Path, write) -> None:
-    from ..atomic import atomic_write
-
-    atomic_write(target, writer=write)
 
 
 def resolve_engine(name: str | None, device: torch.device, encoder: nn.Module | None, precision: str) -> str:

@@ -13,8 +13,8 @@ beside them (SIDE_FILES), the clapcli version and EXPORT_VERSION:
 `text-KEY.onnx` (token ids + attention mask → normalised embedding, batch and length free),
 `text-KEY.tokenizer.json` (the model's tokenizers tokenizer) and `text-KEY.json` (its identity dict without
 the load reference, the pad token and the tower's max length). The three are written atomically, the
-sidecar last, so a reader finds all three or none. A model whose files change gets another key; `clap search` also falls back to the model when the saved
-identity does not match the index's.
+sidecar last, so a reader finds all three or none. A model whose files change gets another key; `clap search`
+also falls back to the model when the saved identity does not match the index's.
 
 The graph is always fp32 (`clap index` at int8 loads the text half again at fp32 to export it). Only an fp32 query
 on the CPU takes this path; anything it cannot answer (no saved graph, a
