@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -106,7 +107,7 @@ def save_text_query(clap) -> Path | None:
         return None  # the caller loads the text half again at fp32 (`clap index` does)
     model, tok = clap.model, _backend_tokenizer(clap.tokenizer)
     pad = getattr(clap.tokenizer, "pad_token_id", None)
-    if tok is None or pad is None or getattr(model, "text_model", None) is None:
+    if pad is None or getattr(model, "text_model", None) is None:  # (can_save saw the tokenizer)
         return None
     graph.parent.mkdir(parents=True, exist_ok=True)
 
@@ -122,8 +123,6 @@ def save_text_query(clap) -> Path | None:
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
             "embedding": {0: "batch"}}
-    import warnings
-
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         atomic_write(graph, writer=lambda tmp: torch.onnx.export(
