@@ -496,8 +496,8 @@ def load_model(
 ) -> Clap:
     """Load a model: a hub id (default `laion/clap-htsat-fused`), a local directory, or an original .pt.
 
-    precision: auto (bf16 where native, else fp32), fp32, bf16 or int8 (CPU: dynamic int8 Linear layers,
-    within cosine 0.995 of fp32). text_only: read and build only the text tower and projection (no
+    precision: auto (fp32 on every device: the faithful rule of `clapcli.runtime`), fp32, bf16 (faster where
+    native, not exact, batch-dependent) or int8 (CPU: dynamic int8 Linear layers, within cosine 0.995 of fp32). text_only: read and build only the text tower and projection (no
     transformers import, the audio weights never read) where the checkpoint allows it (a Hugging Face or
     clapcli directory with a RoBERTa/BERT tower and a tokenizer.json); elsewhere the whole model loads.
     engine: None ($CLAP_ENGINE if set, else auto), auto (onnx for int8 where it can run: CPU, an HTSAT encoder,

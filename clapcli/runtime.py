@@ -1,21 +1,28 @@
 """Where and at what precision a model runs: `--device` and `--precision` resolved once, for every command.
 
     device = resolve_device("auto")                       # cuda when torch sees a GPU, else cpu
-    precision = resolve_precision("auto", device)         # bf16 where native, else fp32
+    precision = resolve_precision("auto", device)         # fp32 on every machine (the faithful rule)
     if precision == "int8":
         quantize_int8(model)                              # dynamic int8 Linear layers (CPU only)
-    with autocast(device, precision):                     # a no-op for fp32 and int8
+    with autocast(device, precision):                     # fp32: true fp32 (no TF32 on CUDA); int8: no-op
         ...
 
 Inference accepts auto|fp32|bf16|int8 (`INFERENCE_PRECISIONS`, the default); training passes
 `allowed=TRAINING_PRECISIONS` (fp32|bf16|fp16: fp16 needs a loss scaler, which is the trainer's business).
-`auto` never picks int8: it changes the numbers (within cosine 0.995 of fp32), so it is asked for by name.
+
+The rule for `auto`: every output stays within cosine 0.9999 of fp32 and a file's embedding does not depend
+on what else is in its batch (within 1e-5), on every CPU class and on GPUs; within that, the fastest path.
+Measured with full-size random models of every encoder family (benchmarks/bench_precision.py, RESULTS.md),
+only fp32 keeps both: bf16 (AVX512-BF16/AMX CPUs, GPUs) leaves the references (cosine down to ~0.9997) and
+moves a file's vector with its batch mates (~1e-3), which a resumed or incremental `clap index` would store
+as vectors a clean build does not reproduce; int8 is further still. So `auto` is fp32 everywhere, and bf16
+and int8 are asked for by name, as speed traded for fidelity.
 """
 
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -26,6 +33,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # every name resolve_prec
 INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "int8")  # what embed/index/search/tag accept
 TRAINING_PRECISIONS = ("fp32", "bf16", "fp16")  # what training accepts
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AUTO_PRECISION = "fp32"  # what `auto` resolves to, on every CPU class and GPU (the rule in the docstring)
+LOSSY_PRECISIONS = ("bf16", "fp16", "int8")  # vectors that leave fp32 and depend on their batch mates
 
 
 class SlowPrecisionWarning(UserWarning):
@@ -70,7 +79,7 @@ def _cpu_flags() -> set[str]:
 def resolve_precision(
     name: str | None, device: torch.device, allowed: tuple[str, ...] = INFERENCE_PRECISIONS
 ) -> str:
-    """The precision to run at: one of `allowed`, with `auto` (or None) → bf16 where native, else fp32.
+    """The precision to run at: one of `allowed`, with `auto` (or None) → fp32 on every device (see above).
 
     None means `auto` only where `allowed` has it, else fp32. An unknown or disallowed name is a
     UsageError naming the choices; int8 on a GPU is a UsageError too (dynamic quantisation is a CPU
@@ -82,7 +91,7 @@ def resolve_precision(
     if name not in allowed:
         raise UsageError(f"unknown precision {name!r}; choose one of: {', '.join(allowed)}")
     if name == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
+        return AUTO_PRECISION
     if name == "int8" and device.type != "cpu":
         raise UsageError(f"--precision int8 runs on the CPU only (PyTorch dynamic quantisation); on {device.type} "
                          "use bf16 or fp32, or pass --device cpu")
@@ -93,13 +102,28 @@ def resolve_precision(
 
 
 def autocast(device: torch.device, precision: str):
-    """A context manager running matrix work at `precision` (a resolved name); fp32 is a no-op, and so is
-    int8 (the model's Linear layers are quantised instead, see `quantize_int8`)."""
-    if precision in ("fp32", "int8"):
+    """A context manager running matrix work at `precision` (a resolved name). int8 is a no-op (the model's
+    Linear layers are quantised instead, see `quantize_int8`); so is fp32 on the CPU, while on CUDA fp32 turns
+    TF32 off for its duration (cuDNN convolutions use TF32 by default on Ampere and later, a 10-bit mantissa
+    that would make "fp32" neither exact nor independent of the batch)."""
+    if precision == "int8" or (precision == "fp32" and device.type != "cuda"):
         return nullcontext()
+    if precision == "fp32":
+        return exact_fp32()
     if precision not in _DTYPES:
         raise ValueError(f"autocast needs a resolved precision (fp32, bf16, fp16 or int8), got {precision!r}")
     return torch.autocast(device.type, dtype=_DTYPES[precision])
+
+
+@contextmanager
+def exact_fp32():
+    """Matrix work and convolutions on CUDA at full fp32 (TF32 off) inside the block; restored after."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:

@@ -56,7 +56,7 @@ def test_int8_and_fp32_are_the_same_model_for_an_index(fp32_and_int8):
 def test_int8_is_refused_on_cuda_and_never_chosen_by_auto(monkeypatch):
     with pytest.raises(UsageError, match="int8 runs on the CPU only"):
         resolve_precision("int8", torch.device("cuda"))
-    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"avx512f", "avx512_vnni", "amx_int8"})
     assert resolve_precision("auto", CPU) == "fp32" and resolve_precision("int8", CPU) == "int8"
 
 
@@ -67,7 +67,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
     monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert resolve_precision("bf16", CPU) == "bf16" and resolve_precision("auto", CPU) == "bf16"
+        assert resolve_precision("bf16", CPU) == "bf16" and resolve_precision("auto", CPU) == "fp32"
 
 
 def test_an_int8_model_cannot_be_saved_as_a_checkpoint(fp32_and_int8, tmp_path):

@@ -34,11 +34,39 @@ def test_asking_for_cuda_without_one_is_a_runtime_error():
     assert not isinstance(info.value, UsageError)
 
 
-@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
-def test_auto_is_bf16_exactly_where_it_is_native(monkeypatch, native, expected):
-    monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
-    assert resolve_precision("auto", CPU) == resolve_precision(None, CPU) == expected
-    assert resolve_precision("fp32", CPU) == "fp32" and resolve_precision("BF16", CPU) == "bf16"
+# Each machine class as its flags describe it: auto is fp32 on all of them (the faithful rule), while bf16
+# asked for by name counts as native exactly where the hardware has it.
+MACHINE_CLASSES = {
+    "avx2-only": ({"sse4_2", "avx", "avx2", "fma"}, None),
+    "avx512-bf16-vnni": ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}, None),
+    "amx": ({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}, None),
+    "cuda-with-bf16": (set(), True),
+    "cuda-without-bf16": (set(), False),
+}
+
+
+@pytest.mark.parametrize("machine", MACHINE_CLASSES)
+def test_auto_is_fp32_on_every_cpu_class_and_gpu(monkeypatch, machine):
+    flags, cuda_bf16 = MACHINE_CLASSES[machine]
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: set(flags))
+    device = CPU
+    if cuda_bf16 is not None:
+        device = torch.device("cuda")
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    assert resolve_precision("auto", device) == resolve_precision(None, device) == "fp32"
+    assert runtime.native_bf16(device) == (bool(cuda_bf16) or "avx512_bf16" in flags)
+    assert resolve_precision("fp32", device) == "fp32" and resolve_precision("BF16", device) == "bf16"
+
+
+def test_fp32_turns_tf32_off_on_cuda_and_restores_it():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with autocast(torch.device("cuda"), "fp32"):  # sets flags only: runs without a GPU
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def test_inference_refuses_fp16_and_training_accepts_it():
