@@ -34,7 +34,6 @@ INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "int8")  # what embed/index/sear
 TRAINING_PRECISIONS = ("fp32", "bf16", "fp16")  # what training accepts
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AUTO_PRECISION = "fp32"  # what `auto` resolves to, on every CPU class and GPU (the rule in the docstring)
-LOSSY_PRECISIONS = ("bf16", "fp16", "int8")  # vectors that leave fp32 and depend on their batch mates
 
 
 class SlowPrecisionWarning(UserWarning):

@@ -118,10 +118,13 @@ def test_clap_index_and_search_at_int8_through_the_cli(tiny_model_dir, tmp_path)
     lib.mkdir()
     for i, seconds in enumerate([1.0, 3.0]):
         write_audio(lib / f"clip{i}.wav", tone_noise(seconds, 48_000, seed=i), 48_000)
-    clap("index", lib, "--index", index_dir, "--model", tiny_model_dir, "--precision", "int8", "--json",
-         "--workers", "0")
+    summary = json.loads(clap("index", lib, "--index", index_dir, "--model", tiny_model_dir, "--precision", "int8",
+                              "--json", "--workers", "0").stdout.splitlines()[-1])
+    assert summary["precisions"] == ["int8"] and summary["reproducible"] is False
     with IndexStore.open(index_dir, readonly=True) as store:
         assert store.precisions == ["int8"]
+    note = " ".join(clap("index", lib, "--index", index_dir, "--workers", "0").output.split())
+    assert "holds vectors computed at int8" in note and "may differ slightly from a clean build" in note
     hits = [json.loads(line) for line in clap("search", "--audio", lib / "clip1.wav", "--index", index_dir,
                                                "--precision", "fp32", "--json").stdout.splitlines()]
     assert hits[0]["path"].endswith("clip1.wav") and hits[0]["score"] == pytest.approx(1.0, abs=0.005)
@@ -129,3 +132,16 @@ def test_clap_index_and_search_at_int8_through_the_cli(tiny_model_dir, tmp_path)
     clap("index", lib, "--index", index_dir, "--precision", "fp32", "--json", "--workers", "0")
     with IndexStore.open(index_dir, readonly=True) as store:
         assert store.precisions == ["fp32", "int8"]
+
+
+def test_an_fp32_index_says_nothing_about_reproducibility(tiny_model_dir, tmp_path):
+    from audio_synth import write_audio
+    from cli_runner import clap
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    write_audio(lib / "clip.wav", tone_noise(1.0, 48_000, seed=3), 48_000)
+    args = ("index", lib, "--index", tmp_path / "idx", "--model", tiny_model_dir, "--workers", "0")
+    summary = json.loads(clap(*args, "--json").stdout.splitlines()[-1])  # --precision auto
+    assert summary["precisions"] == ["fp32"] and summary["reproducible"] is True
+    assert "clean build" not in clap(*args).output

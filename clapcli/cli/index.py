@@ -147,6 +147,10 @@ def _print_summary(s) -> None:
               highlight=False)
     if s.kept_aside:
         con.print(f"[yellow]the damaged database was kept as {s.kept_aside}[/]", highlight=False)
+    if s.lossy_precisions:
+        con.print(f"[yellow]note:[/] this index holds vectors computed at {' and '.join(s.lossy_precisions)}, which "
+                  "depend on their batch mates: after a resumed or incremental run it may differ slightly from a "
+                  "clean build (--rebuild at the default fp32 is exact)", highlight=False, soft_wrap=True)
     for path, reason in s.skipped[:20]:
         con.print(f"  [yellow]skipped[/] {escape(output.display_path(path))}: {escape(output.display_path(reason))}",
                   highlight=False, soft_wrap=True)

@@ -23,7 +23,7 @@ from ..errors import ClapError, IndexStoreError
 from .lock import WriterLock
 from .scan import AUDIO_EXTENSIONS, ScanEntry, ScanProblem, matches_exclude, scan
 from .schema import DB_FILENAME
-from .store import IndexStore, content_hash
+from .store import LOSSY_PRECISIONS, IndexStore, content_hash
 
 COMMIT_EVERY_FILES = 64  # files per SQLite transaction
 COMMIT_EVERY_SECONDS = 30.0  # or sooner, so a slow batch never holds back a commit for long
@@ -52,6 +52,7 @@ class IndexSummary:
     removed_excluded: int = 0  # of `removed`: indexed files that --exclude now matches
     partial: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): embedded in part, this run
     partial_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of every partial row
+    precisions: list[str] = field(default_factory=list)  # what the stored vectors were computed at (sorted)
 
     def to_dict(self) -> dict:
         return {
@@ -79,7 +80,15 @@ class IndexSummary:
             "emptied_roots": [{"path": p, "kept_files": n} for p, n in self.emptied_roots],
             "kept_aside": self.kept_aside,
             "removed_excluded": self.removed_excluded,
+            "precisions": self.precisions,
+            "reproducible": not self.lossy_precisions,
         }
+
+    @property
+    def lossy_precisions(self) -> list[str]:
+        """The stored precisions whose vectors depend on their batch mates (bf16, int8): a resumed or
+        incremental run may then hold vectors that a clean build would not reproduce exactly."""
+        return [p for p in self.precisions if p in LOSSY_PRECISIONS]
 
 
 @dataclass
@@ -237,6 +246,7 @@ def build_index(
             summary.total_files, summary.total_segments = counts.ok_files, counts.segments
             summary.unreadable = [(r.path, r.error or "") for r in store.error_files()]
             summary.partial_files = [(r.path, r.error or "") for r in store.partial_files()]
+            summary.precisions = store.precisions
     summary.seconds = time.monotonic() - started
     return summary
 

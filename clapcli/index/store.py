@@ -118,6 +118,11 @@ def content_hash(path: str | os.PathLike, block_size: int = 1 << 20) -> str:
 # The store
 
 
+# Precisions whose vectors leave fp32 and move with their batch mates (measured: benchmarks/RESULTS.md), so an
+# index holding them may not equal a clean rebuild after a resumed or incremental run.
+LOSSY_PRECISIONS = ("bf16", "fp16", "int8")
+
+
 class IndexStore:
     """The SQLite part of an index. Open with `IndexStore.open(dir)`; use as a context manager to close.
 
