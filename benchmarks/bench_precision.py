@@ -103,7 +103,7 @@ def build(family: str, directory: Path, paths: list[str]) -> Path:
     from clapcli.models.clap import ClapModel
     from clapcli.models.presets import preset
 
-    stamp = {"family": family, "version": BUILDER_VERSION, "clips": CLIP_SECONDS}
+    stamp = {"family": family, "version": BUILDER_VERSION, "calibrated_on": [Path(p).name for p in paths]}
     try:
         if json.loads((directory / "bench_stamp.json").read_text()) == stamp:
             return directory
