@@ -22,9 +22,10 @@ import pytest
 
 from clapcli.errors import IndexStoreError
 from clapcli.home import clap_home
+from clapcli.index import ann as ann_mod
 from clapcli.index import schema as schema_mod
 from clapcli.index.ann import ANN_FILENAME, SIDECAR_FILENAME, AnnIndex, write_json_atomic
-from clapcli.index.lock import WriterLock
+from clapcli.index.lock import GraphLock, WriterLock
 from clapcli.index.paths import resolve_index
 from clapcli.index.schema import DB_FILENAME
 from clapcli.index.store import IndexStore, content_hash
@@ -623,12 +624,14 @@ def test_hnsw_file_of_a_cleared_store_is_not_reused(store):
     _assert_matches_brute_force(store, ann, rng)
 
 
-def test_reader_tops_up_in_memory_while_a_writer_holds_the_lock(store, index_dir):
+def test_reader_tops_up_in_memory_while_another_process_saves_the_graph(store, index_dir):
     rng = np.random.default_rng(21)
     _fill(store, rng, 0, 100)
     AnnIndex.sync(store, exact_below=0)
     stat_before = (index_dir / ANN_FILENAME).stat()
-    with WriterLock(index_dir):
+    graph_lock = GraphLock(index_dir)
+    assert graph_lock.acquire()
+    try:
         _fill(store, rng, 100, 20)
         store.remove_files(["/lib/00001.wav"])
         with IndexStore.open(index_dir, readonly=True) as reader:
@@ -637,10 +640,57 @@ def test_reader_tops_up_in_memory_while_a_writer_holds_the_lock(store, index_dir
             _assert_matches_brute_force(reader, ann, rng)
         stat_after = (index_dir / ANN_FILENAME).stat()
         assert (stat_after.st_mtime_ns, stat_after.st_size) == (stat_before.st_mtime_ns, stat_before.st_size)
+    finally:
+        graph_lock.release()
     with IndexStore.open(index_dir, readonly=True) as reader:
         ann = AnnIndex.sync(reader, exact_below=0)  # the lock is free now: the reader saves its work
         assert (ann.action, ann.persisted) == ("topped_up", True)
         assert AnnIndex.sync(reader, exact_below=0).action == "loaded"
+
+
+def test_a_search_saving_the_graph_leaves_the_writer_lock_free(store, index_dir, monkeypatch):
+    """A `clap index` started while a search saves its refreshed graph starts at once: the search holds the
+    graph lock only, and the writer lock stays free (and `writer.lock.pid` does not name the search)."""
+    rng = np.random.default_rng(26)
+    _fill(store, rng, 0, 60)
+    AnnIndex.sync(store, exact_below=0)
+    _fill(store, rng, 60, 10)
+    seen = []
+    write_files = ann_mod._write_files
+
+    def save_while_a_writer_starts(*args):
+        with WriterLock(index_dir, wait=False):  # raised "being written by another `clap index`" before
+            seen.append(not GraphLock(index_dir).acquire())  # while the search saves, the graph lock is taken
+        write_files(*args)
+
+    monkeypatch.setattr(ann_mod, "_write_files", save_while_a_writer_starts)
+    with IndexStore.open(index_dir, readonly=True) as reader:
+        ann = AnnIndex.sync(reader, exact_below=0)
+    assert (ann.action, ann.persisted, seen) == ("topped_up", True, [True])
+    assert not (index_dir / "writer.lock.pid").exists()
+
+
+def test_a_writer_waits_for_a_saving_search_and_a_search_never_replaces_a_newer_graph(store, index_dir,
+                                                                                      monkeypatch):
+    rng = np.random.default_rng(27)
+    _fill(store, rng, 0, 60)
+    AnnIndex.sync(store, exact_below=0)
+    graph_lock = GraphLock(index_dir)
+    assert graph_lock.acquire()
+    monkeypatch.setattr(ann_mod, "GRAPH_LOCK_WAIT_S", 0.2)
+    _fill(store, rng, 60, 10)
+    ann = AnnIndex.sync(store, exact_below=0, persist=True)  # a search still saving: the file is left to it
+    assert (ann.action, ann.persisted) == ("topped_up", False)
+    graph_lock.release()
+
+    with IndexStore.open(index_dir, readonly=True) as reader:
+        with reader.snapshot():  # a search syncing an older snapshot while `clap index` commits and saves
+            old = reader.generation
+            _fill(store, rng, 70, 10)
+            AnnIndex.sync(store, exact_below=0, persist=True)
+            ann = AnnIndex.sync(reader, exact_below=0)
+            assert (ann.generation, ann.persisted) == (old, False)
+    assert json.loads((index_dir / SIDECAR_FILENAME).read_text())["generation"] == store.generation
 
 
 def test_hits_from_a_lagging_index_are_dropped_by_segment_rows(store):
