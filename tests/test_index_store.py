@@ -185,6 +185,41 @@ def test_older_schema_is_migrated_on_open(index_dir, monkeypatch, readonly):
         IndexStore.open(index_dir)
 
 
+def test_a_read_only_open_migrates_only_under_the_writer_lock(index_dir, monkeypatch):
+    """`clap search` / `clap index list` on an older schema: the upgrade takes the writer lock, so it never
+    runs beside a `clap index`; while one holds the lock, the read-only open is refused and nothing changes."""
+    base = len(schema_mod.MIGRATIONS)
+    with IndexStore.open(index_dir, create=True):
+        pass
+    held = []
+
+    def add_tags_table(conn):
+        held.append(_writer_lock_taken(index_dir))
+        conn.execute("CREATE TABLE tags (x)")
+
+    monkeypatch.setattr(schema_mod, "MIGRATIONS", schema_mod.MIGRATIONS + [add_tags_table])
+    with WriterLock(index_dir):  # a `clap index` of an older clap is writing it
+        with pytest.raises(IndexStoreError, match=r"older schema and is being written by another `clap index` "
+                           rf"\(pid {os.getpid()}\).*try again"):
+            IndexStore.open(index_dir, readonly=True)
+        version = sqlite3.connect(index_dir / DB_FILENAME).execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        assert (int(version), held) == (base, [])  # nothing migrated
+    with IndexStore.open(index_dir, readonly=True) as s:
+        assert schema_version(s) == base + 1
+    assert held == [True]  # the migration ran while the lock was held
+    with WriterLock(index_dir, wait=False):  # and released after it
+        pass
+
+
+def _writer_lock_taken(index_dir) -> bool:
+    try:
+        WriterLock(index_dir, wait=False).acquire().release()
+    except IndexStoreError:
+        return True
+    return False
+
+
 def test_failed_migration_leaves_the_old_version(index_dir, monkeypatch):
     base = len(schema_mod.MIGRATIONS)
     with IndexStore.open(index_dir, create=True):
