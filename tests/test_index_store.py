@@ -879,3 +879,43 @@ def test_writer_lock_in_one_process_and_after_a_killed_holder(index_dir, tmp_pat
     proc.wait()
     with WriterLock(index_dir):  # the OS released a SIGKILLed holder's lock
         pass
+
+
+def test_filelock_releases_that_delete_the_lock_file_are_excluded():
+    """filelock 3.20.4 to 3.29.4 unlink the lock file on release (tox-dev/filelock#574, fixed in 3.29.5 by #577):
+    a writer waiting on the old file then locks it while a newcomer locks a new file of the same name."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    (pin,) = [Requirement(d) for d in pyproject["project"]["dependencies"] if Requirement(d).name == "filelock"]
+    for bad in ("3.20.4", "3.24.3", "3.29.4"):
+        assert bad not in pin.specifier, bad
+    assert "3.29.5" in pin.specifier and "4.3.2" in pin.specifier
+
+
+def test_writer_lock_stays_exclusive_across_release_and_reacquire(index_dir):
+    """A writer waiting for the lock must not get it while the holder, having released and taken it again,
+    still holds it (what a lock file deleted on release, or while held, would allow)."""
+    first = WriterLock(index_dir).acquire()
+    got = threading.Event()
+    waiter = WriterLock(index_dir, wait=True, timeout=10)
+
+    def wait_for_it():
+        waiter.acquire()
+        got.set()
+
+    thread = threading.Thread(target=wait_for_it)
+    thread.start()
+    time.sleep(0.3)  # the waiter is polling the lock file
+    first.release()
+    if not got.wait(5):
+        pytest.fail("the waiter never got the released lock")
+    with pytest.raises(IndexStoreError, match="being written"):
+        WriterLock(index_dir).acquire()  # the waiter holds it now: no one else may
+    assert (index_dir / "writer.lock").exists()
+    waiter.release()
+    thread.join(5)
+    with WriterLock(index_dir):  # and the lock file is still the one everybody locks
+        with pytest.raises(IndexStoreError):
+            WriterLock(index_dir).acquire()
