@@ -5,12 +5,13 @@ Two launchers are understood:
 - `torchrun` (and `python -m torch.distributed.run`) sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
   MASTER_PORT for every process; the process group then rendezvouses through `env://`, which also reuses the
   store torchrun's agent already serves.
-- SLURM's `srun` without torchrun sets SLURM_PROCID (global rank), SLURM_LOCALID (rank on the node) and
-  SLURM_NTASKS (world size) per task. SLURM names no rendezvous host, so the job script exports MASTER_ADDR
-  (e.g. the first host of `scontrol show hostnames "$SLURM_JOB_NODELIST"`) and optionally MASTER_PORT
-  (default 29500, torchrun's). Note that an `sbatch --ntasks=N` script also carries SLURM_PROCID and
-  SLURM_NTASKS: start the training with `srun`, not directly in the script, or rank 0 waits for N-1 peers
-  that never come.
+- SLURM's `srun` without torchrun sets SLURM_STEP_ID (the job step), SLURM_PROCID (global rank),
+  SLURM_LOCALID (rank on the node) and SLURM_STEP_NUM_TASKS / SLURM_NTASKS (world size) per task. SLURM
+  names no rendezvous host, so the job script exports MASTER_ADDR (e.g. the first host of `scontrol show
+  hostnames "$SLURM_JOB_NODELIST"`) and optionally MASTER_PORT (default 29500, torchrun's). An `sbatch
+  --ntasks=N` script run without `srun` also carries SLURM_PROCID=0 and SLURM_NTASKS=N but is one process
+  (the batch step, no SLURM_STEP_ID of a real step): it runs as a single process, with a warning saying to
+  start the command with `srun` for N processes, instead of waiting forever for N-1 peers that never come.
 
 torchrun's variables win when both are present (torchrun inside a SLURM allocation). With neither, the
 process is alone: rank 0 of a world of 1, and every collective below is a no-op, so single-process code
@@ -21,6 +22,7 @@ Nothing else in the package reads these variables; training and sharded embeddin
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +35,9 @@ from clapcli.errors import ClapError, UsageError
 from clapcli.runtime import resolve_device
 
 DEFAULT_MASTER_PORT = 29500  # torchrun's default rendezvous port
+SLURM_PSEUDO_STEPS = 0xFFFFFFF0  # step ids from here up are SLURM's batch/extern/interactive steps, not srun's
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,8 +77,15 @@ def _launcher_values(environ: Mapping[str, str]) -> tuple[str, int, int, int]:
         # torchrun always sets LOCAL_RANK; a hand-made multi-process launch on one node may not.
         local_rank = _env_int(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else rank
     elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        if not _in_srun_step(environ):
+            if _env_int(environ, "SLURM_NTASKS") > 1:
+                log.warning("SLURM_NTASKS=%s but this is the batch script, not an srun step: running as one "
+                            "process (start the command with `srun` to run %s)", environ["SLURM_NTASKS"],
+                            environ["SLURM_NTASKS"])
+            return "single", 0, 0, 1
         launcher = "slurm"
-        rank, world_size = _env_int(environ, "SLURM_PROCID"), _env_int(environ, "SLURM_NTASKS")
+        size_name = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ else "SLURM_NTASKS"
+        rank, world_size = _env_int(environ, "SLURM_PROCID"), _env_int(environ, size_name)
         local_rank = _env_int(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else rank
     else:
         return "single", 0, 0, 1
@@ -84,6 +96,15 @@ def _launcher_values(environ: Mapping[str, str]) -> tuple[str, int, int, int]:
     if world_size == 1:
         launcher = "single"
     return launcher, rank, local_rank, world_size
+
+
+def _in_srun_step(environ: Mapping[str, str]) -> bool:
+    """Whether this process is a task of an `srun` job step (SLURM_STEP_ID, SLURM_STEPID before Slurm 20),
+    not the batch script of `sbatch`, which also carries SLURM_PROCID and SLURM_NTASKS."""
+    name = "SLURM_STEP_ID" if "SLURM_STEP_ID" in environ else "SLURM_STEPID"
+    if name not in environ:
+        return False
+    return _env_int(environ, name) < SLURM_PSEUDO_STEPS
 
 
 def _default_device(local_rank: int) -> torch.device:

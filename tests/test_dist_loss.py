@@ -87,15 +87,37 @@ def test_detect_torchrun_environment():
 
 
 def test_detect_slurm_environment_and_torchrun_precedence():
-    slurm = {"SLURM_PROCID": "3", "SLURM_LOCALID": "3", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "77"}
+    slurm = {"SLURM_PROCID": "3", "SLURM_LOCALID": "3", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0"}
     ctx = dist.detect(slurm)
     assert (ctx.rank, ctx.local_rank, ctx.world_size, ctx.launcher) == (3, 3, 4, "slurm")
     # torchrun inside a SLURM allocation: torchrun's variables describe the processes.
     both = {**slurm, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
     assert (dist.detect(both).world_size, dist.detect(both).launcher) == (2, "torchrun")
     # A one-task SLURM job is a plain single process.
-    one = dist.detect({"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1"})
+    one = dist.detect({"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"})
     assert (one.world_size, one.launcher) == (1, "single")
+    # `srun -n 2` inside a larger allocation: the step's task count is the world.
+    step = dist.detect({**slurm, "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "2"})
+    assert (step.rank, step.world_size) == (1, 2)
+
+
+@pytest.mark.parametrize("step", [None, "4294967291", "4294967292"])  # none, the batch step, the extern step
+def test_an_sbatch_script_without_srun_is_one_process_with_a_warning(step, caplog):
+    """`sbatch --ntasks=4` sets SLURM_NTASKS=4 and SLURM_PROCID=0 in the batch script itself; a `clap index`
+    run there directly is one process, not rank 0 of 4 waiting forever for three peers."""
+    env = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "77",
+           "SLURM_NNODES": "1"}
+    if step is not None:
+        env["SLURM_STEP_ID"] = step
+    with caplog.at_level("WARNING", logger="clapcli.dist"):
+        ctx = dist.detect(env)
+        assert dist.init("cpu", environ=env).world_size == 1  # joins no process group
+    assert (ctx.rank, ctx.world_size, ctx.launcher, ctx.distributed) == (0, 1, "single", False)
+    assert not torch.distributed.is_initialized()
+    assert "srun" in caplog.text
+    from clapcli.index import distributed
+
+    assert not distributed.launched(env)  # `clap index` runs as a single process
 
 
 def test_detect_reads_os_environ(monkeypatch):
@@ -114,7 +136,7 @@ def test_detect_reads_os_environ(monkeypatch):
         {"RANK": "2", "WORLD_SIZE": "2"},
         {"RANK": "x", "WORLD_SIZE": "2"},
         {"RANK": "1", "LOCAL_RANK": "2", "WORLD_SIZE": "4"},
-        {"SLURM_PROCID": "0", "SLURM_NTASKS": "0"},
+        {"SLURM_PROCID": "0", "SLURM_NTASKS": "0", "SLURM_STEP_ID": "0"},
     ],
 )
 def test_detect_rejects_inconsistent_environments(env):
@@ -123,7 +145,7 @@ def test_detect_rejects_inconsistent_environments(env):
 
 
 def test_slurm_launch_without_master_addr_says_what_to_export():
-    env = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2"}
+    env = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}
     with pytest.raises(ClapError, match="MASTER_ADDR"):
         dist.init("cpu", environ=env)
     assert not torch.distributed.is_initialized()

@@ -22,9 +22,10 @@ import pytest
 
 from clapcli.errors import IndexStoreError
 from clapcli.home import clap_home
+from clapcli.index import ann as ann_mod
 from clapcli.index import schema as schema_mod
 from clapcli.index.ann import ANN_FILENAME, SIDECAR_FILENAME, AnnIndex, write_json_atomic
-from clapcli.index.lock import WriterLock
+from clapcli.index.lock import GraphLock, WriterLock
 from clapcli.index.paths import resolve_index
 from clapcli.index.schema import DB_FILENAME
 from clapcli.index.store import IndexStore, content_hash
@@ -182,6 +183,41 @@ def test_older_schema_is_migrated_on_open(index_dir, monkeypatch, readonly):
     monkeypatch.setattr(schema_mod, "MIGRATIONS", schema_mod.MIGRATIONS[:base])
     with pytest.raises(IndexStoreError, match=f"schema version {base + 1}, newer"):
         IndexStore.open(index_dir)
+
+
+def test_a_read_only_open_migrates_only_under_the_writer_lock(index_dir, monkeypatch):
+    """`clap search` / `clap index list` on an older schema: the upgrade takes the writer lock, so it never
+    runs beside a `clap index`; while one holds the lock, the read-only open is refused and nothing changes."""
+    base = len(schema_mod.MIGRATIONS)
+    with IndexStore.open(index_dir, create=True):
+        pass
+    held = []
+
+    def add_tags_table(conn):
+        held.append(_writer_lock_taken(index_dir))
+        conn.execute("CREATE TABLE tags (x)")
+
+    monkeypatch.setattr(schema_mod, "MIGRATIONS", schema_mod.MIGRATIONS + [add_tags_table])
+    with WriterLock(index_dir):  # a `clap index` of an older clap is writing it
+        with pytest.raises(IndexStoreError, match=r"older schema and is being written by another `clap index` "
+                           rf"\(pid {os.getpid()}\).*try again"):
+            IndexStore.open(index_dir, readonly=True)
+        version = sqlite3.connect(index_dir / DB_FILENAME).execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        assert (int(version), held) == (base, [])  # nothing migrated
+    with IndexStore.open(index_dir, readonly=True) as s:
+        assert schema_version(s) == base + 1
+    assert held == [True]  # the migration ran while the lock was held
+    with WriterLock(index_dir, wait=False):  # and released after it
+        pass
+
+
+def _writer_lock_taken(index_dir) -> bool:
+    try:
+        WriterLock(index_dir, wait=False).acquire().release()
+    except IndexStoreError:
+        return True
+    return False
 
 
 def test_failed_migration_leaves_the_old_version(index_dir, monkeypatch):
@@ -623,12 +659,14 @@ def test_hnsw_file_of_a_cleared_store_is_not_reused(store):
     _assert_matches_brute_force(store, ann, rng)
 
 
-def test_reader_tops_up_in_memory_while_a_writer_holds_the_lock(store, index_dir):
+def test_reader_tops_up_in_memory_while_another_process_saves_the_graph(store, index_dir):
     rng = np.random.default_rng(21)
     _fill(store, rng, 0, 100)
     AnnIndex.sync(store, exact_below=0)
     stat_before = (index_dir / ANN_FILENAME).stat()
-    with WriterLock(index_dir):
+    graph_lock = GraphLock(index_dir)
+    assert graph_lock.acquire()
+    try:
         _fill(store, rng, 100, 20)
         store.remove_files(["/lib/00001.wav"])
         with IndexStore.open(index_dir, readonly=True) as reader:
@@ -637,10 +675,57 @@ def test_reader_tops_up_in_memory_while_a_writer_holds_the_lock(store, index_dir
             _assert_matches_brute_force(reader, ann, rng)
         stat_after = (index_dir / ANN_FILENAME).stat()
         assert (stat_after.st_mtime_ns, stat_after.st_size) == (stat_before.st_mtime_ns, stat_before.st_size)
+    finally:
+        graph_lock.release()
     with IndexStore.open(index_dir, readonly=True) as reader:
         ann = AnnIndex.sync(reader, exact_below=0)  # the lock is free now: the reader saves its work
         assert (ann.action, ann.persisted) == ("topped_up", True)
         assert AnnIndex.sync(reader, exact_below=0).action == "loaded"
+
+
+def test_a_search_saving_the_graph_leaves_the_writer_lock_free(store, index_dir, monkeypatch):
+    """A `clap index` started while a search saves its refreshed graph starts at once: the search holds the
+    graph lock only, and the writer lock stays free (and `writer.lock.pid` does not name the search)."""
+    rng = np.random.default_rng(26)
+    _fill(store, rng, 0, 60)
+    AnnIndex.sync(store, exact_below=0)
+    _fill(store, rng, 60, 10)
+    seen = []
+    write_files = ann_mod._write_files
+
+    def save_while_a_writer_starts(*args):
+        with WriterLock(index_dir, wait=False):  # raised "being written by another `clap index`" before
+            seen.append(not GraphLock(index_dir).acquire())  # while the search saves, the graph lock is taken
+        write_files(*args)
+
+    monkeypatch.setattr(ann_mod, "_write_files", save_while_a_writer_starts)
+    with IndexStore.open(index_dir, readonly=True) as reader:
+        ann = AnnIndex.sync(reader, exact_below=0)
+    assert (ann.action, ann.persisted, seen) == ("topped_up", True, [True])
+    assert not (index_dir / "writer.lock.pid").exists()
+
+
+def test_a_writer_waits_for_a_saving_search_and_a_search_never_replaces_a_newer_graph(store, index_dir,
+                                                                                      monkeypatch):
+    rng = np.random.default_rng(27)
+    _fill(store, rng, 0, 60)
+    AnnIndex.sync(store, exact_below=0)
+    graph_lock = GraphLock(index_dir)
+    assert graph_lock.acquire()
+    monkeypatch.setattr(ann_mod, "GRAPH_LOCK_WAIT_S", 0.2)
+    _fill(store, rng, 60, 10)
+    ann = AnnIndex.sync(store, exact_below=0, persist=True)  # a search still saving: the file is left to it
+    assert (ann.action, ann.persisted) == ("topped_up", False)
+    graph_lock.release()
+
+    with IndexStore.open(index_dir, readonly=True) as reader:
+        with reader.snapshot():  # a search syncing an older snapshot while `clap index` commits and saves
+            old = reader.generation
+            _fill(store, rng, 70, 10)
+            AnnIndex.sync(store, exact_below=0, persist=True)
+            ann = AnnIndex.sync(reader, exact_below=0)
+            assert (ann.generation, ann.persisted) == (old, False)
+    assert json.loads((index_dir / SIDECAR_FILENAME).read_text())["generation"] == store.generation
 
 
 def test_hits_from_a_lagging_index_are_dropped_by_segment_rows(store):
@@ -794,3 +879,43 @@ def test_writer_lock_in_one_process_and_after_a_killed_holder(index_dir, tmp_pat
     proc.wait()
     with WriterLock(index_dir):  # the OS released a SIGKILLed holder's lock
         pass
+
+
+def test_filelock_releases_that_delete_the_lock_file_are_excluded():
+    """filelock 3.20.4 to 3.29.4 unlink the lock file on release (tox-dev/filelock#574, fixed in 3.29.5 by #577):
+    a writer waiting on the old file then locks it while a newcomer locks a new file of the same name."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    (pin,) = [Requirement(d) for d in pyproject["project"]["dependencies"] if Requirement(d).name == "filelock"]
+    for bad in ("3.20.4", "3.24.3", "3.29.4"):
+        assert bad not in pin.specifier, bad
+    assert "3.29.5" in pin.specifier and "4.3.2" in pin.specifier
+
+
+def test_writer_lock_stays_exclusive_across_release_and_reacquire(index_dir):
+    """A writer waiting for the lock must not get it while the holder, having released and taken it again,
+    still holds it (what a lock file deleted on release, or while held, would allow)."""
+    first = WriterLock(index_dir).acquire()
+    got = threading.Event()
+    waiter = WriterLock(index_dir, wait=True, timeout=10)
+
+    def wait_for_it():
+        waiter.acquire()
+        got.set()
+
+    thread = threading.Thread(target=wait_for_it)
+    thread.start()
+    time.sleep(0.3)  # the waiter is polling the lock file
+    first.release()
+    if not got.wait(5):
+        pytest.fail("the waiter never got the released lock")
+    with pytest.raises(IndexStoreError, match="being written"):
+        WriterLock(index_dir).acquire()  # the waiter holds it now: no one else may
+    assert (index_dir / "writer.lock").exists()
+    waiter.release()
+    thread.join(5)
+    with WriterLock(index_dir):  # and the lock file is still the one everybody locks
+        with pytest.raises(IndexStoreError):
+            WriterLock(index_dir).acquire()

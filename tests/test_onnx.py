@@ -271,3 +271,52 @@ def test_an_int8_export_quantises_from_a_file_of_its_own(tiny_model_dir, monkeyp
     runner.path("global").unlink()
     runner.ensure_file("global")
     assert seen[-1][0] == cached and cached.is_file()
+
+
+def test_a_damaged_cached_audio_graph_is_exported_again(tiny_model_dir, torch_fp32):
+    """A cached graph onnxruntime cannot read (a disk fault, a torn copy) is deleted and exported again, and the
+    embeddings equal torch's, instead of every `clap index` failing on it."""
+    first = load_model(tiny_model_dir, device="cpu", precision="fp32", engine="onnx")
+    embed(first, segments=False)
+    runner = first.model.audio_runner
+    for graph in ("global", "fused"):
+        runner.path(graph).write_bytes(b"\0garbage, not an onnx graph\n" * 10)
+    again = load_model(tiny_model_dir, device="cpu", precision="fp32", engine="onnx")
+    got, got_windows = embed(again)
+    want, want_windows = embed(torch_fp32)
+    assert np.abs(got - want).max() < 1e-5 and np.abs(got_windows - want_windows).max() < 1e-5
+    assert set(again.model.audio_runner._sessions) == {"global", "fused"}  # onnxruntime ran, on new files
+    assert all(runner.path(g).stat().st_size > 1000 for g in ("global", "fused"))
+
+
+def test_a_damaged_int8_graph_and_its_fp32_source_are_made_again(tiny_model_dir):
+    first = load_model(tiny_model_dir, device="cpu", precision="int8", engine="onnx")
+    want, _ = embed(first, segments=False)
+    runner = first.model.audio_runner
+    runner.ensure_file("fused", "fp32")  # an fp32 export cached beside the int8 one
+    runner.path("fused").write_bytes(b"garbage")
+    runner.path("fused", "fp32").write_bytes(b"garbage too")
+    again = load_model(tiny_model_dir, device="cpu", precision="int8", engine="onnx")
+    got, _ = embed(again, segments=False)
+    assert np.abs(got - want).max() < 1e-5  # the same int8 graph, quantised from a fresh export
+    assert not runner.path("fused", "fp32").exists()  # the damaged fp32 file was dropped, not reused
+
+
+def test_temporaries_left_by_a_killed_export_are_removed_when_stale(tiny_model_dir):
+    import os
+    import time
+
+    m = load_model(tiny_model_dir, device="cpu", precision="fp32", engine="onnx")
+    runner = m.model.audio_runner
+    cache = runner.path().parent
+    cache.mkdir(parents=True, exist_ok=True)
+    stale = cache / f"{runner.path().name}.12345.0123abcd.tmp"  # a SIGKILLed export's temporary
+    fresh = cache / f"{runner.path().name}.{os.getpid()}.89abcdef.tmp"  # an export running now
+    other = cache / "notes.txt"
+    for p in (stale, fresh, other):
+        p.write_bytes(b"x")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    os.utime(other, (hour_ago, hour_ago))
+    embed(m, segments=False)
+    assert (stale.exists(), fresh.exists(), other.exists()) == (False, True, True)

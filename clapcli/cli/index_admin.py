@@ -171,10 +171,10 @@ def _own_entries(index_dir: Path) -> list[Path]:
     """What clap itself keeps in an index directory (see index/store.py): nothing else is touched."""
     from ..index.ann import ANN_FILENAME, SIDECAR_FILENAME
     from ..index.indexer import REBUILD_DIR
-    from ..index.lock import LOCK_FILE, LOCK_PID_FILE
+    from ..index.lock import GRAPH_LOCK_FILE, LOCK_FILE, LOCK_PID_FILE
     from ..index.schema import DB_FILENAME, PARTITIONS_DIR
 
-    names = {ANN_FILENAME, SIDECAR_FILENAME, LOCK_PID_FILE, REBUILD_DIR, LOCK_FILE, PARTITIONS_DIR}
+    names = {ANN_FILENAME, SIDECAR_FILENAME, LOCK_PID_FILE, REBUILD_DIR, LOCK_FILE, GRAPH_LOCK_FILE, PARTITIONS_DIR}
     return [p for p in index_dir.iterdir() if p.name in names or p.name.startswith(DB_FILENAME)]
 
 

@@ -16,10 +16,13 @@ when it is missing, unreadable, from another life of the store, or more than 30%
 written with `clapcli.atomic.atomic_write` (temporary in the same directory, fsync, `os.replace`), the
 graph first and then the sidecar.
 
-Readers (search) never need the writer lock: they sync in memory from one committed snapshot of the
-store and write the refreshed file back only if they can take the writer lock without waiting, and never
-try in a directory they cannot write (a read-only index is searched with the refresh kept in memory). Hits
-from a file that lags are harmless: `IndexStore.segment_rows` leaves out ids the store no longer has.
+Readers (search) never take the writer lock: they sync in memory from one committed snapshot of the
+store and write the refreshed file back under the graph lock (lock.py), only if they can take it without
+waiting and no newer graph was saved meanwhile, and never try in a directory they cannot write (a read-only
+index is searched with the refresh kept in memory). `clap index` writes the file at the end of a run under
+the same lock, waiting up to `GRAPH_LOCK_WAIT_S` for a search that is saving (then it leaves the file for
+the next search to refresh). Hits from a file that lags are harmless: `IndexStore.segment_rows` leaves out
+ids the store no longer has.
 
 Small stores (fewer than `EXACT_BELOW` live vectors) are searched exactly with numpy instead: loading
 a few thousand vectors from SQLite costs about as much as loading a graph, and the answer is exact.
@@ -37,7 +40,7 @@ import numpy as np
 from ..atomic import atomic_write, remove_stale_temps
 from ..errors import IndexStoreError
 from ..vectors import l2_normalize
-from .lock import WriterLock
+from .lock import GraphLock
 from .store import IndexStore
 
 ANN_FILENAME = "vectors.hnsw"
@@ -49,6 +52,7 @@ EF_CONSTRUCTION = 200  # build-time beam width
 MIN_EF = 64  # query-time beam width is max(4 k, MIN_EF)
 EXACT_BELOW = 5000  # live vectors below which queries are exact numpy products
 REBUILD_DELETED_FRACTION = 0.3  # rebuild instead of topping up when more of the graph would be deleted
+GRAPH_LOCK_WAIT_S = 60.0  # how long `clap index` waits for a search that is saving the graph
 _RANDOM_SEED = 100
 
 
@@ -99,8 +103,9 @@ class AnnIndex:
         """Bring the searchable vectors up to the store's last commit and return them.
 
         `persist`: True writes a refreshed hnswlib file (the caller holds the writer lock, as `clap index`
-        does at the end of a run); False never writes; None (readers) writes only if the writer lock can
-        be taken without waiting, and otherwise keeps the refreshed graph in memory.
+        does at the end of a run; it waits for the graph lock up to `GRAPH_LOCK_WAIT_S`); False never
+        writes; None (readers) writes only if the graph lock can be taken without waiting and no newer
+        graph was saved meanwhile, and otherwise keeps the refreshed graph in memory.
         `exact_below`: stores with fewer live vectors are searched exactly and no file is touched
         (default: `EXACT_BELOW`, read at call time).
         """
@@ -265,29 +270,39 @@ def _top_up(
 
 
 def _persist(index_dir: Path, hnsw: hnswlib.Index, state: dict, take_lock: bool) -> bool:
-    """Write the graph and its sidecar atomically; with `take_lock`, only if the writer lock is free."""
-    if not take_lock:
-        _write_files(index_dir, hnsw, state)
-        return True
-    if not os.access(index_dir, os.W_OK):
+    """Write the graph and its sidecar atomically under the graph lock. A reader (`take_lock`) does not
+    wait for it, and writes nothing where it cannot write or where a newer graph of the store is already saved;
+    the writer waits up to `GRAPH_LOCK_WAIT_S`. Returns whether the files were written."""
+    if take_lock and not os.access(index_dir, os.W_OK):
         return False  # a read-only index (a read-only mount, a shared library): the refresh stays in memory
-    lock = WriterLock(index_dir, wait=False)
+    lock = GraphLock(index_dir)
+    if not lock.acquire(timeout=0 if take_lock else GRAPH_LOCK_WAIT_S):
+        return False  # another process is saving the graph: keep the refreshed copy in memory
     try:
-        lock.acquire()
-    except IndexStoreError:
-        return False  # a writer is running (or the directory is read-only): keep the refreshed copy in memory
-    try:
+        if take_lock and _saved_is_newer(index_dir, state):
+            return False
         _write_files(index_dir, hnsw, state)
         return True
     except OSError:
+        if not take_lock:
+            raise
         return False
     finally:
         lock.release()
 
 
+def _saved_is_newer(index_dir: Path, state: dict) -> bool:
+    """Whether the saved graph reflects a later commit of the same store than `state` (a `clap index` saved
+    it while this reader was syncing an older snapshot)."""
+    saved = _read_sidecar(index_dir) or {}
+    generation = saved.get("generation")
+    return saved.get("index_uuid") == state["index_uuid"] and isinstance(generation, int) \
+        and generation > state["generation"]
+
+
 def _write_files(index_dir: Path, hnsw: hnswlib.Index, state: dict) -> None:
     target = index_dir / ANN_FILENAME
-    for name in (ANN_FILENAME, SIDECAR_FILENAME):  # left by a writer killed mid-save; we hold the lock
+    for name in (ANN_FILENAME, SIDECAR_FILENAME):  # left by a writer killed mid-save; we hold the graph lock
         remove_stale_temps(index_dir / name)
     atomic_write(target, writer=lambda tmp: hnsw.save_index(str(tmp)))
     st = target.stat()

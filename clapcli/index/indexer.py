@@ -228,7 +228,7 @@ def build_index(
         # Without --model, a rebuild keeps the model the index was built with.
         model = load_model(model_name or (stored_identity or {}).get("model"))
 
-    # Without --wait, still allow a few seconds: a `clap search` may hold the lock while it saves the hnsw file.
+    # Without --wait, still allow a few seconds: a read-only open may hold the lock while it upgrades the schema.
     with WriterLock(index_dir, wait=True, timeout=None if wait else LOCK_GRACE_SECONDS):
         if rebuild and IndexStore.exists(index_dir):
             summary = _rebuild(index_dir, model, damaged, root_paths, entries, problems, linked, prune_empty,

@@ -9,7 +9,9 @@ Schema versions follow numbered migrations (as in llm's): `MIGRATIONS[i]` upgrad
 version 0 being an empty database, and `meta.schema_version` records where a store stands. An older store
 is migrated when opened, each step in its own transaction with its version bump, so a failed migration
 leaves the previous version intact; a newer one is refused with a message saying what to do. A read-only
-open of an older store migrates it through a short-lived writable connection.
+open of an older store (`clap search`, `clap index list`) migrates it through a short-lived writable
+connection while holding the writer lock, taken without waiting; while a `clap index` holds it (and has not
+migrated the store itself), the read-only open is refused with a message saying so.
 """
 
 from __future__ import annotations
@@ -214,7 +216,24 @@ def _migrate(conn: sqlite3.Connection, db_path: Path) -> None:
 
 
 def _migrate_with_writer_connection(db_path: Path, index_dir: Path) -> None:
-    """A read-only open of an older store migrates it through a short-lived writable connection."""
+    """A read-only open of an older store migrates it through a short-lived writable connection, holding the
+    writer lock so that no `clap index` writes the store meanwhile."""
+    from .lock import WriterLock, lock_holder
+
+    lock = WriterLock(index_dir, wait=False, holder="a read-only command upgrading the index schema")
+    try:
+        lock.acquire()
+    except IndexStoreError as e:
+        if not os.access(index_dir, os.W_OK):
+            raise IndexStoreError(f"index {index_dir} uses an older schema and could not be upgraded ({e}); "
+                                  "run `clap index` on it with write access") from None
+        if _current_version(db_path) >= len(MIGRATIONS):
+            return  # the `clap index` holding the lock has migrated it
+        pid, what = lock_holder(index_dir)
+        raise IndexStoreError(
+            f"index {index_dir} uses an older schema and is being written by {what} "
+            f"(pid {pid if pid is not None else 'unknown'}), which upgrades it; try again when that is done"
+        ) from None
     try:
         conn = _connect(db_path, readonly=False)
         try:
@@ -226,3 +245,13 @@ def _migrate_with_writer_connection(db_path: Path, index_dir: Path) -> None:
             f"index {index_dir} uses an older schema and could not be upgraded ({e}); "
             "run `clap index` on it with write access"
         ) from e
+    finally:
+        lock.release()
+
+
+def _current_version(db_path: Path) -> int:
+    conn = _connect_readonly(db_path)
+    try:
+        return _read_schema_version(conn, db_path)
+    finally:
+        conn.close()

@@ -5,6 +5,7 @@ Layout of an index directory:
     index.sqlite          this store (WAL mode; -wal/-shm files appear beside it while open)
     vectors.hnsw[.json]   the hnswlib file and its sidecar, derived from this store (see ann.py)
     writer.lock[.pid]     the one-writer lock (see lock.py)
+    vectors.hnsw.lock     held while the hnswlib file is written (see lock.py)
 
 Crash safety comes from SQLite (the connection is set up in schema.py): WAL journal,
 `synchronous=NORMAL` and foreign keys with `ON DELETE CASCADE`, so deleting a file row removes its

@@ -22,7 +22,11 @@ few seconds for the full-size model; int8 is quantised from an fp32 export by on
 `quantize_dynamic`, MatMul only, from the cached fp32 file or else from a temporary export of this process's
 own, removed after), then read
 back by every later process. Files are written atomically; two processes exporting at once both succeed and
-the last rename wins (the files are equal).
+the last rename wins (the files are equal). A cached file that onnxruntime cannot load (damaged on disk) is
+deleted and exported again, once; an int8 file is then quantised again, from a fresh fp32 export if the cached
+fp32 file cannot be read either. Temporaries left in the cache by a killed export (`<name>.<pid>.<hex>.tmp`,
+see clapcli.atomic) are removed once they are `STALE_TEMP_S` old: an export rewrites its temporary within
+seconds, and the age holds for a cache shared between machines, where a pid says nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import time
 import warnings
 from pathlib import Path
 
@@ -47,6 +53,8 @@ EXPORT_VERSION = 1  # bump when the exported graph changes: old cache files are 
 ENGINES = ("auto", "torch", "onnx")
 ONNX_PRECISIONS = ("fp32", "int8")
 INSTALL_HINT = "pip install 'clapcli[onnx]' (onnxruntime and onnx)"
+STALE_TEMP_S = 600.0  # a temporary in the cache this old was left by a killed export
+_TEMP_NAME = re.compile(r".+\.\d+\.[0-9a-f]{8}\.tmp")  # clapcli.atomic.temp_path's names
 
 
 def onnxruntime_available() -> bool:
@@ -114,20 +122,28 @@ class OnnxHTSAT:
         runner's), exported now (int8: quantised from the fp32 file, exported first if need be) unless cached."""
         precision = precision or self.precision
         target = self.path(graph, precision)
+        remove_stale_temps(target.parent)
         if target.is_file():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         if precision == "int8":
-            source, temp = self.path(graph, "fp32"), None
-            if not source.is_file():  # export to a name of this process's own (4x the int8 file, only needed
-                source = temp = temp_path(source)  # to make it), so a concurrent export never loses its input
-                self._export(graph, temp)
+            cached = self.path(graph, "fp32")
             log.info("quantising the onnx audio encoder to int8 (once per model): %s", target)
+            if cached.is_file():
+                try:
+                    atomic_write(target, writer=lambda tmp: _quantize(cached, tmp))
+                    return target
+                except Exception as exc:  # noqa: BLE001 - a damaged fp32 file: drop it, quantise a fresh export
+                    log.warning("the cached onnx graph %s is damaged (%s): exporting it again", cached, exc)
+                    cached.unlink(missing_ok=True)
+            # export to a name of this process's own (4x the int8 file, only needed to make it), so a
+            # concurrent export never loses its input
+            temp = temp_path(cached)
             try:
-                atomic_write(target, writer=lambda tmp: _quantize(source, tmp))
+                self._export(graph, temp)
+                atomic_write(target, writer=lambda tmp: _quantize(temp, tmp))
             finally:
-                if temp is not None:
-                    temp.unlink(missing_ok=True)
+                temp.unlink(missing_ok=True)
         else:
             log.info("exporting the audio encoder to onnx (once per model): %s", target)
             atomic_write(target, writer=lambda tmp: self._export(graph, tmp))
@@ -163,8 +179,15 @@ class OnnxHTSAT:
             options.inter_op_num_threads = 1
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.log_severity_level = 3
-            self._sessions[graph] = ort.InferenceSession(str(self.ensure_file(graph)), options,
-                                                         providers=["CPUExecutionProvider"])
+            path = self.ensure_file(graph)
+            try:
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types: a damaged cache file
+                log.warning("the cached onnx graph %s cannot be loaded (%s): exporting it again", path, exc)
+                path.unlink(missing_ok=True)
+                session = ort.InferenceSession(str(self.ensure_file(graph)), options,
+                                               providers=["CPUExecutionProvider"])
+            self._sessions[graph] = session
         return self._sessions[graph]
 
     def __call__(self, features: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
@@ -183,6 +206,26 @@ class OnnxHTSAT:
             inputs.update(local=local.numpy(), longer=longer.numpy())
         (pooled,) = self.session(graph).run(None, inputs)
         return torch.from_numpy(pooled)
+
+
+def remove_stale_temps(cache: Path, older_than: float = STALE_TEMP_S) -> int:
+    """Delete the temporaries (clapcli.atomic names) in the onnx cache folder that are `older_than` seconds
+    old, left by exports that were killed; returns how many."""
+    removed, now = 0, time.time()
+    try:
+        entries = list(cache.iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        if not _TEMP_NAME.fullmatch(entry.name):
+            continue
+        try:
+            if now - entry.lstat().st_mtime > older_than:
+                entry.unlink()
+                removed += 1
+        except OSError:
+            pass  # gone meanwhile, or not ours to remove
+    return removed
 
 
 def _quantize(source: Path, target: Path) -> None:
