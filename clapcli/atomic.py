@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_directory", "fill_directory", "is_fill_temp", "remove_stale_temps", "temp_path"]
+__all__ = ["atomic_write", "atomic_directory", "fill_directory", "is_fill_temp", "old_path", "remove_stale_temps",
+           "temp_path", "LEFTOVER"]
 
 FILL_TEMP = ".clapcli-fill"  # the temporary folder `fill_directory` writes in: FILL_TEMP.<pid>.<hex>.tmp
 
@@ -37,6 +38,15 @@ def temp_path(target: str | os.PathLike) -> Path:
     """A fresh temporary name beside `target` (not created)."""
     target = Path(target)
     return target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def old_path(target: str | os.PathLike) -> Path:
+    """A fresh name beside `target` for the previous directory that `atomic_directory` sets aside."""
+    target = Path(target)
+    return target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.old")
+
+
+LEFTOVER = re.compile(r"(?P<name>.+)\.\d+\.[0-9a-f]{8}\.(?P<kind>tmp|old)")  # names from temp_path / old_path
 
 
 def atomic_write(
@@ -96,7 +106,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             _fsync_dir(Path(root))
         old = None
         if target.exists() or target.is_symlink():
-            old = target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.old")
+            old = old_path(target)
             os.replace(target, old)
         try:
             os.replace(tmp, target)

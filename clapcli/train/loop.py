@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from .. import dist
+from ..atomic import atomic_write
 from ..errors import DataError, TrainingError, UsageError
 from ..runtime import TRAINING_PRECISIONS, autocast, native_bf16, resolve_precision
 from .batch import Collate, FrameBatch, ImageCollate
@@ -29,6 +30,7 @@ from .config import TrainConfig, TrainState
 from .data import ShardStream, loader, steps_per_epoch
 from .loss import ClipLoss, clamp_logit_scale_
 from .objective import Wav2ClipLoss, Wav2ClipObjective, Wav2ClipTrainee, check_widths
+from .runlock import RunLock
 from .runlog import RunLog
 from .setup import build_model, open_data, open_zeroshot, prepare_run_dir
 from .validate import validate, validate_images, validate_zeroshot
@@ -145,13 +147,14 @@ def train(cfg: TrainConfig, ctx: dist.DistContext | None = None, display: Logger
         raise UsageError(f"--best-metric {cfg.best_metric!r} is not a validation metric; choose one of: "
                          + ", ".join(BEST_METRICS))
     run_dir = Path(cfg.out)
-    resume_from = prepare_run_dir(run_dir, cfg, ctx) if ctx.is_main else None
-    resume_from = dist.broadcast_object(str(resume_from) if resume_from else None)
-    log = RunLog(run_dir, display, enabled=ctx.is_main)
-    try:
-        return _run(cfg, ctx, device, precision, run_dir, resume_from, log)
-    finally:
-        log.close()
+    with RunLock(run_dir, enabled=ctx.is_main):  # one run writes RUN_DIR at a time, for its whole life
+        resume_from = prepare_run_dir(run_dir, cfg, ctx) if ctx.is_main else None
+        resume_from = dist.broadcast_object(str(resume_from) if resume_from else None)
+        log = RunLog(run_dir, display, enabled=ctx.is_main)
+        try:
+            return _run(cfg, ctx, device, precision, run_dir, resume_from, log)
+        finally:
+            log.close()
 
 
 def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
@@ -197,9 +200,9 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
         log({"event": "resumed", "from": str(resume_from), "step": state.step, "epoch": state.epoch})
-    if ctx.is_main:
-        (run_dir / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": model_info,
-                                                         "world_size": ctx.world_size}, indent=2) + "\n")
+    if ctx.is_main:  # replaced whole or not at all: a resume reads it to check its options
+        atomic_write(run_dir / "config.json", json.dumps({"train": cfg.to_dict(), "model": model_info,
+                                                          "world_size": ctx.world_size}, indent=2) + "\n")
     ddp = trainee
     if ctx.distributed:
         ddp = torch.nn.parallel.DistributedDataParallel(
