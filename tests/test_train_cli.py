@@ -350,3 +350,21 @@ def test_resume_clears_half_written_folders_and_restores_a_set_aside_one(toy, tm
     assert resumed and Path(resumed[-1]["from"]).name == "final" and resumed[-1]["step"] == 2
     again = weights(run / "final")
     assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_other_ranks_wait_for_rank_0_validation_longer_than_the_collective_timeout(toy, tmp_path):
+    """Rank 0 alone validates and saves while the others wait: with --dist-timeout 4 for the step's
+    collectives, a validation of 12 s still ends with the run done on both Gloo ranks, not aborted."""
+    run = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CLAP_TEST_DELAY="12")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2",
+                           str(Path(__file__).parent / "slow_main_rank.py"), "train",
+                           "--data", str(toy / "shards"), "--model-config", "tiny", "--tokenizer", str(toy / "tok"),
+                           "--out", str(run), "--workers", "0", "--batch-size", "4", "--max-steps", "1",
+                           "--device", "cpu", "--dist-timeout", "4"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = log_records(run)
+    assert [r["step"] for r in records if "val" in r] == [1] and records[-1]["event"] == "done"
+    assert (run / "final" / "model.safetensors").is_file()

@@ -15,6 +15,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -134,7 +135,7 @@ def train(cfg: TrainConfig, ctx: dist.DistContext | None = None, display: Logger
     """Run (or resume) the training described by `cfg`; returns a summary dict.
 
     Rank 0 records every event in RUN/log.jsonl and passes it to `display`."""
-    ctx = ctx or dist.init(cfg.device)
+    ctx = ctx or dist.init(cfg.device, timeout=timedelta(seconds=cfg.dist_timeout) if cfg.dist_timeout else None)
     device = ctx.device
     precision = resolve_precision(cfg.precision, device, allowed=TRAINING_PRECISIONS)
     if precision == "fp16" and device.type != "cuda":
@@ -149,7 +150,7 @@ def train(cfg: TrainConfig, ctx: dist.DistContext | None = None, display: Logger
     run_dir = Path(cfg.out)
     with RunLock(run_dir, enabled=ctx.is_main):  # one run writes RUN_DIR at a time, for its whole life
         resume_from = prepare_run_dir(run_dir, cfg, ctx) if ctx.is_main else None
-        resume_from = dist.broadcast_object(str(resume_from) if resume_from else None)
+        resume_from = dist.broadcast_object(str(resume_from) if resume_from else None, main_work=True)
         log = RunLog(run_dir, display, enabled=ctx.is_main)
         try:
             return _run(cfg, ctx, device, precision, run_dir, resume_from, log)
@@ -296,7 +297,7 @@ def _saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info,
                             {"source": model_info.get("source"), "training_run": str(run_dir.resolve()),
                              "step": state.step}, objective=objective)
             prune_step_checkpoints(run_dir, cfg.keep_checkpoints)
-        dist.barrier()
+        dist.barrier(main_work=True)
 
     return save
 
@@ -324,7 +325,7 @@ def _validate(cfg, trainee, tokenizer, val_split, zeroshot, state, ctx, log, tea
                              "best_metric": cfg.best_metric, "value": value},
                             objective=trainee.objective if wav2clip else None)
     trainee.train()
-    dist.barrier()
+    dist.barrier(main_work=True)
 
 
 RETRIEVAL_KEYS = [f"{d}_{m}" for d in ("t2a", "a2t") for m in ("R@1", "R@5", "R@10", "mAP@10", "mean_rank",
