@@ -12,6 +12,10 @@ target is left as it was. Temporary names are `<name>.<pid>.<8 hex>.tmp`. A writ
 suffix to a path (`np.save` adds `.npy`) should be handed an open file instead:
 `writer=lambda p: np.save(open(p, "wb"), a)`. A writer killed mid-write (SIGKILL) leaves its temporary
 behind; `remove_stale_temps` clears them for a caller that knows no other writer is running.
+
+An existing empty directory that cannot be renamed (a mount point: `rename` fails with EBUSY) is filled in
+place instead, with `fill_directory`: the content is written in a temporary folder inside it and its entries
+are moved up one by one, the `last` ones (the file that marks the content complete) last.
 """
 
 from __future__ import annotations
@@ -24,13 +28,25 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_directory", "remove_stale_temps", "temp_path"]
+__all__ = ["atomic_write", "atomic_directory", "fill_directory", "is_fill_temp", "old_path", "remove_stale_temps",
+           "temp_path", "LEFTOVER"]
+
+FILL_TEMP = ".clapcli-fill"  # the temporary folder `fill_directory` writes in: FILL_TEMP.<pid>.<hex>.tmp
 
 
 def temp_path(target: str | os.PathLike) -> Path:
     """A fresh temporary name beside `target` (not created)."""
     target = Path(target)
     return target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def old_path(target: str | os.PathLike) -> Path:
+    """A fresh name beside `target` for the previous directory that `atomic_directory` sets aside."""
+    target = Path(target)
+    return target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.old")
+
+
+LEFTOVER = re.compile(r"(?P<name>.+)\.\d+\.[0-9a-f]{8}\.(?P<kind>tmp|old)")  # names from temp_path / old_path
 
 
 def atomic_write(
@@ -90,7 +106,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             _fsync_dir(Path(root))
         old = None
         if target.exists() or target.is_symlink():
-            old = target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.old")
+            old = old_path(target)
             os.replace(target, old)
         try:
             os.replace(tmp, target)
@@ -107,6 +123,58 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             _remove(old)
+
+
+@contextmanager
+def fill_directory(path: str | os.PathLike, last: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a fresh temporary directory inside the existing, empty directory `path`; on success its entries
+    move up into `path`, the names in `last` after every other one.
+
+    For a directory that cannot be replaced by a rename, such as a mount point. Everything is fsynced before
+    the first move; each move is a rename within one filesystem. On failure what was moved is removed again
+    and `path` is left empty, as found. Temporaries left by killed writers (see `is_fill_temp`) are removed
+    first.
+    """
+    target = Path(path)
+    for stale in target.iterdir():
+        if is_fill_temp(stale.name) and not _pid_alive(int(stale.name.split(".")[-3])):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = temp_path(target / FILL_TEMP)
+    tmp.mkdir()
+    moved: list[Path] = []
+    try:
+        yield tmp
+        for root, _dirs, files in os.walk(tmp):
+            for name in files:
+                _fsync_path(Path(root) / name)
+            _fsync_dir(Path(root))
+        ordered = sorted(e for e in tmp.iterdir() if e.name not in last)
+        ordered += [tmp / name for name in last if (tmp / name).exists()]
+        for entry in ordered:
+            os.replace(entry, target / entry.name)
+            moved.append(target / entry.name)
+        tmp.rmdir()
+    except BaseException:
+        for p in moved:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else _remove(p)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(target)
+
+
+def is_fill_temp(name: str) -> bool:
+    """Whether `name` is the temporary folder of a `fill_directory` (its own or a killed writer's)."""
+    return re.fullmatch(re.escape(FILL_TEMP) + r"\.\d+\.[0-9a-f]{8}\.tmp", name) is not None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by someone else
+    return True
 
 
 def remove_stale_temps(path: str | os.PathLike) -> int:

@@ -26,6 +26,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -38,6 +39,8 @@ DEFAULT_MASTER_PORT = 29500  # torchrun's default rendezvous port
 SLURM_PSEUDO_STEPS = 0xFFFFFFF0  # step ids from here up are SLURM's batch/extern/interactive steps, not srun's
 
 log = logging.getLogger(__name__)
+MAIN_WORK_TIMEOUT = timedelta(hours=24)  # how long the other ranks wait for rank 0's validation and saving
+_main_work_group = None  # the Gloo group of those waits, opened by `init`
 
 
 @dataclass(frozen=True)
@@ -151,12 +154,15 @@ def _resolve_device(request: str | None, local_rank: int, world_size: int) -> to
     return torch.device("cuda", local_rank)
 
 
-def init(device_request: str | None = None, environ: Mapping[str, str] | None = None) -> DistContext:
+def init(device_request: str | None = None, environ: Mapping[str, str] | None = None,
+         timeout: timedelta | None = None) -> DistContext:
     """Resolve this process's device and, in a multi-process job, join the process group.
 
     `device_request` is "auto" (None), "cpu", "cuda" or "cuda:N". With more than one process: NCCL on CUDA
-    (each process on the GPU of its local rank), Gloo on the CPU. Calling it again returns the same context
-    without initialising twice.
+    (each process on the GPU of its local rank), Gloo on the CPU. `timeout` bounds the process group's
+    collectives (None: torch's default, 10 minutes on NCCL); waits for rank 0's own work use a second, Gloo
+    group with `MAIN_WORK_TIMEOUT` (see `barrier`). Calling it again returns the same context without
+    initialising twice.
     """
     environ = os.environ if environ is None else environ
     launcher, rank, local_rank, world_size = _launcher_values(environ)
@@ -173,9 +179,12 @@ def init(device_request: str | None = None, environ: Mapping[str, str] | None = 
                 f"a process group is already running as rank {have[0]} of {have[1]} ({have[2]}), "
                 f"not rank {rank} of {world_size} ({ctx.backend})"
             )
+        _open_main_work_group()
         return ctx
+    options = {} if timeout is None else {"timeout": timeout}
     if launcher == "torchrun":
-        torch_dist.init_process_group(backend=ctx.backend, init_method="env://", rank=rank, world_size=world_size)
+        torch_dist.init_process_group(backend=ctx.backend, init_method="env://", rank=rank, world_size=world_size,
+                                      **options)
     else:
         if "MASTER_ADDR" not in environ:
             raise ClapError(
@@ -186,14 +195,24 @@ def init(device_request: str | None = None, environ: Mapping[str, str] | None = 
         port = _env_int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else DEFAULT_MASTER_PORT
         host = f"[{host}]" if ":" in host and not host.startswith("[") else host  # IPv6 literal
         torch_dist.init_process_group(
-            backend=ctx.backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size
+            backend=ctx.backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world_size, **options
         )
+    _open_main_work_group()
     return ctx
+
+
+def _open_main_work_group() -> None:
+    """The Gloo group of `barrier(main_work=True)` (collective: every rank calls it, once)."""
+    global _main_work_group
+    if _main_work_group is None:
+        _main_work_group = torch_dist.new_group(backend="gloo", timeout=MAIN_WORK_TIMEOUT)
 
 
 def shutdown() -> None:
     """Leave the process group, if this process joined one."""
+    global _main_work_group
     if torch_dist.is_available() and torch_dist.is_initialized():
+        _main_work_group = None
         torch_dist.destroy_process_group()
 
 
@@ -228,22 +247,32 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def barrier() -> None:
-    """Wait until every rank arrives here."""
+def barrier(main_work: bool = False) -> None:
+    """Wait until every rank arrives here.
+
+    `main_work=True` where the others wait while rank 0 alone works (validates, saves a checkpoint on a
+    slow filesystem): on a Gloo group with `MAIN_WORK_TIMEOUT`, so that work is not cut short by the
+    collectives' timeout (NCCL's default 10 minutes would abort every rank)."""
     if _world_size() == 1:
         return
-    if torch_dist.get_backend() == "nccl":
+    if main_work and _main_work_group is not None:
+        torch_dist.barrier(group=_main_work_group)
+    elif torch_dist.get_backend() == "nccl":
         torch_dist.barrier(device_ids=[torch.cuda.current_device()])
     else:
         torch_dist.barrier()
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """`obj` of rank `src` on every rank (picklable objects: a file list, a run directory name, a seed)."""
+def broadcast_object(obj: Any, src: int = 0, main_work: bool = False) -> Any:
+    """`obj` of rank `src` on every rank (picklable objects: a file list, a run directory name, a seed);
+    `main_work` as for `barrier`, when rank `src` may take long to produce it."""
     if _world_size() == 1:
         return obj
     box = [obj]
-    torch_dist.broadcast_object_list(box, src=src)
+    if main_work and _main_work_group is not None:
+        torch_dist.broadcast_object_list(box, src=src, group=_main_work_group)
+    else:
+        torch_dist.broadcast_object_list(box, src=src)
     return box[0]
 
 

@@ -288,3 +288,64 @@ def test_eval_classifier_reports_what_tag_classifier_predicts(trained):
     top1 = np.mean([r["labels"][0]["label"] == kind for r, (_, kind) in zip(rows, held_out)])
     assert metrics["clips"] == len(held_out) and metrics["top1"] == pytest.approx(top1)
     assert metrics["top5"] == 1.0  # 4 classes
+
+
+def test_an_existing_classifier_is_replaced_only_with_overwrite(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """The default --out of a rerun is the same folder: an earlier --full model survives it unless --overwrite,
+    and the refusal comes before any training."""
+    class_folders(tmp_path / "data", per_kind=2, seed=3)
+    monkeypatch.chdir(tmp_path)
+    args = ["finetune", "--data", tmp_path / "data", "--model", tiny_model_dir, "--epochs", "1", "--batch-size", "4",
+            "--device", "cpu"]
+    clap(*args, "--full")
+    out = tmp_path / "data-classifier"
+    before = (out / "classifier.json").read_bytes()
+    assert (out / "model" / "model.safetensors").is_file()
+
+    code, err = run_main(monkeypatch, capsys, *args)
+    assert code == 2 and "already holds a classifier" in err and "--overwrite" in err
+    assert err.count("\n") == 1 and "epoch" not in err  # refused up front, nothing trained
+    assert (out / "classifier.json").read_bytes() == before and (out / "model" / "model.safetensors").is_file()
+
+    clap(*args, "--overwrite")
+    meta = json.loads((out / "classifier.json").read_text())
+    assert meta["options"]["full"] is False and not (out / "model").exists()
+
+
+def _fake_mount_point(monkeypatch, mount: Path) -> None:
+    """`mount` behaves as a mount point: os.path.ismount says so, and renaming it fails with EBUSY."""
+    import errno
+    import os
+
+    real_replace, real_rename, real_ismount = os.replace, os.rename, os.path.ismount
+
+    def refuse(real):
+        def move(src, dst, *a, **k):
+            if Path(src).absolute() == mount.absolute():
+                raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src))
+            return real(src, dst, *a, **k)
+        return move
+
+    monkeypatch.setattr(os, "replace", refuse(real_replace))
+    monkeypatch.setattr(os, "rename", refuse(real_rename))
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p).absolute() == mount.absolute() or real_ismount(p))
+
+
+def test_an_empty_mount_point_as_out_is_filled_in_place(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from clapcli import load_classifier
+
+    class_folders(tmp_path / "data", per_kind=2, seed=4)
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    _fake_mount_point(monkeypatch, mount)
+    args = ["finetune", "--data", tmp_path / "data", "--model", tiny_model_dir, "--epochs", "1", "--batch-size", "4",
+            "--device", "cpu", "--out", mount]
+    code, err = run_main(monkeypatch, capsys, *args, "--full")
+    assert code == 0, err
+    assert sorted(p.name for p in mount.iterdir()) == ["classifier.json", "head.safetensors", "model"]
+    assert load_classifier(mount, device="cpu").labels == sorted(KINDS)
+
+    # holding a classifier, the mount point cannot be swapped by a rename: refused before training
+    code, err = run_main(monkeypatch, capsys, *args, "--overwrite")
+    assert code == 2 and "mount point" in err and "epoch" not in err
+    assert load_classifier(mount, device="cpu").labels == sorted(KINDS)

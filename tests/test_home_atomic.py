@@ -154,3 +154,31 @@ def test_atomic_directory_replaces_an_old_one_only_on_success(tmp_path):
     with atomic_directory(target) as tmp:
         (tmp / "v3").write_text("3")
     assert os.listdir(target) == ["v3"] and os.listdir(tmp_path) == ["final"]
+
+
+def test_fill_directory_moves_the_content_in_with_the_marker_last(tmp_path, monkeypatch):
+    """For an empty directory that cannot be renamed (a mount point): written inside, moved up, marker last;
+    a failure leaves it empty; a killed writer's temporary is cleared by the next fill."""
+
+    from clapcli.atomic import FILL_TEMP, fill_directory
+
+    target = tmp_path / "mnt"
+    target.mkdir()
+    stale = target / f"{FILL_TEMP}.999999999.0123abcd.tmp"  # no such pid
+    (stale / "big").mkdir(parents=True)
+    with pytest.raises(RuntimeError):
+        with fill_directory(target, last=("done",)) as tmp:
+            (tmp / "data").write_text("x")
+            raise RuntimeError("disk on fire")
+    assert list(target.iterdir()) == []
+    moves = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: moves.append(Path(b).name) or real(a, b))
+    with fill_directory(target, last=("done",)) as tmp:
+        assert tmp.parent == target
+        (tmp / "done").write_text("ok")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "w").write_text("w")
+        (tmp / "zz").write_text("z")
+    assert moves == ["sub", "zz", "done"]
+    assert sorted(p.name for p in target.iterdir()) == ["done", "sub", "zz"]

@@ -267,3 +267,104 @@ def test_torchrun_two_ranks_train_in_step(toy, tmp_path):
     assert sorted(step_records(run)) == [1, 2, 3]
     assert (run / "final" / "model.safetensors").is_file()
     assert [r["step"] for r in log_records(run) if "val" in r] == [3]  # stopped inside the epoch: validated at the end
+
+
+def test_a_second_run_on_a_live_run_folder_fails_at_once_naming_its_pid(toy, tmp_path, monkeypatch, capsys):
+    """Two runs (or a --resume while the first is alive) would write one folder, each pruning the other's
+    checkpoints: the run holds a lock on its folder for its lifetime."""
+    run = tmp_path / "run"
+    args = _train_args(toy, run, "--save-every", "1")
+    args[args.index("--epochs") + 1] = "50"  # alive for the whole test
+    proc = subprocess.Popen([clap_executable(), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while not (run / "step-1" / "trainer_state.pt").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+            time.sleep(0.05)
+        for extra in ([], ["--resume"]):
+            code, err = run_main(monkeypatch, capsys, *_train_args(toy, run, "--max-steps", "1", *extra))
+            assert code == 1 and f"in use by another training run (pid {proc.pid})" in one_error(err), err
+        assert proc.poll() is None and not (run / "final").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    for pid in _children(proc.pid):  # its data workers hold the lock too until they notice
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 15
+    while True:  # once the holder is gone, the run resumes
+        code, err = run_main(monkeypatch, capsys, *_train_args(toy, run, "--max-steps", "1", "--resume"))
+        if code == 0 or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert code == 0, err
+
+
+def test_config_json_is_replaced_whole_or_not_at_all(toy, tmp_path, monkeypatch, capsys):
+    """The disk fills up while a resume writes config.json: the next --resume still reads the run's options."""
+    import builtins
+    import errno
+    import io
+
+    run = tmp_path / "run"
+    args = _train_args(toy, run, "--max-steps", "1")
+    clap(*args)
+    real_open = io.open
+
+    def full_disk(file, mode="r", *a, **k):
+        name = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else os.fspath(file)
+        if "w" in mode and Path(name).parent == run and Path(name).name.startswith("config.json"):
+            real_open(file, mode, *a, **k).close()  # opened (a "w" open truncates), then the write fails
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr(io, "open", full_disk)
+    monkeypatch.setattr(builtins, "open", full_disk)
+    code, err = run_main(monkeypatch, capsys, *args, "--resume")
+    assert code == 1 and "No space left" in err
+    monkeypatch.undo()
+    assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 1
+    clap(*args, "--resume")
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
+
+
+def test_resume_clears_half_written_folders_and_restores_a_set_aside_one(toy, tmp_path):
+    """A kill during a save leaves NAME.PID.HEX.tmp (gone on resume, not kept forever); a crash between the
+    two renames of a save leaves final/ only as final.PID.HEX.old (put back, and resumed from)."""
+    from clapcli.atomic import old_path, temp_path
+
+    run = tmp_path / "run"
+    args = _train_args(toy, run, "--max-steps", "2", "--save-every", "1")
+    clap(*args)
+    final = weights(run / "final")
+    os.rename(run / "final", old_path(run / "final"))
+    half = temp_path(run / "step-3")
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 100_000)
+    config_tmp = temp_path(run / "config.json")
+    config_tmp.write_text("{")
+
+    clap(*args, "--resume")
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(("log.", "run.", "tensorboard"))) == [
+        "config.json", "final", "step-1", "step-2"]
+    resumed = [r for r in log_records(run) if r.get("event") == "resumed"]
+    assert resumed and Path(resumed[-1]["from"]).name == "final" and resumed[-1]["step"] == 2
+    again = weights(run / "final")
+    assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_other_ranks_wait_for_rank_0_validation_longer_than_the_collective_timeout(toy, tmp_path):
+    """Rank 0 alone validates and saves while the others wait: with --dist-timeout 4 for the step's
+    collectives, a validation of 12 s still ends with the run done on both Gloo ranks, not aborted."""
+    run = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CLAP_TEST_DELAY="12")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2",
+                           str(Path(__file__).parent / "slow_main_rank.py"), "train",
+                           "--data", str(toy / "shards"), "--model-config", "tiny", "--tokenizer", str(toy / "tok"),
+                           "--out", str(run), "--workers", "0", "--batch-size", "4", "--max-steps", "1",
+                           "--device", "cpu", "--dist-timeout", "4"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = log_records(run)
+    assert [r["step"] for r in records if "val" in r] == [1] and records[-1]["event"] == "done"
+    assert (run / "final" / "model.safetensors").is_file()

@@ -32,17 +32,13 @@ def finetune_command(
     mixup: float = typer.Option(0.0, "--mixup", min=0.0, help="Mixup alpha (0: off)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Classifier directory to write "
                                        "(default: ./<data name>-classifier)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the classifier already in --out."),
     seed: int = typer.Option(0, "--seed", help="Seeds the split, the head's init and the batch order."),
     device: str = options.DEVICE,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per epoch, then a summary object."),
 ) -> None:
     """Train a classifier on labelled audio: a head on cached embeddings in seconds, or --full."""
-    from ..errors import UsageError
-
     out = out if out is not None else Path.cwd() / f"{data.expanduser().resolve().name or 'data'}-classifier"
-    if out.exists() and not (out / "classifier.json").is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} exists and is not a classifier directory; choose another --out")
-
     from ..train.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(data=str(data), val=None if val is None else str(val), model=model, head=head, full=full,
@@ -60,7 +56,7 @@ def finetune_command(
             err.print(f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  {key[4:]} {shown}",
                       highlight=False)
 
-    classifier = finetune(cfg, out, on_epoch=on_epoch)
+    classifier = finetune(cfg, out, on_epoch=on_epoch, overwrite=overwrite)
     metrics = classifier.metrics
     summary = {"classifier": str(classifier.directory), "labels": classifier.labels,
                "multi_label": classifier.multi_label, "best_epoch": metrics["best_epoch"],

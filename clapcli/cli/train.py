@@ -65,6 +65,9 @@ def train_command(
     seed: int = typer.Option(0, "--seed"),
     workers: int = typer.Option(2, "--workers", min=0, help="Data worker processes per rank."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (torchrun: one GPU per rank)."),
+    dist_timeout: float = typer.Option(0.0, "--dist-timeout", min=0.0, help="Seconds a training step's "
+                                       "collective waits for a slow rank (0: torch's default, 10 min on NCCL); "
+                                       "waits for rank 0's validation and saving have 24 h."),
     max_steps: int = typer.Option(0, "--max-steps", min=0, help="Stop after N steps in total (0: all epochs)."),
     log_every: int = typer.Option(10, "--log-every", min=1, help="Steps between log lines."),
     log_samples: bool = typer.Option(False, "--log-samples", hidden=True, help="Record each step's sample keys."),
@@ -101,7 +104,7 @@ def train_command(
         gather_with_grad=gather_with_grad, text_source=text_source, spec_augment=spec_augment,
         save_every=save_every, keep_checkpoints=keep, best_metric=best_metric, seed=seed, workers=workers,
         device=device, resume=resume, max_steps=max_steps, log_every=log_every, log_samples=log_samples,
-        objective=objective, teacher=teacher,
+        objective=objective, teacher=teacher, dist_timeout=dist_timeout,
     )
     with _Display(as_json) as display:
         train(cfg, display=display)

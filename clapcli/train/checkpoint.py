@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_directory
+from ..atomic import LEFTOVER, atomic_directory
 from ..errors import TrainingError
 from ..models.checkpoints import save_own
 from .config import TrainState
 
 STATE_FILE = "trainer_state.pt"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+LEGACY_LEFTOVER = re.compile(r"(?P<name>.+?)\.(?P<kind>tmp|old)-.*")  # names of an earlier atomic writer
 
 
 def save_checkpoint(run_dir: Path, name: str, model, tokenizer, optimizer, scaler, state: TrainState,
@@ -91,14 +92,19 @@ def prune_step_checkpoints(run_dir: Path, keep: int) -> None:
 
 
 def clear_stale(run_dir: Path) -> None:
-    """Tidy what a killed run left: half-written `*.tmp-*` folders go; an `*.old-*` folder whose
-    replacement never arrived is put back under its name, else removed. Only this run's writer calls it."""
+    """Tidy what a killed run left, by the names the atomic writer gives (`atomic.temp_path`, `old_path`):
+    a half-written `NAME.PID.HEX.tmp` (a checkpoint folder, config.json) goes; a `NAME.PID.HEX.old` folder
+    whose replacement never arrived (a crash between the two renames) is put back as NAME, else removed.
+    Names of older versions (`NAME.tmp-…`, `NAME.old-…`) are tidied the same way. Only the holder of the run
+    lock calls it."""
     for p in sorted(Path(run_dir).iterdir()):
-        if ".tmp-" in p.name:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        elif ".old-" in p.name:
-            target = p.with_name(p.name.split(".old-")[0])
-            if target.exists():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.rename(target)
+        leftover = LEFTOVER.fullmatch(p.name) or LEGACY_LEFTOVER.fullmatch(p.name)
+        if leftover is None:
+            continue
+        target = p.with_name(leftover["name"])
+        if leftover["kind"] == "old" and not target.exists() and not target.is_symlink():
+            p.rename(target)
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)

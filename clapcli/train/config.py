@@ -12,7 +12,7 @@ from typing import Any
 
 # Options that may change between a run and its resumption without making it "another run".
 RESUMABLE_CHANGES = ("epochs", "save_every", "workers", "device", "resume", "log_every", "val_every_epochs",
-                     "log_samples", "max_steps")
+                     "log_samples", "max_steps", "dist_timeout")
 
 
 @dataclass
@@ -61,6 +61,7 @@ class TrainConfig:
     resume: bool = False  # continue the latest checkpoint of `out`
     log_samples: bool = False  # also record every step's sample keys in log.jsonl (to check the data order)
     max_steps: int = 0  # stop after this many steps in total (0: run all epochs); for tests and smoke runs
+    dist_timeout: float = 0.0  # seconds a collective of the training step may wait for a rank (0: torch's default)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import random
 import time
 from collections import Counter
@@ -29,8 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import is_fill_temp
 from ..errors import DataError, UsageError
-from ..models.classifier import HEAD_KINDS, MODEL_DIR, Classifier, HeadConfig, build_head, head_probabilities
+from ..models.classifier import (HEAD_KINDS, META_FILE, MODEL_DIR, Classifier, HeadConfig, build_head,
+                                 head_probabilities)
 from .labelled import LabelledClip, read_labelled
 from .metrics import multilabel_map, multilabel_mauc
 
@@ -294,16 +297,40 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor
     return batches
 
 
+def check_output(out: str | Path, overwrite: bool = False) -> bool:
+    """Refuse, before any training, an `out` the classifier cannot be written to; True when `out` is an
+    existing empty directory, which is then filled in place (a mount point cannot be renamed over).
+
+    An existing classifier is replaced only with `overwrite`, and not when it is a mount point (its
+    replacement could not be one rename); any other non-empty path is refused."""
+    out = Path(out).expanduser()
+    if not out.exists() and not out.is_symlink():
+        return False
+    if out.is_dir() and all(is_fill_temp(p.name) for p in out.iterdir()):
+        return True
+    if not (out / META_FILE).is_file():
+        raise UsageError(f"{out} exists and is not a classifier directory; choose another --out")
+    if not overwrite:
+        raise UsageError(f"{out} already holds a classifier; pass --overwrite to replace it, or choose another --out")
+    if os.path.ismount(out):
+        raise UsageError(f"{out} is a mount point holding a classifier, which cannot be replaced in one step; "
+                         "empty it first, or choose a folder inside it as --out")
+    return False
+
+
 def finetune(cfg: FinetuneConfig, out: str | Path, on_epoch: Callable[[dict], None] | None = None,
-             on_embed: Callable[[int], None] | None = None, model=None) -> Classifier:
+             on_embed: Callable[[int], None] | None = None, model=None, overwrite: bool = False) -> Classifier:
     """Train a classifier as `cfg` says and write its directory to `out` (atomically); returns the Classifier.
 
-    `model` (a loaded `Clap`) replaces loading `cfg.model`; with `cfg.full` its weights are trained in place.
-    `on_epoch(record)` gets each epoch's metrics, `on_embed(n)` counts clips embedded or read from the cache."""
+    An existing classifier at `out` is replaced only with `overwrite` (see `check_output`, run before any
+    training). `model` (a loaded `Clap`) replaces loading `cfg.model`; with `cfg.full` its weights are
+    trained in place. `on_epoch(record)` gets each epoch's metrics, `on_embed(n)` counts clips embedded or
+    read from the cache."""
     from ..api import load_model
-    from ..atomic import atomic_directory
+    from ..atomic import atomic_directory, fill_directory
     from ..models.classifier import read_classifier, save_classifier
 
+    fill_in_place = check_output(out, overwrite)
     if cfg.head not in HEAD_KINDS:
         raise UsageError(f"unknown head {cfg.head!r}; choose one of: {', '.join(HEAD_KINDS)}")
     if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0 or cfg.encoder_lr <= 0 or cfg.mixup < 0:
@@ -334,7 +361,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, on_epoch: Callable[[dict], No
                "history": history, "train_clips": len(train_set.paths), "val_clips": len(val_set.paths)}
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_directory(out) as tmp:
+    with (fill_directory(out, last=(META_FILE,)) if fill_in_place else atomic_directory(out)) as tmp:
         encoder, encoder_fp = base_identity, base_fingerprint
         if cfg.full:
             clap.save(tmp / MODEL_DIR)

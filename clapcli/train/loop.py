@@ -15,12 +15,14 @@ import json
 import math
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .. import dist
+from ..atomic import atomic_write
 from ..errors import DataError, TrainingError, UsageError
 from ..runtime import TRAINING_PRECISIONS, autocast, native_bf16, resolve_precision
 from .batch import Collate, FrameBatch, ImageCollate
@@ -29,6 +31,7 @@ from .config import TrainConfig, TrainState
 from .data import ShardStream, loader, steps_per_epoch
 from .loss import ClipLoss, clamp_logit_scale_
 from .objective import Wav2ClipLoss, Wav2ClipObjective, Wav2ClipTrainee, check_widths
+from .runlock import RunLock
 from .runlog import RunLog
 from .setup import build_model, open_data, open_zeroshot, prepare_run_dir
 from .validate import validate, validate_images, validate_zeroshot
@@ -132,7 +135,7 @@ def train(cfg: TrainConfig, ctx: dist.DistContext | None = None, display: Logger
     """Run (or resume) the training described by `cfg`; returns a summary dict.
 
     Rank 0 records every event in RUN/log.jsonl and passes it to `display`."""
-    ctx = ctx or dist.init(cfg.device)
+    ctx = ctx or dist.init(cfg.device, timeout=timedelta(seconds=cfg.dist_timeout) if cfg.dist_timeout else None)
     device = ctx.device
     precision = resolve_precision(cfg.precision, device, allowed=TRAINING_PRECISIONS)
     if precision == "fp16" and device.type != "cuda":
@@ -145,13 +148,14 @@ def train(cfg: TrainConfig, ctx: dist.DistContext | None = None, display: Logger
         raise UsageError(f"--best-metric {cfg.best_metric!r} is not a validation metric; choose one of: "
                          + ", ".join(BEST_METRICS))
     run_dir = Path(cfg.out)
-    resume_from = prepare_run_dir(run_dir, cfg, ctx) if ctx.is_main else None
-    resume_from = dist.broadcast_object(str(resume_from) if resume_from else None)
-    log = RunLog(run_dir, display, enabled=ctx.is_main)
-    try:
-        return _run(cfg, ctx, device, precision, run_dir, resume_from, log)
-    finally:
-        log.close()
+    with RunLock(run_dir, enabled=ctx.is_main):  # one run writes RUN_DIR at a time, for its whole life
+        resume_from = prepare_run_dir(run_dir, cfg, ctx) if ctx.is_main else None
+        resume_from = dist.broadcast_object(str(resume_from) if resume_from else None, main_work=True)
+        log = RunLog(run_dir, display, enabled=ctx.is_main)
+        try:
+            return _run(cfg, ctx, device, precision, run_dir, resume_from, log)
+        finally:
+            log.close()
 
 
 def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
@@ -197,9 +201,9 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
         log({"event": "resumed", "from": str(resume_from), "step": state.step, "epoch": state.epoch})
-    if ctx.is_main:
-        (run_dir / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": model_info,
-                                                         "world_size": ctx.world_size}, indent=2) + "\n")
+    if ctx.is_main:  # replaced whole or not at all: a resume reads it to check its options
+        atomic_write(run_dir / "config.json", json.dumps({"train": cfg.to_dict(), "model": model_info,
+                                                          "world_size": ctx.world_size}, indent=2) + "\n")
     ddp = trainee
     if ctx.distributed:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -293,7 +297,7 @@ def _saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info,
                             {"source": model_info.get("source"), "training_run": str(run_dir.resolve()),
                              "step": state.step}, objective=objective)
             prune_step_checkpoints(run_dir, cfg.keep_checkpoints)
-        dist.barrier()
+        dist.barrier(main_work=True)
 
     return save
 
@@ -321,7 +325,7 @@ def _validate(cfg, trainee, tokenizer, val_split, zeroshot, state, ctx, log, tea
                              "best_metric": cfg.best_metric, "value": value},
                             objective=trainee.objective if wav2clip else None)
     trainee.train()
-    dist.barrier()
+    dist.barrier(main_work=True)
 
 
 RETRIEVAL_KEYS = [f"{d}_{m}" for d in ("t2a", "a2t") for m in ("R@1", "R@5", "R@10", "mAP@10", "mean_rank",

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import DataError, UsageError
 from .checkpoint import clear_stale, latest_checkpoint
 from .config import TrainConfig
+from .runlock import LOCK_FILES
 from .shards import ShardSplit, resolve_split
 
 
@@ -16,7 +17,8 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, ctx) -> Path | None:
     """Create or check RUN_DIR; returns the checkpoint to resume from (None: start fresh).
 
     A directory holding another run is refused unless `--resume` names the same run (only the options in
-    `config.RESUMABLE_CHANGES`, such as --epochs, may differ)."""
+    `config.RESUMABLE_CHANGES`, such as --epochs, may differ). The caller holds the run lock (`runlock.py`),
+    so what a killed run left can be tidied here."""
     config_file = run_dir / "config.json"
     if config_file.is_file():
         if not cfg.resume:
@@ -32,7 +34,7 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, ctx) -> Path | None:
                              "the same options, or choose another --out")
         clear_stale(run_dir)
         return latest_checkpoint(run_dir)
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    if run_dir.exists() and (not run_dir.is_dir() or any(p.name not in LOCK_FILES for p in run_dir.iterdir())):
         raise UsageError(f"{run_dir} exists and is not a clap training run; choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     return None
