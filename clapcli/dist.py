@@ -37,10 +37,10 @@ from clapcli.runtime import resolve_device
 
 DEFAULT_MASTER_PORT = 29500  # torchrun's default rendezvous port
 SLURM_PSEUDO_STEPS = 0xFFFFFFF0  # step ids from here up are SLURM's batch/extern/interactive steps, not srun's
-
-log = logging.getLogger(__name__)
 MAIN_WORK_TIMEOUT = timedelta(hours=24)  # how long the other ranks wait for rank 0's validation and saving
 _main_work_group = None  # the Gloo group of those waits, opened by `init`
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
