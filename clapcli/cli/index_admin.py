@@ -56,7 +56,7 @@ def print_index_list(con, rows: list[dict]) -> None:
         con.print(f"  path   {escape(output.display_path(r['path']))}", highlight=False, soft_wrap=True)
         if r["error"] is None:
             con.print(f"  model  {escape(r['model'] or '(none yet)')}", highlight=False, soft_wrap=True)
-            for root in r["roots"] or []:
+            for root in r.get("roots") or []:
                 con.print(f"  folder {escape(output.display_path(root))}", highlight=False, soft_wrap=True)
         else:
             con.print(f"  [red]{escape(r['error'])}[/]", highlight=False, soft_wrap=True)
