@@ -173,6 +173,9 @@ def test_a_file_that_cannot_be_read_this_run_keeps_its_embeddings(tiny_model_dir
     assert s["kept_unreadable"] == [{"path": str(flaky), "reason": "Input/output error"},
                                     {"path": str(locked), "reason": "permission denied"}]
     assert stored(index_dir) == before
+    result = clap("index", lib, "--index", index_dir, "--rebuild", ok=False)  # would lose them: refused
+    assert result.exit_code == 1 and str(locked) in str(result.exception) and "refused" in str(result.exception)
+    assert stored(index_dir) == before
 
     monkeypatch.undo()  # readable again: nothing to redo
     s = summary(clap("index", lib, "--index", index_dir, "--json"))

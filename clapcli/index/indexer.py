@@ -13,6 +13,7 @@ on success.
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import shutil
@@ -335,16 +336,27 @@ def _emptied_roots(roots: Sequence[Path], entries: Sequence[ScanEntry], linked: 
     An unmounted drive's mount point or a disconnected share looks exactly like a folder whose files were
     all deleted; pruning is then left to an explicit `--prune-empty`."""
     found = [str(e.path) for e in entries]
+    stored = sorted(states)
     emptied: list[tuple[Path, int]] = []
-    for folder in [*roots, *map(Path, empty_dirs)]:
+    for folder in [*roots, *map(Path, empty_dirs)]:  # an empty dir has nothing under it to look for
         if folder.is_file() or any(_under(str(folder), [f]) for f, _ in emptied):
             continue
-        if any(_under(p, [folder]) for p in found) or any(_under(p, [folder]) and p != str(folder) for p in linked):
+        if folder in roots and (any(_under(p, [folder]) for p in found)
+                                or any(_under(p, [folder]) and p != str(folder) for p in linked)):
             continue
-        held = sum(1 for p in states if _under(p, [folder]))
+        held = _count_under(stored, str(folder))
         if held:
             emptied.append((folder, held))
     return emptied
+
+
+def _count_under(stored: Sequence[str], folder: str) -> int:
+    """How many of the sorted paths `stored` are `folder` or lie under it."""
+    prefix = folder.rstrip(os.sep) + os.sep
+    after = prefix[:-1] + chr(ord(os.sep) + 1)  # the first string above every "folder/…"
+    at = bisect.bisect_left(stored, folder)
+    exact = at < len(stored) and stored[at] == folder
+    return bisect.bisect_left(stored, after) - bisect.bisect_left(stored, prefix) + exact
 
 
 def _remembered_roots(index_dir: Path, rebuild: bool) -> list[str]:
@@ -389,11 +401,20 @@ def _rebuild(index_dir: Path, model, damaged: bool, root_paths, entries, problem
              batch_size, workers, on_plan, callbacks, commit_every, empty_dirs=()) -> IndexSummary:
     """Build a fresh store in `index_dir/.rebuild`, then swap it in; the old one serves until the swap."""
     db = index_dir / DB_FILENAME
-    if not damaged and not prune_empty:
+    if not damaged:
         with IndexStore.open(index_dir, readonly=True) as old:
-            emptied = _emptied_roots(root_paths, entries, linked, old.file_states(), empty_dirs)
+            stored = sorted(old.file_states())
+        emptied = [] if prune_empty else _emptied_roots(root_paths, entries, linked, dict.fromkeys(stored), empty_dirs)
         if emptied:
             raise ClapError(emptied_message(emptied, "the rebuild was refused and the index is unchanged"))
+        # The new store could not hold them: a passing fault must cost a retry, not the files' embeddings.
+        unread = [(p, _count_under(stored, os.path.realpath(p.path))) for p in problems if p.unread or p.unread_dir]
+        unread = [(p, n) for p, n in unread if n]
+        if unread:
+            held = "; ".join(f"{p.path}: {p.reason} ({n} indexed files)" for p, n in unread[:3])
+            more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
+            raise ClapError(f"indexed files could not be read this run ({held}{more}); the rebuild was refused and "
+                            "the index is unchanged; run it again when they can be read, or --exclude them")
     staging = index_dir / REBUILD_DIR
     shutil.rmtree(staging, ignore_errors=True)  # left by a rebuild that was killed
     try:
