@@ -385,8 +385,8 @@ def _forgotten_roots(forget: Sequence, remembered: Sequence[str], index_dir: Pat
 def _no_roots_message(index_dir: Path) -> str:
     if not IndexStore.exists(index_dir):
         return f"no index at {index_dir}; name the folders to index: `clap index DIR…`"
-    return (f"index {index_dir} does not know the folders it was built from (it was built before clap "
-            "remembered them); name them once: `clap index DIR…`")
+    return (f"index {index_dir} does not know the folders it was built from (it predates clap remembering them, "
+            "or its database is damaged); name them once: `clap index DIR…`")
 
 
 def left_out_message(index_dir: Path, left_out: Sequence[str]) -> str:
