@@ -180,3 +180,22 @@ def test_a_file_that_cannot_be_read_this_run_keeps_its_embeddings(tiny_model_dir
     monkeypatch.undo()  # readable again: nothing to redo
     s = summary(clap("index", lib, "--index", index_dir, "--json"))
     assert s["unchanged"] == 3 and s["added"] == s["removed"] == 0 and s["kept_unreadable"] == []
+
+
+def test_schema_3_migration_and_nested_roots(tmp_path, monkeypatch):
+    from clapcli.index import schema as schema_mod
+    from clapcli.index.store import IndexStore
+
+    monkeypatch.setattr(schema_mod, "MIGRATIONS", schema_mod.MIGRATIONS[:2])
+    with IndexStore.open(tmp_path / "v2", create=True) as s:
+        s.set_meta("dim", "4")
+    monkeypatch.undo()
+    with IndexStore.open(tmp_path / "v2") as s:  # an index from before: it knows no folders yet
+        assert s.get_meta("schema_version") == "3" and s.roots() == []
+        s.add_roots(["/m/a", "/m/b"])
+        s.add_roots(["/m/a/inner", "/m/ab"])  # inside a remembered folder: nothing new; a sibling: added
+        assert s.roots() == ["/m/a", "/m/ab", "/m/b"]
+        s.add_roots(["/m"])  # the folders inside it give way
+        assert s.roots() == ["/m"]
+        s.forget_roots(["/m"])
+        assert s.roots() == []
