@@ -113,7 +113,7 @@ def test_unreadable_directory_and_file_are_reported_not_fatal(library, monkeypat
     paths = _paths(scan([library], problems=problems))
     assert problems == [
         ScanProblem(blocked_dir, "cannot read directory: permission denied", unread_dir=True),
-        ScanProblem(library / "fx" / "rise.mp3", "permission denied"),
+        ScanProblem(library / "fx" / "rise.mp3", "permission denied", unread=True),
     ]
     assert str(library / "kick.wav") in paths and not any("drums" in p or "rise" in p for p in paths)
 

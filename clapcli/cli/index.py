@@ -15,7 +15,8 @@ INDEX = typer.Option(None, "--index", "-i", envvar="CLAP_INDEX",
 
 
 def index_command(
-    dirs: List[Path] = typer.Argument(..., help="Folders (or files) to index, recursively.", show_default=False),
+    dirs: Optional[List[Path]] = typer.Argument(None, help="Folders (or files) to index, recursively (default: "
+                                                "every folder the index was built from).", show_default=False),
     index: Optional[str] = INDEX,
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="Model for new indexes (default: $CLAP_MODEL, else "
@@ -35,6 +36,8 @@ def index_command(
     prune_empty: bool = typer.Option(False, "--prune-empty", help="Confirm removing the indexed files of a "
                                      "folder that now lists no audio (otherwise kept: it may be an unmounted "
                                      "drive)."),
+    forget: Optional[List[Path]] = typer.Option(None, "--forget", help="Drop a folder the index was built from, "
+                                                "with its files (repeatable); the folder itself is untouched."),
     wait: bool = typer.Option(False, "--wait", help="Wait for another `clap index` on this index to finish."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
     commit_every: int = typer.Option(64, "--commit-every", min=1, help="Files per database commit: a crash "
@@ -44,6 +47,7 @@ def index_command(
     """Embed audio files under DIR… into an index (also `clap index list`, `clap index rm NAME`).
 
     Unchanged files are skipped; deleted ones, and indexed files that --exclude now matches, are removed.
+    The index remembers its folders: without DIR it refreshes them all, and --rebuild must cover them all.
 
     `clap index list` shows the indexes, `clap index rm NAME` removes one; index a folder named list as ./list.
     """
@@ -68,11 +72,11 @@ def index_command(
             build_index, sharded = partial(distributed.build_index, device=device), True
     try:
         summary = build_index(
-            dirs, index_dir, lambda name: _remember(loaded, _load_model(name, model, index_dir, device, precision,
+            dirs or [], index_dir, lambda name: _remember(loaded, _load_model(name, model, index_dir, device, precision,
                                                                        tokenizer, engine)),
             model_name=model, exclude=exclude or (), batch_size=batch_size, workers=workers,
             rebuild=rebuild, wait=wait, on_plan=progress.on_plan, on_file=progress.on_file, commit_every=commit_every,
-            prune_empty=prune_empty, on_audio=progress.on_audio,
+            prune_empty=prune_empty, on_audio=progress.on_audio, forget=forget or (),
         )
     except IndexInterrupted as interrupted:
         progress.stop()
@@ -145,6 +149,12 @@ def _print_summary(s) -> None:
     partial = f", {len(s.partial_files)} partly decoded (listed by --json)" if s.partial_files else ""
     con.print(f"now {s.total_files} files, {s.total_segments} segments{errors}{partial}; model {s.model}",
               highlight=False)
+    for folder, n in s.forgotten:
+        con.print(f"forgot {escape(output.display_path(folder))}: its {n} indexed files were removed from the index",
+                  highlight=False, soft_wrap=True)
+    if s.kept_unread:
+        con.print(f"[yellow]kept the last embeddings of {len(s.kept_unread)} indexed files that could not be read "
+                  "this run[/] (listed below as skipped; the next run tries them again)", highlight=False)
     if s.kept_aside:
         con.print(f"[yellow]the damaged database was kept as {s.kept_aside}[/]", highlight=False)
     if s.lossy_precisions:

@@ -32,7 +32,7 @@ def dispatch(args) -> Optional[object]:
 
 @admin_app.command("list")
 def list_indexes(as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
-    """The indexes under $CLAP_HOME/indexes: name, path, files, size on disk, model."""
+    """The indexes under $CLAP_HOME/indexes: name, path, files, size on disk, model, folders indexed."""
     rows = [_describe(d) for d in _named_index_dirs()]
     if as_json or not output.is_terminal():
         for r in rows:
@@ -56,6 +56,8 @@ def print_index_list(con, rows: list[dict]) -> None:
         con.print(f"  path   {escape(output.display_path(r['path']))}", highlight=False, soft_wrap=True)
         if r["error"] is None:
             con.print(f"  model  {escape(r['model'] or '(none yet)')}", highlight=False, soft_wrap=True)
+            for root in r.get("roots") or []:
+                con.print(f"  folder {escape(output.display_path(root))}", highlight=False, soft_wrap=True)
         else:
             con.print(f"  [red]{escape(r['error'])}[/]", highlight=False, soft_wrap=True)
 
@@ -65,7 +67,10 @@ def remove_index(
     name: str = typer.Argument(..., help="Index name (see `clap index list`) or directory.", show_default=False),
     yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking."),
 ) -> None:
-    """Remove an index: its database, hnswlib graph and lock files (refused while `clap index` writes it)."""
+    """Remove an index: its database, hnswlib graph and lock files (refused while `clap index` writes it).
+
+    Only the index's own files go: a named index under $CLAP_HOME is clap's whole folder, but an index that is
+    a symbolic link loses its own files and the link, never what else the folder it points to holds."""
     from ..errors import ClapError, IndexStoreError, UsageError
     from ..index.lock import WriterLock, lock_holder_pid
     from ..index.paths import indexes_dir, resolve_index
@@ -73,6 +78,7 @@ def remove_index(
 
     index_dir = resolve_index(name)
     named = index_dir.parent == indexes_dir()
+    linked = index_dir.is_symlink()  # its folder is someone else's: never removed, nor recursed through
     if not (index_dir / DB_FILENAME).is_file() and not (named and index_dir.is_dir()):
         raise ClapError(f"no index {name!r} at {index_dir}; `clap index list` shows the indexes")
     info = _describe(index_dir)
@@ -96,9 +102,16 @@ def remove_index(
             raise typer.Exit(1)
     lock = take_lock()
     try:
-        left = _remove(index_dir, whole=named)
+        left = _remove(index_dir, whole=named and not linked)
     finally:
         lock.release()
+    if linked:
+        target = os.path.realpath(index_dir)
+        index_dir.unlink()
+        output.stderr_console().print(
+            output.display_path(f"removed {what} and the link {index_dir}; kept {target}, which it pointed to, "
+                                f"with its {len(left)} other entries"), markup=False, highlight=False, soft_wrap=True)
+        return
     if not left:
         try:
             index_dir.rmdir()
@@ -139,7 +152,7 @@ def _describe(index_dir: Path) -> dict:
     from ..index.store import IndexStore
 
     row = {"name": index_dir.name, "path": str(index_dir), "files": None, "size_bytes": _disk_size(index_dir),
-           "model": None, "error": None}
+           "model": None, "roots": None, "error": None}
     if not IndexStore.exists(index_dir):
         row["error"] = "no database"
         return row
@@ -147,6 +160,7 @@ def _describe(index_dir: Path) -> dict:
         with IndexStore.open(index_dir, readonly=True) as store:
             row["files"] = store.counts().ok_files
             row["model"] = (store.model_identity or {}).get("model")
+            row["roots"] = store.roots()
     except ClapError as e:
         row["error"] = str(e)
     return row
@@ -157,11 +171,16 @@ def _count(info: dict) -> str:
 
 
 def _disk_size(directory: Path) -> int:
+    """Bytes of the index's own files (not of anything else in its folder)."""
     total = 0
-    for base, _dirs, files in os.walk(directory):
-        for f in files:
+    for entry in _own_entries(directory) if directory.is_dir() else []:
+        if entry.is_dir() and not entry.is_symlink():
+            paths = [os.path.join(base, f) for base, _dirs, files in os.walk(entry) for f in files]
+        else:
+            paths = [entry]
+        for path in paths:
             try:
-                total += os.lstat(os.path.join(base, f)).st_size
+                total += os.lstat(path).st_size
             except OSError:
                 pass
     return total
@@ -175,7 +194,9 @@ def _own_entries(index_dir: Path) -> list[Path]:
     from ..index.schema import DB_FILENAME, PARTITIONS_DIR
 
     names = {ANN_FILENAME, SIDECAR_FILENAME, LOCK_PID_FILE, REBUILD_DIR, LOCK_FILE, GRAPH_LOCK_FILE, PARTITIONS_DIR}
-    return [p for p in index_dir.iterdir() if p.name in names or p.name.startswith(DB_FILENAME)]
+    temps = tuple(f"{n}." for n in names)  # atomic.temp_path names beside them, left by a killed writer
+    return [p for p in index_dir.iterdir() if p.name in names or p.name.startswith(DB_FILENAME)
+            or (p.name.startswith(temps) and p.name.endswith(".tmp"))]
 
 
 def _remove(index_dir: Path, whole: bool) -> list[Path]:

@@ -3,14 +3,17 @@
 Crash safety comes from the store: each batch of files is one SQLite transaction, so a kill at any
 moment leaves the last committed batch, and a re-run sees those files as unchanged and carries on.
 Pruning only touches paths under the roots being indexed (and folders reached through symlinks there),
-never under a folder that could not be listed this time, nor under a root that held indexed files and now
-lists no audio (an unmounted drive) unless `prune_empty` confirms it. A new index is created, and a
-`--rebuild` started, only once the model has loaded; a rebuild fills a fresh database beside the old one and
-swaps it in on success.
+never under a folder that could not be listed this time, nor a file that could not be stat'ed or read this
+time, nor under a root (or a folder at any depth) that held indexed files and now lists nothing (an unmounted
+drive) unless `prune_empty` confirms it. The index remembers its roots: no roots means all of them, and a
+`--rebuild` must cover them all (or `forget` some on purpose). A new index is created, and a `--rebuild`
+started, only once the model has loaded; a rebuild fills a fresh database beside the old one and swaps it in
+on success.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import shutil
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from ..errors import ClapError, IndexStoreError
+from ..errors import ClapError, IndexStoreError, UsageError
 from .lock import WriterLock
 from .scan import AUDIO_EXTENSIONS, ScanEntry, ScanProblem, matches_exclude, scan
 from .schema import DB_FILENAME
@@ -53,6 +56,8 @@ class IndexSummary:
     partial: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): embedded in part, this run
     partial_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of every partial row
     precisions: list[str] = field(default_factory=list)  # what the stored vectors were computed at (sorted)
+    kept_unread: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): unreadable now, row kept
+    forgotten: list[tuple[str, int]] = field(default_factory=list)  # (folder, files removed): --forget
 
     def to_dict(self) -> dict:
         return {
@@ -82,6 +87,8 @@ class IndexSummary:
             "removed_excluded": self.removed_excluded,
             "precisions": self.precisions,
             "reproducible": not self.lossy_precisions,
+            "kept_unreadable": [{"path": p, "reason": r} for p, r in self.kept_unread],
+            "forgotten": [{"path": p, "removed_files": n} for p, n in self.forgotten],
         }
 
     @property
@@ -186,28 +193,46 @@ def build_index(
     commit_every: int = COMMIT_EVERY_FILES,
     prune_empty: bool = False,
     on_audio: Callable[[str, float, float], None] | None = None,
+    forget: Sequence[str | os.PathLike] = (),
 ) -> IndexSummary:
     """Index `roots` into `index_dir`. `load_model(name)` is called only when something needs embedding.
+
+    The index remembers its roots. No `roots` means all the remembered ones (one that no longer exists then
+    counts as a folder that lists nothing); a `rebuild` that leaves a remembered root out is refused unless
+    `forget` names it. `forget` drops remembered roots and their files from the index.
 
     Nothing is written before the model has loaded when the run creates the index or rebuilds it, so a
     mistyped model leaves no empty index behind and never harms an existing one. `rebuild` builds a fresh
     store beside the old one (in `index_dir/.rebuild`) and swaps it in only on success; a database that
     cannot be opened is then kept aside as `index.sqlite.damaged-<time>`, never deleted. A root that held
-    indexed files and now lists no audio (an unmounted drive) prunes nothing unless `prune_empty`.
+    indexed files and now lists no audio (an unmounted drive), or a folder inside one that now lists nothing,
+    prunes nothing unless `prune_empty`.
     `on_audio(path, seconds, expected_seconds)` reports decoded audio as it goes, within long files too;
     `on_file(result)` each embedded (or failed) file.
     """
     started = time.monotonic()
+    remembered = _remembered_roots(index_dir, rebuild)
+    forgotten = _forgotten_roots(forget, remembered, index_dir)
     root_paths = []
     for r in roots:
         p = Path(r).expanduser()
         if not p.exists():
             raise ClapError(f"no such file or directory: {r}")
         root_paths.append(p.resolve())
+    if not roots:
+        if not remembered and not forgotten:
+            raise UsageError(_no_roots_message(index_dir))
+        root_paths = [Path(r) for r in remembered if r not in forgotten]
+    if rebuild:
+        left_out = [r for r in remembered if r not in forgotten and not _under(r, root_paths)]
+        if left_out:
+            raise ClapError(left_out_message(index_dir, left_out))
 
     problems: list[ScanProblem] = []
     linked: list[str] = []
-    entries = list(scan(root_paths, exclude=exclude, problems=problems, linked_dirs=linked))
+    empty_dirs: list[str] = []
+    present = [p for p in root_paths if p.exists()]  # a remembered root may be gone (an unmounted drive)
+    entries = list(scan(present, exclude=exclude, problems=problems, linked_dirs=linked, empty_dirs=empty_dirs))
     exists = IndexStore.exists(index_dir)
     if not entries and not exists:
         where = ", ".join(str(r) for r in roots)
@@ -232,12 +257,12 @@ def build_index(
     with WriterLock(index_dir, wait=True, timeout=None if wait else LOCK_GRACE_SECONDS):
         if rebuild and IndexStore.exists(index_dir):
             summary = _rebuild(index_dir, model, damaged, root_paths, entries, problems, linked, prune_empty,
-                               batch_size, workers, on_plan, (on_file, on_audio), commit_every)
+                               batch_size, workers, on_plan, (on_file, on_audio), commit_every, empty_dirs=empty_dirs)
         else:
             with IndexStore.open(index_dir, create=True) as store:
                 summary = _update(store, model, load_model, model_name, root_paths, entries, problems, linked,
                                   prune_empty, batch_size, workers, on_plan, (on_file, on_audio), commit_every,
-                                  exclude=exclude)
+                                  exclude=exclude, empty_dirs=empty_dirs, forget=forgotten)
         with IndexStore.open(index_dir) as store:
             from .ann import AnnIndex
 
@@ -252,21 +277,33 @@ def build_index(
 
 
 def _update(store: IndexStore, model, load_model, model_name, root_paths, entries, problems, linked,
-            prune_empty, batch_size, workers, on_plan, callbacks, commit_every, exclude=()) -> IndexSummary:
-    """Bring `store` up to date with the scan: prune, re-stat, embed and commit in batches.
+            prune_empty, batch_size, workers, on_plan, callbacks, commit_every, exclude=(), empty_dirs=(),
+            forget=()) -> IndexSummary:
+    """Bring `store` up to date with the scan: prune, re-stat, embed and commit in batches; remember
+    `root_paths` and forget the roots in `forget`, with their files.
 
     `callbacks` is (on_file, on_audio), as `build_index` takes them."""
     stored_identity = store.model_identity
     name = model_name or (stored_identity or {}).get("model")
     states = store.file_states()
-    empty = [] if prune_empty else _emptied_roots(root_paths, entries, linked, states)
+    empty = [] if prune_empty else _emptied_roots(root_paths, entries, linked, states, empty_dirs)
     plan = plan_changes(store, entries, root_paths,
-                        [p.path for p in problems if p.unread_dir] + [r for r, _ in empty], linked)
+                        [p.path for p in problems if p.unread_dir or p.unread] + [r for r, _ in empty], linked)
     summary = IndexSummary(str(store.index_dir), name or "")
     summary.scanned = len(entries)
     summary.unchanged = plan.unchanged
     summary.skipped.extend((str(p.path), p.reason) for p in problems)
     summary.emptied_roots = [(str(r), n) for r, n in empty]
+    unread = {os.path.realpath(p.path): p.reason for p in problems if p.unread}
+    summary.kept_unread = [(path, unread[path]) for path in sorted(unread) if path in states]
+    if forget:
+        covered = [*root_paths, *(r for r in store.roots() if r not in forget)]
+        pruned = set(plan.to_remove)
+        for folder in forget:
+            dropped = [p for p in states if _under(p, [folder]) and not _under(p, covered) and p not in pruned]
+            summary.forgotten.append((folder, len(dropped)))
+            plan.to_remove.extend(dropped)
+            pruned.update(dropped)
     if on_plan:
         on_plan(plan)
 
@@ -280,6 +317,8 @@ def _update(store: IndexStore, model, load_model, model_name, root_paths, entrie
             store.record_precision(model.precision)
 
     with store.transaction():
+        store.forget_roots(forget)
+        store.add_roots(str(p) for p in root_paths)
         store.remove_files(plan.to_remove)
         for entry in plan.touched:
             store.update_file_stat(str(entry.path), entry.size, entry.mtime_ns)
@@ -299,31 +338,93 @@ def _update(store: IndexStore, model, load_model, model_name, root_paths, entrie
 
 
 def _emptied_roots(roots: Sequence[Path], entries: Sequence[ScanEntry], linked: Sequence[str],
-                   states: dict) -> list[tuple[Path, int]]:
-    """Folders among `roots` that list no audio now but hold indexed files: (folder, files it holds).
+                   states: dict, empty_dirs: Sequence[str] = ()) -> list[tuple[Path, int]]:
+    """Folders that hold indexed files but list nothing now: (folder, files it holds). These are the `roots`
+    that list no audio (or, remembered, no longer exist) and the folders at any depth (`empty_dirs`, from the
+    scan) whose listing was empty.
 
     An unmounted drive's mount point or a disconnected share looks exactly like a folder whose files were
     all deleted; pruning is then left to an explicit `--prune-empty`."""
-    found = [str(e.path) for e in entries] + list(linked)
-    emptied = []
-    for root in roots:
-        if not root.is_dir() or any(_under(p, [root]) for p in found):
+    found = [str(e.path) for e in entries]
+    stored = sorted(states)
+    emptied: list[tuple[Path, int]] = []
+    for folder in [*roots, *map(Path, empty_dirs)]:  # an empty dir has nothing under it to look for
+        if folder.is_file() or any(_under(str(folder), [f]) for f, _ in emptied):
             continue
-        held = sum(1 for p in states if _under(p, [root]))
+        if folder in roots and (any(_under(p, [folder]) for p in found)
+                                or any(_under(p, [folder]) and p != str(folder) for p in linked)):
+            continue
+        held = _count_under(stored, str(folder))
         if held:
-            emptied.append((root, held))
+            emptied.append((folder, held))
     return emptied
 
 
+def _count_under(stored: Sequence[str], folder: str) -> int:
+    """How many of the sorted paths `stored` are `folder` or lie under it."""
+    prefix = folder.rstrip(os.sep) + os.sep
+    after = prefix[:-1] + chr(ord(os.sep) + 1)  # the first string above every "folder/…"
+    at = bisect.bisect_left(stored, folder)
+    exact = at < len(stored) and stored[at] == folder
+    return bisect.bisect_left(stored, after) - bisect.bisect_left(stored, prefix) + exact
+
+
+def _remembered_roots(index_dir: Path, rebuild: bool) -> list[str]:
+    """The roots the index in `index_dir` remembers; [] for a new index, or a damaged one that `rebuild` replaces."""
+    if not IndexStore.exists(index_dir):
+        return []
+    try:
+        with IndexStore.open(index_dir, readonly=True) as store:
+            return store.roots()
+    except IndexStoreError:
+        if rebuild:
+            return []
+        raise
+
+
+def _forgotten_roots(forget: Sequence, remembered: Sequence[str], index_dir: Path) -> list[str]:
+    """`forget` as remembered roots (absolute, resolved); a folder the index does not remember is refused."""
+    forgotten = [os.path.realpath(os.path.expanduser(f)) for f in forget]
+    unknown = [f for f, real in zip(forget, forgotten) if real not in remembered]
+    if unknown:
+        known = ", ".join(remembered) or "none remembered yet"
+        raise UsageError(f"--forget {unknown[0]}: not a folder index {index_dir} was built from ({known})")
+    return forgotten
+
+
+def _no_roots_message(index_dir: Path) -> str:
+    if not IndexStore.exists(index_dir):
+        return f"no index at {index_dir}; name the folders to index: `clap index DIR…`"
+    return (f"index {index_dir} does not know the folders it was built from (it predates clap remembering them, "
+            "or its database is damaged); name them once: `clap index DIR…`")
+
+
+def left_out_message(index_dir: Path, left_out: Sequence[str]) -> str:
+    folders = ", ".join(left_out)
+    forget = " ".join(f"--forget {f}" for f in left_out)
+    return (f"index {index_dir} was also built from {folders}, which this --rebuild leaves out; the rebuild was "
+            "refused and the index is unchanged; name every folder, or run `clap index --rebuild` with no folder "
+            f"to rebuild them all, or drop the left-out ones from the index on purpose with `{forget}`")
+
+
 def _rebuild(index_dir: Path, model, damaged: bool, root_paths, entries, problems, linked, prune_empty,
-             batch_size, workers, on_plan, callbacks, commit_every) -> IndexSummary:
+             batch_size, workers, on_plan, callbacks, commit_every, empty_dirs=()) -> IndexSummary:
     """Build a fresh store in `index_dir/.rebuild`, then swap it in; the old one serves until the swap."""
     db = index_dir / DB_FILENAME
-    if not damaged and not prune_empty:
+    if not damaged:
         with IndexStore.open(index_dir, readonly=True) as old:
-            emptied = _emptied_roots(root_paths, entries, linked, old.file_states())
+            stored = sorted(old.file_states())
+        emptied = [] if prune_empty else _emptied_roots(root_paths, entries, linked, dict.fromkeys(stored), empty_dirs)
         if emptied:
             raise ClapError(emptied_message(emptied, "the rebuild was refused and the index is unchanged"))
+        # The new store could not hold them: a passing fault must cost a retry, not the files' embeddings.
+        unread = [(p, _count_under(stored, os.path.realpath(p.path))) for p in problems if p.unread or p.unread_dir]
+        unread = [(p, n) for p, n in unread if n]
+        if unread:
+            held = "; ".join(f"{p.path}: {p.reason} ({n} indexed files)" for p, n in unread[:3])
+            more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
+            raise ClapError(f"indexed files could not be read this run ({held}{more}); the rebuild was refused and "
+                            "the index is unchanged; run it again when they can be read, or --exclude them")
     staging = index_dir / REBUILD_DIR
     shutil.rmtree(staging, ignore_errors=True)  # left by a rebuild that was killed
     try:

@@ -4,7 +4,8 @@ The scan picks files by extension only to decide what to *try*: every regular fi
 extension is yielded, and decoding decides the rest (a `.wav` that is not audio becomes an error row
 with its reason). Files named explicitly as roots are yielded whatever their extension. Symlinked
 directories are followed, with loops detected by (st_dev, st_ino); unreadable directories and files,
-broken links and loops are reported as `ScanProblem`s and never stop the scan. Hidden directories are
+broken links and loops are reported as `ScanProblem`s and never stop the scan; those that exist but cannot be
+read this time are marked so, for the indexer to keep what it holds of them. Hidden directories are
 scanned too (exclude them with `--exclude '.*'`).
 
 Paths are absolute and resolved (symlinks replaced by their targets), each yielded once, in sorted
@@ -41,6 +42,7 @@ class ScanProblem:
     path: Path  # as reached by the walk (not resolved: it may be a broken link)
     reason: str  # one line, for the "skipped" summary
     unread_dir: bool = False  # a directory whose listing failed: what it held is unknown, not gone
+    unread: bool = False  # exists but could not be stat'ed or read this time (not gone): keep what it held
 
 
 def scan(
@@ -49,13 +51,15 @@ def scan(
     problems: list[ScanProblem] | None = None,
     extensions: Iterable[str] = AUDIO_EXTENSIONS,
     linked_dirs: list[str] | None = None,
+    empty_dirs: list[str] | None = None,
 ) -> Iterator[ScanEntry]:
     """Yield the candidate audio files under `roots`, sorted by path, each once.
 
     `exclude` holds fnmatch globs tested against each file or directory name, its path relative to
     the root, and its absolute path (so `*.tmp`, `.git`, `drafts/*` and `*/old/*` all work); an excluded
     directory is not entered. Problems met on the way are appended to `problems` if given, and the real
-    paths of directories reached through symbolic links (which may lie outside every root) to `linked_dirs`.
+    paths of directories reached through symbolic links (which may lie outside every root) to `linked_dirs`,
+    and the real paths of directories that list nothing at all (an empty mount point?) to `empty_dirs`.
 
     The whole tree is walked before the first entry is yielded (that is what makes the order global);
     the indexer needs the full list anyway, for its totals and for pruning deleted files.
@@ -67,6 +71,8 @@ def scan(
         problems.extend(walker.problems)
     if linked_dirs is not None:
         linked_dirs.extend(walker.linked_dirs)
+    if empty_dirs is not None:
+        empty_dirs.extend(walker.empty_dirs)
     yield from sorted(walker.entries.values(), key=lambda e: str(e.path))
 
 
@@ -78,6 +84,7 @@ class _Walker:
         self.problems: list[ScanProblem] = []
         self.scanned_dirs: set[tuple[int, int]] = set()  # (st_dev, st_ino) of directories walked
         self.linked_dirs: list[str] = []  # real paths of directories entered through a symbolic link
+        self.empty_dirs: list[str] = []  # real paths of directories whose listing was empty
 
     def scan_root(self, root: Path) -> None:
         root = Path(os.path.abspath(os.path.expanduser(root)))
@@ -88,7 +95,7 @@ class _Walker:
             self.problems.append(ScanProblem(root, reason))
             return
         except OSError as e:
-            self.problems.append(ScanProblem(root, _reason(e)))
+            self.problems.append(ScanProblem(root, _reason(e), unread=True))
             return
         if stat.S_ISDIR(st.st_mode):
             self._walk(root, root, (), st)
@@ -112,6 +119,8 @@ class _Walker:
         except OSError as e:
             self.problems.append(ScanProblem(directory, f"cannot read directory: {_reason(e)}", unread_dir=True))
             return
+        if not children:
+            self.empty_dirs.append(real_dir)
         ancestors = ancestors + (key,)
         for child in children:
             path = directory / child.name
@@ -124,7 +133,7 @@ class _Walker:
                 self.problems.append(ScanProblem(path, "broken symbolic link"))
                 continue
             except OSError as e:
-                self.problems.append(ScanProblem(path, _reason(e)))
+                self.problems.append(ScanProblem(path, _reason(e), unread=True))
                 continue
             if stat.S_ISDIR(child_st.st_mode):
                 if is_link:
@@ -144,7 +153,7 @@ class _Walker:
             self.problems.append(ScanProblem(path, "file name is not valid UTF-8; rename the file to index it"))
             return
         if not os.access(resolved, os.R_OK):
-            self.problems.append(ScanProblem(path, "permission denied"))
+            self.problems.append(ScanProblem(path, "permission denied", unread=True))
             return
         if resolved not in self.entries:
             self.entries[resolved] = ScanEntry(Path(resolved), st.st_size, st.st_mtime_ns)

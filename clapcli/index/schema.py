@@ -89,9 +89,16 @@ def _migrate_to_2(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA writable_schema = OFF")
 
 
+def _migrate_to_3(conn: sqlite3.Connection) -> None:
+    """`roots`: the folders (or files) an index was built from, absolute and resolved, so that `clap index` with
+    no folder refreshes them all and `--rebuild` covers them all. An older index starts with none and learns
+    the folders of its next run."""
+    conn.execute("CREATE TABLE roots (path TEXT PRIMARY KEY, added_at REAL NOT NULL)")
+
+
 # MIGRATIONS[i] upgrades a store at schema version i to version i + 1 (version 0 = an empty database).
 # Append a function to change the schema; never edit a released one.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2, _migrate_to_3]
 
 
 def open_database(index_dir: Path, create: bool, readonly: bool) -> sqlite3.Connection:

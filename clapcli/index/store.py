@@ -7,6 +7,9 @@ Layout of an index directory:
     writer.lock[.pid]     the one-writer lock (see lock.py)
     vectors.hnsw.lock     held while the hnswlib file is written (see lock.py)
 
+The store remembers the folders the index was built from (`roots`), so a later `clap index` with no folder
+refreshes them and `--rebuild` must cover them all.
+
 Crash safety comes from SQLite (the connection is set up in schema.py): WAL journal,
 `synchronous=NORMAL` and foreign keys with `ON DELETE CASCADE`, so deleting a file row removes its
 segments and their embeddings in the same transaction. The indexer groups many files in one
@@ -320,6 +323,28 @@ class IndexStore:
         raise IndexStoreError(
             f"index {self.index_dir} was built with model {built_with}{detail}; {advice}"
         )
+
+    # -- roots ----------------------------------------------------------------------------------------------
+
+    def roots(self) -> list[str]:
+        """The folders (or files) the index was built from: absolute, resolved, sorted."""
+        return [row[0] for row in self._conn.execute("SELECT path FROM roots ORDER BY path")]
+
+    def add_roots(self, paths: Iterable[str | os.PathLike]) -> None:
+        """Remember these folders (absolute, resolved paths). One inside a remembered folder adds nothing;
+        remembered folders inside a new one give way to it."""
+        with self.transaction():
+            for path in map(os.fspath, paths):
+                known = self.roots()
+                if any(_within(path, root) for root in known):
+                    continue
+                self._conn.executemany("DELETE FROM roots WHERE path = ?", [(r,) for r in known if _within(r, path)])
+                self._conn.execute("INSERT INTO roots (path, added_at) VALUES (?, ?)", (path, time.time()))
+
+    def forget_roots(self, paths: Iterable[str | os.PathLike]) -> None:
+        """Stop remembering these folders (their files are the caller's to remove)."""
+        with self.transaction():
+            self._conn.executemany("DELETE FROM roots WHERE path = ?", [(os.fspath(p),) for p in paths])
 
     # -- files ----------------------------------------------------------------------------------------------
 
@@ -644,6 +669,10 @@ def _without_name(identity: dict) -> dict:
 
 def _identity_name(identity: dict) -> str:
     return str(identity.get("model") or identity.get("name") or "<unnamed>")
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _chunks(items: Sequence, size: int) -> Iterator[list]:

@@ -1,0 +1,201 @@
+"""Issue #19, "nothing lost, round two", through the real CLI on a tiny random model: `clap index rm` deletes
+only the index's own files, an index remembers its folders (refresh, --rebuild, --forget), an emptied folder
+at any depth prunes nothing, and a file that cannot be read this run keeps its embeddings."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+
+from audio_synth import tone_noise, write_audio
+from cli_runner import clap
+from clapcli.index import scan as scan_mod
+
+
+def summary(result) -> dict:
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")][-1]
+
+
+def stored(index_dir: Path) -> dict[str, bytes]:
+    """path → file-level embedding blob, read with plain SQL."""
+    con = sqlite3.connect(f"file:{index_dir / 'index.sqlite'}?mode=ro", uri=True)
+    rows = con.execute(
+        "SELECT f.path, e.vector FROM files f JOIN segments s ON s.file_id = f.id "
+        "JOIN embeddings e ON e.segment_id = s.id WHERE s.kind = 'file'"
+    ).fetchall()
+    con.close()
+    return dict(rows)
+
+
+def clips(folder: Path, *names: str) -> list[Path]:
+    for i, name in enumerate(names):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        write_audio(folder / name, tone_noise(0.5, 16_000, seed=len(str(folder)) + i), 16_000)
+    return [(folder / n).resolve() for n in names]
+
+
+# -- clap index rm -----------------------------------------------------------------------------------------
+
+
+def test_rm_of_a_named_index_that_is_a_symlink_deletes_only_the_index_files(tiny_model_dir, tmp_path, clap_home):
+    shared = tmp_path / "shared"  # the user's own folder, which the named index links to
+    mine = clips(shared, "take_01.wav", "drafts/take_02.wav")
+    (shared / "notes.txt").write_text("mine")
+    (clap_home / "indexes").mkdir(parents=True)
+    link = clap_home / "indexes" / "sfx"
+    link.symlink_to(shared, target_is_directory=True)
+    lib = tmp_path / "lib"
+    clips(lib, "a.wav")
+    clap("index", lib, "--index", "sfx", "--model", tiny_model_dir)
+    assert (shared / "index.sqlite").is_file()
+
+    result = clap("index", "rm", "sfx", "--yes")
+    assert not os.path.lexists(link)  # the link went
+    assert all(p.is_file() for p in mine) and (shared / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in shared.iterdir()) == ["drafts", "notes.txt", "take_01.wav"]
+    assert f"kept {shared.resolve()}" in result.output.replace("\n", "")
+
+
+# -- an index remembers its folders --------------------------------------------------------------------------
+
+
+def test_an_index_remembers_its_folders_for_refresh_and_rebuild(tiny_model_dir, tmp_path, clap_home):
+    a, b = tmp_path / "a", tmp_path / "b"
+    clips(a, "one.wav", "two.wav")
+    clips(b, "three.wav")
+    clap("index", a, b, "--index", "lib", "--model", tiny_model_dir)
+    index_dir = clap_home / "indexes" / "lib"
+    before = stored(index_dir)
+    (row,) = [json.loads(line) for line in clap("index", "list", "--json").stdout.splitlines()]
+    assert row["roots"] == [str(a.resolve()), str(b.resolve())]
+
+    # A rebuild of A alone would drop B's files: refused, naming B and how to drop it on purpose.
+    result = clap("index", a, "--index", "lib", "--rebuild", ok=False)
+    message = str(result.exception)
+    assert result.exit_code == 1 and str(b.resolve()) in message and f"--forget {b.resolve()}" in message
+    assert stored(index_dir) == before
+
+    # No folder: every remembered folder is refreshed.
+    clips(b, "four.wav")
+    s = summary(clap("index", "--index", "lib", "--json"))
+    assert s["added"] == 1 and s["removed"] == 0 and s["total_files"] == 4
+
+    # A remembered folder that is gone (an unmounted drive) prunes nothing without --prune-empty.
+    b.rename(tmp_path / "b-away")
+    result = clap("index", "--index", "lib", "--json", ok=False)
+    assert result.exit_code == 1 and "--prune-empty" in str(result.exception)
+    assert summary(result)["removed"] == 0 and len(stored(index_dir)) == 4
+    (tmp_path / "b-away").rename(b)
+
+    s = summary(clap("index", "--index", "lib", "--rebuild", "--json"))  # no folder: all of them
+    assert s["added"] == 4 and s["total_files"] == 4
+
+    # Dropping a folder on purpose: its files leave the index, the folder itself stays.
+    s = summary(clap("index", "--index", "lib", "--forget", b, "--json"))
+    assert s["forgotten"] == [{"path": str(b.resolve()), "removed_files": 2}] and s["total_files"] == 2
+    assert sorted(stored(index_dir)) == [str(p) for p in sorted(a.resolve().iterdir())]
+    assert (b / "three.wav").is_file()
+    (row,) = [json.loads(line) for line in clap("index", "list", "--json").stdout.splitlines()]
+    assert row["roots"] == [str(a.resolve())]
+    s = summary(clap("index", a, "--index", "lib", "--rebuild", "--json"))
+    assert s["total_files"] == 2
+
+    result = clap("index", "--index", "lib", "--forget", tmp_path / "elsewhere", ok=False)
+    assert result.exception.exit_code == 2 and str(a.resolve()) in str(result.exception)
+    result = clap("index", "--index", "new", ok=False)  # nothing to refresh
+    assert result.exception.exit_code == 2 and "name the folders" in str(result.exception)
+
+
+# -- an emptied folder at any depth ---------------------------------------------------------------------------
+
+
+def test_an_empty_mount_point_inside_a_root_prunes_nothing(tiny_model_dir, tmp_path):
+    lib, index_dir = tmp_path / "music", tmp_path / "idx"
+    nas = lib / "NAS"
+    clips(nas, "x.wav", "y.wav", "deep/z.wav")
+    clips(lib, "local.wav")
+    clap("index", lib, "--index", index_dir, "--model", tiny_model_dir)
+    before = stored(index_dir)
+
+    shutil.rmtree(nas)  # the share is unmounted: its mount point lists nothing
+    nas.mkdir()
+    result = clap("index", lib, "--index", index_dir, "--json", ok=False)
+    assert result.exit_code == 1 and str(nas.resolve()) in str(result.exception)
+    s = summary(result)
+    assert s["removed"] == 0 and s["emptied_roots"] == [{"path": str(nas.resolve()), "kept_files": 3}]
+    assert stored(index_dir) == before
+    result = clap("index", lib, "--index", index_dir, "--rebuild", ok=False)
+    assert result.exit_code == 1 and "--prune-empty" in str(result.exception)
+    assert stored(index_dir) == before
+
+    s = summary(clap("index", lib, "--index", index_dir, "--json", "--prune-empty"))
+    assert s["removed"] == 3 and s["total_files"] == 1
+
+
+# -- a file that cannot be read this run ----------------------------------------------------------------------
+
+
+class _UnstatableEntry:
+    """A directory entry whose stat fails the way a flaky network share fails."""
+
+    def __init__(self, entry):
+        self.name = entry.name
+        self._entry = entry
+
+    def is_symlink(self) -> bool:
+        return self._entry.is_symlink()
+
+    def stat(self, follow_symlinks: bool = True):
+        raise OSError(errno.EIO, "Input/output error", self.name)
+
+
+def test_a_file_that_cannot_be_read_this_run_keeps_its_embeddings(tiny_model_dir, tmp_path, monkeypatch):
+    lib, index_dir = tmp_path / "lib", tmp_path / "idx"
+    flaky, locked, fine = clips(lib, "flaky.wav", "locked.wav", "fine.wav")
+    clap("index", lib, "--index", index_dir, "--model", tiny_model_dir)
+    before = stored(index_dir)
+    real_scandir, real_access = os.scandir, os.access
+
+    @contextmanager
+    def scandir(path):
+        with real_scandir(path) as it:
+            yield [_UnstatableEntry(e) if e.name == flaky.name else e for e in it]
+
+    monkeypatch.setattr(scan_mod.os, "scandir", scandir)
+    monkeypatch.setattr(scan_mod.os, "access", lambda p, mode: p != str(locked) and real_access(p, mode))
+    s = summary(clap("index", lib, "--index", index_dir, "--json"))
+    assert s["removed"] == 0 and s["total_files"] == 3
+    assert s["kept_unreadable"] == [{"path": str(flaky), "reason": "Input/output error"},
+                                    {"path": str(locked), "reason": "permission denied"}]
+    assert stored(index_dir) == before
+    result = clap("index", lib, "--index", index_dir, "--rebuild", ok=False)  # would lose them: refused
+    assert result.exit_code == 1 and str(locked) in str(result.exception) and "refused" in str(result.exception)
+    assert stored(index_dir) == before
+
+    monkeypatch.undo()  # readable again: nothing to redo
+    s = summary(clap("index", lib, "--index", index_dir, "--json"))
+    assert s["unchanged"] == 3 and s["added"] == s["removed"] == 0 and s["kept_unreadable"] == []
+
+
+def test_schema_3_migration_and_nested_roots(tmp_path, monkeypatch):
+    from clapcli.index import schema as schema_mod
+    from clapcli.index.store import IndexStore
+
+    monkeypatch.setattr(schema_mod, "MIGRATIONS", schema_mod.MIGRATIONS[:2])
+    with IndexStore.open(tmp_path / "v2", create=True) as s:
+        s.set_meta("dim", "4")
+    monkeypatch.undo()
+    with IndexStore.open(tmp_path / "v2") as s:  # an index from before: it knows no folders yet
+        assert s.get_meta("schema_version") == "3" and s.roots() == []
+        s.add_roots(["/m/a", "/m/b"])
+        s.add_roots(["/m/a/inner", "/m/ab"])  # inside a remembered folder: nothing new; a sibling: added
+        assert s.roots() == ["/m/a", "/m/ab", "/m/b"]
+        s.add_roots(["/m"])  # the folders inside it give way
+        assert s.roots() == ["/m"]
+        s.forget_roots(["/m"])
+        assert s.roots() == []
