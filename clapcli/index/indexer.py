@@ -11,7 +11,6 @@ swaps it in on success.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -359,17 +358,16 @@ def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_siz
                       commit_every: int) -> None:
     on_file, on_audio = callbacks
     by_path = {str(e.path): e for e in plan.to_embed}
-    sharded = getattr(model, "commit_at_once", False)  # a torchrun-sharded run (distributed.py)
+    sharded = getattr(model, "sharded", False)  # a torchrun-sharded run: results merged from partitions
     progress = {"on_audio": on_audio} if on_audio is not None and not sharded else {}
     results = model.embed_files(list(by_path), batch_size=batch_size, segments=True, workers=workers, **progress)
-    seconds = COMMIT_EVERY_SECONDS
-    if sharded:  # one transaction
-        commit_every, seconds = len(by_path), math.inf
-    for batch in _commit_batches(results, commit_every, on_file, seconds):
+    for batch in _commit_batches(results, commit_every, on_file, COMMIT_EVERY_SECONDS):
         with store.transaction():  # the batch lands whole or not at all
             for result in batch:
                 _store_result(store, result, by_path[result.path], plan, summary)
         summary.committed += len(batch)
+    if sharded:
+        model.merged()  # every row is committed: only now may the partitions go
 
 
 def _commit_batches(results, commit_every: int, on_file, seconds: float) -> Iterator[list]:
