@@ -20,9 +20,9 @@ The pattern is clip-retrieval's, on torch.distributed alone (no scheduler of our
 5. rank 0 gathers every rank's outcome, waits (with back-off, up to PARTITION_WAIT_SECONDS) until it sees
    every partition, and broadcasts the verdict;
 6. rank 0 merges the kept and new results in the scan's order through the single-process commit code, in
-   batches of `--commit-every` files, each its own transaction; once the last batch committed it deletes
-   the partitions, syncs the hnswlib file and tells the other ranks, which exit 0 having written nothing to
-   the store.
+   batches of `--commit-every` files, each its own transaction; once everything is committed (and a
+   `--rebuild` has swapped its new store in) it deletes the partitions, syncs the hnswlib file and tells the
+   other ranks, which exit 0 having written nothing to the store.
 
 Any failure makes every rank exit non-zero. Partitions are kept until their rows are committed: after a
 failing rank, nothing is committed and the partitions of the ranks that finished stay; after a failure in
@@ -297,7 +297,7 @@ def _embed_share(co: _Coordinator, order: WorkOrder, load: Callable[[], object],
 class _ShardedModel:
     """Rank 0's model as `indexer.build_index` sees it: `embed_files` merges what kept partitions hold, shares
     the other files among the ranks and returns every result in the scan's order; the indexer commits them in
-    batches and calls `merged` once the last batch is committed."""
+    batches, and `merged` is called once everything is committed."""
 
     sharded = True  # read by indexer._embed_and_commit
 
@@ -391,12 +391,19 @@ def _lead(co: _Coordinator, roots, index_dir: Path, load_model, batch_size, work
         if on_plan is not None:
             on_plan(plan)
 
+    models: list[_ShardedModel] = []
+
     def load(name):
-        return _ShardedModel(load_model(name), co, index_dir, plans)
+        models.append(_ShardedModel(load_model(name), co, index_dir, plans))
+        return models[-1]
+
+    def merged():
+        for model in models:
+            model.merged()
 
     try:
         summary = indexer.build_index(roots, index_dir, load, batch_size=batch_size, workers=workers,
-                                      on_plan=remember_plan, **options)
+                                      on_plan=remember_plan, on_committed=merged, **options)
     except BaseException as exc:
         if not co.ordered:
             co.broadcast(("stop", _describe(exc)))

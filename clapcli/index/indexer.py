@@ -176,6 +176,7 @@ def build_index(
     commit_every: int = COMMIT_EVERY_FILES,
     prune_empty: bool = False,
     on_audio: Callable[[str, float, float], None] | None = None,
+    on_committed: Callable[[], None] | None = None,
 ) -> IndexSummary:
     """Index `roots` into `index_dir`. `load_model(name)` is called only when something needs embedding.
 
@@ -185,7 +186,8 @@ def build_index(
     cannot be opened is then kept aside as `index.sqlite.damaged-<time>`, never deleted. A root that held
     indexed files and now lists no audio (an unmounted drive) prunes nothing unless `prune_empty`.
     `on_audio(path, seconds, expected_seconds)` reports decoded audio as it goes, within long files too;
-    `on_file(result)` each embedded (or failed) file.
+    `on_file(result)` each embedded (or failed) file. `on_committed()` is called under the writer lock once
+    everything the run embedded is committed to the index (by a rebuild: swapped in).
     """
     started = time.monotonic()
     root_paths = []
@@ -228,6 +230,8 @@ def build_index(
                 summary = _update(store, model, load_model, model_name, root_paths, entries, problems, linked,
                                   prune_empty, batch_size, workers, on_plan, (on_file, on_audio), commit_every,
                                   exclude=exclude)
+        if on_committed is not None:
+            on_committed()
         with IndexStore.open(index_dir) as store:
             from .ann import AnnIndex
 
@@ -358,7 +362,7 @@ def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_siz
                       commit_every: int) -> None:
     on_file, on_audio = callbacks
     by_path = {str(e.path): e for e in plan.to_embed}
-    sharded = getattr(model, "sharded", False)  # a torchrun-sharded run: results merged from partitions
+    sharded = getattr(model, "sharded", False)  # a torchrun-sharded run (distributed.py)
     progress = {"on_audio": on_audio} if on_audio is not None and not sharded else {}
     results = model.embed_files(list(by_path), batch_size=batch_size, segments=True, workers=workers, **progress)
     for batch in _commit_batches(results, commit_every, on_file, COMMIT_EVERY_SECONDS):
@@ -366,8 +370,6 @@ def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_siz
             for result in batch:
                 _store_result(store, result, by_path[result.path], plan, summary)
         summary.committed += len(batch)
-    if sharded:
-        model.merged()  # every row is committed: only now may the partitions go
 
 
 def _commit_batches(results, commit_every: int, on_file, seconds: float) -> Iterator[list]:
