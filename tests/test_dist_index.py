@@ -287,3 +287,25 @@ def test_a_partition_that_shows_up_late_on_a_shared_filesystem_is_waited_for(lib
     assert list(aside.iterdir()) == []  # moved into place, late
     assert_same_contents(index_contents(single), index_contents(index_dir))
     assert not (index_dir / ".partitions").exists()
+
+
+def test_the_partitions_may_go_only_once_a_rebuild_has_swapped_its_store_in(library, single, tiny_model_dir,
+                                                                             tmp_path):
+    """`on_committed` (where a sharded run deletes its partitions) runs after the rebuild's swap, not when the
+    last batch reached the rebuild's staging store, which a failed final checkpoint or swap throws away."""
+    from clapcli.api import load_model
+    from clapcli.index.indexer import REBUILD_DIR, build_index
+
+    index_dir = tmp_path / "idx"
+    shutil.copytree(single, index_dir)
+    model = load_model(tiny_model_dir, device="cpu")
+    seen = []
+
+    def on_committed():
+        with IndexStore.open(index_dir, readonly=True) as store:
+            seen.append(((index_dir / REBUILD_DIR).exists(), store.index_uuid))
+
+    build_index([library], index_dir, lambda name: model, batch_size=2, rebuild=True, on_committed=on_committed)
+    with IndexStore.open(single, readonly=True) as old, IndexStore.open(index_dir, readonly=True) as new:
+        assert new.index_uuid != old.index_uuid
+        assert seen == [(False, new.index_uuid)]  # the new store was in place
