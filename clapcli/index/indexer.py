@@ -14,7 +14,6 @@ on success.
 from __future__ import annotations
 
 import bisect
-import math
 import os
 import shutil
 import time
@@ -194,6 +193,7 @@ def build_index(
     prune_empty: bool = False,
     on_audio: Callable[[str, float, float], None] | None = None,
     forget: Sequence[str | os.PathLike] = (),
+    on_committed: Callable[[], None] | None = None,
 ) -> IndexSummary:
     """Index `roots` into `index_dir`. `load_model(name)` is called only when something needs embedding.
 
@@ -208,7 +208,8 @@ def build_index(
     indexed files and now lists no audio (an unmounted drive), or a folder inside one that now lists nothing,
     prunes nothing unless `prune_empty`.
     `on_audio(path, seconds, expected_seconds)` reports decoded audio as it goes, within long files too;
-    `on_file(result)` each embedded (or failed) file.
+    `on_file(result)` each embedded (or failed) file. `on_committed()` is called under the writer lock once
+    everything the run embedded is committed to the index (by a rebuild: swapped in).
     """
     started = time.monotonic()
     remembered = _remembered_roots(index_dir, rebuild)
@@ -263,6 +264,8 @@ def build_index(
                 summary = _update(store, model, load_model, model_name, root_paths, entries, problems, linked,
                                   prune_empty, batch_size, workers, on_plan, (on_file, on_audio), commit_every,
                                   exclude=exclude, empty_dirs=empty_dirs, forget=forgotten)
+        if on_committed is not None:
+            on_committed()
         with IndexStore.open(index_dir) as store:
             from .ann import AnnIndex
 
@@ -470,13 +473,10 @@ def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_siz
                       commit_every: int) -> None:
     on_file, on_audio = callbacks
     by_path = {str(e.path): e for e in plan.to_embed}
-    sharded = getattr(model, "commit_at_once", False)  # a torchrun-sharded run (distributed.py)
+    sharded = getattr(model, "sharded", False)  # a torchrun-sharded run (distributed.py)
     progress = {"on_audio": on_audio} if on_audio is not None and not sharded else {}
     results = model.embed_files(list(by_path), batch_size=batch_size, segments=True, workers=workers, **progress)
-    seconds = COMMIT_EVERY_SECONDS
-    if sharded:  # one transaction
-        commit_every, seconds = len(by_path), math.inf
-    for batch in _commit_batches(results, commit_every, on_file, seconds):
+    for batch in _commit_batches(results, commit_every, on_file, COMMIT_EVERY_SECONDS):
         with store.transaction():  # the batch lands whole or not at all
             for result in batch:
                 _store_result(store, result, by_path[result.path], plan, summary)
