@@ -172,3 +172,97 @@ def test_probe_rejects_files_without_audio(tmp_path):
             probe(tmp_path / name)
     # a truncated FLAC has an intact header: probe describes it, decoding reports the damage as `partial`
     assert probe(tmp_path / "truncated.flac").frames == 44_100
+
+
+# ---- memory bounded by bytes -----------------------------------------------------------------------------
+
+def test_block_sizes_are_bounded_in_bytes_whatever_the_header():
+    from clapcli.audio.stream import StreamOptions, stream_block_frames
+
+    budget = decode.MAX_BLOCK_BYTES
+    # 4 s of a 1024-channel 768 kHz header would be 12.6 GB per block
+    assert stream_block_frames(768_000, 1024, StreamOptions()) * 1024 * 4 <= budget
+    assert decode.bounded_block_frames(1024, 1 << 20) * 1024 * 4 <= budget
+    assert stream_block_frames(48_000, 2, StreamOptions()) == 192_000  # ordinary files keep 4 s blocks
+    assert decode.bounded_block_frames(2, 1 << 20) == 1 << 20
+    assert decode.bounded_block_frames(1024, 1 << 20, budget=100) == 1  # at least one frame
+
+
+def _peak_bytes(fn) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_reading_a_very_wide_file_holds_one_small_block(tmp_path, monkeypatch):
+    """A 1024-channel 768 kHz WAV (12.6 MB as float32 for 4 ms) is read in blocks of the byte budget by the
+    whole-file decode and by the stream, never the declared block of frames × channels."""
+    from clapcli.audio.stream import StreamOptions, file_pieces
+
+    path = tmp_path / "wide.wav"
+    rng = np.random.default_rng(0)
+    sf.write(path, rng.integers(-3000, 3000, size=(3072, 1024), dtype=np.int16), 768_000, subtype="PCM_16")
+    whole = load_audio(path)
+    monkeypatch.setattr(decode, "MAX_BLOCK_BYTES", 256 << 10)
+    with decode.MonoReader(path) as reader:
+        assert reader.block_frames * 1024 * 4 <= 256 << 10
+    assert _peak_bytes(lambda: load_audio(path)) < 2 << 20
+    opts = StreamOptions(windows=False)
+    assert _peak_bytes(lambda: list(file_pieces(0, str(path), opts))) < 2 << 20
+    pieces = list(file_pieces(0, str(path), opts))
+    assert pieces[0].kind == "clip" and np.array_equal(pieces[0].samples, whole)
+    assert np.array_equal(load_audio(path), whole)
+
+
+def _flac_without_length(path, data: np.ndarray, sr: int) -> None:
+    """A FLAC whose STREAMINFO leaves the total sample count unknown (0), as a FLAC written to a pipe."""
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, data, sr, format="FLAC")
+    raw = bytearray(buf.getvalue())
+    info = 8  # "fLaC" + the metadata block header
+    raw[info + 13] &= 0xF0  # the top 4 bits of the 36-bit total sample count ...
+    raw[info + 14 : info + 18] = b"\0\0\0\0"  # ... and the other 32
+    path.write_bytes(bytes(raw))
+
+
+def test_a_whole_file_decode_past_the_size_cap_is_refused_naming_the_file(tmp_path, monkeypatch):
+    data = tone_noise(20.0, 48_000, channels=2, seed=1)  # 7.7 MB as float32
+    declared = write_audio(tmp_path / "long.flac", data, 48_000)
+    unknown = tmp_path / "piped.flac"
+    _flac_without_length(unknown, data, 48_000)
+    assert sf.info(unknown).frames == decode.UNKNOWN_FRAMES
+    piped, ref = load_audio(unknown), load_audio(declared)  # an unknown length is no reason to refuse
+    assert len(piped) >= len(ref) - 1 and np.array_equal(piped, ref[: len(piped)])  # (libsndfile drops one)
+    monkeypatch.setattr(decode, "MAX_DECODED_BYTES", 100_000)
+    monkeypatch.setattr(decode, "MAX_BLOCK_BYTES", 16_000)
+    for path in (declared, unknown):  # by the header, or by what decodes when the header does not say
+        with pytest.raises(AudioDecodeError) as info:
+            load_audio(path)
+        assert info.value.path == str(path) and "too large to decode whole" in info.value.reason
+    peak = _peak_bytes(lambda: pytest.raises(AudioDecodeError, load_audio, unknown))
+    assert peak < 1_000_000  # stopped near the cap, not after decoding the whole file (3.8 MB mono)
+
+
+def test_memory_error_while_decoding_names_the_file(tmp_path, monkeypatch):
+    path = write_audio(tmp_path / "a.flac", tone_noise(0.5, 44_100, seed=2), 44_100)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("cannot allocate 12.6 GB")
+
+    with monkeypatch.context() as m:  # reading a block
+        m.setattr(sf.SoundFile, "read", no_memory)
+        with pytest.raises(AudioDecodeError) as info:
+            load_audio(path)
+    assert info.value.path == str(path) and info.value.reason.startswith("out of memory while decoding")
+    with monkeypatch.context() as m:  # resampling the decoded file
+        m.setattr(AF, "resample", no_memory)
+        with pytest.raises(AudioDecodeError) as info:
+            load_audio(path)
+    assert info.value.path == str(path) and "out of memory" in info.value.reason

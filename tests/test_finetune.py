@@ -5,6 +5,7 @@ every audio forward pass of a second run, `--full` changes the encoder, and wron
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -349,3 +350,63 @@ def test_an_empty_mount_point_as_out_is_filled_in_place(tmp_path, tiny_model_dir
     code, err = run_main(monkeypatch, capsys, *args, "--overwrite")
     assert code == 2 and "mount point" in err and "epoch" not in err
     assert load_classifier(mount, device="cpu").labels == sorted(KINDS)
+
+
+def _small_classifier(directory: Path) -> Path:
+    from clapcli.models.classifier import HeadConfig, build_head, save_classifier
+
+    directory.mkdir()
+    cfg = HeadConfig("mlp", 8, 3, hidden=4)
+    save_classifier(directory, build_head(cfg), cfg, ["a", "b", "c"], False, {"model": "m"}, "fp", {"model": "m"},
+                    {}, {})
+    return directory
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dim": 10**7, "hidden": 10**7}, "head dim 10000000 is not a width from 1 to 65536"),
+    ({"n_labels": 10**7}, "head n_labels 10000000 is not a width"),
+    ({"n_labels": 4}, "the head has 4 outputs but the file lists 3 labels"),
+    ({"dim": 60_000, "hidden": 60_000}, "head.safetensors: tensor 0.mean is F32 [8], classifier.json implies F32 [60000]"),
+])
+def test_a_classifier_declaring_absurd_sizes_is_refused_before_allocating(tmp_path, monkeypatch, capsys, change,
+                                                                          message):
+    """Widths from classifier.json are checked against sane limits and the safetensors header (shapes, and
+    offsets inside the file) before the head is built: 60000 × 60000 would allocate 14 GB first."""
+    from clapcli.models.classifier import read_classifier
+
+    directory = _small_classifier(tmp_path / "clf")
+    assert read_classifier(directory).labels == ["a", "b", "c"]
+    meta = json.loads((directory / "classifier.json").read_text())
+    meta["head"].update(change)
+    (directory / "classifier.json").write_text(json.dumps(meta))
+    clip_path = tmp_path / "x.wav"
+    sf.write(clip_path, np.zeros(4800, np.float32), 48_000)
+    code, err = run_main(monkeypatch, capsys, "tag", clip_path, "--classifier", directory)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_safetensors_header_declaring_tensors_beyond_the_file_is_refused(tmp_path):
+    """The shapes agree with classifier.json, but the header claims data the file does not hold."""
+    import struct
+
+    from clapcli.errors import ClapError
+    from clapcli.models.classifier import read_classifier
+
+    directory = _small_classifier(tmp_path / "clf")
+    meta = json.loads((directory / "classifier.json").read_text())
+    meta["head"].update(dim=60_000, hidden=60_000)
+    (directory / "classifier.json").write_text(json.dumps(meta))
+    shapes = {"0.mean": [60_000], "0.std": [60_000], "1.weight": [60_000, 60_000], "1.bias": [60_000],
+              "4.weight": [3, 60_000], "4.bias": [3]}
+    header, at = {}, 0
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [at, at + size]}
+        at += size
+    text = json.dumps(header).encode()
+    (directory / "head.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + b"\0" * 1024)
+    with pytest.raises(ClapError, match=r"head\.safetensors: tensor 0\.mean lies outside the file"):
+        read_classifier(directory)
+    (directory / "head.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(ClapError, match="not a safetensors file .its header declares 1099511627776 bytes"):
+        read_classifier(directory)

@@ -24,6 +24,7 @@ from clapcli.audio.decode import load_audio
 from clapcli.cli.main import app, main
 from clapcli.errors import DataError
 from clapcli.train.shards import (
+    RawSample,
     decode_audio,
     iter_shard,
     read_sizes,
@@ -419,3 +420,80 @@ def test_resolve_split_errors(tmp_path):
         resolve_split(folder)
     with pytest.raises(DataError, match="not a folder"):
         resolve_split(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------------------------ memory bounded by bytes
+
+
+def _split_with_a_big_member(folder: Path) -> tuple[Path, int]:
+    """One shard a, b, c whose b.flac is four times the others; -> (split folder, a cap between the sizes)."""
+    folder.mkdir(parents=True)
+    small, big = _flac_bytes(0.5, seed=1), _flac_bytes(2.0, seed=2)
+    _write_tar(folder / "0.tar", [("a.flac", small), ("a.json", b'{"text": "a"}'), ("b.flac", big),
+                                  ("b.json", b'{"text": "b"}'), ("c.flac", small), ("c.json", b'{"text": "c"}')])
+    (folder / "sizes.json").write_text(json.dumps({"0.tar": 3}))
+    return folder, (len(small) + len(big)) // 2
+
+
+def test_a_tar_member_over_the_cap_is_skipped_unread_with_a_message(tmp_path, monkeypatch, capsys):
+    import clapcli.train.shards as shards
+    from clapcli.train.evaluate import _shard_waveforms
+
+    folder, cap = _split_with_a_big_member(tmp_path / "d")
+    monkeypatch.setattr(shards, "MAX_MEMBER_BYTES", cap)
+    a, b, c = iter_shard(folder / "0.tar")
+    assert b.audio_bytes == b"" and "over the" in b.unread["flac"]  # never read into memory
+    assert len(decode_audio(a)) == 24_000 and len(decode_audio(c)) == 24_000
+    with pytest.raises(DataError) as info:
+        decode_audio(b)
+    assert (info.value.source, info.value.member) == (str(folder / "0.tar"), "b.flac")
+    assert f"over the {cap} bytes a tar member may hold" in info.value.reason
+
+    skipped = []  # evaluation skips it and says why
+    model = type("M", (), {"config": type("C", (), {"frontend": type("F", (), {"sample_rate": 48_000,
+                                                                              "quantize_int16": True})})})
+    kept = list(_shard_waveforms(model, [str(folder / "0.tar")], lambda where, why: skipped.append((where, why))))
+    assert [texts for _, texts in kept] == [["a"], ["c"]]
+    assert skipped == [(f"{folder / '0.tar'}: b", info.value.reason)]
+
+    code, text = _cli(monkeypatch, capsys, "shards", "info", str(folder))  # info lists it
+    assert code == 1 and f"0.tar: b.flac: member is" in text
+
+    _write_tar(folder / "0.tar", [("a.flac", _flac_bytes(0.1)), ("a.json", b'{"text": "' + b"x" * cap + b'"}')])
+    with pytest.raises(DataError, match=r"0\.tar: a\.json: member is \d+ bytes, over the"):
+        list(iter_shard(folder / "0.tar"))
+
+
+def test_training_meets_an_oversized_member_as_a_data_error_naming_it(tmp_path, monkeypatch):
+    import clapcli.train.shards as shards
+    from clapcli.train.data import ShardStream
+
+    folder, cap = _split_with_a_big_member(tmp_path / "d")
+    monkeypatch.setattr(shards, "MAX_MEMBER_BYTES", cap)
+    split = resolve_split(folder)
+    items = list(ShardStream(split, lambda waves, texts, gen: texts, batch_size=3, epoch=0, seed=0, rank=0,
+                             world_size=1, workers=1, steps=1))
+    assert len(items) == 1 and isinstance(items[0], DataError)
+    assert str(items[0]).startswith(f"{folder / '0.tar'}: b.flac: member is") and "\n" not in str(items[0])
+
+
+def test_a_sample_decoding_past_the_size_cap_or_out_of_memory_is_a_data_error(tmp_path, monkeypatch):
+    from clapcli.audio import decode
+
+    raw = RawSample("k", _flac_bytes(1.0, channels=2), "flac", {"text": "x"}, url="s/0.tar")
+    assert len(decode_audio(raw)) == 48_000
+    with monkeypatch.context() as m:
+        m.setattr(decode, "MAX_DECODED_BYTES", 48_000 * 2 * 4 - 1)  # one byte short of the clip
+        with pytest.raises(DataError) as info:
+            decode_audio(raw)
+    assert (info.value.source, info.value.member) == ("s/0.tar", "k.flac")
+    assert info.value.reason.startswith("too large to decode whole: 48000 frames × 2 channels")
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    with monkeypatch.context() as m:
+        m.setattr(sf.SoundFile, "read", no_memory)
+        with pytest.raises(DataError) as info:
+            decode_audio(raw)
+    assert str(info.value) == "s/0.tar: k.flac: out of memory while decoding"

@@ -260,3 +260,45 @@ def test_sizes_json_promising_more_than_the_shards_hold_is_a_data_error(shard_di
     items = list(ShardStream(inflated, KeysOnly(), batch_size=4, epoch=0, seed=0, rank=0, world_size=1, workers=1,
                              steps=steps_per_epoch(inflated, 4, 1, 1)))
     assert isinstance(items[-1], DataError) and "clap shards info" in str(items[-1])
+
+
+def test_shuffle_buffer_is_bounded_by_bytes_as_well_as_count():
+    """200 samples of 100 bytes through a 1000-sample, 1000-byte buffer: at most ~10 samples are held at
+    once (a count-only buffer holds all 200 before emitting one); with room to spare the order is the
+    count-only buffer's, so runs and their resumes are unchanged."""
+    import random
+
+    from clapcli.train.data import _shuffled
+
+    items = [bytes([i % 256]) * 100 + i.to_bytes(2, "big") for i in range(200)]
+    pulled, held_most, out = 0, 0, []
+
+    def source():
+        nonlocal pulled
+        for item in items:
+            pulled += 1
+            yield item
+
+    for item in _shuffled(source(), 1000, random.Random(3), max_bytes=1000, size_of=len):
+        out.append(item)
+        held_most = max(held_most, pulled - len(out))
+    assert sorted(out) == sorted(items) and out != items
+    assert held_most * 102 <= 1000 + 102  # the buffer's bytes, and the one sample waiting to go in
+    again = list(_shuffled(iter(items), 1000, random.Random(3), max_bytes=1000, size_of=len))
+    assert again == out  # seeded: a resume replays it
+    counted = list(_shuffled(iter(items), 50, random.Random(4)))
+    assert list(_shuffled(iter(items), 50, random.Random(4), max_bytes=1 << 30, size_of=len)) == counted
+    huge = [b"x" * 5000, b"y", b"z" * 5000]  # a sample larger than the whole budget is held alone
+    assert sorted(_shuffled(iter(huge), 1000, random.Random(0), max_bytes=1000, size_of=len)) == sorted(huge)
+
+
+def test_the_stream_shuffles_within_its_byte_budget(shard_dir, monkeypatch):
+    import clapcli.train.data as data
+    from clapcli.train.data import epoch_shards
+    from clapcli.train.shards import iter_shard
+
+    shuffled = [k for batch in epoch_keys(shard_dir, 0, 1, 1, 4) for k in batch]
+    monkeypatch.setattr(data, "SHUFFLE_BUFFER_BYTES", 1)  # one sample at a time: nothing to shuffle
+    stored = [k for batch in epoch_keys(shard_dir, 0, 1, 1, 4) for k in batch]
+    order = [int(raw.key[1:]) for url in epoch_shards(shard_dir, 5, 0) for raw in iter_shard(url)]
+    assert stored != shuffled and [int(k[1:]) for k in stored] == order[: len(stored)]

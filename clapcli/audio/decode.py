@@ -25,8 +25,17 @@ from ..errors import AudioDecodeError
 
 logger = logging.getLogger("clapcli.audio")
 
-# Frames decoded per block when reading a file: bounds the memory of multichannel files to one mono copy.
+# Frames decoded per block when reading a file (fewer when that would pass MAX_BLOCK_BYTES).
 _BLOCK_FRAMES = 1 << 20
+# Bytes of one decoded block, frames × channels float32: a read never holds more, whatever the header says (a
+# 1024-channel 768 kHz header would make 4 s blocks 12.6 GB). 64 MB is 5.8 min of 48 kHz stereo per read.
+MAX_BLOCK_BYTES = 64 << 20
+# Bytes a whole-file decode (a training sample, `clap shards make`, Wav2CLIP, `embed_audio`) may produce, frames ×
+# channels float32: more is a damaged header or a decompression bomb (1 MB of FLAC silence holds gigabytes).
+# 2.8 GB is two hours of 48 kHz stereo. Streaming (`clap index`, `search`, `tag` with CLAP models) has no such cap.
+MAX_DECODED_BYTES = 2 * 3600 * 48_000 * 2 * 4
+# The frame count libsndfile reports for a stream that does not declare its length (a FLAC written to a pipe).
+UNKNOWN_FRAMES = (1 << 63) - 1
 
 # Compressed formats whose header frame count can be an estimate (no exact sample count in the stream).
 _ESTIMATED_LENGTH_FORMATS = {"MP3", "MPEG"}
@@ -47,6 +56,28 @@ class AudioInfo:
     duration: float  # seconds = frames / sample_rate
     format: str  # libsndfile major format name: "WAV", "FLAC", "OGG", "MP3", "AIFF", ...
     partial: str | None = None  # set by a decode that stopped early: why only part of the file was read
+
+
+def bounded_block_frames(channels: int, frames: int, budget: int | None = None) -> int:
+    """Frames per read: `frames`, fewer when frames × channels float32 would pass `budget` (MAX_BLOCK_BYTES);
+    at least one."""
+    budget = MAX_BLOCK_BYTES if budget is None else budget
+    return max(1, min(int(frames), budget // (4 * max(1, int(channels)))))
+
+
+def decoded_size_problem(frames: int, channels: int) -> str | None:
+    """Why `frames` × `channels` float32 samples are too many to decode whole (MAX_DECODED_BYTES), else None."""
+    size = 4 * int(frames) * int(channels)
+    if size <= MAX_DECODED_BYTES:
+        return None
+    return (f"too large to decode whole: {frames} frames × {channels} channels are {size / 1e9:.1f} GB as float32, "
+            f"over the {MAX_DECODED_BYTES / 1e9:.1f} GB limit (a damaged header, or a decompression bomb?)")
+
+
+def out_of_memory(err: MemoryError) -> str:
+    """The reason for a decode that ran out of memory."""
+    detail = str(err).strip()
+    return "out of memory while decoding" + (f" ({detail})" if detail else "")
 
 
 def _fail(path, reason: str) -> AudioDecodeError:
@@ -128,8 +159,8 @@ class MonoReader:
     page) yields what decodes and then sets `partial` to the reason; `decoded` counts the frames yielded.
     Messages the C decoders print on stderr meanwhile are kept in `messages` (see `captured_stderr`)."""
 
-    def __init__(self, path, block_frames: int = _BLOCK_FRAMES):
-        self.path, self.block_frames = path, block_frames
+    def __init__(self, path, block_frames: int | None = None):
+        self.path = path
         self.messages: list[str] = []
         self.partial: str | None = None
         self.decoded = 0
@@ -141,6 +172,7 @@ class MonoReader:
             raise
         try:
             self.info = _info_of(path, self._file)
+            self.block_frames = bounded_block_frames(self.info.channels, block_frames or _BLOCK_FRAMES)
             self._note = _container_truncation(self._file)
         except BaseException:
             self._file.close()
@@ -176,9 +208,12 @@ class MonoReader:
             except sf.LibsndfileError as err:
                 failure = _raw_reason(err)
                 break
-            except (RuntimeError, MemoryError) as err:
+            except RuntimeError as err:
                 failure = str(err) or type(err).__name__
                 break
+            except MemoryError as err:  # not damage in the stream: the machine is short of memory
+                _log_messages(self.path, self.messages)
+                raise _fail(self.path, out_of_memory(err)) from err
             if len(block) == 0:
                 break
             self.decoded += len(block)
@@ -246,13 +281,24 @@ def _container_truncation(f) -> str | None:
 def read_mono(path) -> tuple[np.ndarray, AudioInfo]:
     """Decode the whole file as float32, averaging channels block by block. -> ((T,) float32, info)
 
-    A truncated stream gives what decodes, with `info.partial` saying why it is short."""
+    A truncated stream gives what decodes, with `info.partial` saying why it is short. A file whose frames ×
+    channels pass MAX_DECODED_BYTES (declared, or decoded when the header does not say) is an AudioDecodeError
+    before it is decoded that far, as is running out of memory."""
     with MonoReader(path) as reader:
-        blocks = list(reader)
-        reader.info.partial = reader.partial
-        _log_messages(reader.path, reader.messages)
         info = reader.info
-    mono = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+        if info.frames != UNKNOWN_FRAMES and (problem := decoded_size_problem(info.frames, info.channels)):
+            raise _fail(path, problem)
+        blocks = []
+        try:
+            for block in reader:
+                blocks.append(block)
+                if problem := decoded_size_problem(reader.decoded, info.channels):
+                    raise _fail(path, problem)
+            mono = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+        except MemoryError as err:
+            raise _fail(path, out_of_memory(err)) from err
+        info.partial = reader.partial
+        _log_messages(reader.path, reader.messages)
     return mono, info
 
 
@@ -357,4 +403,7 @@ def _resampling_rate(sr: int, target_sr: int) -> int:
 def load_audio(path, sample_rate: int = 48_000, quantize: bool = True) -> np.ndarray:
     """Decode a file to (T,) float32 mono at `sample_rate` (int16-quantised by default)."""
     mono, info = read_mono(path)
-    return to_model_rate(mono, info.sample_rate, sample_rate, quantize=quantize)
+    try:
+        return to_model_rate(mono, info.sample_rate, sample_rate, quantize=quantize)
+    except MemoryError as err:
+        raise _fail(path, out_of_memory(err)) from err

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 from ..errors import AudioDecodeError, ClapError
-from .decode import MonoReader, _resampling_rate, quantize_int16
+from .decode import MonoReader, _resampling_rate, bounded_block_frames, quantize_int16
 from .features import fusion_crop_starts
 from .frontend import MelFrontEnd
 
-BLOCK_SECONDS = 4.0  # source audio decoded per block: a few MB, whatever the file
+BLOCK_SECONDS = 4.0  # source audio decoded per block, fewer frames when that passes decode.MAX_BLOCK_BYTES
 
 
 @dataclass
@@ -292,8 +292,15 @@ def _source_rate(sr: int, opts: StreamOptions) -> int:
 
 def _open_reader(path: str, opts: StreamOptions) -> MonoReader:
     reader = MonoReader(path)
-    reader.block_frames = max(1024, int(reader.info.sample_rate * (opts.block_seconds or BLOCK_SECONDS)))
+    reader.block_frames = stream_block_frames(reader.info.sample_rate, reader.info.channels, opts)
     return reader
+
+
+def stream_block_frames(sample_rate: int, channels: int, opts: StreamOptions) -> int:
+    """Source frames per block: `block_seconds` of audio, bounded in bytes (decode.MAX_BLOCK_BYTES) so that a
+    header declaring 1024 channels at 768 kHz still reads blocks of at most that size."""
+    wanted = max(1024, int(sample_rate * (opts.block_seconds or BLOCK_SECONDS)))
+    return bounded_block_frames(channels, wanted)
 
 
 def _mel_frames(samples: int, opts: StreamOptions) -> int:

@@ -14,6 +14,7 @@ probe uses), so it is fed `embed_files(..., normalize=False)`. Its probabilities
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,12 @@ META_FILE = "classifier.json"
 HEAD_FILE = "head.safetensors"
 MODEL_DIR = "model"  # the finetuned model of a `--full` run, inside the classifier directory
 HEAD_KINDS = ("linear", "mlp")
+# Widths a head file may declare, checked before anything is allocated: released models embed in 512–2048
+# dimensions and label sets have hundreds to thousands of labels, so larger sizes are a damaged or hostile file.
+MAX_HEAD_WIDTH = 1 << 16  # `dim` and `hidden`
+MAX_LABELS = 1 << 20  # `n_labels`
+# Bytes of the JSON header at the start of a .safetensors file (the safetensors library's own limit).
+MAX_SAFETENSORS_HEADER = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -177,13 +184,65 @@ def read_classifier(directory: str | os.PathLike) -> Classifier:
         raise ClapError(f"{meta_path}: not a clapcli classifier")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ClapError(f"{directory} was written by a newer clapcli; upgrade clapcli to load it")
-    cfg = HeadConfig(**meta["head"])
+    cfg = _head_config(meta_path, meta)
+    _check_head_file(directory / HEAD_FILE, cfg)  # sizes and shapes, before a tensor is allocated
     head = build_head(cfg)
     head.load_state_dict(load_file(str(directory / HEAD_FILE)), strict=True)
     head.eval()
     return Classifier(directory.resolve(), list(meta["labels"]), bool(meta["multi_label"]), cfg, head,
                       meta["encoder"], meta["encoder_fingerprint"], meta.get("base", meta["encoder"]),
                       meta.get("metrics", {}), meta.get("options", {}))
+
+
+def _head_config(meta_path: Path, meta: dict) -> HeadConfig:
+    """The head's config from classifier.json, its sizes checked against MAX_HEAD_WIDTH / MAX_LABELS and the
+    labels; ClapError naming the file otherwise."""
+    head, labels = meta.get("head"), meta.get("labels")
+    fields = set(HeadConfig.__dataclass_fields__)
+    if not isinstance(head, dict) or not {"kind", "dim", "n_labels"} <= head.keys() <= fields:
+        raise ClapError(f"{meta_path}: 'head' must be an object with {', '.join(sorted(fields))}")
+    if head["kind"] not in HEAD_KINDS:
+        raise ClapError(f"{meta_path}: unknown head {head['kind']!r}; known: {', '.join(HEAD_KINDS)}")
+    for name, limit in (("dim", MAX_HEAD_WIDTH), ("hidden", MAX_HEAD_WIDTH), ("n_labels", MAX_LABELS)):
+        value = head.get(name, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise ClapError(f"{meta_path}: head {name} {value!r} is not a width from 1 to {limit}")
+    if not isinstance(labels, list) or len(labels) != head["n_labels"]:
+        count = len(labels) if isinstance(labels, list) else "no"
+        raise ClapError(f"{meta_path}: the head has {head['n_labels']} outputs but the file lists {count} labels")
+    return HeadConfig(**head)
+
+
+def _check_head_file(path: Path, cfg: HeadConfig) -> None:
+    """Read the .safetensors header alone and check that it holds exactly the tensors `cfg` describes (names,
+    float32, shapes) within the file's size; ClapError naming the file otherwise."""
+    with torch.device("meta"):  # shapes without storage
+        expected = {k: tuple(v.shape) for k, v in build_head(cfg).state_dict().items()}
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or not 2 <= n <= min(size - 8, MAX_SAFETENSORS_HEADER):
+                raise ValueError(f"its header declares {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ClapError(f"{path}: not a safetensors file ({exc})") from exc
+    header.pop("__metadata__", None)
+    if header.keys() != expected.keys():
+        missing, unexpected = sorted(expected.keys() - header.keys()), sorted(header.keys() - expected.keys())
+        raise ClapError(f"{path}: does not hold the head classifier.json describes (missing: "
+                        f"{', '.join(missing) or 'none'}; unexpected: {', '.join(unexpected) or 'none'})")
+    for name, shape in expected.items():
+        entry = header[name] if isinstance(header[name], dict) else {}
+        stored, offsets = entry.get("shape"), entry.get("data_offsets")
+        if stored != list(shape) or entry.get("dtype") != "F32":
+            raise ClapError(f"{path}: tensor {name} is {entry.get('dtype')} {stored}, classifier.json implies "
+                            f"F32 {list(shape)}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or offsets[1] - offsets[0] != 4 * math.prod(shape) or offsets[0] < 0 or 8 + n + offsets[1] > size):
+            raise ClapError(f"{path}: tensor {name} lies outside the file ({size} bytes): truncated or damaged")
 
 
 def load_classifier(directory: str | os.PathLike, model=None, device: str = "auto",

@@ -20,6 +20,7 @@ batch counts when shards are few. Here (tar members are still read through the s
 from __future__ import annotations
 
 import functools
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -31,7 +32,13 @@ import torch
 from ..audio.loader import die_with_parent
 from ..errors import DataError
 from .batch import Batch, Collate, FrameBatch, ImageCollate
-from .shards import ShardSplit, decode_audio, decode_frame, decode_image_embedding, iter_shard, select_text
+from .shards import RawSample, ShardSplit, decode_audio, decode_frame, decode_image_embedding, iter_shard, select_text
+
+
+# Bytes of undecoded samples a data worker's shuffle buffer holds, besides its count (`shuffle_buffer`): 1000
+# ten-second FLAC clips are about 0.5 GB, 1000 hour-long ones would be 100 GB. A full buffer emits samples
+# until the next one fits.
+SHUFFLE_BUFFER_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         rng = random.Random(f"{self.seed}/{self.epoch}/{slot_id}/buffer")
         batch, done = [], 0
         try:
-            for raw in _shuffled(_slot_samples(slot), self.shuffle_buffer, rng):
+            for raw in _shuffled(_slot_samples(slot), self.shuffle_buffer, rng, SHUFFLE_BUFFER_BYTES, _sample_bytes):
                 batch.append(raw)
                 if len(batch) < self.batch_size:
                     continue
@@ -160,16 +167,35 @@ def _slot_samples(slot: Slot):
             index += 1
 
 
-def _shuffled(items, buffer_size: int, rng: random.Random):
-    """Reservoir-style shuffle buffer: fill, then emit a random element for each new one."""
+def _sample_bytes(raw: RawSample) -> int:
+    return len(raw.audio_bytes) + len(raw.image_bytes or b"")
+
+
+def _shuffled(items, buffer_size: int, rng: random.Random, max_bytes: int | None = None, size_of=None):
+    """Reservoir-style shuffle buffer: fill, then emit a random element for each new one.
+
+    With `max_bytes`, the buffer also holds at most that many bytes (`size_of(item)`; one item larger than
+    that is held alone): before an item that does not fit, random elements are emitted until it does.
+    When only the count binds, the order is that of the count-only buffer."""
+    limit = math.inf if max_bytes is None else max_bytes
     buf: list = []
+    held = 0  # bytes in buf
     for item in items:
-        if len(buf) < buffer_size:
+        size = size_of(item) if max_bytes is not None else 0
+        placed = False
+        while buf and not placed and (len(buf) >= buffer_size or held + size > limit):
+            i = rng.randrange(len(buf))
+            out = buf[i]
+            held -= size_of(out) if max_bytes is not None else 0
+            if len(buf) <= buffer_size and held + size <= limit:
+                buf[i], placed = item, True  # the new item takes the emitted one's place
+            else:
+                buf[i] = buf[-1]
+                buf.pop()
+            yield out
+        if not placed:
             buf.append(item)
-            continue
-        i = rng.randrange(len(buf))
-        buf[i], item = item, buf[i]
-        yield item
+        held += size
     rng.shuffle(buf)
     yield from buf
 

@@ -45,6 +45,9 @@ IMAGE_EXTENSIONS = (*FRAME_EXTENSIONS, "npy")  # npy: a precomputed image embedd
 SIZES_FILE = "sizes.json"
 SHARD_SAMPLE_RATE = 48_000  # Hz: the rate shards are written at and the models' rate
 DEFAULT_SHARD_SIZE = 512  # samples per shard, as LAION's tardir
+# Bytes of one tar member read into memory: a member is read whole, so a larger one (over 45 min of 48 kHz mono
+# FLAC, a damaged header or a bomb) is skipped unread and its sample is a DataError naming it.
+MAX_MEMBER_BYTES = 512 << 20
 TEXT_SOURCES = ("text", "k2c", "all")
 CAPTIONS_FROM_TAGS = ("none", "template", "k2c")
 
@@ -63,6 +66,7 @@ class RawSample:
     url: str = ""  # the shard it came from
     image_bytes: bytes | None = None  # the image member as stored (Wav2CLIP data), or None
     image_ext: str | None = None  # "jpg" (also "jpeg", "png") or "npy"
+    unread: dict[str, str] = field(default_factory=dict)  # extension -> why that member was not read (its size)
 
 
 @dataclass
@@ -90,7 +94,8 @@ def iter_shard(url: str | os.PathLike) -> Iterator[RawSample]:
 
     Members are grouped by key as webdataset does (consecutive members with the same key form a sample);
     each sample needs exactly one audio member (`AUDIO_EXTENSIONS`) and a `KEY.json` holding a JSON object.
-    Other members (`KEY.txt`, ...) are ignored, as are directories and hidden `.` / `__` names.
+    Other members (`KEY.txt`, ...) are ignored, as are directories and hidden `.` / `__` names. A member over
+    MAX_MEMBER_BYTES is not read: its sample comes with `unread` saying so, and decoding it is a DataError.
     Raises `DataError` naming the shard and the member for: a shard that cannot be opened, a member without
     its pair (including pairs that are not adjacent), a duplicate member, JSON that does not parse, and a
     truncated tar.
@@ -114,10 +119,13 @@ def iter_shard(url: str | os.PathLike) -> Iterator[RawSample]:
                 base = info.name.rpartition("/")[2]
                 if split is None or base.startswith((".", "__")):
                     continue
-                handle = archive.extractfile(info)
-                data = handle.read() if handle is not None else b""
-                if len(data) != info.size:
-                    raise tarfile.ReadError(f"member {info.name} is cut short")
+                if info.size > MAX_MEMBER_BYTES:
+                    data = None  # the stream skips its bytes unread
+                else:
+                    handle = archive.extractfile(info)
+                    data = handle.read() if handle is not None else b""
+                    if len(data) != info.size:
+                        raise tarfile.ReadError(f"member {info.name} is cut short")
             except (tarfile.TarError, EOFError, OSError) as exc:
                 after = f" after sample {key}" if key is not None else ""
                 raise DataError(f"truncated or corrupt tar{after} ({_one_line(exc)})", source=path) from exc
@@ -128,7 +136,7 @@ def iter_shard(url: str | os.PathLike) -> Iterator[RawSample]:
                 key, members = member_key, {}
             if ext in members:
                 raise DataError(f"member {info.name} appears twice", source=path)
-            members[ext] = data
+            members[ext] = data if data is not None else _Unread(info.size)
         # A tar cut exactly between two members reads as a shorter valid archive; only the missing
         # end-of-archive zero block tells (checked for plain tars: a compressed size says nothing).
         if getattr(archive.fileobj, "comptype", None) == "tar" and os.path.getsize(path) < archive.offset + 512:
@@ -138,7 +146,19 @@ def iter_shard(url: str | os.PathLike) -> Iterator[RawSample]:
             yield _sample(path, key, members)
 
 
-def _sample(path: str, key: str, members: dict[str, bytes]) -> RawSample:
+@dataclass(frozen=True)
+class _Unread:
+    """A member over MAX_MEMBER_BYTES, left unread."""
+
+    size: int  # bytes, from the tar header
+
+    @property
+    def reason(self) -> str:
+        return (f"member is {_size(self.size)}, over the {_size(MAX_MEMBER_BYTES)} a tar member may hold: "
+                "skipped unread")
+
+
+def _sample(path: str, key: str, members: dict[str, bytes | _Unread]) -> RawSample:
     audio = [ext for ext in AUDIO_EXTENSIONS if ext in members]
     if "json" not in members:
         names = ", ".join(f"{key}.{e}" for e in members)
@@ -152,6 +172,8 @@ def _sample(path: str, key: str, members: dict[str, bytes]) -> RawSample:
     images = [ext for ext in IMAGE_EXTENSIONS if ext in members]
     if len(images) > 1:
         raise DataError(f"sample {key} has several image members ({', '.join(images)})", source=path)
+    if isinstance(members["json"], _Unread):
+        raise DataError(f"{key}.json: {members['json'].reason}", source=path)
     try:
         meta = json.loads(members["json"].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -159,8 +181,13 @@ def _sample(path: str, key: str, members: dict[str, bytes]) -> RawSample:
     if not isinstance(meta, dict):
         raise DataError(f"member {key}.json holds a {type(meta).__name__}, not a JSON object", source=path)
     image = images[0] if images else None
-    return RawSample(key=key, audio_bytes=members[audio[0]], audio_ext=audio[0], meta=meta, url=path,
-                     image_bytes=members[image] if image else None, image_ext=image)
+    unread = {ext: data.reason for ext, data in members.items() if isinstance(data, _Unread)}
+
+    def read(ext: str) -> bytes:
+        return b"" if ext in unread else members[ext]
+
+    return RawSample(key=key, audio_bytes=read(audio[0]), audio_ext=audio[0], meta=meta, url=path,
+                     image_bytes=read(image) if image else None, image_ext=image, unread=unread)
 
 
 def decode_audio(raw: RawSample, sample_rate: int = SHARD_SAMPLE_RATE, quantize: bool = True) -> np.ndarray:
@@ -174,19 +201,48 @@ def decode_audio(raw: RawSample, sample_rate: int = SHARD_SAMPLE_RATE, quantize:
     """
     import soundfile as sf
 
-    from ..audio.decode import to_model_rate
+    from ..audio.decode import out_of_memory, to_model_rate
 
-    member = f"{raw.key}.{raw.audio_ext}"
+    where = dict(source=raw.url or None, member=f"{raw.key}.{raw.audio_ext}")
+    if raw.audio_ext in raw.unread:
+        raise DataError(raw.unread[raw.audio_ext], **where)
     try:
-        data, sr = sf.read(io.BytesIO(raw.audio_bytes), dtype="float32", always_2d=True)  # (T, C)
+        data, sr = _read_member_audio(raw.audio_bytes, where)  # (T, C)
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
-        raise DataError(f"cannot be decoded ({_one_line(exc)})", source=raw.url or None, member=member) from exc
+        raise DataError(f"cannot be decoded ({_one_line(exc)})", **where) from exc
+    except MemoryError as exc:
+        raise DataError(out_of_memory(exc), **where) from exc
     if len(data) == 0:
-        raise DataError("contains no audio frames", source=raw.url or None, member=member)
+        raise DataError("contains no audio frames", **where)
     try:
         return to_model_rate(data, sr, sample_rate, quantize=quantize)
     except ValueError as exc:  # a sample rate no audio has (a damaged header)
-        raise DataError(f"cannot be decoded ({_one_line(exc)})", source=raw.url or None, member=member) from exc
+        raise DataError(f"cannot be decoded ({_one_line(exc)})", **where) from exc
+    except MemoryError as exc:
+        raise DataError(out_of_memory(exc), **where) from exc
+
+
+def _read_member_audio(data: bytes, where: dict) -> tuple[np.ndarray, int]:
+    """Decode audio bytes whole, block by block: ((T, C) float32, sample rate). A DataError at `where` when
+    frames × channels pass decode.MAX_DECODED_BYTES, by the header or, where it does not say, by what
+    decodes, before more than that is held."""
+    import soundfile as sf
+
+    from ..audio.decode import UNKNOWN_FRAMES, bounded_block_frames, decoded_size_problem
+
+    with sf.SoundFile(io.BytesIO(data)) as f:
+        if f.frames != UNKNOWN_FRAMES and (problem := decoded_size_problem(f.frames, f.channels)):
+            raise DataError(problem, **where)
+        step = bounded_block_frames(f.channels, max(f.frames, 1) if f.frames != UNKNOWN_FRAMES else 1 << 20)
+        blocks, frames = [], 0
+        while len(block := f.read(step, dtype="float32", always_2d=True)):
+            frames += len(block)
+            if problem := decoded_size_problem(frames, f.channels):
+                raise DataError(problem, **where)
+            blocks.append(block)
+        if not blocks:
+            return np.zeros((0, f.channels), np.float32), f.samplerate
+        return (np.concatenate(blocks) if len(blocks) > 1 else blocks[0]), f.samplerate  # (T, C)
 
 
 def decode_image_embedding(raw: RawSample) -> np.ndarray:
@@ -196,6 +252,8 @@ def decode_image_embedding(raw: RawSample) -> np.ndarray:
     member = f"{raw.key}.{raw.image_ext or 'npy'}"
     if raw.image_bytes is None or raw.image_ext != "npy":
         raise DataError("has no image embedding (.npy member)", source=raw.url or None, member=raw.key)
+    if "npy" in raw.unread:
+        raise DataError(raw.unread["npy"], source=raw.url or None, member=member)
     try:
         array = np.load(io.BytesIO(raw.image_bytes), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
@@ -225,6 +283,8 @@ def decode_frame(raw: RawSample):
     missing or cannot be decoded."""
     if raw.image_bytes is None or raw.image_ext not in FRAME_EXTENSIONS:
         raise DataError("has no image frame (.jpg member)", source=raw.url or None, member=raw.key)
+    if raw.image_ext in raw.unread:
+        raise DataError(raw.unread[raw.image_ext], source=raw.url or None, member=f"{raw.key}.{raw.image_ext}")
     try:
         return open_image(raw.image_bytes)
     except ValueError as exc:
@@ -402,7 +462,12 @@ def inspect_shards(path: str | os.PathLike, examples: int = 3) -> list[SplitInfo
                 for raw in iter_shard(tar):
                     count += 1
                     duration = raw.meta.get("duration")
-                    if not isinstance(duration, (int, float)) or isinstance(duration, bool):
+                    for ext, reason in raw.unread.items():
+                        if ext in (raw.audio_ext, raw.image_ext):
+                            info.problems.append(f"{tar}: {raw.key}.{ext}: {reason}")
+                    if raw.audio_ext in raw.unread:
+                        duration = 0.0
+                    elif not isinstance(duration, (int, float)) or isinstance(duration, bool):
                         try:
                             duration = sf.info(io.BytesIO(raw.audio_bytes)).duration
                         except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
@@ -950,6 +1015,10 @@ def make_shards(
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.0f} MB" if n >= 10_000_000 else f"{n} bytes"
 
 
 def _few(names: Sequence[str], limit: int = 5) -> str:
