@@ -1,0 +1,87 @@
+"""Issue 19, "dependencies that keep the promises": every model loaded through transformers is held to
+safetensors (`--text-model`, `--k2c-model`, `--teacher`, a Wav2CLIP model's CLIP text tower). A tiny model
+whose only weights are a pickled pytorch_model.bin is refused in one line, where transformers alone would
+unpickle it."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from clapcli.errors import CheckpointError
+from test_captions import _tiny_k2c
+from test_errors import run_main
+from test_wav2clip_train import CLIP_DIM, save_tiny_clip
+
+
+def pickled_only(directory: Path) -> Path:
+    """The model in `directory` with its safetensors weights replaced by the same tensors in a pickled
+    pytorch_model.bin (what `save_pretrained(safe_serialization=False)` wrote before transformers 5)."""
+    from safetensors.torch import load_file
+
+    for weights in directory.glob("*.safetensors"):
+        torch.save(load_file(str(weights)), directory / "pytorch_model.bin")
+        weights.unlink()
+    return directory
+
+
+@pytest.fixture(scope="module")
+def pickled_clip(tmp_path_factory) -> Path:
+    return pickled_only(save_tiny_clip(tmp_path_factory.mktemp("pickled") / "clip"))
+
+
+def assert_refused(exc: pytest.ExceptionInfo, what: str) -> None:
+    message = str(exc.value)
+    assert message.startswith(what) and "only pickled weights (pytorch_model.bin)" in message, message
+    assert "\n" not in message
+
+
+def test_teacher_with_only_pickled_weights_is_refused(pickled_clip):
+    from clapcli.train.teacher import ImageTeacher
+
+    with pytest.raises(CheckpointError) as exc:
+        ImageTeacher(str(pickled_clip))
+    assert_refused(exc, "--teacher")
+
+
+def test_text_model_with_only_pickled_weights_is_refused(pickled_clip):
+    from clapcli.train.setup import fresh_model
+
+    with pytest.raises(CheckpointError) as exc:
+        fresh_model("tiny-clip", str(pickled_clip), None)
+    assert_refused(exc, "--text-model")
+
+
+def test_wav2clip_text_tower_with_only_pickled_weights_is_refused(pickled_clip):
+    from clapcli.models.wav2clip import load_clip_text
+
+    with pytest.raises(CheckpointError) as exc:
+        load_clip_text(str(pickled_clip), CLIP_DIM)
+    assert_refused(exc, "the CLIP text tower")
+
+
+def test_k2c_model_with_only_pickled_weights_is_one_error_line(tmp_path, monkeypatch, capsys):
+    k2c = pickled_only(Path(_tiny_k2c(tmp_path / "k2c")))
+    (tmp_path / "a.wav").write_bytes(b"")  # never read: the model is refused first
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "tags"], ["a.wav", "dog"]])
+    capsys.readouterr()  # not the progress bar of saving the tiny model
+    code, err = run_main(monkeypatch, capsys, "shards", "make", tmp_path / "m.csv", "--out", tmp_path / "s",
+                         "--captions-from-tags", "k2c", "--k2c-model", k2c, "--device", "cpu", "--workers", "0")
+    assert code == 1
+    assert err.startswith(f"error: --k2c-model {k2c} has only pickled weights (pytorch_model.bin)"), err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_the_same_models_with_safetensors_still_load(tmp_path):
+    from clapcli.models.wav2clip import load_clip_text
+    from clapcli.train.captions import KeywordToCaption
+    from clapcli.train.teacher import ImageTeacher
+
+    clip = save_tiny_clip(tmp_path / "clip")
+    assert ImageTeacher(str(clip)).model is not None
+    assert load_clip_text(str(clip), CLIP_DIM) is not None
+    assert KeywordToCaption(_tiny_k2c(tmp_path / "k2c"), device="cpu").model is not None
