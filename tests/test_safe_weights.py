@@ -85,3 +85,53 @@ def test_the_same_models_with_safetensors_still_load(tmp_path):
     assert ImageTeacher(str(clip)).model is not None
     assert load_clip_text(str(clip), CLIP_DIM) is not None
     assert KeywordToCaption(_tiny_k2c(tmp_path / "k2c"), device="cpu").model is not None
+
+
+# -- the Wav2CLIP download, checked against its SHA-256 --------------------------------------------------------
+
+
+@pytest.fixture
+def fake_release(tmp_path, monkeypatch):
+    """A local file standing in for the Wav2CLIP release asset, served from a file:// URL, and an empty torch hub
+    cache; returns (the file's bytes, a function that pins `wav2clip` to a SHA-256)."""
+    import dataclasses
+
+    from clapcli.models import registry
+
+    payload = b"not really Wav2CLIP.pt " * 4096
+    (tmp_path / "release").mkdir()
+    (tmp_path / "release" / "Wav2CLIP.pt").write_bytes(payload)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def pin(sha256):
+        known = dataclasses.replace(registry.KNOWN_MODELS["wav2clip"], sha256=sha256,
+                                    url=(tmp_path / "release" / "Wav2CLIP.pt").as_uri())
+        monkeypatch.setitem(registry.KNOWN_MODELS, "wav2clip", known)
+
+    return payload, pin
+
+
+def test_wav2clip_download_with_the_pinned_sha256_is_kept(fake_release):
+    import hashlib
+
+    from clapcli.models.registry import fetch
+
+    payload, pin = fake_release
+    pin(hashlib.sha256(payload).hexdigest())
+    path = Path(fetch("wav2clip", download=True))
+    assert path.name == "Wav2CLIP.pt" and path.read_bytes() == payload
+    assert [p.name for p in path.parent.iterdir()] == ["Wav2CLIP.pt"]
+
+
+def test_wav2clip_download_with_another_sha256_is_deleted_and_one_error_line(fake_release, monkeypatch, capsys,
+                                                                             tmp_path):
+    payload, pin = fake_release
+    pin("0" * 64)
+    code, err = run_main(monkeypatch, capsys, "models", "pull", "wav2clip")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: the download of file://") and f"not the published {'0' * 64}" in err
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    assert list(cache.iterdir()) == []  # neither the file nor a temporary is left behind
+    from clapcli.models.registry import is_cached
+
+    assert not is_cached("wav2clip")
