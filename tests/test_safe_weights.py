@@ -135,3 +135,31 @@ def test_wav2clip_download_with_another_sha256_is_deleted_and_one_error_line(fak
     from clapcli.models.registry import is_cached
 
     assert not is_cached("wav2clip")
+
+
+# -- the torch floor -------------------------------------------------------------------------------------------
+
+
+def test_a_pt_file_is_refused_on_a_torch_whose_weights_only_can_be_bypassed(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cpu")  # an install that kept an older torch (--no-deps)
+    code, err = run_main(monkeypatch, capsys, "embed", "--text", "rain", "--model", path)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"refusing to load {path} with torch 2.9.1+cpu" in err and "CVE-2026-24747" in err
+    assert "upgrade to torch>=2.10" in err
+
+
+def test_the_declared_torch_floor_is_the_one_the_loader_holds_to():
+    import re
+    import tomllib
+
+    from clapcli.models.checkpoints import SAFE_TORCH
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    floors = {m.group(1): tuple(map(int, m.group(2).split("."))) for m in
+              (re.match(r"(torch|torchaudio)>=([\d.]+)$", d.split(";")[0].strip()) for d in project["dependencies"])
+              if m}
+    assert floors == {"torch": SAFE_TORCH, "torchaudio": SAFE_TORCH}
+    assert SAFE_TORCH >= (2, 10)  # CVE-2025-32434 (fixed in 2.6) and CVE-2026-24747 (fixed in 2.10)
+    assert tuple(map(int, re.match(r"(\d+)\.(\d+)", torch.__version__).groups())) >= SAFE_TORCH
