@@ -9,9 +9,9 @@ from ..errors import CheckpointError, WeightsNotAvailable
 
 DEFAULT_MODEL = "laion/clap-htsat-fused"
 WAV2CLIP_URL = "https://github.com/descriptinc/lyrebird-wav2clip/releases/download/v0.1.0-alpha/Wav2CLIP.pt"
-# Upstream publishes no checksum for Wav2CLIP.pt (not in the release, the wav2clip package or any project we could
-# find that pins it), and it cannot be fetched where this was written to compute one: unpinned, so a download is
-# held only to what every .pt is (weights_only=True, strict keys and shapes). Set it to pin the download.
+# Upstream publishes no checksum for Wav2CLIP.pt (none in the release, the wav2clip package or any project found
+# to pin it), and none could be computed offline: left unpinned, a download is held only to what every .pt is
+# (weights_only=True, strict keys and shapes). Set it to a hex digest to check every download against it.
 WAV2CLIP_SHA256: str | None = None
 
 
