@@ -111,8 +111,8 @@ def _answer_stdin(m, searcher, negative, k, min_score, as_json, paths, null, not
 
     --json (or a pipe): one object per query, {"query", "k", "results": [hit, ...]}, or {"line", "error"}
     for a line that is not a query. --paths: the paths, then an empty line (with -0: each path and then an
-    empty entry ended by NUL). Repeated texts (and the --not
-    terms) are embedded once (the model's in-process cache)."""
+    empty entry ended by NUL). Repeated texts (and the --not terms) are embedded once (the model's in-process
+    cache)."""
     from ..errors import UsageError
     from ..index.search import query_vector
 
