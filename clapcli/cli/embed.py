@@ -44,7 +44,8 @@ def embed(
             bar.advance()
             if e.error:
                 failed += 1
-                output.stderr_console().print(f"[red]skipped:[/] {e.path}: {e.error}", highlight=False)
+                output.stderr_console().print(f"[red]skipped:[/] {output.literal(e.path)}: {output.literal(e.error)}",
+                                              highlight=False, soft_wrap=True)
                 records.append({"type": "audio", "path": e.path, "error": e.error})
                 rows.append(None)  # a NaN row keeps the .npy aligned with the arguments
                 continue
@@ -52,7 +53,8 @@ def embed(
             rec = {"type": "audio", "path": e.path, "duration": round(e.duration, 4),
                    "embedding": e.embedding.tolist()}
             if e.partial is not None:  # embedded from the part that decodes
-                output.stderr_console().print(f"[yellow]partial:[/] {e.path}: {e.partial}", highlight=False)
+                output.stderr_console().print(f"[yellow]partial:[/] {output.literal(e.path)}: "
+                                              f"{output.literal(e.partial)}", highlight=False, soft_wrap=True)
                 rec["partial"] = e.partial
             if segments and e.segments:
                 rec["segments"] = [{"start": round(s.start, 3), "end": round(s.end, 3),
@@ -66,7 +68,8 @@ def embed(
         nan = np.full(m.dim, np.nan, np.float32)
         matrix = np.stack([nan if r is None else r for r in rows]) if rows else np.zeros((0, m.dim))
         atomic_write(out, writer=lambda tmp: _save_npy(tmp, matrix.astype(np.float32)))
-        output.stderr_console().print(f"wrote {len(rows)} × {m.dim} embeddings to {out}", highlight=False)
+        output.stderr_console().print(f"wrote {len(rows)} × {m.dim} embeddings to {output.literal(out)}",
+                                      highlight=False, soft_wrap=True)
     if as_json or (out is None and not output.is_terminal()):
         for rec in records:
             output.json_line(rec)
@@ -90,8 +93,9 @@ def _table(records, dim) -> None:
     for col in ("type", "input", "duration", "first values"):
         table.add_column(col)
     for r in records:
-        head = " ".join(f"{v:+.3f}" for v in r.get("embedding", [])[:4]) if "embedding" in r else r.get("error", "")
-        table.add_row(r["type"], r.get("path") or r.get("text"), f"{r.get('duration', '')}", head)
+        head = (" ".join(f"{v:+.3f}" for v in r["embedding"][:4]) if "embedding" in r
+                else output.literal(r.get("error", "")))
+        table.add_row(r["type"], output.literal(r.get("path") or r.get("text")), f"{r.get('duration', '')}", head)
     output.stdout_console().print(table)
 
 

@@ -120,7 +120,8 @@ def classifier(
         return
     from rich.table import Table
 
-    table = Table(title=f"classifier {classifier_dir}: {metrics['clips']} clips, {metrics['labels']} labels",
+    table = Table(title=f"classifier {output.literal(classifier_dir)}: {metrics['clips']} clips, "
+                        f"{metrics['labels']} labels",
                   title_justify="left", show_edge=False)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -128,7 +129,8 @@ def classifier(
         if isinstance(metrics.get(key), float):
             table.add_row(key, f"{metrics[key]:.4f}")
     for pair in metrics.get("confusions") or []:
-        table.add_row(f"confused: {pair.get('target')} → {pair.get('predicted')}", str(pair.get("count")))
+        table.add_row(f"confused: {output.literal(pair.get('target'))} → {output.literal(pair.get('predicted'))}",
+                      str(pair.get("count")))
     output.stdout_console().print(table)
 
 
@@ -141,10 +143,8 @@ def _advance_by(bar: output.ProgressBar):
 
 
 def _warn_skip(where: str, reason: str) -> None:
-    from rich.markup import escape
-
-    output.stderr_console().print(f"[yellow]skipped:[/] {escape(where)}: {escape(reason)}", highlight=False,
-                                  soft_wrap=True)
+    output.stderr_console().print(f"[yellow]skipped:[/] {output.literal(where)}: {output.literal(reason)}",
+                                  highlight=False, soft_wrap=True)
 
 
 def _exit_if_skipped(skipped) -> None:
@@ -170,12 +170,11 @@ def _render_retrieval(report, model_ref: str) -> None:
     console = output.stdout_console()
     console.print(table)
     split = f" ({report.split} split)" if report.split else ""
-    console.print(f"data: {report.data}{split}", highlight=False, markup=False)
-    console.print(f"model: {model_ref}", highlight=False, markup=False)
+    console.print(f"data: {output.display_path(report.data)}{split}", highlight=False, markup=False)
+    console.print(f"model: {output.display_path(model_ref)}", highlight=False, markup=False)
 
 
 def _render_zeroshot(report, model_ref: str, per_class: bool) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     fold = f", fold {report.fold}" if report.fold is not None else ""
@@ -194,7 +193,7 @@ def _render_zeroshot(report, model_ref: str, per_class: bool) -> None:
         classes.add_column("clips", justify="right")
         classes.add_column("accuracy", justify="right")
         for c in report.per_class:
-            classes.add_row(escape(c["label"]), str(c["clips"]), f"{c['accuracy']:.3f}")
+            classes.add_row(output.literal(c["label"]), str(c["clips"]), f"{c['accuracy']:.3f}")
         console.print(classes)
     if report.confusions:
         pairs = Table(title="most confused", title_justify="left", show_edge=False)
@@ -202,12 +201,12 @@ def _render_zeroshot(report, model_ref: str, per_class: bool) -> None:
         pairs.add_column("predicted")
         pairs.add_column("clips", justify="right")
         for c in report.confusions:
-            pairs.add_row(escape(c["target"]), escape(c["predicted"]), str(c["count"]))
+            pairs.add_row(output.literal(c["target"]), output.literal(c["predicted"]), str(c["count"]))
         console.print(pairs)
-    console.print(f"data: {report.data}{fold}", highlight=False, markup=False)
-    console.print(f"labels: {report.labelset}", highlight=False, markup=False)
-    console.print(f"templates: {' | '.join(report.templates)}", highlight=False, markup=False)
-    console.print(f"model: {model_ref}", highlight=False, markup=False)
+    console.print(f"data: {output.display_path(report.data)}{fold}", highlight=False, markup=False)
+    console.print(f"labels: {output.display_path(report.labelset)}", highlight=False, markup=False)
+    console.print(f"templates: {output.display_path(' | '.join(report.templates))}", highlight=False, markup=False)
+    console.print(f"model: {output.display_path(model_ref)}", highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -135,39 +135,41 @@ def _load_model(name, given, index_dir, device, precision, tokenizer, engine=Non
 
 
 def _print_summary(s) -> None:
-    from rich.markup import escape
-
     con = output.stderr_console()
     rate = f", {s.audio_seconds / 3600:.2f} h of audio at {s.audio_seconds / s.seconds:.1f}× real time" \
         if s.audio_seconds and s.seconds else ""
     partial = f", {len(s.partial)} partial" if s.partial else ""
     excluded = f" ({s.removed_excluded} excluded)" if s.removed_excluded else ""
-    con.print(f"[bold]{s.index}[/]: {s.added} added, {s.updated} updated, {s.removed} removed{excluded}, "
+    con.print(f"[bold]{output.literal(s.index)}[/]: {s.added} added, {s.updated} updated, "
+              f"{s.removed} removed{excluded}, "
               f"{s.unchanged + s.touched} unchanged, {len(s.skipped)} skipped{partial} in {s.seconds:.1f} s{rate}",
               highlight=False)
     errors = f", {len(s.unreadable)} unreadable (listed by --json)" if s.unreadable else ""
     partial = f", {len(s.partial_files)} partly decoded (listed by --json)" if s.partial_files else ""
-    con.print(f"now {s.total_files} files, {s.total_segments} segments{errors}{partial}; model {s.model}",
-              highlight=False)
+    con.print(f"now {s.total_files} files, {s.total_segments} segments{errors}{partial}; "
+              f"model {output.literal(s.model)}",
+              highlight=False, soft_wrap=True)
     for folder, n in s.forgotten:
-        con.print(f"forgot {escape(output.display_path(folder))}: its {n} indexed files were removed from the index",
+        con.print(f"forgot {output.literal(folder)}: its {n} indexed files were removed from the index",
                   highlight=False, soft_wrap=True)
     if s.kept_unread:
         con.print(f"[yellow]kept the last embeddings of {len(s.kept_unread)} indexed files that could not be read "
-                  "this run[/] (listed below as skipped; the next run tries them again)", highlight=False)
+                  "this run[/] (listed below as skipped; the next run tries them again)", highlight=False,
+                  soft_wrap=True)
     if s.kept_aside:
-        con.print(f"[yellow]the damaged database was kept as {s.kept_aside}[/]", highlight=False)
+        con.print(f"[yellow]the damaged database was kept as {output.literal(s.kept_aside)}[/]", highlight=False,
+                  soft_wrap=True)
     if s.lossy_precisions:
         con.print(f"[yellow]note:[/] this index holds vectors computed at {' and '.join(s.lossy_precisions)}, which "
                   "depend on their batch mates: after a resumed or incremental run it may differ slightly from a "
                   "clean build (--rebuild at the default fp32 is exact)", highlight=False, soft_wrap=True)
     for path, reason in s.skipped[:20]:
-        con.print(f"  [yellow]skipped[/] {escape(output.display_path(path))}: {escape(output.display_path(reason))}",
+        con.print(f"  [yellow]skipped[/] {output.literal(path)}: {output.literal(reason)}",
                   highlight=False, soft_wrap=True)
     if len(s.skipped) > 20:
         con.print(f"  … and {len(s.skipped) - 20} more (see --json)", highlight=False)
     for path, reason in s.partial[:20]:
-        con.print(f"  [yellow]partial[/] {escape(output.display_path(path))}: {escape(reason)}", highlight=False,
+        con.print(f"  [yellow]partial[/] {output.literal(path)}: {output.literal(reason)}", highlight=False,
                   soft_wrap=True)
     if len(s.partial) > 20:
         con.print(f"  … and {len(s.partial) - 20} more partly decoded (see --json)", highlight=False)

@@ -41,7 +41,7 @@ def list_indexes(as_json: bool = typer.Option(False, "--json", help="One JSON ob
     if not rows:
         from ..index.paths import indexes_dir
 
-        output.stderr_console().print(f"no indexes in {indexes_dir()}; build one with `clap index DIR`",
+        output.stderr_console().print(f"no indexes in {output.literal(indexes_dir())}; build one with `clap index DIR`",
                                       highlight=False, soft_wrap=True)
         return
     print_index_list(output.stdout_console(), rows)
@@ -49,17 +49,15 @@ def list_indexes(as_json: bool = typer.Option(False, "--json", help="One JSON ob
 
 def print_index_list(con, rows: list[dict]) -> None:
     """One block per index rather than a table: paths and model paths print whole, never folded mid-word."""
-    from rich.markup import escape
-
     for r in rows:
-        con.print(f"[bold]{escape(r['name'])}[/]  {_count(r)}, {human_size(r['size_bytes'])}", highlight=False)
-        con.print(f"  path   {escape(output.display_path(r['path']))}", highlight=False, soft_wrap=True)
+        con.print(f"[bold]{output.literal(r['name'])}[/]  {_count(r)}, {human_size(r['size_bytes'])}", highlight=False)
+        con.print(f"  path   {output.literal(r['path'])}", highlight=False, soft_wrap=True)
         if r["error"] is None:
-            con.print(f"  model  {escape(r['model'] or '(none yet)')}", highlight=False, soft_wrap=True)
+            con.print(f"  model  {output.literal(r['model'] or '(none yet)')}", highlight=False, soft_wrap=True)
             for root in r.get("roots") or []:
-                con.print(f"  folder {escape(output.display_path(root))}", highlight=False, soft_wrap=True)
+                con.print(f"  folder {output.literal(root)}", highlight=False, soft_wrap=True)
         else:
-            con.print(f"  [red]{escape(r['error'])}[/]", highlight=False, soft_wrap=True)
+            con.print(f"  [red]{output.literal(r['error'])}[/]", highlight=False, soft_wrap=True)
 
 
 @admin_app.command("rm")

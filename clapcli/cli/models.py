@@ -29,7 +29,6 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="One JSON obj
 def models_table(rows: list[dict]):
     """The `models list` table, readable at 80 columns: names are never cut (the name column is as wide as
     the longest), and each note goes on a dimmed line under its name instead of a column of its own."""
-    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="CLAP models", show_edge=False)
@@ -40,7 +39,7 @@ def models_table(rows: list[dict]):
         note = r["note"] or ""
         if r["default"] and "default" not in note:
             note = "default" + (f"; {note}" if note else "")
-        name = escape(r["name"]) + (f"\n[dim]{escape(note)}[/]" if note else "")
+        name = output.literal(r["name"]) + (f"\n[dim]{output.literal(note)}[/]" if note else "")
         table.add_row(name, r["architecture"], "yes" if r["fused"] else "no", str(r["dim"]),
                       "[green]yes[/]" if r["cached"] else "no")
     return table
@@ -61,7 +60,8 @@ def pull(name: str = typer.Argument(..., help="A name from `clap models list` or
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(ROBERTA_TOKENIZER)
-    output.stderr_console().print(f"{name}: cached at {path}", highlight=False)
+    output.stderr_console().print(f"{output.literal(name)}: cached at {output.literal(path)}", highlight=False,
+                                  soft_wrap=True)
 
 
 @models_app.command("presets")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import traceback
 from dataclasses import dataclass
@@ -46,10 +47,17 @@ def report_exception(exc: BaseException) -> int:
     if state.debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     if isinstance(exc, ClapError):
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_text(exc)}", file=sys.stderr)
         return exc.exit_code
-    print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+    print(f"error: {type(exc).__name__}: {error_text(exc)} (run with --debug for the traceback)", file=sys.stderr)
     return 1
+
+
+def error_text(exc: BaseException) -> str:
+    """An error's message as the terminal may show it: control characters a quoted file name brings (an escape
+    sequence) escaped, bytes that are not UTF-8 as U+FFFD; newlines kept (a checkpoint diff spans lines)."""
+    text = str(exc)
+    return escape_controls(text if _is_utf8(text) else _raw_bytes(text).decode("utf-8", "replace"), keep="\n")
 
 
 def json_line(obj) -> None:
@@ -103,10 +111,46 @@ def _raw_bytes(text: str) -> bytes:
         return text.encode("utf-8", "surrogatepass")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: what can move a cursor or start an escape
+_CONTROL_NAMES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_controls(text: str, keep: str = "") -> str:
+    """`text` with each control character shown as an escape (`\\n`, `\\t`, `\\x1b`, ...), except those in `keep`:
+    a file name cannot recolour the terminal, move its cursor or forge a line of output."""
+    return _CONTROL.sub(lambda m: m.group() if m.group() in keep else
+                        _CONTROL_NAMES.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
+
+
+def has_controls(text: str) -> bool:
+    return _CONTROL.search(text) is not None
+
+
 def display_path(path) -> str:
-    """A path as text any terminal or log can print: bytes that are not UTF-8 shown as U+FFFD."""
+    """A path (or any text that may quote one) as a terminal or log can print it: bytes that are not UTF-8 shown
+    as U+FFFD, control characters escaped."""
     text = str(path)
-    return text if _is_utf8(text) else _raw_bytes(text).decode("utf-8", "replace")
+    return escape_controls(text if _is_utf8(text) else _raw_bytes(text).decode("utf-8", "replace"))
+
+
+def literal(text) -> str:
+    """User-given text (a path, a label, a query, an error that quotes one) made safe to embed in rich markup: it
+    shows as written (`x[/].wav` is a name, not a closing tag) with control characters escaped."""
+    from rich.markup import escape
+
+    return escape(display_path(text))
+
+
+def write_path(path: str, null: bool) -> bool:
+    """One `--paths` entry on stdout: the name's exact bytes, ended by NUL with `null` (`-0`), else by a newline.
+
+    A name holding a control character (a newline would forge a second path in `| xargs`) is written with them
+    escaped instead, which names no file; returns True then, so the caller can point to `-0`."""
+    forged = not null and has_controls(path)
+    data = (display_path(path) + "\n").encode("utf-8") if forged else _raw_bytes(path) + (b"\0" if null else b"\n")
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    return forged
 
 
 def is_terminal() -> bool:

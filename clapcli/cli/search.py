@@ -27,7 +27,10 @@ def search_command(
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop results below this cosine score."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line: rank, score, path, start, end, "
                                  "duration."),
-    paths: bool = typer.Option(False, "--paths", help="Print matching paths only (for piping)."),
+    paths: bool = typer.Option(False, "--paths", help="Print matching paths only (for piping); a name holding a "
+                               "control character (a newline) is printed escaped, with a warning: use -0."),
+    null: bool = typer.Option(False, "--null", "-0", help="Print matching paths ended by NUL, as they are on disk "
+                              "(implies --paths; for `xargs -0`)."),
     index: Optional[str] = INDEX,
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="Must match the index's model (default: the model that built it)."),
@@ -52,8 +55,9 @@ def search_command(
             raise UsageError(f"--audio {output.display_path(a)}: no such file")
         if not a.is_file():
             raise UsageError(f"--audio {output.display_path(a)}: not a file")
+    paths = paths or null
     if as_json and paths:
-        raise UsageError("choose one of --json and --paths")
+        raise UsageError(f"choose one of --json and {'-0' if null else '--paths'}")
     if stdin and (query or audio):
         raise UsageError("--stdin reads the queries from standard input; give no QUERY or --audio with it")
     if not query and not audio and not stdin:
@@ -74,15 +78,14 @@ def search_command(
         note = _precision_note(store.precisions, getattr(m, "precision", None))
         searcher = Searcher(store)
         if stdin:
-            failed = _answer_stdin(m, searcher, negative or [], k, min_score, as_json, paths, note)
+            failed = _answer_stdin(m, searcher, negative or [], k, min_score, as_json, paths, null, note)
             if failed:
                 raise typer.Exit(1)
             return
         q = query_vector(m, query or [], negative or [], [str(a) for a in audio or []])
         hits = searcher.search(q, k=k, min_score=min_score)
     if paths:
-        for h in hits:
-            print(h.path)
+        _print_paths([h.path for h in hits], null)
     elif as_json or not output.is_terminal():
         for h in hits:
             output.json_line(h.to_dict())
@@ -103,12 +106,13 @@ def _torch_free_query(ref, audio, device, precision, tokenizer, engine):
     return load_text_query(ref)
 
 
-def _answer_stdin(m, searcher, negative, k, min_score, as_json, paths, note) -> int:
+def _answer_stdin(m, searcher, negative, k, min_score, as_json, paths, null, note) -> int:
     """One result set per query line, flushed as it is answered; returns how many lines were refused.
 
     --json (or a pipe): one object per query, {"query", "k", "results": [hit, ...]}, or {"line", "error"}
-    for a line that is not a query. --paths: the paths, then an empty line. Repeated texts (and the --not
-    terms) are embedded once (the model's in-process cache)."""
+    for a line that is not a query. --paths: the paths, then an empty line (with -0: each path and then an
+    empty entry ended by NUL). Repeated texts (and the --not terms) are embedded once (the model's in-process
+    cache)."""
     from ..errors import UsageError
     from ..index.search import query_vector
 
@@ -130,11 +134,20 @@ def _answer_stdin(m, searcher, negative, k, min_score, as_json, paths, note) -> 
         if as_json:
             output.json_line({"query": text, "k": top, "results": [h.to_dict() for h in hits]})
         elif paths:
-            print("\n".join([h.path for h in hits] + [""]))
+            _print_paths([h.path for h in hits] + [""], null)
         else:
             _table(hits, text, negative, note)
         sys.stdout.flush()
     return failed
+
+
+def _print_paths(paths: list[str], null: bool) -> None:
+    """`--paths`/`-0` output (see `output.write_path`), with one warning on stderr when a name had to be escaped."""
+    escaped = sum(output.write_path(p, null) for p in paths)
+    sys.stdout.flush()
+    if escaped:
+        print(f"warning: {escaped} path(s) hold control characters (such as a newline) and are printed escaped, "
+              "so they name no file; use -0 (with xargs -0) for exact paths", file=sys.stderr)
 
 
 def parse_query_line(line: str, k: int) -> tuple[str, int]:
@@ -169,13 +182,14 @@ def _table(hits, title: str, negative, note: str = "") -> None:
 
     if negative:
         title += "  (not: " + ", ".join(negative) + ")"
-    table = Table(title=title, caption=note or None)
+    table = Table(title=output.literal(title), caption=note or None)
     for col, justify in (("#", "right"), ("score", "right"), ("path", "left"), ("at", "right"),
                          ("duration", "right")):
         table.add_column(col, justify=justify)
     for h in hits:
         at = f"{_clock(h.start)}–{_clock(h.end)}" if h.start is not None else ""
-        table.add_row(str(h.rank), f"{h.score:.3f}", h.path, at, _clock(h.duration) if h.duration else "")
+        table.add_row(str(h.rank), f"{h.score:.3f}", output.literal(h.path), at,
+                      _clock(h.duration) if h.duration else "")
     output.stdout_console().print(table if hits else "no results")
 
 

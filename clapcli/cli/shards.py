@@ -79,14 +79,12 @@ def make(
     if as_json:
         output.json_line(summary)
     else:
-        from rich.markup import escape
-
         console = output.stderr_console()
         for path, reason in report.skipped:
-            console.print(f"[yellow]skipped:[/] {escape(path)}: {escape(reason)}", highlight=False)
+            console.print(f"[yellow]skipped:[/] {output.literal(path)}: {output.literal(reason)}", highlight=False)
         for name, split in report.splits.items():
             console.print(f"{name}: {split['samples']} clips, {split['hours']:.3f} h in {split['shards']} "
-                          f"shard(s) at {escape(split['directory'])}", highlight=False)
+                          f"shard(s) at {output.literal(split['directory'])}", highlight=False)
         if report.captions_from_tags == "k2c":
             console.print(f"keyword-to-caption captions: {report.k2c_captions}", highlight=False)
         console.print(f"skipped: {len(report.skipped)}", highlight=False)
@@ -118,7 +116,6 @@ def info(
 
 
 def _render(splits) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="shards")
@@ -139,11 +136,11 @@ def _render(splits) -> None:
     console = output.stdout_console()
     for s in splits:
         for caption in s.examples:
-            console.print(f"  {s.name}: {caption}", highlight=False, markup=False)
+            console.print(f"  {s.name}: {output.display_path(caption)}", highlight=False, markup=False)
     err = output.stderr_console()
     for s in splits:
         for problem in s.problems:
-            err.print(f"[red]problem:[/] {escape(problem)}", highlight=False)
+            err.print(f"[red]problem:[/] {output.literal(problem)}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

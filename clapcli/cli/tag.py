@@ -137,8 +137,6 @@ def _run_classifier(directory, files, labels, template, top, multi_label, thresh
 def _run(model, files, labelset, templates, top_k, multi_label, threshold, timeline, batch_size,
          as_json, as_csv, scorer=None) -> int:
     """Tag and render file by file; returns the number of files that failed."""
-    from rich.markup import escape
-
     from ..tagging import tag_files
 
     out, err = output.stdout_console(), output.stderr_console()
@@ -155,11 +153,11 @@ def _run(model, files, labelset, templates, top_k, multi_label, threshold, timel
                                 threshold=threshold, timeline=timeline, batch_size=batch_size, scorer=scorer):
             if result.error is not None:
                 failed += 1
-                err.print(f"[red]skipped:[/] {escape(result.path)}: {escape(result.error)}", highlight=False,
-                          soft_wrap=True)
+                err.print(f"[red]skipped:[/] {output.literal(result.path)}: {output.literal(result.error)}",
+                          highlight=False, soft_wrap=True)
             elif result.partial is not None:
-                err.print(f"[yellow]partial:[/] {escape(result.path)}: {escape(result.partial)}", highlight=False,
-                          soft_wrap=True)
+                err.print(f"[yellow]partial:[/] {output.literal(result.path)}: {output.literal(result.partial)}",
+                          highlight=False, soft_wrap=True)
             if as_json or (csv_writer is None and not out.is_terminal):  # pipes get JSON lines
                 write_json(result, sys.stdout)
             elif csv_writer is not None:
@@ -183,17 +181,14 @@ def print_tables(console, result: FileTags) -> None:
     """One tagged file on a terminal: its path on a line of its own, printed whole (a table title would break
     a long path mid-word at 80 columns; the terminal wraps it instead, so it can still be copied), then its
     tables."""
-    from rich.markup import escape
-
     duration = "" if result.duration is None else f" ({result.duration:.1f} s)"
-    console.print(f"[bold]{escape(output.display_path(result.path))}[/]{duration}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]{output.literal(result.path)}[/]{duration}", highlight=False, soft_wrap=True)
     for renderable in render_tables(result):
         console.print(renderable)
 
 
 def render_tables(result: FileTags) -> list:
     """Rich tables for one tagged file: its labels, then its timeline when there is one."""
-    from rich.markup import escape
     from rich.table import Table
 
     table = Table(show_edge=False)
@@ -201,7 +196,7 @@ def render_tables(result: FileTags) -> list:
     table.add_column("prob", justify="right")
     table.add_column("cosine", justify="right")
     for s in result.labels:
-        table.add_row(escape(s.label), f"{s.prob:.3f}", "" if s.cosine is None else f"{s.cosine:.3f}")
+        table.add_row(output.literal(s.label), f"{s.prob:.3f}", "" if s.cosine is None else f"{s.cosine:.3f}")
     if not result.labels:
         table.add_row("(no label above the threshold)", "", "")
     tables = [table]
@@ -211,7 +206,7 @@ def render_tables(result: FileTags) -> list:
         windows.add_column("end", justify="right")
         windows.add_column("labels (prob)", overflow="fold")
         for w in result.timeline:
-            tags = ", ".join(f"{escape(s.label)} ({s.prob:.2f})" for s in w.labels)
+            tags = ", ".join(f"{output.literal(s.label)} ({s.prob:.2f})" for s in w.labels)
             windows.add_row(f"{w.start:.1f}", f"{w.end:.1f}", tags)
         tables.append(windows)
     return tables

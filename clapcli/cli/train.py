@@ -130,7 +130,7 @@ class _Display:
             output.json_line({k: v for k, v in record.items() if k != "keys"})
             return
         if "warning" in record:
-            output.stderr_console().print(f"[yellow]warning:[/] {record['warning']}", highlight=False)
+            output.stderr_console().print(f"[yellow]warning:[/] {output.literal(record['warning'])}", highlight=False)
         elif record.get("event") == "start":
             self._start(record)
         elif "val" in record:
@@ -168,7 +168,7 @@ class _Display:
 
     def _line(self, text: str) -> None:
         if self.bar is not None:
-            self.bar.console.print(text, highlight=False)
+            self.bar.console.print(text, highlight=False, markup=False)
         else:
             print(text, file=sys.stderr, flush=True)
 

@@ -6,7 +6,8 @@
    (Wav2CLIP models: no tokenizer; config.json names the CLIP text tower, loaded on first text use).
 4. Wav2CLIP's released `Wav2CLIP.pt` (wav2clip.py), told from LAION `.pt` files by its key names.
 
-Nothing here executes pickled code: `.pt` files go through `torch.load(weights_only=True)`.
+Nothing here executes pickled code: `.pt` files go through `torch.load(weights_only=True)`, and only on a torch
+with no known way around it (`SAFE_TORCH`, also the floor in pyproject.toml).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from .clap import ClapModel
 from .config import AudioConfig, ClapConfig, FrontEndConfig, TextConfig
 
 OWN_FORMAT = "clapcli"
+# The first torch whose weights_only unpickler has no published bypass: 2.6 fixed CVE-2025-32434 (code run
+# through weights_only=True), 2.10 fixed CVE-2026-24747 (memory corruption from a crafted .pt, GHSA-63cw-57p8-fm3p).
+SAFE_TORCH = (2, 10)
 OWN_FORMAT_VERSION = 1
 
 # Buffers a model rebuilds from its config. Checkpoints may carry them or not; they are never compared.
@@ -119,6 +123,12 @@ def _config_or_error(path: Path, build) -> ClapConfig:
 def safe_torch_load(path: Path) -> Any:
     import pickle
 
+    found = re.match(r"(\d+)\.(\d+)", str(torch.__version__))
+    if found is None or tuple(map(int, found.groups())) < SAFE_TORCH:
+        raise CheckpointError(
+            f"refusing to load {path} with torch {torch.__version__}: a crafted .pt file can run code in it even with "
+            f"weights_only=True (CVE-2026-24747); upgrade to torch>={'.'.join(map(str, SAFE_TORCH))} or use a "
+            "safetensors model")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import WeightsNotAvailable
+from ..atomic import atomic_write
+from ..errors import CheckpointError, WeightsNotAvailable
 
 DEFAULT_MODEL = "laion/clap-htsat-fused"
 WAV2CLIP_URL = "https://github.com/descriptinc/lyrebird-wav2clip/releases/download/v0.1.0-alpha/Wav2CLIP.pt"
+# Upstream publishes no checksum for Wav2CLIP.pt (none in the release, the wav2clip package or any project found
+# to pin it), and none could be computed offline: left unpinned, a download is held only to what every .pt is
+# (weights_only=True, strict keys and shapes). Set it to a hex digest to check every download against it.
+WAV2CLIP_SHA256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,7 @@ class KnownModel:
     dim: int  # joint embedding width
     note: str = ""
     url: str | None = None  # a single file downloaded from this URL (not the hub) into the torch hub cache
+    sha256: str | None = None  # hex SHA-256 of the file at `url`, checked before the download is kept
     text_tower: str | None = None  # a separately loaded text tower (hub id) that `clap models pull` also caches
 
 
@@ -53,7 +59,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
                    "original LAION checkpoint"),
         KnownModel("wav2clip", "descriptinc/lyrebird-wav2clip", "Wav2CLIP.pt", "ResNet-18", False, 512,
                    "Wav2CLIP (16 kHz); text: CLIP ViT-B/32's text tower, loaded on first text use",
-                   url=WAV2CLIP_URL, text_tower="openai/clip-vit-base-patch32"),
+                   url=WAV2CLIP_URL, sha256=WAV2CLIP_SHA256, text_tower="openai/clip-vit-base-patch32"),
     ]
 }
 
@@ -116,10 +122,31 @@ def _fetch_url(known: KnownModel, download: bool) -> str:
         raise WeightsNotAvailable(hint_text)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        torch.hub.download_url_to_file(known.url, str(target), progress=False)
+        atomic_write(target, writer=lambda tmp: download_verified(known.url, tmp, known.sha256))
+    except CheckpointError:
+        raise
     except Exception as exc:  # URLError, HTTPError, OSError, ...
         raise WeightsNotAvailable(hint_text) from exc
     return str(target)
+
+
+def download_verified(url: str, path, sha256: str | None) -> str:
+    """Stream `url` into `path`, hashing as it is written; returns the hex SHA-256. With `sha256` given, another
+    digest is a CheckpointError (the caller's atomic write then deletes the file: it never takes the cached
+    file's place)."""
+    import hashlib
+    import urllib.request
+
+    digest = hashlib.sha256()
+    request = urllib.request.Request(url, headers={"User-Agent": "clapcli"})
+    with urllib.request.urlopen(request, timeout=60) as response, open(path, "wb") as out:
+        while chunk := response.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+    if sha256 is not None and digest.hexdigest() != sha256.lower():
+        raise CheckpointError(f"the download of {url} has SHA-256 {digest.hexdigest()}, not the published "
+                              f"{sha256.lower()}: not kept (a damaged or replaced file); try again later")
+    return digest.hexdigest()
 
 
 def is_cached(name: str) -> bool:

@@ -127,6 +127,8 @@ def load_clip_text(ref: str, dim: int):
     from transformers import AutoTokenizer, CLIPTextModelWithProjection
     from transformers.utils import logging as hf_logging
 
+    from .pretrained import from_pretrained
+
     local = Path(ref).expanduser()
     source = str(local) if local.is_dir() else ref
     attempts = [{}] if local.is_dir() else [{"local_files_only": True}, {}]
@@ -138,9 +140,11 @@ def load_clip_text(ref: str, dim: int):
     try:
         for kwargs in attempts:
             try:
-                model = CLIPTextModelWithProjection.from_pretrained(source, **kwargs)
+                model = from_pretrained(CLIPTextModelWithProjection, source, "the CLIP text tower", **kwargs)
                 tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
                 break
+            except CheckpointError:
+                raise
             except Exception as exc:  # transformers and the hub raise many types for "not there" and "not CLIP"
                 last = exc
     finally:

@@ -114,12 +114,13 @@ class KeywordToCaption:
 
     def __init__(self, model: str, device: str = "auto", batch_size: int = 16):
         from ..errors import WeightsNotAvailable
+        from ..models.pretrained import from_pretrained
 
         try:
             from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(model)
-            self.model = AutoModelForSeq2SeqLM.from_pretrained(model)
+            self.model = from_pretrained(AutoModelForSeq2SeqLM, model, "--k2c-model")
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise WeightsNotAvailable(

@@ -127,18 +127,24 @@ def _pretrained_text_model(name: str):
     """The pretrained tower of a transformers model (a CLIP checkpoint gives its text half + projection)."""
     from transformers import AutoConfig, AutoModel, CLIPTextModelWithProjection
 
+    from ..errors import CheckpointError
+    from ..models.pretrained import from_pretrained
+
+    what = "--text-model"
     try:
         config = AutoConfig.from_pretrained(name)
         if config.model_type == "clip":  # a full CLIP: its text half, with the projection width of the whole
             text_config = config.text_config
             text_config.projection_dim = config.projection_dim
-            return CLIPTextModelWithProjection.from_pretrained(name, config=text_config)
+            return from_pretrained(CLIPTextModelWithProjection, name, what, config=text_config)
         if config.model_type == "clip_text_model":
-            return CLIPTextModelWithProjection.from_pretrained(name)
+            return from_pretrained(CLIPTextModelWithProjection, name, what)
         try:
-            return AutoModel.from_pretrained(name, add_pooling_layer=True)
+            return from_pretrained(AutoModel, name, what, add_pooling_layer=True)
         except TypeError:  # towers without a pooling option
-            return AutoModel.from_pretrained(name)
+            return from_pretrained(AutoModel, name, what)
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise UsageError(f"--text-model {name}: cannot load it ({str(exc).splitlines()[0]}); give a local "
                          "directory or a model in the Hugging Face cache") from exc

@@ -87,6 +87,8 @@ class ImageTeacher:
         from transformers import CLIPVisionModelWithProjection
         from transformers.utils import logging as hf_logging
 
+        from ..models.pretrained import from_pretrained
+
         self.source = source
         directory = resolve_teacher(source)
         config = _vision_config(directory, source)
@@ -95,8 +97,10 @@ class ImageTeacher:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
-            model, info = CLIPVisionModelWithProjection.from_pretrained(str(directory), config=config,
-                                                                        output_loading_info=True)
+            model, info = from_pretrained(CLIPVisionModelWithProjection, str(directory), "--teacher",
+                                          config=config, output_loading_info=True)
+        except CheckpointError:
+            raise
         except Exception as exc:
             raise CheckpointError(f"--teacher {source}: cannot load its vision tower "
                                   f"({str(exc).splitlines()[0]})") from exc
