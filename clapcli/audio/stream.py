@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..errors import AudioDecodeError, ClapError
+from ..errors import DATA_FAILURE, AudioDecodeError, ClapError, failure_kind
 from .decode import MonoReader, _resampling_rate, quantize_int16
 from .features import fusion_crop_starts
 from .frontend import MelFrontEnd
@@ -65,6 +65,7 @@ class Piece:
     channels: int | None = None  # "end": of the source
     partial: str | None = None  # "end": why only part of the file could be decoded
     error: str | None = None  # "error": why nothing could be decoded (without the path)
+    error_kind: str | None = None  # "error": DATA_FAILURE or ENVIRONMENT_FAILURE (errors.failure_kind)
     messages: list[str] = field(default_factory=list)  # "end"/"error": what the C decoders printed
 
 
@@ -305,11 +306,11 @@ def file_pieces(index: int, path: str, opts: StreamOptions, frontend: MelFrontEn
     try:
         yield from _file_pieces(index, path, opts, frontend)
     except AudioDecodeError as exc:
-        yield Piece(index, path, "error", error=exc.reason)
+        yield Piece(index, path, "error", error=exc.reason, error_kind=failure_kind(exc))
     except ClapError as exc:
-        yield Piece(index, path, "error", error=str(exc))
+        yield Piece(index, path, "error", error=str(exc), error_kind=failure_kind(exc))
     except (OSError, RuntimeError, ValueError, MemoryError) as exc:
-        yield Piece(index, path, "error", error=f"{type(exc).__name__}: {exc}")
+        yield Piece(index, path, "error", error=f"{type(exc).__name__}: {exc}", error_kind=failure_kind(exc))
 
 
 def _file_pieces(index: int, path: str, opts: StreamOptions, frontend: MelFrontEnd | None) -> Iterator[Piece]:
@@ -365,7 +366,7 @@ def _file_pieces(index: int, path: str, opts: StreamOptions, frontend: MelFrontE
         partial, messages, channels, source_sr = reader.partial, reader.messages, info.channels, info.sample_rate
 
     if total == 0:
-        yield piece("error", error="no audio frames", messages=messages)
+        yield piece("error", error="no audio frames", error_kind=DATA_FAILURE, messages=messages)
         return
     if not long:
         yield piece("clip", samples=np.concatenate(head) if len(head) > 1 else head[0])

@@ -89,7 +89,8 @@ def write_partition(directory: Path, rank: int, results: Iterable[AudioEmbedding
     records, vectors = [], []
     for result in results:
         record = {"path": result.path, "duration": result.duration, "error": result.error,
-                  "sample_rate": result.sample_rate, "channels": result.channels, "partial": result.partial}
+                  "error_kind": result.error_kind, "sample_rate": result.sample_rate, "channels": result.channels,
+                  "partial": result.partial}
         if result.error is None:
             record["row"] = len(vectors)
             record["segments"] = [[s.start, s.end] for s in result.segments]
@@ -116,7 +117,8 @@ def read_partition(directory: Path, rank: int) -> Iterator[AudioEmbedding]:
     for rec in doc["files"]:
         if rec["error"] is not None:
             yield AudioEmbedding(rec["path"], rec["duration"], None, error=rec["error"],
-                                 sample_rate=rec["sample_rate"], channels=rec["channels"])
+                                 sample_rate=rec["sample_rate"], channels=rec["channels"],
+                                 error_kind=rec.get("error_kind"))
             continue
         row = rec["row"]
         segments = [Segment(start, end, np.array(vectors[row + 1 + k]))
