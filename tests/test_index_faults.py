@@ -241,3 +241,37 @@ def test_ctrl_c_during_a_long_file_keeps_the_files_finished_before_it(tmp_path, 
     assert sorted(file_vectors(index_dir)) == [str(p) for p in paths[:2]]
     rerun = index(root, index_dir, model)
     assert rerun.added == 2 and rerun.unchanged == 2
+
+
+# -- a decoder that crashes its worker process --------------------------------------------------------
+
+
+@pytest.mark.parametrize("signal_name, kind", [("SIGSEGV", DATA_FAILURE), ("SIGKILL", ENVIRONMENT_FAILURE)])
+def test_a_worker_crash_is_blamed_on_its_file_and_the_run_goes_on(tmp_path, model, monkeypatch, signal_name, kind):
+    import os
+    import signal
+
+    import torch
+
+    from clapcli.audio import stream
+    from clapcli.audio.loader import MIN_FILES_FOR_WORKERS
+
+    root, index_dir = tmp_path / "lib", tmp_path / "idx"
+    paths = clips(root, MIN_FILES_FOR_WORKERS + 2, seconds=0.5)
+    poisoned = paths[5]
+
+    class PoisonedDecoder(stream.MonoReader):  # inherited by the forked decode workers
+        def __init__(self, path, *args, **kwargs):
+            if os.fspath(path) == str(poisoned) and torch.utils.data.get_worker_info() is not None:
+                os.kill(os.getpid(), getattr(signal, signal_name))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(stream, "MonoReader", PoisonedDecoder)
+    first = index(root, index_dir, model, workers=2)
+    assert first.added == len(paths) - 1 and [p for p, _ in first.skipped] == [str(poisoned)]
+    with IndexStore.open(index_dir, readonly=True) as store:
+        (row,) = store.error_files()
+    assert row.path == str(poisoned) and row.error_kind == kind
+    assert row.error == f"the decoder crashed its worker process (killed by {signal_name})"
+    again = index(root, index_dir, model, workers=2)
+    assert again.retried == (kind == ENVIRONMENT_FAILURE) and again.unchanged == len(paths) - again.retried
