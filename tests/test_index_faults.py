@@ -10,7 +10,6 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from audio_synth import tone_noise, write_audio
