@@ -25,7 +25,7 @@ import torch
 
 from .audio.decode import load_audio, to_model_rate
 from .audio.features import FeatureBuilder, window_starts
-from .errors import ClapError
+from .errors import ClapError, failure_kind
 from .identity import fingerprint, model_identity
 from .models.checkpoints import LoadedCheckpoint, load_checkpoint, save_own
 from .models.registry import DEFAULT_MODEL
@@ -57,6 +57,7 @@ class AudioEmbedding:
     sample_rate: int | None = None  # of the source file
     channels: int | None = None  # of the source file
     partial: str | None = None  # why only part of the file could be decoded (what decoded was embedded)
+    error_kind: str | None = None  # with `error`: DATA_FAILURE or ENVIRONMENT_FAILURE (errors.failure_kind)
 
 
 @dataclass
@@ -70,10 +71,11 @@ class _StreamedFile:
     ended: bool = False
     end: object = None  # the "end" (or "error") piece
     error: str | None = None
+    error_kind: str | None = None
 
     def result(self, sr: int, clip: int, segments: bool, normalize: bool) -> AudioEmbedding:
         if self.error is not None:
-            return AudioEmbedding(self.path, 0.0, None, error=self.error)
+            return AudioEmbedding(self.path, 0.0, None, error=self.error, error_kind=self.error_kind)
         n = self.end.samples_total
         embedding, segs = _file_level(self.vector, self.windows, n, sr, clip, segments, normalize)
         return AudioEmbedding(self.path, n / sr, embedding, segs, sample_rate=self.end.sample_rate,
@@ -387,7 +389,8 @@ class Clap:
                         run([job])
                     return
                 state = files[batch[0][0]]
-                state.error = state.error or _embed_failure(exc)
+                if state.error is None:
+                    state.error, state.error_kind = _embed_failure(exc), failure_kind(exc)
                 vectors = [None]
             for (i, kind, _, _), vec in zip(batch, vectors):
                 state = files[i]
@@ -417,7 +420,8 @@ class Clap:
                 payload = FusionStack(piece.features, piece.longer)
             elif piece.kind in ("end", "error"):
                 state.ended, state.end = True, piece
-                state.error = state.error or piece.error
+                if state.error is None:
+                    state.error, state.error_kind = piece.error, piece.error_kind
                 _log_messages(piece.path, piece.messages)
             if payload is not None:
                 jobs.append((piece.index, "file" if piece.kind != "window" else piece.start, payload, None))
@@ -446,7 +450,7 @@ class Clap:
                 return self.embed_waveforms(waves, segments=segments, batch_size=batch_size, normalize=normalize)
             except (RuntimeError, ValueError, MemoryError) as exc:
                 if len(decoded) == 1:
-                    decoded[0].error = _embed_failure(exc)
+                    decoded[0].error, decoded[0].error_kind = _embed_failure(exc), failure_kind(exc)
                     return []
                 return [e for d in decoded for e in embed([d])]  # find the file at fault, keep the rest
 
@@ -456,7 +460,7 @@ class Clap:
                 if d.error is not None:
                     if on_error:
                         on_error(d.path, d.error)
-                    yield AudioEmbedding(d.path, 0.0, None, error=d.error)
+                    yield AudioEmbedding(d.path, 0.0, None, error=d.error, error_kind=d.error_kind)
                 else:
                     e = next(it)
                     e.path, e.sample_rate, e.channels, e.partial = d.path, d.sample_rate, d.channels, d.partial

@@ -21,11 +21,13 @@ class UsageError(ClapError):
 
 
 class AudioDecodeError(ClapError):
-    """A file could not be read as audio: the message is "PATH: reason"; `reason` alone says why."""
+    """A file could not be read as audio: the message is "PATH: reason"; `reason` alone says why, `kind`
+    whether the file is at fault (`DATA_FAILURE`) or the machine (`ENVIRONMENT_FAILURE`: see `failure_kind`)."""
 
-    def __init__(self, path: str, reason: str):
+    def __init__(self, path: str, reason: str, kind: str | None = None):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = path, reason
+        self.kind = kind or DATA_FAILURE
 
 
 class CheckpointError(ClapError):
@@ -56,3 +58,36 @@ class DataError(ClapError):
 class TrainingError(ClapError):
     """A training run cannot go on: the loss diverged, memory ran out (with what to change), or the run
     directory holds another run."""
+
+
+# What a failure to embed a file says about the file: `clap index` records it with the error and tries an
+# environmental failure again on every run, a data failure only once the file has changed.
+DATA_FAILURE = "data"  # the file itself cannot be embedded (bad bytes, a decoder that rejects or crashes on it)
+ENVIRONMENT_FAILURE = "environment"  # the machine failed, not the file: retried on every run
+FAILURE_KINDS = (DATA_FAILURE, ENVIRONMENT_FAILURE)
+
+
+def failure_kind(exc: BaseException) -> str:
+    """`ENVIRONMENT_FAILURE` when `exc` (or an exception it was raised from) comes from the machine rather
+    than the file's bytes: any OSError (no space in TMPDIR, EIO/ESTALE on a network share, a permission or a
+    mount missing on this node), running out of memory (MemoryError, CUDA or CPU allocator out of memory);
+    `DATA_FAILURE` otherwise. An OSError never describes a file's content: decoders report bad bytes with
+    their own errors."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (OSError, MemoryError)):
+            return ENVIRONMENT_FAILURE
+        if isinstance(exc, AudioDecodeError) and exc.kind == ENVIRONMENT_FAILURE:
+            return ENVIRONMENT_FAILURE
+        if isinstance(exc, RuntimeError) and _out_of_memory(str(exc)):
+            return ENVIRONMENT_FAILURE
+        exc = exc.__cause__
+    return DATA_FAILURE
+
+
+def _out_of_memory(message: str) -> bool:
+    """torch's messages for an allocation that failed: CUDA and MPS "out of memory", the CPU allocator's
+    "can't allocate memory"."""
+    message = message.lower()
+    return "out of memory" in message or "can't allocate memory" in message

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import AudioDecodeError
+from ..errors import ENVIRONMENT_FAILURE, AudioDecodeError
 
 logger = logging.getLogger("clapcli.audio")
 
@@ -80,16 +80,17 @@ def out_of_memory(err: MemoryError) -> str:
     return "out of memory while decoding" + (f" ({detail})" if detail else "")
 
 
-def _fail(path, reason: str) -> AudioDecodeError:
+def _fail(path, reason: str, kind: str | None = None) -> AudioDecodeError:
     reason = " ".join(str(reason).split())  # one line, whatever libsndfile said
-    return AudioDecodeError(os.fspath(path), reason)
+    return AudioDecodeError(os.fspath(path), reason, kind)
 
 
 def _check_file(path) -> None:
-    """Reasons that need no decoder: a missing path, a directory, a 0-byte file."""
+    """Reasons that need no decoder: a missing path, a directory, a 0-byte file. A path that vanished since
+    it was listed (an unmounted share, a node without the mount) is the machine's failure, not the file's."""
     p = os.fspath(path)
     if not os.path.exists(p):
-        raise _fail(p, "file not found")
+        raise _fail(p, "file not found", ENVIRONMENT_FAILURE)
     if os.path.isdir(p):
         raise _fail(p, "is a directory, not an audio file")
     if os.path.getsize(p) == 0:
@@ -117,7 +118,9 @@ def _open(path):
         # bytes on POSIX: soundfile encodes a str strictly, so a name that is not UTF-8 could not be opened
         return sf.SoundFile(os.fsencode(path) if os.name == "posix" else os.fspath(path))
     except sf.LibsndfileError as err:
-        raise _fail(path, _libsndfile_reason(err)) from err
+        # libsndfile's "System error": the operating system refused the open (permissions, I/O), not the bytes
+        kind = ENVIRONMENT_FAILURE if "System error" in _raw_reason(err) else None
+        raise _fail(path, _libsndfile_reason(err), kind) from err
     except (RuntimeError, OSError, ValueError, TypeError) as err:
         raise _fail(path, f"cannot be opened ({err})") from err
 
@@ -319,7 +322,12 @@ def captured_stderr(messages: list[str]) -> Iterator[None]:
     except (OSError, ValueError):
         yield
         return
-    with tempfile.TemporaryFile() as sink:
+    try:
+        sink = tempfile.TemporaryFile()
+    except BaseException:  # no space in TMPDIR, say: the caller reports it; the saved fd must not leak
+        os.close(saved)
+        raise
+    with sink:
         try:
             os.dup2(sink.fileno(), 2)
             yield

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from ..errors import AudioDecodeError, ClapError
+from ..errors import DATA_FAILURE, AudioDecodeError, ClapError, failure_kind
 from .decode import read_mono, to_model_rate
 
 
@@ -35,21 +35,23 @@ class Decoded:
     channels: int | None = None  # of the source file
     error: str | None = None  # why it failed, without the path (callers report the path themselves)
     partial: str | None = None  # why only part of the file decoded (`samples` holds that part)
+    error_kind: str | None = None  # DATA_FAILURE or ENVIRONMENT_FAILURE (errors.failure_kind), with `error`
 
 
 def decode_one(path: str, sample_rate: int, quantize: bool) -> Decoded:
     try:
         mono, info = read_mono(path)
         if len(mono) == 0:
-            return Decoded(path, None, info.sample_rate, info.channels, error="no audio frames")
+            return Decoded(path, None, info.sample_rate, info.channels, error="no audio frames",
+                           error_kind=DATA_FAILURE)
         samples = to_model_rate(mono, info.sample_rate, sample_rate, quantize)
         return Decoded(path, samples, info.sample_rate, info.channels, partial=info.partial)
     except AudioDecodeError as exc:
-        return Decoded(path, None, error=exc.reason)
+        return Decoded(path, None, error=exc.reason, error_kind=failure_kind(exc))
     except ClapError as exc:
-        return Decoded(path, None, error=str(exc))
+        return Decoded(path, None, error=str(exc), error_kind=failure_kind(exc))
     except (OSError, RuntimeError, ValueError, MemoryError) as exc:
-        return Decoded(path, None, error=f"{type(exc).__name__}: {exc}")
+        return Decoded(path, None, error=f"{type(exc).__name__}: {exc}", error_kind=failure_kind(exc))
 
 
 class _Files(torch.utils.data.Dataset):

@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..errors import AudioDecodeError, ClapError
+from ..errors import DATA_FAILURE, AudioDecodeError, ClapError, failure_kind
 from .decode import MonoReader, _resampling_rate, bounded_block_frames, quantize_int16
 from .features import fusion_crop_starts
 from .frontend import MelFrontEnd
@@ -65,6 +65,7 @@ class Piece:
     channels: int | None = None  # "end": of the source
     partial: str | None = None  # "end": why only part of the file could be decoded
     error: str | None = None  # "error": why nothing could be decoded (without the path)
+    error_kind: str | None = None  # "error": DATA_FAILURE or ENVIRONMENT_FAILURE (errors.failure_kind)
     messages: list[str] = field(default_factory=list)  # "end"/"error": what the C decoders printed
 
 
@@ -312,11 +313,11 @@ def file_pieces(index: int, path: str, opts: StreamOptions, frontend: MelFrontEn
     try:
         yield from _file_pieces(index, path, opts, frontend)
     except AudioDecodeError as exc:
-        yield Piece(index, path, "error", error=exc.reason)
+        yield Piece(index, path, "error", error=exc.reason, error_kind=failure_kind(exc))
     except ClapError as exc:
-        yield Piece(index, path, "error", error=str(exc))
+        yield Piece(index, path, "error", error=str(exc), error_kind=failure_kind(exc))
     except (OSError, RuntimeError, ValueError, MemoryError) as exc:
-        yield Piece(index, path, "error", error=f"{type(exc).__name__}: {exc}")
+        yield Piece(index, path, "error", error=f"{type(exc).__name__}: {exc}", error_kind=failure_kind(exc))
 
 
 def _file_pieces(index: int, path: str, opts: StreamOptions, frontend: MelFrontEnd | None) -> Iterator[Piece]:
@@ -372,7 +373,7 @@ def _file_pieces(index: int, path: str, opts: StreamOptions, frontend: MelFrontE
         partial, messages, channels, source_sr = reader.partial, reader.messages, info.channels, info.sample_rate
 
     if total == 0:
-        yield piece("error", error="no audio frames", messages=messages)
+        yield piece("error", error="no audio frames", error_kind=DATA_FAILURE, messages=messages)
         return
     if not long:
         yield piece("clip", samples=np.concatenate(head) if len(head) > 1 else head[0])
@@ -408,40 +409,154 @@ def _second_pass(path: str, opts: StreamOptions, total: int, frontend: MelFrontE
 
 
 class _PieceStream(torch.utils.data.IterableDataset):
-    """Worker k streams files k, k + W, k + 2W, …; the DataLoader interleaves the workers' pieces."""
+    """Worker k streams files order[k], order[k + W], …; the DataLoader interleaves the workers' pieces.
 
-    def __init__(self, paths: Sequence[str], opts: StreamOptions):
+    `skip[i]` pieces of file i are dropped (handed over before a worker crash restarted the stream); worker k
+    writes its pid to `pids[k]` and the index of the file it is decoding to `current[k]` (-1 between files),
+    so that a worker that dies can be blamed on its file (shared memory: written before the crash, whatever
+    the queue to the parent still held)."""
+
+    def __init__(self, paths: Sequence[str], opts: StreamOptions, order: Sequence[int] | None = None,
+                 skip: dict[int, int] | None = None, pids=None, current=None):
         self.paths, self.opts = list(paths), opts
+        self.order = list(range(len(self.paths))) if order is None else list(order)
+        self.skip, self.pids, self.current = dict(skip or {}), pids, current
 
     def __iter__(self) -> Iterator[Piece]:
         info = torch.utils.data.get_worker_info()
         k, step = (info.id, info.num_workers) if info is not None else (0, 1)
         frontend = MelFrontEnd(self.opts.frontend) if self.opts.fusion else None
-        for i in range(k, len(self.paths), step):
-            yield from file_pieces(i, self.paths[i], self.opts, frontend)
+        if self.pids is not None:
+            self.pids[k] = os.getpid()
+        for i in self.order[k::step]:
+            if self.current is not None:
+                self.current[k] = i
+            for n, piece in enumerate(file_pieces(i, self.paths[i], self.opts, frontend)):
+                if n >= self.skip.get(i, 0):
+                    if piece.samples is not None:
+                        # to the parent through shared memory, like `features`: what goes down the pipe is then
+                        # a message short enough to be written at once, so a worker killed while sending
+                        # leaves no half message that would block the parent's read for ever
+                        piece.samples = torch.from_numpy(piece.samples)
+                    yield piece
+            if self.current is not None:
+                self.current[k] = -1
 
 
 def iter_pieces(paths: Sequence, opts: StreamOptions, workers: int = 0,
                 frontend: MelFrontEnd | None = None) -> Iterator[Piece]:
     """Pieces of every file; each file's pieces in order, files interleaved when `workers` > 0.
 
-    `frontend` (inline decoding only) computes the fusion mel, e.g. on the model's device."""
-    from .loader import MIN_FILES_FOR_WORKERS, die_with_parent, _identity
+    `frontend` (inline decoding only) computes the fusion mel, e.g. on the model's device. A decode worker
+    that dies (a decoder's segfault on a poisoned file, the OOM killer) is blamed on the file it was decoding:
+    that file gets an "error" piece saying so, and fresh workers carry on with the files not yet finished
+    (a file some of whose pieces were handed over goes on from where it was)."""
+    from .loader import MIN_FILES_FOR_WORKERS
 
     paths = [os.fspath(p) for p in paths]
     if workers <= 0 or len(paths) < MIN_FILES_FOR_WORKERS:
         for i, p in enumerate(paths):
             yield from file_pieces(i, p, opts, frontend)
         return
+    todo = list(range(len(paths)))  # files not finished, in input order
+    handed: dict[int, int] = {}  # pieces handed over of each file not finished
+    while todo:
+        finished: set[int] = set()
+        num = min(workers, len(todo))
+        pids, current = _shared_slots(num), _shared_slots(num)
+        it = _piece_loader(_PieceStream(paths, opts, todo, handed, pids, current), num)
+        try:
+            for piece in it:
+                if isinstance(piece.samples, torch.Tensor):
+                    piece.samples = piece.samples.numpy()
+                if piece.kind in ("end", "error"):
+                    finished.add(piece.index)
+                    handed.pop(piece.index, None)
+                else:
+                    handed[piece.index] = handed.get(piece.index, 0) + 1
+                yield piece
+            return
+        except RuntimeError as exc:
+            blamed = _blame_dead_workers(exc, it, pids, current, finished)
+            if not blamed:
+                raise
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()  # the surviving workers stop before fresh ones start
+        for i, reason, kind in blamed:
+            handed.pop(i, None)
+            finished.add(i)
+            yield Piece(i, paths[i], "error", error=reason, error_kind=kind)
+        todo = [i for i in todo if i not in finished]
+
+
+def _piece_loader(stream: _PieceStream, num_workers: int):
+    """An iterator over a DataLoader of `stream` whose workers' deaths are raised only from `next()`.
+
+    torch's SIGCHLD handler raises a worker's death as a RuntimeError wherever the main thread happens to be
+    (in the middle of a forward pass, a database commit); unregistered, the workers' death is found by the
+    iterator itself, which raises it from `next()` within a few seconds (torch's MP_STATUS_CHECK_INTERVAL),
+    where `iter_pieces` can blame the file and carry on."""
     import functools
 
+    from .loader import _identity, die_with_parent
+
     loader = torch.utils.data.DataLoader(
-        _PieceStream(paths, opts),
+        stream,
         batch_size=None,
-        num_workers=min(workers, len(paths)),
+        num_workers=num_workers,
         collate_fn=_identity,
         prefetch_factor=4,  # pieces waiting per worker: each at most one 10 s window or one fusion stack
         persistent_workers=False,
         worker_init_fn=functools.partial(die_with_parent, os.getpid()),
     )
-    yield from loader
+    it = iter(loader)
+    if getattr(it, "_worker_pids_set", False):
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False
+    return it
+
+
+def _shared_slots(n: int):
+    """n int64 slots in shared memory, -1 each; None where shared memory cannot be had (then a dead worker
+    cannot be blamed on its file, and its death ends the run as before)."""
+    import multiprocessing
+
+    try:
+        slots = multiprocessing.RawArray("q", n)
+    except OSError:
+        return None
+    for k in range(n):
+        slots[k] = -1
+    return slots
+
+
+def _blame_dead_workers(exc: RuntimeError, it, pids, current, finished: set[int]) -> list[tuple[int, str, str]]:
+    """(file index, reason, failure kind) for each worker named dead by the DataLoader's `exc` that was
+    decoding a file; [] when `exc` is something else or no file can be named."""
+    import re
+    import signal
+
+    from ..errors import DATA_FAILURE, ENVIRONMENT_FAILURE
+
+    found = re.search(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\)", str(exc))
+    if found is None or pids is None or current is None:
+        return []
+    dead = {int(p) for p in found.group(1).split(",") if p.strip()}
+    processes = getattr(it, "_workers", [])
+    blamed = []
+    for k in range(len(pids)):
+        i = current[k]
+        if pids[k] not in dead or i < 0 or i in finished:
+            continue
+        code = processes[k].exitcode if k < len(processes) else None
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            how = f"killed by {name}"
+        else:
+            how = "exited unexpectedly" if code is None else f"exited with code {code}"
+        # SIGKILL is the OOM killer's (or someone's) doing, not the file's: tried again on the next run
+        kind = ENVIRONMENT_FAILURE if code in (None, -signal.SIGKILL) else DATA_FAILURE
+        blamed.append((i, f"the decoder crashed its worker process ({how})", kind))
+    return blamed

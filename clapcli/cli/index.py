@@ -173,6 +173,16 @@ def _print_summary(s) -> None:
                   soft_wrap=True)
     if len(s.partial) > 20:
         con.print(f"  … and {len(s.partial) - 20} more partly decoded (see --json)", highlight=False)
+    for path, reason in s.kept_previous[:20]:
+        con.print(f"  [yellow]kept previous embeddings[/] {escape(output.display_path(path))}: its new version "
+                  f"failed ({escape(output.display_path(reason))})", highlight=False, soft_wrap=True)
+    if s.retried:
+        con.print(f"tried {s.retried} earlier environmental failures again", highlight=False)
+    retry = [f"{n} {what}" for n, what in ((len(s.retry_files), "environmental failures (no space, I/O, memory…)"),
+                                           (len(s.kept_previous), "files whose previous embeddings were kept"))
+             if n]
+    if retry:
+        con.print(f"to be tried again on the next run: {', '.join(retry)}", highlight=False)
 
 
 class _IndexProgress:

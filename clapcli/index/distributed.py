@@ -110,8 +110,8 @@ def write_partition(directory: Path, rank: int, results: Iterable[AudioEmbedding
     for result in results:
         size, mtime_ns = stats[result.path]
         record = {"path": result.path, "size": size, "mtime_ns": mtime_ns, "duration": result.duration,
-                  "error": result.error, "sample_rate": result.sample_rate, "channels": result.channels,
-                  "partial": result.partial}
+                  "error": result.error, "error_kind": result.error_kind, "sample_rate": result.sample_rate,
+                  "channels": result.channels, "partial": result.partial}
         if result.error is None:
             record["row"] = len(vectors)
             record["segments"] = [[s.start, s.end] for s in result.segments]
@@ -148,7 +148,8 @@ class Partition:
         rec = self.records[i]
         if rec["error"] is not None:
             return AudioEmbedding(rec["path"], rec["duration"], None, error=rec["error"],
-                                  sample_rate=rec["sample_rate"], channels=rec["channels"])
+                                  sample_rate=rec["sample_rate"], channels=rec["channels"],
+                                  error_kind=rec.get("error_kind"))
         row = rec["row"]
         segments = [Segment(start, end, np.array(self._vectors[row + 1 + k]))
                     for k, (start, end) in enumerate(rec["segments"])]

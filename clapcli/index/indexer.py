@@ -19,16 +19,17 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
-from ..errors import ClapError, IndexStoreError, UsageError
+from ..errors import DATA_FAILURE, ENVIRONMENT_FAILURE, ClapError, IndexStoreError, UsageError
 from .lock import WriterLock
 from .scan import AUDIO_EXTENSIONS, ScanEntry, ScanProblem, matches_exclude, scan
 from .schema import DB_FILENAME
 from .store import LOSSY_PRECISIONS, IndexStore, content_hash
 
 COMMIT_EVERY_FILES = 64  # files per SQLite transaction
-COMMIT_EVERY_SECONDS = 30.0  # or sooner, so a slow batch never holds back a commit for long
+COMMIT_EVERY_SECONDS = 30.0  # or sooner: wall time since the last commit, so a slow batch never holds one back
+COMMIT_EVERY_AUDIO_SECONDS = 600.0  # or sooner: audio embedded since the last commit (a few long takes)
 LOCK_GRACE_SECONDS = 5.0  # how long a writer waits for the lock without --wait
 
 
@@ -57,6 +58,12 @@ class IndexSummary:
     precisions: list[str] = field(default_factory=list)  # what the stored vectors were computed at (sorted)
     kept_unread: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): unreadable now, row kept
     forgotten: list[tuple[str, int]] = field(default_factory=list)  # (folder, files removed): --forget
+    retried: int = 0  # error rows tried again although unchanged: their failure was the machine's
+    environment_failures: int = 0  # of `skipped`: files that failed for an environmental reason, this run
+    kept_previous: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): re-embed failed, this
+    # run; the previous embeddings stay, and the next run tries again
+    retry_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of every error row the
+    # next run tries again (environmental failures)
 
     def to_dict(self) -> dict:
         return {
@@ -88,6 +95,11 @@ class IndexSummary:
             "reproducible": not self.lossy_precisions,
             "kept_unreadable": [{"path": p, "reason": r} for p, r in self.kept_unread],
             "forgotten": [{"path": p, "removed_files": n} for p, n in self.forgotten],
+            "retried": self.retried,
+            "environment_failures": self.environment_failures,
+            "kept_previous": [{"path": p, "reason": r} for p, r in self.kept_previous],
+            "retry_next_run": len(self.retry_files) + len(self.kept_previous),
+            "retry_files": [{"path": p, "reason": r} for p, r in self.retry_files],
         }
 
     @property
@@ -105,6 +117,31 @@ class Plan:
     touched: list[ScanEntry]  # same content, new size/mtime
     unchanged: int
     to_remove: list[str]
+    retried: list[str] = field(default_factory=list)  # of to_embed: unchanged error rows of environmental failures
+    embedded: set[str] = field(default_factory=set)  # of to_embed: stored with embeddings (status ok or partial)
+
+
+@dataclass
+class CommitRule:
+    """When the indexer commits: after `files` files, `seconds` of wall time or `audio_seconds` of audio since
+    the last commit, whichever comes first. Time and audio bound the work an interruption costs on a folder of
+    long takes, where 64 files can be hours of audio."""
+
+    files: int = COMMIT_EVERY_FILES
+    seconds: float = COMMIT_EVERY_SECONDS  # wall time
+    audio_seconds: float = COMMIT_EVERY_AUDIO_SECONDS  # audio embedded
+    _started: float = 0.0  # time.monotonic() of the last commit
+    _audio: float = 0.0  # audio seconds embedded since then
+
+    def restart(self) -> None:
+        self._started, self._audio = time.monotonic(), 0.0
+
+    def add(self, audio_seconds: float) -> None:
+        self._audio += audio_seconds
+
+    def due(self, files: int) -> bool:
+        return (files >= self.files or time.monotonic() - self._started >= self.seconds
+                or self._audio >= self.audio_seconds)
 
 
 def plan_changes(store: IndexStore, entries: Sequence[ScanEntry], roots: Sequence[Path],
@@ -112,9 +149,10 @@ def plan_changes(store: IndexStore, entries: Sequence[ScanEntry], roots: Sequenc
     """What to embed, re-stat and prune. Stored files are pruned when they were not seen under the roots
     or under a directory the scan reached through a symbolic link (stored paths are resolved, so those
     can lie outside every root). Files under `unread_dirs` (folders whose listing failed this time) are
-    kept: a passing I/O or permission error must not empty part of the index."""
+    kept: a passing I/O or permission error must not empty part of the index. An unchanged file whose last
+    attempt failed for an environmental reason (`FileRecord.retried`) is embedded again."""
     states = store.file_states()
-    to_embed, touched, new_paths, unchanged, hashes = [], [], set(), 0, {}
+    to_embed, touched, new_paths, unchanged, hashes, retried = [], [], set(), 0, {}, []
     seen = set()
     for entry in entries:
         path = str(entry.path)
@@ -124,7 +162,11 @@ def plan_changes(store: IndexStore, entries: Sequence[ScanEntry], roots: Sequenc
             to_embed.append(entry)
             new_paths.add(path)
         elif state.size == entry.size and state.mtime_ns == entry.mtime_ns:
-            unchanged += 1
+            if state.retried:
+                to_embed.append(entry)
+                retried.append(path)
+            else:
+                unchanged += 1
         else:
             hashes[path] = _hash_or_none(path)
             if state.size == entry.size and state.content_hash and hashes[path] == state.content_hash:
@@ -139,7 +181,8 @@ def plan_changes(store: IndexStore, entries: Sequence[ScanEntry], roots: Sequenc
     for entry in to_embed:
         if str(entry.path) not in hashes:
             hashes[str(entry.path)] = _hash_or_none(str(entry.path))
-    return Plan(to_embed, hashes, new_paths, touched, unchanged, to_remove)
+    embedded = {str(e.path) for e in to_embed if str(e.path) in states and states[str(e.path)].status != "error"}
+    return Plan(to_embed, hashes, new_paths, touched, unchanged, to_remove, retried, embedded)
 
 
 def _under(path: str, dirs: Sequence) -> bool:
@@ -194,6 +237,8 @@ def build_index(
     on_audio: Callable[[str, float, float], None] | None = None,
     forget: Sequence[str | os.PathLike] = (),
     on_committed: Callable[[], None] | None = None,
+    commit_seconds: float = COMMIT_EVERY_SECONDS,
+    commit_audio_seconds: float = COMMIT_EVERY_AUDIO_SECONDS,
 ) -> IndexSummary:
     """Index `roots` into `index_dir`. `load_model(name)` is called only when something needs embedding.
 
@@ -210,7 +255,13 @@ def build_index(
     `on_audio(path, seconds, expected_seconds)` reports decoded audio as it goes, within long files too;
     `on_file(result)` each embedded (or failed) file. `on_committed()` is called under the writer lock once
     everything the run embedded is committed to the index (by a rebuild: swapped in).
+
+    Embedded files are committed every `commit_every` files, `commit_seconds` of wall time or
+    `commit_audio_seconds` of audio, whichever comes first, and on Ctrl-C (KeyboardInterrupt) the files
+    finished since the last commit are committed before `IndexInterrupted` is raised: an interruption costs
+    the files in flight, whatever their lengths.
     """
+    commits = CommitRule(commit_every, commit_seconds, commit_audio_seconds)
     started = time.monotonic()
     remembered = _remembered_roots(index_dir, rebuild)
     forgotten = _forgotten_roots(forget, remembered, index_dir)
@@ -258,11 +309,11 @@ def build_index(
     with WriterLock(index_dir, wait=True, timeout=None if wait else LOCK_GRACE_SECONDS):
         if rebuild and IndexStore.exists(index_dir):
             summary = _rebuild(index_dir, model, damaged, root_paths, entries, problems, linked, prune_empty,
-                               batch_size, workers, on_plan, (on_file, on_audio), commit_every, empty_dirs=empty_dirs)
+                               batch_size, workers, on_plan, (on_file, on_audio), commits, empty_dirs=empty_dirs)
         else:
             with IndexStore.open(index_dir, create=True) as store:
                 summary = _update(store, model, load_model, model_name, root_paths, entries, problems, linked,
-                                  prune_empty, batch_size, workers, on_plan, (on_file, on_audio), commit_every,
+                                  prune_empty, batch_size, workers, on_plan, (on_file, on_audio), commits,
                                   exclude=exclude, empty_dirs=empty_dirs, forget=forgotten)
         if on_committed is not None:
             on_committed()
@@ -275,12 +326,13 @@ def build_index(
             summary.unreadable = [(r.path, r.error or "") for r in store.error_files()]
             summary.partial_files = [(r.path, r.error or "") for r in store.partial_files()]
             summary.precisions = store.precisions
+            summary.retry_files = [(r.path, r.error or "") for r in store.error_files() if r.retried]
     summary.seconds = time.monotonic() - started
     return summary
 
 
 def _update(store: IndexStore, model, load_model, model_name, root_paths, entries, problems, linked,
-            prune_empty, batch_size, workers, on_plan, callbacks, commit_every, exclude=(), empty_dirs=(),
+            prune_empty, batch_size, workers, on_plan, callbacks, commits, exclude=(), empty_dirs=(),
             forget=()) -> IndexSummary:
     """Bring `store` up to date with the scan: prune, re-stat, embed and commit in batches; remember
     `root_paths` and forget the roots in `forget`, with their files.
@@ -295,6 +347,7 @@ def _update(store: IndexStore, model, load_model, model_name, root_paths, entrie
     summary = IndexSummary(str(store.index_dir), name or "")
     summary.scanned = len(entries)
     summary.unchanged = plan.unchanged
+    summary.retried = len(plan.retried)
     summary.skipped.extend((str(p.path), p.reason) for p in problems)
     summary.emptied_roots = [(str(r), n) for r, n in empty]
     unread = {os.path.realpath(p.path): p.reason for p in problems if p.unread}
@@ -330,7 +383,7 @@ def _update(store: IndexStore, model, load_model, model_name, root_paths, entrie
 
     if plan.to_embed:
         try:
-            _embed_and_commit(store, model, plan, summary, batch_size, workers, callbacks, commit_every)
+            _embed_and_commit(store, model, plan, summary, batch_size, workers, callbacks, commits)
         except KeyboardInterrupt:
             left = len(plan.to_embed) - summary.committed
             raise IndexInterrupted(
@@ -411,7 +464,7 @@ def left_out_message(index_dir: Path, left_out: Sequence[str]) -> str:
 
 
 def _rebuild(index_dir: Path, model, damaged: bool, root_paths, entries, problems, linked, prune_empty,
-             batch_size, workers, on_plan, callbacks, commit_every, empty_dirs=()) -> IndexSummary:
+             batch_size, workers, on_plan, callbacks, commits, empty_dirs=()) -> IndexSummary:
     """Build a fresh store in `index_dir/.rebuild`, then swap it in; the old one serves until the swap."""
     db = index_dir / DB_FILENAME
     if not damaged:
@@ -433,7 +486,7 @@ def _rebuild(index_dir: Path, model, damaged: bool, root_paths, entries, problem
     try:
         with IndexStore.open(staging, create=True) as store:
             summary = _update(store, model, None, None, root_paths, entries, problems, linked, True,
-                              batch_size, workers, on_plan, callbacks, commit_every)
+                              batch_size, workers, on_plan, callbacks, commits)
             store.checkpoint()  # everything in the main file, so the database is one file to move
         summary.index = str(index_dir)
         if damaged:
@@ -470,38 +523,61 @@ def emptied_message(emptied: Sequence[tuple], outcome: str) -> str:
 
 
 def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_size, workers, callbacks,
-                      commit_every: int) -> None:
+                      commits: CommitRule) -> None:
+    """Embed `plan.to_embed` and commit the results as `commits` says; on KeyboardInterrupt, commit the files
+    finished since the last commit before letting it through (a sharded run's too: its partitions stay until
+    the whole run is committed)."""
     on_file, on_audio = callbacks
     by_path = {str(e.path): e for e in plan.to_embed}
     sharded = getattr(model, "sharded", False)  # a torchrun-sharded run (distributed.py)
     progress = {"on_audio": on_audio} if on_audio is not None and not sharded else {}
     results = model.embed_files(list(by_path), batch_size=batch_size, segments=True, workers=workers, **progress)
-    for batch in _commit_batches(results, commit_every, on_file, COMMIT_EVERY_SECONDS):
+    batch: list = []
+    committing = False
+
+    def commit() -> None:
+        nonlocal batch, committing
+        committing = True
         with store.transaction():  # the batch lands whole or not at all
             for result in batch:
                 _store_result(store, result, by_path[result.path], plan, summary)
+        committing = False
         summary.committed += len(batch)
+        batch = []
+        commits.restart()
 
-
-def _commit_batches(results, commit_every: int, on_file, seconds: float) -> Iterator[list]:
-    """Group embedded files for one commit: `commit_every` files, or fewer after `seconds`."""
-    batch, started = [], time.monotonic()
-    for result in results:
-        batch.append(result)
-        if on_file:
-            on_file(result)
-        if len(batch) >= commit_every or time.monotonic() - started > seconds:
-            yield batch
-            batch, started = [], time.monotonic()
+    commits.restart()
+    try:
+        for result in results:
+            batch.append(result)
+            commits.add(result.duration)
+            if on_file:
+                on_file(result)
+            if commits.due(len(batch)):
+                commit()
+    except KeyboardInterrupt:
+        if batch and not committing:  # an interrupted commit was rolled back: leave it
+            commit()
+        raise
     if batch:
-        yield batch
+        commit()
 
 
 def _store_result(store, result, entry: ScanEntry, plan: Plan, summary: IndexSummary) -> None:
+    """Store one embedded file, or its failure. A file stored with embeddings whose re-embed failed keeps its
+    row as it was, embeddings and old size/mtime included, so it stays searchable and the next run tries
+    again; any other failure becomes an error row with its kind (an environmental one is tried again on the
+    next run, a data one once the file changes)."""
     digest = plan.hashes.get(result.path)
     if result.error is not None:
-        store.record_error(result.path, entry.size, entry.mtime_ns, digest, result.error)
+        kind = result.error_kind or DATA_FAILURE
         summary.skipped.append((result.path, result.error))
+        if kind == ENVIRONMENT_FAILURE:
+            summary.environment_failures += 1
+        if result.path in plan.embedded:
+            summary.kept_previous.append((result.path, result.error))
+        else:
+            store.record_error(result.path, entry.size, entry.mtime_ns, digest, result.error, kind)
         return
     segments = [(0.0, result.duration, "file", result.embedding)]
     segments += [(s.start, s.end, "window", s.embedding) for s in result.segments]

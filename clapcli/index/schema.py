@@ -96,9 +96,16 @@ def _migrate_to_3(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE roots (path TEXT PRIMARY KEY, added_at REAL NOT NULL)")
 
 
+def _migrate_to_4(conn: sqlite3.Connection) -> None:
+    """files.error_kind: what an error row's failure says about the file, 'data' (the file is bad: tried again
+    once it changes) or 'environment' (no space, I/O, memory...: tried again on every run). Error rows stored
+    before it have none, and are tried again once, on the next run, to learn their kind."""
+    conn.execute("ALTER TABLE files ADD COLUMN error_kind TEXT CHECK (error_kind IN ('data', 'environment'))")
+
+
 # MIGRATIONS[i] upgrades a store at schema version i to version i + 1 (version 0 = an empty database).
 # Append a function to change the schema; never edit a released one.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2, _migrate_to_3]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2, _migrate_to_3, _migrate_to_4]
 
 
 def open_database(index_dir: Path, create: bool, readonly: bool) -> sqlite3.Connection:

@@ -43,7 +43,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from ..errors import IndexStoreError
+from ..errors import DATA_FAILURE, FAILURE_KINDS, IndexStoreError
 from ..identity import NAME_KEYS
 from .schema import BUSY_TIMEOUT_S, DB_FILENAME, open_database
 
@@ -71,6 +71,13 @@ class FileRecord:
     status: str  # 'ok', 'partial' (embedded from the part that decodes) or 'error'
     error: str | None  # why the file was skipped (status 'error') or only partly decoded ('partial')
     indexed_at: float  # unix time of the last write of this row
+    error_kind: str | None = None  # status 'error': 'data' or 'environment' (None: stored before kinds were)
+
+    @property
+    def retried(self) -> bool:
+        """An error row the next run tries again whether or not the file changed: the machine failed (or the
+        row predates failure kinds), not the file."""
+        return self.status == "error" and self.error_kind != DATA_FAILURE
 
 
 class SegmentRow(NamedTuple):
@@ -95,7 +102,8 @@ class Counts(NamedTuple):
 # (start s, end s, kind, embedding (D,) float32)
 Segment = tuple[float, float, str, np.ndarray]
 
-_FILE_COLUMNS = "id, path, size, mtime_ns, content_hash, duration, sample_rate, channels, status, error, indexed_at"
+_FILE_COLUMNS = ("id, path, size, mtime_ns, content_hash, duration, sample_rate, channels, status, error, indexed_at, "
+                 "error_kind")
 
 
 def content_hash(path: str | os.PathLike, block_size: int = 1 << 20) -> str:
@@ -412,16 +420,21 @@ class IndexStore:
         mtime_ns: int,
         content_hash: str | None,
         error: str,
+        kind: str = DATA_FAILURE,
     ) -> int:
-        """Store a file that could not be indexed, with the reason; drops any previous segments of it.
+        """Store a file that could not be indexed, with the reason and the failure's `kind` (errors.FAILURE_KINDS);
+        drops any previous segments of it (the indexer keeps a file's previous embeddings by not calling this).
 
-        An unchanged error file (same size and mtime) is skipped by the next run like any other file.
-        Returns the file id.
+        The next run skips an unchanged error file (same size and mtime) of kind 'data' like any other file,
+        and tries one of kind 'environment' again. Returns the file id.
         """
         self._check_writable()
+        if kind not in FAILURE_KINDS:
+            raise ValueError(f"failure kind must be one of {FAILURE_KINDS}, got {kind!r}")
         path = os.fspath(path)
         with self.transaction():
-            file_id = self._write_file_row(path, size, mtime_ns, content_hash, None, None, None, "error", str(error))
+            file_id = self._write_file_row(path, size, mtime_ns, content_hash, None, None, None, "error", str(error),
+                                           kind)
             deleted = self._conn.execute("DELETE FROM segments WHERE file_id = ?", (file_id,)).rowcount
             if deleted:
                 self._bump_generation()
@@ -575,7 +588,7 @@ class IndexStore:
         self._conn.execute("UPDATE meta SET value = ? WHERE key = 'updated_at'", (repr(time.time()),))
 
     def _write_file_row(
-        self, path, size, mtime_ns, content_hash, duration, sample_rate, channels, status, error
+        self, path, size, mtime_ns, content_hash, duration, sample_rate, channels, status, error, error_kind=None
     ) -> int:
         values = (
             int(size),
@@ -587,18 +600,19 @@ class IndexStore:
             status,
             error,
             time.time(),
+            error_kind,
         )
         row = self._conn.execute("SELECT id FROM files WHERE path = ?", (path,)).fetchone()
         if row is None:
             cursor = self._conn.execute(
                 "INSERT INTO files (size, mtime_ns, content_hash, duration, sample_rate, channels, status, "
-                "error, indexed_at, path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "error, indexed_at, error_kind, path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 values + (path,),
             )
             return cursor.lastrowid
         self._conn.execute(
             "UPDATE files SET size = ?, mtime_ns = ?, content_hash = ?, duration = ?, sample_rate = ?, "
-            "channels = ?, status = ?, error = ?, indexed_at = ? WHERE id = ?",
+            "channels = ?, status = ?, error = ?, indexed_at = ?, error_kind = ? WHERE id = ?",
             values + (row[0],),
         )
         return row[0]
