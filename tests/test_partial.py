@@ -132,10 +132,19 @@ def test_schema_2_migration_allows_partial_and_keeps_every_segment(tmp_path, mon
     index_dir = tmp_path / "v1"
     vec = np.ones(4, np.float32) / 2
     monkeypatch.setattr(schema_mod, "MIGRATIONS", schema_mod.MIGRATIONS[:1])
-    with IndexStore.open(index_dir, create=True) as s:
-        s.upsert_file("/a.wav", 1, 1, "h", 20.0, 48_000, 1, [(0.0, 20.0, "file", vec), (0.0, 10.0, "window", vec)])
+    with IndexStore.open(index_dir, create=True) as s:  # rows written as version 1 wrote them
+        con = s._conn
+        con.execute("INSERT INTO meta (key, value) VALUES ('dim', '4')")
+        con.execute("INSERT INTO files (id, path, size, mtime_ns, content_hash, duration, sample_rate, channels, "
+                    "status, error, indexed_at) VALUES (1, '/a.wav', 1, 1, 'h', 20.0, 48000, 1, 'ok', NULL, 0)")
+        for seg, (start, end, kind) in enumerate([(0.0, 20.0, "file"), (0.0, 10.0, "window")], start=1):
+            con.execute('INSERT INTO segments (id, file_id, start, "end", kind) VALUES (?, 1, ?, ?, ?)',
+                        (seg, start, end, kind))
+            con.execute("INSERT INTO embeddings (segment_id, vector) VALUES (?, ?)", (seg, vec.tobytes()))
+        con.commit()
         with pytest.raises(sqlite3.IntegrityError):  # version 1 refuses the new status
-            s.upsert_file("/b.wav", 1, 1, "h", 5.0, 48_000, 1, [(0.0, 5.0, "file", vec)], partial="cut")
+            con.execute("INSERT INTO files (path, size, mtime_ns, status, indexed_at) "
+                        "VALUES ('/b.wav', 1, 1, 'partial', 0)")
     monkeypatch.undo()
     with IndexStore.open(index_dir) as s:
         assert s._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(len(schema_mod.MIGRATIONS))
