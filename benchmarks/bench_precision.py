@@ -85,6 +85,8 @@ def calibrate_batchnorm(m, paths: list[str]) -> None:
     from clapcli.audio.loader import decode_one
 
     waves = [decode_one(p, m.config.frontend.sample_rate, quantize=True).samples for p in paths]
+    if not m.fused:  # an unfused model takes one clip at a time: calibrate on each file's first
+        waves = [w[: m.config.frontend.clip_samples] for w in waves]
     x, longer = m.features.clip_features(waves)
     encoder.train()
     with torch.no_grad():
