@@ -54,20 +54,35 @@ TEXTS = ["a dog barks twice", "rain on a tin roof", "glass shattering on a concr
 
 
 def tokenizer_for(family: str):
+    """A small tokenizer of the tower's kind trained on TEXTS (the towers keep their full vocab size: every id
+    is valid, and only the numerics of the tower are measured)."""
     from tests.tiny_models import train_tokenizer
 
+    if family not in ("bert", "clip"):
+        return train_tokenizer()
+    from tokenizers import ByteLevelBPETokenizer, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
     if family == "bert":
-        from transformers import PreTrainedTokenizerFast
-
-        from tests.test_text_towers import _wordpiece
-
-        return PreTrainedTokenizerFast(tokenizer_object=_wordpiece(), unk_token="[UNK]", pad_token="[PAD]",
-                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    if family == "clip":
-        from tests.test_wav2clip import clip_tokenizer
-
-        return clip_tokenizer()
-    return train_tokenizer()
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok.train_from_iterator(TEXTS, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                           special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                       sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(TEXTS, vocab_size=300, min_frequency=1, special_tokens=["<|startoftext|>", "<|endoftext|>"])
+    backend = bpe._tokenizer
+    sot, eot = backend.token_to_id("<|startoftext|>"), backend.token_to_id("<|endoftext|>")
+    backend.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A <|endoftext|>",
+                                                           special_tokens=[("<|startoftext|>", sot),
+                                                                           ("<|endoftext|>", eot)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=77)
 
 
 def calibrate_batchnorm(m, paths: list[str]) -> None:
@@ -85,6 +100,8 @@ def calibrate_batchnorm(m, paths: list[str]) -> None:
     from clapcli.audio.loader import decode_one
 
     waves = [decode_one(p, m.config.frontend.sample_rate, quantize=True).samples for p in paths]
+    if not m.fused:  # an unfused model takes one clip at a time: calibrate on each file's first
+        waves = [w[: m.config.frontend.clip_samples] for w in waves]
     x, longer = m.features.clip_features(waves)
     encoder.train()
     with torch.no_grad():
