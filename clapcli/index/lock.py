@@ -22,27 +22,19 @@ from pathlib import Path
 
 import filelock
 
-from ..atomic import atomic_write
 from ..errors import IndexStoreError
+from ..pidlock import PidLock
 
 LOCK_FILE = "writer.lock"
-LOCK_PID_FILE = "writer.lock.pid"  # sidecar naming the holder, so a refused writer can say who holds it
+LOCK_PID_FILE = LOCK_FILE + ".pid"  # sidecar naming the holder (pidlock.py), so a refused writer can say who
 GRAPH_LOCK_FILE = "vectors.hnsw.lock"  # held while the hnswlib file and its sidecar are written
 WRITER = "another `clap index`"  # what holds the writer lock, unless the holder says otherwise
 
 
 def lock_holder(index_dir: str | os.PathLike) -> tuple[int | None, str]:
     """(pid, what it is) of the current (or last) holder of the writer lock, as far as known."""
-    try:
-        lines = (Path(index_dir) / LOCK_PID_FILE).read_text().splitlines()
-    except OSError:
-        return None, WRITER
-    try:
-        pid = int(lines[0]) if lines and lines[0].strip() else None
-    except ValueError:
-        pid = None
-    what = lines[1].strip() if len(lines) > 1 and lines[1].strip() else WRITER
-    return pid, what
+    pid, what = PidLock(index_dir, LOCK_FILE).holder()
+    return pid, what or WRITER
 
 
 def lock_holder_pid(index_dir: str | os.PathLike) -> int | None:
@@ -64,12 +56,11 @@ class WriterLock:
         self.index_dir = Path(index_dir)
         self.wait = wait
         self.timeout = timeout
-        self.holder = holder
-        self._lock: filelock.FileLock | None = None
+        self._lock = PidLock(self.index_dir, LOCK_FILE, holder)
 
     @property
     def held(self) -> bool:
-        return self._lock is not None and self._lock.is_locked
+        return self._lock.held
 
     def acquire(self) -> "WriterLock":
         if self.held:
@@ -78,39 +69,26 @@ class WriterLock:
             self.index_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise IndexStoreError(f"cannot create index directory {self.index_dir}: {e.strerror or e}") from e
-        lock = filelock.FileLock(str(self.index_dir / LOCK_FILE), thread_local=False)
         timeout = (-1 if self.timeout is None else self.timeout) if self.wait else 0
         try:
-            lock.acquire(timeout=timeout)
-        except filelock.Timeout:
+            acquired = self._lock.try_acquire(timeout)
+        except OSError as e:
+            raise IndexStoreError(f"cannot lock index {self.index_dir}: {e.strerror or e}") from e
+        if not acquired:
             pid, what = lock_holder(self.index_dir)
             who = f"pid {pid}" if pid is not None else "pid unknown"
             if self.wait:
                 raise IndexStoreError(
                     f"index {self.index_dir} is still being written by {what} ({who}) "
                     f"after waiting {self.timeout:g} s; pass --wait to wait until it is done"
-                ) from None
+                )
             raise IndexStoreError(
                 f"index {self.index_dir} is being written by {what} ({who}); wait for it or pass --wait"
-            ) from None
-        except OSError as e:
-            raise IndexStoreError(f"cannot lock index {self.index_dir}: {e.strerror or e}") from e
-        self._lock = lock
-        try:
-            atomic_write(self.index_dir / LOCK_PID_FILE, f"{os.getpid()}\n{self.holder}\n")
-        except OSError:
-            pass  # the pid only improves a message
+            )
         return self
 
     def release(self) -> None:
-        if self._lock is None:
-            return
-        try:
-            (self.index_dir / LOCK_PID_FILE).unlink(missing_ok=True)
-        except OSError:
-            pass
         self._lock.release()
-        self._lock = None
 
     def __enter__(self) -> "WriterLock":
         return self.acquire()

@@ -13,23 +13,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import filelock
-
-from ..atomic import atomic_write
 from ..errors import TrainingError, UsageError
+from ..pidlock import PidLock
 
 LOCK_FILE = "run.lock"
-LOCK_PID_FILE = "run.lock.pid"  # sidecar naming the holder, so a refused run can say who holds it
+LOCK_PID_FILE = LOCK_FILE + ".pid"  # sidecar naming the holder (pidlock.py), so a refused run can say who
 LOCK_FILES = (LOCK_FILE, LOCK_PID_FILE)
 
 
 def lock_holder_pid(run_dir: str | os.PathLike) -> int | None:
     """The pid recorded by the current (or last) holder of the run lock, if known."""
-    try:
-        text = (Path(run_dir) / LOCK_PID_FILE).read_text().strip()
-        return int(text) if text else None
-    except (OSError, ValueError):
-        return None
+    return PidLock(run_dir, LOCK_FILE).holder()[0]
 
 
 class RunLock:
@@ -40,7 +34,7 @@ class RunLock:
     def __init__(self, run_dir: str | os.PathLike, enabled: bool = True):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
-        self._lock: filelock.FileLock | None = None
+        self._lock = PidLock(self.run_dir, LOCK_FILE, "clap train")
 
     def acquire(self) -> "RunLock":
         if not self.enabled:
@@ -49,34 +43,18 @@ class RunLock:
             raise UsageError(f"{self.run_dir} exists and is not a clap training run; choose another --out")
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            acquired = self._lock.try_acquire(timeout=0)
         except OSError as e:
-            raise TrainingError(f"cannot create the run directory {self.run_dir}: {e.strerror or e}") from e
-        lock = filelock.FileLock(str(self.run_dir / LOCK_FILE), thread_local=False)
-        try:
-            lock.acquire(timeout=0)
-        except filelock.Timeout:
+            raise TrainingError(f"cannot lock the run directory {self.run_dir}: {e.strerror or e}") from e
+        if not acquired:
             pid = lock_holder_pid(self.run_dir)
             raise TrainingError(f"{self.run_dir} is in use by another training run (pid "
                                 f"{pid if pid is not None else 'unknown'}); wait for it to end, or choose "
-                                "another --out") from None
-        except OSError as e:
-            raise TrainingError(f"cannot lock the run directory {self.run_dir}: {e.strerror or e}") from e
-        self._lock = lock
-        try:
-            atomic_write(self.run_dir / LOCK_PID_FILE, f"{os.getpid()}\n")
-        except OSError:
-            pass  # the pid only improves a message
+                                "another --out")
         return self
 
     def release(self) -> None:
-        if self._lock is None:
-            return
-        try:
-            (self.run_dir / LOCK_PID_FILE).unlink(missing_ok=True)
-        except OSError:
-            pass
         self._lock.release()
-        self._lock = None
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
