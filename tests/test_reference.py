@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import typer
@@ -17,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def generator():
     spec = importlib.util.spec_from_file_location("gen_reference", ROOT / "docs" / "gen_reference.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
     spec.loader.exec_module(module)
     return module
 
