@@ -148,8 +148,10 @@ def render_reference(found: list[Command]) -> str:
 
 
 def _roff(text: str) -> str:
-    """Text for a roff line: backslashes and hyphens escaped, `code` in bold, no line read as a request."""
+    """Text for a roff line: backslashes and hyphens escaped, `code` in bold, no line read as a request, and
+    characters beyond ASCII (…, −, →) as groff's \\[uXXXX], so no preprocessor is needed."""
     text = text.replace("\\", "\\e").replace("-", "\\-")
+    text = "".join(c if ord(c) < 128 else f"\\[u{ord(c):04X}]" for c in text)
     parts = text.split("`")
     if len(parts) % 2 == 1:
         text = "".join(f"\\fB{part}\\fR" if i % 2 else part for i, part in enumerate(parts))
