@@ -39,7 +39,7 @@ def test_every_command_of_the_app_is_in_the_reference_and_the_man_page():
                  "clap train", "clap finetune", "clap models pull", "clap shards make", "clap eval zeroshot"):
         assert path in paths
     reference, man = gen.render_reference(found), gen.render_man(found)
-    assert man.isascii()  # …, −, → as \\[uXXXX]: groff reads it without preconv
+    assert man.isascii()  # …, −, → as \[uXXXX]: groff reads it without preconv
     for path in paths[1:]:
         assert f"## `{path}`" in reference
         assert f'.SS "{gen._roff(path)}"' in man
