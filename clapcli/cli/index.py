@@ -109,7 +109,7 @@ def _check_subcommand_typo(dirs: list[Path]) -> None:
 
     if not dirs or os.path.lexists(dirs[0]):
         return
-    close = difflib.get_close_matches(os.fspath(dirs[0]), SUBCOMMANDS, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(os.fspath(dirs[0]), SUBCOMMANDS, n=1, cutoff=0.6)
     if close:
         raise UsageError(f"no such file or directory: {output.display_path(dirs[0])}; did you mean "
                          f"`clap index {close[0]}`?")
