@@ -62,7 +62,8 @@ def print_index_list(con, rows: list[dict]) -> None:
 
 @admin_app.command("rm")
 def remove_index(
-    name: str = typer.Argument(..., help="Index name (see `clap index list`) or directory.", show_default=False),
+    name: str = typer.Argument(..., metavar="NAME", help="Index name (see `clap index list`) or directory.",
+                               show_default=False),
     yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking."),
 ) -> None:
     """Remove an index: its database, hnswlib graph and lock files (refused while `clap index` writes it).
