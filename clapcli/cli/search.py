@@ -6,7 +6,6 @@ loads it once and answers one query per input line.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import sys
@@ -159,6 +158,8 @@ def _is_audio_file(text: str, extensions) -> bool:
 
 def _open_index(index: str | None, index_dir: Path):
     """The index opened for searching; a missing named index is refused with the names there are."""
+    import difflib
+
     from ..errors import IndexStoreError
     from ..index.search import open_for_search
     from ..index.store import IndexStore

@@ -87,10 +87,9 @@ def tag_command(
         raise UsageError("give at least one audio file (or --list-labelsets)")
     if as_json and as_csv:
         raise UsageError("--json and --csv cannot be used together")
-    files, unreadable = expand_paths(files)  # before any model loads: a typo fails at once
     if classifier is not None:
         _run_classifier(classifier, files, labels, template, top, multi_label, threshold, timeline, model,
-                        device, precision, batch_size, tokenizer, as_json, as_csv, engine, unreadable)
+                        device, precision, batch_size, tokenizer, as_json, as_csv, engine)
         return
     if labels is None:
         raise UsageError("choose a label set with --labels: a built-in name (see --list-labelsets), "
@@ -109,6 +108,7 @@ def tag_command(
 
     labelset = resolve_labels(labels)  # before loading the model: a typo fails in milliseconds
     templates = check_templates(template)
+    files, unreadable = expand_paths(files)  # before the model loads: a typo fails at once
     clap_model = options.load(model, device, precision, tokenizer, engine=engine)
     failed = _run(clap_model, files, labelset, templates, top_k, multi_label, threshold, timeline, batch_size,
                   as_json, as_csv)
@@ -149,7 +149,7 @@ def expand_paths(paths: list[str]) -> tuple[list[str], int]:
 
 
 def _run_classifier(directory, files, labels, template, top, multi_label, threshold, timeline, model, device,
-                    precision, batch_size, tokenizer, as_json, as_csv, engine=None, unreadable=0) -> None:
+                    precision, batch_size, tokenizer, as_json, as_csv, engine=None) -> None:
     """`--classifier`: the head's softmax (or, for multi-label heads, sigmoid) probabilities as the scores."""
     from ..models.classifier import load_classifier, read_classifier
 
@@ -161,6 +161,7 @@ def _run_classifier(directory, files, labels, template, top, multi_label, thresh
         raise UsageError(f"--threshold {threshold:g} is not a probability in [0, 1]")
     top_k = top if top is not None else (None if multi_label else DEFAULT_TOP)
     read_classifier(directory)  # a wrong directory fails before any model loads
+    files, unreadable = expand_paths(files)
     clap_model = options.load(model, device, precision, tokenizer, engine=engine) if model else None
     scorer = load_classifier(directory, model=clap_model, device=device, precision=precision, engine=engine)
     failed = _run(scorer.model, files, None, None, top_k, multi_label, threshold, timeline, batch_size,
