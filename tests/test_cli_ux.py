@@ -289,7 +289,7 @@ def test_debug_is_accepted_after_the_command(tmp_path):
 
 
 def test_tag_into_a_closed_pipe_exits_0(tiny_model_dir, tmp_path):
-    clips = write_clips(tmp_path / "lib", [f"{i:02d}.wav" for i in range(12)])
+    clips = write_clips(tmp_path / "lib", [f"{i:02d}.wav" for i in range(30)])
     proc = subprocess.Popen([clap_executable(), "tag", *clips, "--labels", "dog,rain", "--model", tiny_model_dir,
                              "--batch-size", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
