@@ -144,10 +144,12 @@ def test_missing_named_index_suggests_the_close_one_and_lists_them(tmp_path, cla
         with IndexStore.open(clap_home / "indexes" / name, create=True) as store:
             store.set_model_identity(IDENTITY)
     no_model(monkeypatch)
+    monkeypatch.delenv("CLAP_INDEX", raising=False)
     text = fails("search", "tone", "--index", "take", code=1, match="did you mean takes?")
-    assert "sfx, takes" in text and "no index at" in text
-    text = fails("search", "tone", "--index", "zzz", code=1, match="sfx, takes")
-    assert "did you mean" not in text
+    assert "the indexes are: sfx, takes" in text and "no index at" in text
+    for where in (["--index", "zzz"], []):  # no close name; no default index
+        text = fails("search", "tone", *where, code=1, match="the indexes are: sfx, takes")
+        assert "did you mean" not in text
 
 
 def test_index_with_a_mistyped_subcommand_says_did_you_mean(tmp_path, monkeypatch):

@@ -157,22 +157,24 @@ def _is_audio_file(text: str, extensions) -> bool:
 
 
 def _open_index(index: str | None, index_dir: Path):
-    """The index opened for searching; a missing named index is refused with the names there are."""
-    import difflib
-
+    """The index opened for searching; a missing named (or the default) index is refused with the names there
+    are, and the close one first."""
     from ..errors import IndexStoreError
+    from ..index.paths import indexes_dir
     from ..index.search import open_for_search
     from ..index.store import IndexStore
 
-    if not IndexStore.exists(index_dir) and index is not None and index_dir.name == index:
+    if not IndexStore.exists(index_dir) and index_dir.parent == indexes_dir():
+        import difflib
+
         from .index_admin import named_indexes
 
         names = [d.name for d in named_indexes()]
-        close = difflib.get_close_matches(index, names, n=1, cutoff=0.6)
-        guess = f"; did you mean {close[0]}?" if close else ""
-        known = f" The indexes are: {', '.join(names)}." if names else " There are no indexes yet."
-        raise IndexStoreError(f"no index at {index_dir}{guess}{known} (`clap index list` shows them; build one "
-                              f"with `clap index DIR --index {index}`)")
+        if names:
+            close = difflib.get_close_matches(index_dir.name, names, n=1, cutoff=0.6) if index else []
+            guess = f"; did you mean {close[0]}?" if close else ";"
+            raise IndexStoreError(f"no index at {index_dir}{guess} the indexes are: {', '.join(names)} "
+                                  "(`clap index list` shows them)")
     return open_for_search(index_dir)
 
 
