@@ -147,6 +147,9 @@ def test_csv_stream_has_the_header_then_one_row_per_file_label_and_window_label(
     monkeypatch.setattr(clapcli.tagging, "tag_files", lambda model, files, *args, **kwargs: iter(results))
     labels = tmp_path / "labels.txt"
     labels.write_text("dog\nrain, heavy\nsiren\n")
+    monkeypatch.chdir(tmp_path)
+    for name in ("a b.wav", "bad.wav", "c.wav"):  # the paths are checked before the (faked) tagging
+        Path(name).touch()
     result = invoke(app, "a b.wav", "bad.wav", "c.wav", "--labels", f"@{labels}", "--csv", "--timeline")
     assert result.exit_code == 1, result.output  # one file failed
     reader = csv.reader(io.StringIO(result.stdout))
