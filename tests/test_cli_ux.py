@@ -191,6 +191,16 @@ def test_index_summary_reads_as_finished_and_is_not_wrapped_in_a_log(tiny_model_
     assert any(line.startswith("now 1 file, 1 segment;") for line in lines)
 
 
+def test_index_summary_names_the_files_whose_previous_embeddings_were_kept(capsys):
+    from clapcli.cli.index import _print_summary
+    from clapcli.index.indexer import IndexSummary
+
+    summary = IndexSummary("idx", "m", total_files=1, seconds=1.0, kept_previous=[("/lib/x[/].wav", "no space left")])
+    _print_summary(summary)  # this line used a name that was never imported (NameError)
+    err = capsys.readouterr().err
+    assert "kept previous embeddings /lib/x[/].wav: its new version failed (no space left)" in err
+
+
 def test_tag_walks_folders_as_index_does(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_clips(tmp_path / "lib" / "sfx", ["b.wav", "a.flac"])
