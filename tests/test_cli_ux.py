@@ -274,6 +274,16 @@ def test_timeline_merges_neighbouring_windows_with_the_same_labels():
     assert "/x/take.wav (0:45.00)" in text
 
 
+def test_embed_table_writes_lengths_in_the_one_time_format(tiny_model_dir, tmp_path, monkeypatch):
+    from rich.console import Console
+
+    (clip,) = write_clips(tmp_path, ["clip.wav"], seconds=1.5)
+    monkeypatch.setattr(output, "is_terminal", lambda: True)
+    monkeypatch.setattr(output, "stdout_console", lambda: Console(width=200, force_terminal=True, color_system=None))
+    text = clap("embed", clip, "--text", "rain", "--model", tiny_model_dir).stdout
+    assert "0:01.50" in text and "1.5 " not in text
+
+
 def test_embed_refuses_empty_text_like_search(monkeypatch):
     no_model(monkeypatch)
     fails("embed", "--text", "", code=2, match="empty --text")

@@ -94,12 +94,13 @@ def _table(records, dim) -> None:
     from rich.table import Table
 
     table = Table(title=f"embeddings ({dim}-d, L2-normalised; use --out or --json for the vectors)")
-    for col in ("type", "input", "duration", "first values"):
+    for col in ("type", "input", "length", "first values"):
         table.add_column(col)
     for r in records:
         head = (" ".join(f"{v:+.3f}" for v in r["embedding"][:4]) if "embedding" in r
                 else output.literal(r.get("error", "")))
-        table.add_row(r["type"], output.literal(r.get("path") or r.get("text")), f"{r.get('duration', '')}", head)
+        length = output.clock(r["duration"]) if r.get("duration") is not None else ""
+        table.add_row(r["type"], output.literal(r.get("path") or r.get("text")), length, head)
     output.stdout_console().print(table)
 
 
