@@ -11,7 +11,8 @@ from typer.core import TyperCommand
 from . import options, output
 
 INDEX = typer.Option(None, "--index", "-i", envvar="CLAP_INDEX",
-                     help="Index name (under $CLAP_HOME/indexes) or directory. (default: default)")
+                     help="Index name (under $CLAP_HOME/indexes; `clap index list` shows them) or directory. "
+                     "(default: the index named default)")
 
 
 def index_command(
