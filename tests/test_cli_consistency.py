@@ -138,7 +138,7 @@ def test_search_checks_audio_and_empty_queries_before_anything_else(tmp_path, mo
         (["--audio", tmp_path / "missing.wav"], "no such file"),
         (["--audio", tmp_path], "not a file"),
         (["   "], "empty query"),
-        (["rain", "--not", "\t"], "empty query"),
+        (["rain", "--not", "\t"], "empty --not"),
     ]
     for args, message in cases:
         fails("search", *args, code=2, match=message)

@@ -88,7 +88,9 @@ def test_search_table_shows_names_literally_with_controls_escaped(odd_library, m
     on_a_terminal(monkeypatch)
     result = clap("search", "rain [bold]", "--index", index_dir, "--not", "[/]", "-k", "10")
     text = result.stdout
-    assert "x[/].wav" in text and "e\\x1b[31m.wav" in text and "a\\nb.wav" in text and "[bold]plain.wav" in text
+    # the name first ("].wav" in the folder "x["), its folder under it
+    assert "│ ].wav " in text and "│ x[ " in text and "e\\x1b[31m.wav" in text and "a\\nb.wav" in text
+    assert "[bold]plain.wav" in text
     assert "rain [bold]" in text and "(not: [/])" in text
     assert "\x1b" not in text
 
@@ -122,6 +124,7 @@ def test_tag_shows_paths_and_labels_literally(tiny_model_dir, tmp_path, monkeypa
     (tmp_path / "x[").mkdir()
     clip = write_audio(tmp_path / "x[/].wav", tone_noise(1.0, 16_000), 16_000)
     on_a_terminal(monkeypatch)
+    (tmp_path / "gone\x1b[2J.wav").write_bytes(b"not audio")  # a missing one is refused before the model loads
     result = runner.invoke(app, ["tag", clip, str(tmp_path / "gone\x1b[2J.wav"), "--labels", "[/]dog,e\x1b[31mcat",
                                  "--model", str(tiny_model_dir)])
     assert result.exit_code == 1, (result.output, result.exception)

@@ -11,12 +11,14 @@ from . import options, output
 
 
 def embed(
-    files: Optional[List[Path]] = typer.Argument(None, help="Audio files to embed.", show_default=False),
+    files: Optional[List[Path]] = typer.Argument(None, metavar="FILE", help="Audio files to embed.",
+                                                 show_default=False),
     text: Optional[List[str]] = typer.Option(None, "--text", "-t", help="Text to embed (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write a float32 .npy of shape (N, D): "
                                        "audio rows in argument order, then text rows."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line with the embedding."),
-    segments: bool = typer.Option(False, "--segments", help="With --json: add the 10 s window embeddings."),
+    segments: bool = typer.Option(False, "--segments", help="With --json: add the embedding of each window (the "
+                                  "model's clip length: 10 s for LAION-CLAP) of files longer than one."),
     model: Optional[str] = options.MODEL,
     device: str = options.DEVICE,
     precision: str = options.PRECISION,
@@ -33,6 +35,8 @@ def embed(
     files, text = files or [], text or []
     if not files and not text:
         raise UsageError("nothing to embed: give audio files and/or --text")
+    if any(not t.strip() for t in text):
+        raise UsageError("empty --text: give words to embed")
     if out is not None and out.suffix != ".npy":
         raise UsageError(f"--out must end in .npy, got {out}")
     if out is not None and not out.parent.is_dir():
@@ -90,12 +94,13 @@ def _table(records, dim) -> None:
     from rich.table import Table
 
     table = Table(title=f"embeddings ({dim}-d, L2-normalised; use --out or --json for the vectors)")
-    for col in ("type", "input", "duration", "first values"):
+    for col in ("type", "input", "length", "first values"):
         table.add_column(col)
     for r in records:
         head = (" ".join(f"{v:+.3f}" for v in r["embedding"][:4]) if "embedding" in r
                 else output.literal(r.get("error", "")))
-        table.add_row(r["type"], output.literal(r.get("path") or r.get("text")), f"{r.get('duration', '')}", head)
+        length = output.clock(r["duration"]) if r.get("duration") is not None else ""
+        table.add_row(r["type"], output.literal(r.get("path") or r.get("text")), length, head)
     output.stdout_console().print(table)
 
 

@@ -11,12 +11,14 @@ from typer.core import TyperCommand
 from . import options, output
 
 INDEX = typer.Option(None, "--index", "-i", envvar="CLAP_INDEX",
-                     help="Index name (under $CLAP_HOME/indexes) or directory. (default: default)")
+                     help="Index name (under $CLAP_HOME/indexes; `clap index list` shows them) or directory. "
+                     "(default: the index named default)")
 
 
 def index_command(
-    dirs: Optional[List[Path]] = typer.Argument(None, help="Folders (or files) to index, recursively (default: "
-                                                "every folder the index was built from).", show_default=False),
+    dirs: Optional[List[Path]] = typer.Argument(None, metavar="DIR", help="Folders (or files) to index, "
+                                                "recursively (default: every folder the index was built from).",
+                                                show_default=False),
     index: Optional[str] = INDEX,
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="Model for new indexes (default: $CLAP_MODEL, else "
@@ -59,6 +61,7 @@ def index_command(
     from ..index.indexer import IndexInterrupted, build_index, emptied_message
     from ..index.paths import resolve_index
 
+    _check_subcommand_typo(dirs or [])
     index_dir = resolve_index(index)
     if workers is None:
         workers = max(0, min(4, (os.cpu_count() or 1) - 1))
@@ -95,6 +98,22 @@ def index_command(
         _save_text_query(loaded[0])
     if summary.emptied_roots:
         raise ClapError(emptied_message(summary.emptied_roots, "nothing under it was pruned"))
+
+
+def _check_subcommand_typo(dirs: list[Path]) -> None:
+    """`clap index lst`: a first argument that is no path but close to `list` or `rm` is a mistyped subcommand."""
+    import difflib
+    import os
+
+    from ..errors import UsageError
+    from .index_admin import SUBCOMMANDS
+
+    if not dirs or os.path.lexists(dirs[0]):
+        return
+    close = difflib.get_close_matches(os.fspath(dirs[0]), SUBCOMMANDS, n=1, cutoff=0.6)
+    if close:
+        raise UsageError(f"no such file or directory: {output.display_path(dirs[0])}; did you mean "
+                         f"`clap index {close[0]}`?")
 
 
 def _remember(loaded: list, model):
@@ -136,7 +155,7 @@ def _load_model(name, given, index_dir, device, precision, tokenizer, engine=Non
 
 def _print_summary(s) -> None:
     con = output.stderr_console()
-    rate = f", {s.audio_seconds / 3600:.2f} h of audio at {s.audio_seconds / s.seconds:.1f}× real time" \
+    rate = f", {output.clock(s.audio_seconds)} of audio at {_speed(s.audio_seconds / s.seconds)}" \
         if s.audio_seconds and s.seconds else ""
     partial = f", {len(s.partial)} partial" if s.partial else ""
     excluded = f" ({s.removed_excluded} excluded)" if s.removed_excluded else ""
@@ -146,11 +165,12 @@ def _print_summary(s) -> None:
               highlight=False)
     errors = f", {len(s.unreadable)} unreadable (listed by --json)" if s.unreadable else ""
     partial = f", {len(s.partial_files)} partly decoded (listed by --json)" if s.partial_files else ""
-    con.print(f"now {s.total_files} files, {s.total_segments} segments{errors}{partial}; "
+    con.print(f"now {output.plural(s.total_files, 'file')}, {output.plural(s.total_segments, 'segment')}"
+              f"{errors}{partial}; "
               f"model {output.literal(s.model)}",
               highlight=False, soft_wrap=True)
     for folder, n in s.forgotten:
-        con.print(f"forgot {output.literal(folder)}: its {n} indexed files were removed from the index",
+        con.print(f"forgot {output.literal(folder)}: {output.plural(n, 'indexed file')} under it left the index",
                   highlight=False, soft_wrap=True)
     if s.kept_unread:
         con.print(f"[yellow]kept the last embeddings of {len(s.kept_unread)} indexed files that could not be read "
@@ -174,8 +194,8 @@ def _print_summary(s) -> None:
     if len(s.partial) > 20:
         con.print(f"  … and {len(s.partial) - 20} more partly decoded (see --json)", highlight=False)
     for path, reason in s.kept_previous[:20]:
-        con.print(f"  [yellow]kept previous embeddings[/] {escape(output.display_path(path))}: its new version "
-                  f"failed ({escape(output.display_path(reason))})", highlight=False, soft_wrap=True)
+        con.print(f"  [yellow]kept previous embeddings[/] {output.literal(path)}: its new version "
+                  f"failed ({output.literal(reason)})", highlight=False, soft_wrap=True)
     if s.retried:
         con.print(f"tried {s.retried} earlier environmental failures again", highlight=False)
     retry = [f"{n} {what}" for n, what in ((len(s.retry_files), "environmental failures (no space, I/O, memory…)"),
@@ -231,8 +251,7 @@ class _IndexProgress:
 
     def _refresh(self, advance: float) -> None:
         elapsed = max(self._bar.tasks[0].elapsed or 0.0, 1e-6)
-        audio = _clock(self.audio)
-        rate = f"{audio} audio · {self.audio / elapsed:.1f}× real time" if self.audio else ""
+        rate = f"{output.clock(self.audio)} audio · {_speed(self.audio / elapsed)}" if self.audio else ""
         self._bar.update(self._task, advance=advance, files=f"{self.done}/{len(self.sizes)} files", rate=rate)
 
     def stop(self) -> None:
@@ -241,9 +260,10 @@ class _IndexProgress:
             self._bar = None
 
 
-def _clock(seconds: float) -> str:
-    whole = int(seconds)
-    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+def _speed(ratio: float) -> str:
+    """Seconds of audio embedded per second of wall time, to two significant figures: `37× real time`,
+    `0.14× real time` (a slow machine or model is not rounded to 0)."""
+    return f"{ratio:.2g}× real time" if ratio < 10 else f"{ratio:.0f}× real time"
 
 
 class _IndexCommand(TyperCommand):

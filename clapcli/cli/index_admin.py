@@ -33,7 +33,7 @@ def dispatch(args) -> Optional[object]:
 @admin_app.command("list")
 def list_indexes(as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
     """The indexes under $CLAP_HOME/indexes: name, path, files, size on disk, model, folders indexed."""
-    rows = [_describe(d) for d in _named_index_dirs()]
+    rows = [_describe(d) for d in named_indexes()]
     if as_json or not output.is_terminal():
         for r in rows:
             output.json_line(r)
@@ -62,7 +62,8 @@ def print_index_list(con, rows: list[dict]) -> None:
 
 @admin_app.command("rm")
 def remove_index(
-    name: str = typer.Argument(..., help="Index name (see `clap index list`) or directory.", show_default=False),
+    name: str = typer.Argument(..., metavar="NAME", help="Index name (see `clap index list`) or directory.",
+                               show_default=False),
     yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking."),
 ) -> None:
     """Remove an index: its database, hnswlib graph and lock files (refused while `clap index` writes it).
@@ -134,7 +135,7 @@ def human_size(size: int | None) -> str:
     return ""  # unreachable
 
 
-def _named_index_dirs() -> list[Path]:
+def named_indexes() -> list[Path]:
     from ..index.paths import indexes_dir
     from ..index.schema import DB_FILENAME
 
@@ -165,7 +166,7 @@ def _describe(index_dir: Path) -> dict:
 
 
 def _count(info: dict) -> str:
-    return "unreadable" if info["files"] is None else f"{info['files']} files"
+    return "unreadable" if info["files"] is None else output.plural(info["files"], "file")
 
 
 def _disk_size(directory: Path) -> int:

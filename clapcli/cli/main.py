@@ -6,14 +6,42 @@ and shell completion stay instant.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
+from typer.core import TyperGroup
 
 from . import embed, eval, finetune, index, models, output, search, shards, tag, train
 
+
+class _ClapGroup(TyperGroup):
+    """The root command; `--debug` is read wherever it stands before a `--` (`clap search rain --debug`), as it
+    applies to the whole run rather than to one command."""
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, debug_first(args))
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:  # `clap tag … | head -2`: the reader has what it wanted, as with any Unix filter
+            _quiet_stdout()
+            raise typer.Exit(0) from None
+
+
+def debug_first(args: list[str]) -> list[str]:
+    """`args` with a `--debug` given after the command moved before it, where the root option is parsed."""
+    args = list(args)
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" not in args[:end]:
+        return args
+    return ["--debug"] + [a for i, a in enumerate(args) if not (a == "--debug" and i < end)]
+
+
 app = typer.Typer(
     name="clap",
+    cls=_ClapGroup,
     help="Tag and search audio with contrastive language-audio models (LAION-CLAP).",
     no_args_is_help=True,
     add_completion=True,
@@ -67,3 +95,14 @@ def main() -> None:
     except BaseException as exc:  # noqa: BLE001 - every error becomes one line and an exit code
         sys.exit(output.report_exception(exc))
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit does not fail again on the closed pipe."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)

@@ -46,7 +46,7 @@ def models_table(rows: list[dict]):
 
 
 @models_app.command("pull")
-def pull(name: str = typer.Argument(..., help="A name from `clap models list` or any hub id.")) -> None:
+def pull(name: str = typer.Argument(..., metavar="NAME", help="A name from `clap models list` or any hub id.")) -> None:
     """Download a model's weights into the Hugging Face cache (needs network)."""
     from ..models.registry import ROBERTA_TOKENIZER, fetch, lookup
 

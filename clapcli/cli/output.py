@@ -20,15 +20,36 @@ state = _State()
 
 
 def stderr_console():
+    """A rich console on stderr; off a terminal (a log file, a pipe) lines are not wrapped at 80 columns."""
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 
 def stdout_console():
     from rich.console import Console
 
-    return Console()
+    return Console(soft_wrap=not sys.stdout.isatty())
+
+
+def clock(seconds: float) -> str:
+    """A time or a length as every table and summary writes it: `m:ss.ss`, or `h:mm:ss.ss` from an hour on
+    (hundredths, so 0.156 s and 0.196 s read apart: `0:00.16`, `0:00.20`)."""
+    hundredths = round(seconds * 100)
+    minutes, rest = divmod(hundredths, 6000)
+    hours, minutes = divmod(minutes, 60)
+    secs = f"{rest // 100:02d}.{rest % 100:02d}"
+    return f"{hours}:{minutes:02d}:{secs}" if hours else f"{minutes}:{secs}"
+
+
+def clock_range(start: float, end: float) -> str:
+    """A stretch of a file: `2:53.40–2:55.90`."""
+    return f"{clock(start)}–{clock(end)}"
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """`1 file`, `2 files` (`nouns` for an irregular plural)."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def report_exception(exc: BaseException) -> int:
@@ -160,36 +181,51 @@ def is_terminal() -> bool:
 class ProgressBar:
     """Files done / total, files/s, an optional rate text and ETA on stderr.
 
-    Shown only when stderr is a terminal and there is more than one item; otherwise every call is a no-op,
-    so piped and scripted runs print nothing but their results."""
+    Shown only when stderr is a terminal and there is more than one item (or, with `within_files`, at least one:
+    the bar then moves inside each file as its audio decodes, so a 20-minute take does not sit at 0/1); otherwise
+    every call is a no-op, so piped and scripted runs print nothing but their results."""
 
-    def __init__(self, label: str, total: int = 0, redirect_stdout: bool = False):
-        self.label, self.total, self.redirect_stdout = label, total, redirect_stdout
+    def __init__(self, label: str, total: int = 0, redirect_stdout: bool = False, within_files: bool = False):
+        self.label, self.total, self.redirect_stdout, self.within_files = label, total, redirect_stdout, within_files
         self._bar = None
+        self._done = 0
+        self._moved: dict[str, float] = {}  # path -> the part of one file the bar has advanced for it so far
 
     def start(self, total: int | None = None) -> "ProgressBar":
         if total is not None:
             self.total = total
-        if self._bar is None and self.total > 1 and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        if self._bar is None and self.total > (0 if self.within_files else 1) and sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._bar = Progress(
-                TextColumn(self.label), BarColumn(), MofNCompleteColumn(),
+                TextColumn(self.label), BarColumn(), TextColumn("{task.fields[files]}"),
                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
                 console=stderr_console(), transient=True,
                 redirect_stdout=self.redirect_stdout and sys.stdout.isatty(), redirect_stderr=False,
             )
-            self._task = self._bar.add_task(self.label, total=self.total, rate="")
+            self._task = self._bar.add_task(self.label, total=self.total, rate="", files=f"0/{self.total}")
             self._bar.start()
         return self
 
-    def advance(self, extra: str = "") -> None:
+    def on_audio(self, path: str, seconds: float, expected: float) -> None:
+        """`embed_files`' on_audio hook: move the bar by the decoded part of a file (up to 99% of it)."""
+        if self._bar is None or expected <= 0:
+            return
+        moved = self._moved.get(path, 0.0)
+        step = min(seconds / expected, 0.99 - moved)
+        if step > 0:
+            self._moved[path] = moved + step
+            self._bar.update(self._task, advance=step)
+
+    def advance(self, extra: str = "", path: str | None = None) -> None:
+        """One item done (`path`: the file whose partial moves by `on_audio` this completes)."""
         if self._bar is None:
             return
-        task = self._bar.tasks[0]
-        done, elapsed = task.completed + 1, max(task.elapsed or 0.0, 1e-6)
-        rate = f"{done / elapsed:.1f} files/s" + (f" · {extra}" if extra else "")
-        self._bar.update(self._task, advance=1, rate=rate)
+        self._done += 1
+        elapsed = max(self._bar.tasks[0].elapsed or 0.0, 1e-6)
+        rate = f"{self._done / elapsed:.1f} files/s" + (f" · {extra}" if extra else "")
+        step = 1.0 - self._moved.pop(path, 0.0) if path is not None else 1.0
+        self._bar.update(self._task, advance=step, rate=rate, files=f"{self._done}/{self.total}")
 
     def stop(self) -> None:
         if self._bar is not None:

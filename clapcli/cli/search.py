@@ -7,7 +7,9 @@ loads it once and answers one query per input line.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,7 +20,12 @@ from .index import INDEX
 
 
 def search_command(
-    query: Optional[List[str]] = typer.Argument(None, help="Text query; several terms add up.", show_default=False),
+    query: Optional[List[str]] = typer.Argument(
+        None, metavar="QUERY", show_default=False,
+        help="What to search for: the words are one query, as in any search box (`clap search metal impact`). "
+        "A lone + adds another query (`metal impact + glass`), a lone - pushes one away (`rain - thunder`, as "
+        "--not). An existing audio file searches by example (as --audio).",
+    ),
     audio: Optional[List[Path]] = typer.Option(None, "--audio", "-a", help="Query by example: an audio file "
                                                "(repeatable)."),
     negative: Optional[List[str]] = typer.Option(None, "--not", "-n", help="Push results away from this text "
@@ -26,7 +33,7 @@ def search_command(
     k: int = typer.Option(10, "-k", "--top", min=1, help="Number of files to return."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop results below this cosine score."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line: rank, score, path, start, end, "
-                                 "duration."),
+                                 "duration, and query (how the query was read: text, not, audio)."),
     paths: bool = typer.Option(False, "--paths", help="Print matching paths only (for piping); a name holding a "
                                "control character (a newline) is printed escaped, with a warning: use -0."),
     null: bool = typer.Option(False, "--null", "-0", help="Print matching paths ended by NUL, as they are on disk "
@@ -45,12 +52,14 @@ def search_command(
     from ..errors import UsageError
     from ..identity import same_model
     from ..index.paths import check_remembered_model, resolve_index
-    from ..index.search import Searcher, model_mismatch_advice, moved_model_advice, open_for_search, query_vector
+    from ..index.search import Searcher, model_mismatch_advice, moved_model_advice, query_vector
 
-    for text in (query or []) + (negative or []):
-        if not text.strip():
-            raise UsageError("empty query: give words to search for (or --audio FILE)")
-    for a in audio or []:  # before the model loads: a typo fails at once
+    read = read_query(query or [], negative or [], [str(a) for a in audio or []])
+    for path in read.audio[len(audio or []):]:
+        output.stderr_console().print(f"searching by example: {output.literal(path)} is an audio file (as with "
+                                      "--audio)", highlight=False)
+    query, negative, audio = read.text, read.negative, [Path(a) for a in read.audio]
+    for a in audio:  # before the model loads: a typo fails at once
         if not a.exists():
             raise UsageError(f"--audio {output.display_path(a)}: no such file")
         if not a.is_file():
@@ -63,7 +72,7 @@ def search_command(
     if not query and not audio and not stdin:
         raise UsageError("nothing to search for: give a text query and/or --audio FILE")
     index_dir = resolve_index(index)
-    with open_for_search(index_dir) as store:
+    with _open_index(index, index_dir) as store:
         identity = store.model_identity or {}
         if model is None:
             check_remembered_model(identity.get("model"), index_dir, moved_model_advice(index))
@@ -82,15 +91,91 @@ def search_command(
             if failed:
                 raise typer.Exit(1)
             return
-        q = query_vector(m, query or [], negative or [], [str(a) for a in audio or []])
+        q = query_vector(m, query, negative, read.audio)
         hits = searcher.search(q, k=k, min_score=min_score)
+        roots = store.roots()
     if paths:
         _print_paths([h.path for h in hits], null)
     elif as_json or not output.is_terminal():
         for h in hits:
-            output.json_line(h.to_dict())
+            output.json_line({**h.to_dict(), "query": read.to_dict()})
     else:
-        _table(hits, " + ".join((query or []) + [str(a) for a in audio or []]), negative or [], note)
+        _table(hits, " + ".join(query + read.audio), negative, note, roots)
+
+
+@dataclass
+class Query:
+    """A search as `clap search` read it from its arguments: the texts and audio files that add up, and the texts
+    pushed away (`--json`'s "query")."""
+
+    text: list[str] = field(default_factory=list)
+    negative: list[str] = field(default_factory=list)
+    audio: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "not": self.negative, "audio": self.audio}
+
+
+def read_query(words: list[str], negative: list[str], audio: list[str]) -> Query:
+    """The words after `clap search` → one query, as a search box reads them: `metal impact` is the text "metal
+    impact". A lone `+` starts another query that adds up, a lone `-` one that is pushed away (as `--not`); a
+    query that names an existing audio file searches by example (as `--audio`). Refuses empty queries."""
+    from ..errors import UsageError
+    from ..index.scan import AUDIO_EXTENSIONS
+
+    read = Query(negative=[], audio=list(audio))
+    groups: list[tuple[str, list[str]]] = [("+", [])]
+    for word in words:
+        if word in ("+", "-"):
+            groups.append((word, []))
+        else:
+            groups[-1][1].append(word)
+    for sign, group in groups:
+        text = " ".join(group)
+        if not text.strip():
+            if len(groups) > 1:
+                raise UsageError("a lone + or - joins two queries: give words on each side, as in "
+                                 "`metal impact + glass` or `rain - thunder`")
+            if words:
+                raise UsageError("empty query: give words to search for (or --audio FILE)")
+            continue
+        if sign == "-":
+            read.negative.append(text)
+        elif _is_audio_file(text, AUDIO_EXTENSIONS):
+            read.audio.append(text)
+        else:
+            read.text.append(text)
+    for text in negative:
+        if not text.strip():
+            raise UsageError("empty --not: give the words whose results to push away")
+        read.negative.append(text)
+    return read
+
+
+def _is_audio_file(text: str, extensions) -> bool:
+    return os.path.splitext(text)[1][1:].lower() in extensions and os.path.isfile(text)
+
+
+def _open_index(index: str | None, index_dir: Path):
+    """The index opened for searching; a missing named (or the default) index is refused with the names there
+    are, and the close one first."""
+    from ..errors import IndexStoreError
+    from ..index.paths import indexes_dir
+    from ..index.search import open_for_search
+    from ..index.store import IndexStore
+
+    if not IndexStore.exists(index_dir) and index_dir.parent == indexes_dir():
+        import difflib
+
+        from .index_admin import named_indexes
+
+        names = [d.name for d in named_indexes()]
+        if names:
+            close = difflib.get_close_matches(index_dir.name, names, n=1, cutoff=0.6) if index else []
+            guess = f"; did you mean {close[0]}?" if close else ";"
+            raise IndexStoreError(f"no index at {index_dir}{guess} the indexes are: {', '.join(names)} "
+                                  "(`clap index list` shows them)")
+    return open_for_search(index_dir)
 
 
 def _torch_free_query(ref, audio, device, precision, tokenizer, engine):
@@ -136,7 +221,7 @@ def _answer_stdin(m, searcher, negative, k, min_score, as_json, paths, null, not
         elif paths:
             _print_paths([h.path for h in hits] + [""], null)
         else:
-            _table(hits, text, negative, note)
+            _table(hits, text, negative, note, searcher.store.roots())
         sys.stdout.flush()
     return failed
 
@@ -177,27 +262,47 @@ def _precision_note(index_precisions: list[str], query_precision: str | None) ->
             "scores may differ from a single-precision search in the third decimal")
 
 
-def _table(hits, title: str, negative, note: str = "") -> None:
+def _table(hits, title: str, negative, note: str = "", roots: list[str] | None = None) -> None:
+    """The results on a terminal: each file's name first and whole (an 80-column table must not cut its
+    extension), and under it, dimmed, its folder relative to the indexed folder it lies in."""
     from rich.table import Table
 
+    con = output.stdout_console()
+    if not hits:
+        con.print("no results")
+        return
+    roots = roots or []
     if negative:
         title += "  (not: " + ", ".join(negative) + ")"
-    table = Table(title=output.literal(title), caption=note or None)
-    for col, justify in (("#", "right"), ("score", "right"), ("path", "left"), ("at", "right"),
-                         ("duration", "right")):
-        table.add_column(col, justify=justify)
+    captions = [f"folders relative to {output.literal(roots[0])}"] if len(roots) == 1 else []
+    table = Table(title=output.literal(title), caption="\n".join(captions + ([note] if note else [])) or None)
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("file (folder)", overflow="fold")
+    table.add_column("at", justify="right", no_wrap=True)
+    table.add_column("length", justify="right", no_wrap=True)
     for h in hits:
-        at = f"{_clock(h.start)}–{_clock(h.end)}" if h.start is not None else ""
-        table.add_row(str(h.rank), f"{h.score:.3f}", output.literal(h.path), at,
-                      _clock(h.duration) if h.duration else "")
-    output.stdout_console().print(table if hits else "no results")
+        folder = folder_in_index(h.path, roots)
+        name = output.literal(os.path.basename(h.path)) + ("" if folder == "." else
+                                                           f"\n[dim]{output.literal(folder)}[/]")
+        at = output.clock_range(h.start, h.end) if h.start is not None else ""
+        table.add_row(str(h.rank), f"{h.score:.3f}", name, at, output.clock(h.duration) if h.duration else "")
+    con.print(table)
 
 
-def _clock(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    m, s = divmod(seconds, 60)
-    return f"{int(m)}:{s:04.1f}"
+def folder_in_index(path: str, roots: list[str]) -> str:
+    """The folder of an indexed file relative to the indexed folder (root) that holds it: `sfx/impacts`, `.` for
+    the root itself; with several roots, led by the root's name. The full folder when no root holds it."""
+    folder = os.path.dirname(path)
+    holders = [r for r in roots if folder == r or folder.startswith(r.rstrip(os.sep) + os.sep)]
+    if not holders:
+        return folder
+    root = max(holders, key=len)
+    relative = os.path.relpath(folder, root)
+    if len(roots) == 1:
+        return relative
+    name = os.path.basename(root.rstrip(os.sep)) or root
+    return name if relative == "." else os.path.join(name, relative)
 
 
 def register(app: typer.Typer) -> None:

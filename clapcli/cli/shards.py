@@ -37,7 +37,8 @@ class _Progress:
 
 @shards_app.command("make")
 def make(
-    src: Path = typer.Argument(..., help="A .csv/.jsonl manifest, or a folder of audio.", show_default=False),
+    src: Path = typer.Argument(..., metavar="SRC", help="A .csv/.jsonl manifest, or a folder of audio.",
+                               show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: shards go to OUT/train (and OUT/val).",
                              show_default=False),
     captions: Optional[Path] = typer.Option(None, "--captions", help="Manifest giving the captions/tags of a "
@@ -94,7 +95,7 @@ def make(
 
 @shards_app.command("info")
 def info(
-    directory: Path = typer.Argument(..., help="A `shards make` output folder or a folder of tars.",
+    directory: Path = typer.Argument(..., metavar="DIR", help="A `shards make` output folder or a folder of tars.",
                                      show_default=False),
     examples: int = typer.Option(3, "--examples", min=0, help="Example captions shown per split."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per split."),

@@ -27,8 +27,8 @@ def register(app: typer.Typer) -> None:
 
 
 def tag_command(
-    files: Optional[List[str]] = typer.Argument(None, metavar="FILE...", help="Audio files to tag.",
-                                                show_default=False),
+    files: Optional[List[str]] = typer.Argument(None, metavar="PATH", help="Audio files, or folders to walk for "
+                                                "audio files as `clap index` does.", show_default=False),
     labels: Optional[str] = typer.Option(
         None, "--labels", "-l", show_default=False,
         help="Label set: a built-in name (see --list-labelsets), a comma list 'dog,rain,siren', "
@@ -46,7 +46,9 @@ def tag_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per file per line."),
     as_csv: bool = typer.Option(False, "--csv", help="CSV with a header, one row per (file, label)."),
-    timeline: bool = typer.Option(False, "--timeline", help="Also tag each 10 s window of files longer than 10 s."),
+    timeline: bool = typer.Option(False, "--timeline", help="Also tag each window of files longer than one window "
+                                  "(the model's clip length: 10 s for LAION-CLAP); on a terminal, neighbouring "
+                                  "windows with the same labels share a row."),
     multi_label: bool = typer.Option(
         False, "--multi-label",
         help="Report every label whose cosine is at least --threshold (for sets where several labels apply, "
@@ -106,11 +108,44 @@ def tag_command(
 
     labelset = resolve_labels(labels)  # before loading the model: a typo fails in milliseconds
     templates = check_templates(template)
+    files, unreadable = expand_paths(files)  # before the model loads: a typo fails at once
     clap_model = options.load(model, device, precision, tokenizer, engine=engine)
     failed = _run(clap_model, files, labelset, templates, top_k, multi_label, threshold, timeline, batch_size,
                   as_json, as_csv)
-    if failed:
+    if failed or unreadable:
         raise typer.Exit(1)
+
+
+def expand_paths(paths: list[str]) -> tuple[list[str], int]:
+    """The files to tag: each file as given, each folder walked as `clap index` walks it (audio extensions,
+    symbolic links followed, sorted), its files named under the folder as given. A path that does not exist, or
+    a folder without audio files, is a usage error; folders that cannot be read are reported on stderr.
+    Returns (files, how many paths could not be read)."""
+    import os
+    from pathlib import Path
+
+    from ..index.scan import scan
+
+    files, problems = [], []
+    for given in paths:
+        if not os.path.lexists(given):
+            raise UsageError(f"{output.display_path(given)}: no such file or directory")
+        if not os.path.isdir(given):
+            files.append(given)
+            continue
+        base = Path(given).resolve()
+        found = list(scan([given], problems=problems))
+        if not found:
+            raise UsageError(f"{output.display_path(given)}: no audio files in this folder")
+        for entry in found:
+            try:
+                files.append(os.path.join(given, entry.path.relative_to(base)))
+            except ValueError:  # reached through a symbolic link that leads out of the folder
+                files.append(str(entry.path))
+    for problem in problems:
+        output.stderr_console().print(f"[red]skipped:[/] {output.literal(problem.path)}: "
+                                      f"{output.literal(problem.reason)}", highlight=False, soft_wrap=True)
+    return files, len(problems)
 
 
 def _run_classifier(directory, files, labels, template, top, multi_label, threshold, timeline, model, device,
@@ -126,11 +161,12 @@ def _run_classifier(directory, files, labels, template, top, multi_label, thresh
         raise UsageError(f"--threshold {threshold:g} is not a probability in [0, 1]")
     top_k = top if top is not None else (None if multi_label else DEFAULT_TOP)
     read_classifier(directory)  # a wrong directory fails before any model loads
+    files, unreadable = expand_paths(files)
     clap_model = options.load(model, device, precision, tokenizer, engine=engine) if model else None
     scorer = load_classifier(directory, model=clap_model, device=device, precision=precision, engine=engine)
     failed = _run(scorer.model, files, None, None, top_k, multi_label, threshold, timeline, batch_size,
                   as_json, as_csv, scorer=scorer)
-    if failed:
+    if failed or unreadable:
         raise typer.Exit(1)
 
 
@@ -141,7 +177,7 @@ def _run(model, files, labelset, templates, top_k, multi_label, threshold, timel
 
     out, err = output.stdout_console(), output.stderr_console()
     # stdout goes through the bar only when both are on the terminal; piped output stays plain.
-    progress = output.ProgressBar("tagging", len(files), redirect_stdout=True).start()
+    progress = output.ProgressBar("tagging", len(files), redirect_stdout=True, within_files=True).start()
     failed = 0
     csv_writer = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
     if csv_writer is not None:
@@ -150,7 +186,8 @@ def _run(model, files, labelset, templates, top_k, multi_label, threshold, timel
         csv_writer.writerow(CSV_HEADER)
     try:
         for result in tag_files(model, files, labelset, templates, top_k=top_k, multi_label=multi_label,
-                                threshold=threshold, timeline=timeline, batch_size=batch_size, scorer=scorer):
+                                threshold=threshold, timeline=timeline, batch_size=batch_size, scorer=scorer,
+                                on_audio=progress.on_audio):
             if result.error is not None:
                 failed += 1
                 err.print(f"[red]skipped:[/] {output.literal(result.path)}: {output.literal(result.error)}",
@@ -165,7 +202,7 @@ def _run(model, files, labelset, templates, top_k, multi_label, threshold, timel
                 sys.stdout.flush()
             elif result.error is None:
                 print_tables(out, result)
-            progress.advance()
+            progress.advance(path=result.path)
     finally:
         progress.stop()
     return failed
@@ -181,7 +218,7 @@ def print_tables(console, result: FileTags) -> None:
     """One tagged file on a terminal: its path on a line of its own, printed whole (a table title would break
     a long path mid-word at 80 columns; the terminal wraps it instead, so it can still be copied), then its
     tables."""
-    duration = "" if result.duration is None else f" ({result.duration:.1f} s)"
+    duration = "" if result.duration is None else f" ({output.clock(result.duration)})"
     console.print(f"[bold]{output.literal(result.path)}[/]{duration}", highlight=False, soft_wrap=True)
     for renderable in render_tables(result):
         console.print(renderable)
@@ -202,14 +239,31 @@ def render_tables(result: FileTags) -> list:
     tables = [table]
     if result.timeline is not None:
         windows = Table(title="timeline", title_justify="left", show_edge=False)
-        windows.add_column("start", justify="right")
-        windows.add_column("end", justify="right")
+        windows.add_column("time", justify="right", no_wrap=True)
         windows.add_column("labels (prob)", overflow="fold")
-        for w in result.timeline:
-            tags = ", ".join(f"{output.literal(s.label)} ({s.prob:.2f})" for s in w.labels)
-            windows.add_row(f"{w.start:.1f}", f"{w.end:.1f}", tags)
+        for start, end, labels in merged_timeline(result.timeline):
+            tags = ", ".join(f"{output.literal(label)} ({prob:.2f})" for label, prob in labels)
+            windows.add_row(output.clock_range(start, end), tags)
         tables.append(windows)
     return tables
+
+
+def merged_timeline(windows) -> list[tuple[float, float, list[tuple[str, float]]]]:
+    """The timeline as a person reads it: neighbouring windows that show the same labels in the same order become
+    one stretch (start of the first, end of the last) with each label's mean probability over them, so a
+    20-minute take of rain is one row, not 471."""
+    merged: list[tuple[float, float, list[tuple[str, float]]]] = []
+    runs: list[list] = []
+    for w in windows:
+        names = [s.label for s in w.labels]
+        if runs and [label for label, _ in merged[-1][2]] == names and w.start <= merged[-1][1]:
+            runs[-1].append(w)
+            merged[-1] = (merged[-1][0], w.end, merged[-1][2])
+        else:
+            runs.append([w])
+            merged.append((w.start, w.end, [(s.label, s.prob) for s in w.labels]))
+    return [(start, end, [(label, sum(w.labels[i].prob for w in run) / len(run)) for i, (label, _) in
+                          enumerate(labels)]) for (start, end, labels), run in zip(merged, runs)]
 
 
 def _print_labelsets(as_json: bool) -> None:

@@ -99,6 +99,7 @@ def tag_files(
     on_progress: Callable[[FileTags], None] | None = None,
     on_error: Callable[[str, str], None] | None = None,
     scorer: Scorer | None = None,
+    on_audio: Callable[[str, float, float], None] | None = None,
 ) -> Iterator[FileTags]:
     """Tag each file, yielding one FileTags per path in input order; a bad file yields an error entry.
 
@@ -107,7 +108,8 @@ def tag_files(
     labels per 10 s window (the model's segments); a shorter file's timeline is empty. `scorer` replaces zero-shot scoring (labelset and templates are then
     unused), e.g. with a trained classifier head (`clapcli.models.classifier.Classifier`, whose
     `raw_embeddings` flag asks for un-normalised embeddings). `on_error(path, message)` is called for each failed file
-    and `on_progress(file_tags)` once per file, failed or not.
+    and `on_progress(file_tags)` once per file, failed or not; `on_audio(path, seconds, expected_seconds)` as
+    audio decodes, within long files too (the model's `embed_files` hook).
     """
     check_selection(top_k, multi_label, threshold)  # fail before any text or audio is encoded
     if scorer is None:
@@ -125,8 +127,11 @@ def tag_files(
     readable = [p for p, ok in zip(paths, is_file) if ok]
     # The model yields one AudioEmbedding per input, in order, with `error` set when a file fails.
     # A trained head (`raw_embeddings = True`) reads the projection output before L2 normalisation.
-    raw = {"normalize": False} if getattr(scorer, "raw_embeddings", False) else {}
-    embedded = iter(model.embed_files(readable, batch_size=batch_size, segments=timeline, **raw)) if readable else iter(())
+    hooks = {"normalize": False} if getattr(scorer, "raw_embeddings", False) else {}
+    if on_audio is not None:
+        hooks["on_audio"] = on_audio
+    embedded = (iter(model.embed_files(readable, batch_size=batch_size, segments=timeline, **hooks)) if readable
+                else iter(()))
 
     for path, ok in zip(paths, is_file):
         if not ok:
