@@ -26,15 +26,15 @@ from ..atomic import atomic_write
 from ..errors import DataError, TrainingError, UsageError
 from ..runtime import TRAINING_PRECISIONS, autocast, native_bf16, resolve_precision
 from .batch import Collate, FrameBatch, ImageCollate
-from .checkpoint import load_trainer_state, prune_step_checkpoints, save_checkpoint
+from .state import load_trainer_state, prune_step_checkpoints, save_checkpoint
 from .config import TrainConfig, TrainState
 from .data import ShardStream, loader, steps_per_epoch
 from .loss import ClipLoss, clamp_logit_scale_
 from .objective import Wav2ClipLoss, Wav2ClipObjective, Wav2ClipTrainee, check_widths
 from .runlock import RunLock
 from .runlog import RunLog
-from .setup import build_model, open_data, open_zeroshot, prepare_run_dir
-from .validate import validate, validate_images, validate_zeroshot
+from .prepare import build_model, open_data, open_zeroshot, prepare_run_dir
+from .validation import validate, validate_images, validate_zeroshot
 
 OBJECTIVES = ("clap", "wav2clip")
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from ..errors import DataError, UsageError
-from .checkpoint import clear_stale, latest_checkpoint
+from .state import clear_stale, latest_checkpoint
 from .config import TrainConfig
 from .runlock import LOCK_FILES
 from .shards import ShardSplit, resolve_split
