@@ -251,11 +251,14 @@ def test_data_errors_are_one_line(toy, tmp_path, monkeypatch, capsys):
 
 
 def test_torchrun_two_ranks_train_in_step(toy, tmp_path):
-    """Two Gloo ranks on the CPU: the same number of steps, one log and one set of checkpoints (rank 0)."""
+    """Two Gloo ranks on the CPU: the same number of steps, one log and one set of checkpoints (rank 0), and
+    the same parameters on both ranks after training (each rank saw other samples: only the gradient
+    all-reduce keeps them equal), which are the ones in final/."""
     run = tmp_path / "ddp"
     torchrun = Path(sys.executable).parent / "torchrun"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "clapcli", "train",
+    env = dict(os.environ, OMP_NUM_THREADS="1", CLAP_TEST_PARAMS=str(tmp_path / "params"))
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2",
+                           str(Path(__file__).parent / "train_ranks.py"), "train",
                            "--data", str(toy / "shards"), "--model-config", "tiny", "--tokenizer", str(toy / "tok"),
                            "--out", str(run), "--workers", "0", "--batch-size", "4", "--max-steps", "3",
                            "--log-every", "1", "--device", "cpu"],
@@ -266,6 +269,15 @@ def test_torchrun_two_ranks_train_in_step(toy, tmp_path):
     assert sorted(step_records(run)) == [1, 2, 3]
     assert (run / "final" / "model.safetensors").is_file()
     assert [r["step"] for r in log_records(run) if "val" in r] == [3]  # stopped inside the epoch: validated at the end
+    rank0, rank1 = (torch.load(tmp_path / "params" / f"rank-{r}.pt", weights_only=True) for r in (0, 1))
+    initial = torch.load(tmp_path / "params" / "rank-0-initial.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys() == initial.keys()
+    assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)  # they trained
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    saved = weights(run / "final")
+    common = [k for k in rank0 if k in saved]
+    assert len(common) > len(rank0) // 2 and all(torch.equal(saved[k], rank0[k]) for k in common)
 
 
 def test_a_second_run_on_a_live_run_folder_fails_at_once_naming_its_pid(toy, tmp_path, monkeypatch, capsys):
