@@ -28,7 +28,7 @@ from .audio.features import FeatureBuilder, window_starts
 from .errors import ClapError, failure_kind
 from .identity import fingerprint, model_identity
 from .models.checkpoints import LoadedCheckpoint, load_checkpoint, save_own
-from .models.registry import DEFAULT_MODEL
+from .models.registry import default_model
 from .runtime import autocast, quantize_int8, resolve_device, resolve_precision
 from .vectors import l2_normalize
 
@@ -509,7 +509,7 @@ def load_model(
     `clapcli.models.onnx_audio`)."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    ref = name_or_path or os.environ.get("CLAP_MODEL") or DEFAULT_MODEL
+    ref = name_or_path or default_model()
     loaded = None
     if text_only:
         from .models.text_only import load_text_checkpoint

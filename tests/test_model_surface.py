@@ -130,11 +130,20 @@ def test_gradients_reach_both_towers_heads_and_both_logit_scales():
 
 
 def test_one_longer_clip_in_a_training_batch_runs_the_fusion_path():
-    """AFF's BatchNorm after global pooling needs two values per channel in training; one clip is run twice."""
+    """AFF's BatchNorm after global pooling needs two values per channel in training; one clip is run twice.
+    The longer clip's local crops (channels 1-3) reach its embedding through the fusion; a short clip's
+    copies in those channels reach nothing."""
     model = tiny_model().train()
     features, _, ids, mask = batch()
-    out = model(features, torch.tensor([False, True, False]), ids, mask)
-    assert torch.isfinite(out.audio_embeds).all()
+    longer = torch.tensor([False, True, False])
+    with torch.no_grad():
+        out = model(features, longer, ids, mask)
+        assert torch.isfinite(out.audio_embeds).all()
+        for clip, fused in ((1, True), (0, False)):
+            changed = features.clone()
+            changed[clip, 1:] = torch.randn_like(changed[clip, 1:]) * 10 - 40  # other local crops
+            again = model(changed, longer, ids, mask).audio_embeds
+            assert torch.equal(again[clip], out.audio_embeds[clip]) is not fused, clip
 
 
 # ---- tower locks --------------------------------------------------------------------------------------------

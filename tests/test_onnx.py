@@ -141,7 +141,7 @@ def test_training_mode_and_gradients_never_use_the_exported_copy(tiny_model_dir)
 
 
 def test_text_only_and_training_embedders_stay_on_torch(tiny_model_dir, monkeypatch):
-    from clapcli.train.validate import embedder
+    from clapcli.train.validation import embedder
 
     monkeypatch.delenv("CLAP_ENGINE")
     assert load_model(tiny_model_dir, device="cpu", text_only=True, precision="int8").engine == "torch"

@@ -377,7 +377,7 @@ def audioset_cnn14(channels: list[int] | None = None, seed: int = 5) -> dict[str
 
 
 def test_audio_init_loads_pann_and_lightning_layouts_strictly(tokenizer, tmp_path):
-    from clapcli.train.setup import init_audio_encoder
+    from clapcli.train.prepare import init_audio_encoder
     from test_checkpoints import laion_state_dict
 
     state = audioset_cnn14()

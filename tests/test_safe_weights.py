@@ -48,7 +48,7 @@ def test_teacher_with_only_pickled_weights_is_refused(pickled_clip):
 
 
 def test_text_model_with_only_pickled_weights_is_refused(pickled_clip):
-    from clapcli.train.setup import fresh_model
+    from clapcli.train.prepare import fresh_model
 
     with pytest.raises(CheckpointError) as exc:
         fresh_model("tiny-clip", str(pickled_clip), None)

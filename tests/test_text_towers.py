@@ -14,7 +14,7 @@ from cli_runner import clap
 from clapcli import load_model
 from clapcli.models.checkpoints import save_own
 from clapcli.models.text import tokenize
-from clapcli.train.setup import fresh_model
+from clapcli.train.prepare import fresh_model
 from tiny_models import CORPUS
 
 TEXTS = ["a dog barking in the distance", "rain", "glass shattering on a hard floor and birds chirping"]

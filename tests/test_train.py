@@ -302,3 +302,21 @@ def test_the_stream_shuffles_within_its_byte_budget(shard_dir, monkeypatch):
     stored = [k for batch in epoch_keys(shard_dir, 0, 1, 1, 4) for k in batch]
     order = [int(raw.key[1:]) for url in epoch_shards(shard_dir, 5, 0) for raw in iter_shard(url)]
     assert stored != shuffled and [int(k[1:]) for k in stored] == order[: len(stored)]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"objective": "w2c"}, "--objective must be clap or wav2clip, got 'w2c'"),
+    ({"text_source": "caption"}, "--text-source must be text, k2c or all, got 'caption'"),
+    ({"precision": "int8"}, "--precision must be one of fp32, bf16, fp16, got 'int8'"),
+    ({"batch_size": 6, "accum_steps": 4}, "--batch-size 6 is not a multiple of --accum-steps 4"),
+    ({"best_metric": "loss"}, "--best-metric 'loss' is not a validation metric"),
+])
+def test_the_library_refuses_what_the_cli_refuses_before_any_work(tmp_path, change, message):
+    """One check (TrainConfig.check) for `clap train` and for `train(cfg)` called from Python."""
+    from clapcli.errors import UsageError
+    from clapcli.train.loop import train
+
+    cfg = TrainConfig(data=str(tmp_path / "shards"), out=str(tmp_path / "run"), model_config="tiny", **change)
+    with pytest.raises(UsageError, match=message):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

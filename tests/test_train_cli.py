@@ -3,6 +3,7 @@ checkpoints, it freezes what it is told to, it refuses what it should."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -241,8 +242,6 @@ def test_data_errors_are_one_line(toy, tmp_path, monkeypatch, capsys):
     code, err = run_main(monkeypatch, capsys, "train", "--data", no_caption, *fresh, "--out", tmp_path / "r1",
                          "--batch-size", "2")
     assert code == 1 and re.search(r"000000\.tar: k\d: no caption", one_error(err))
-    code, err = run_main(monkeypatch, capsys, "train", "--data", toy / "shards", "--out", tmp_path / "r2")
-    assert code == 2 and "--model-config" in err
     code, err = run_main(monkeypatch, capsys, "train", "--data", toy / "shards", *fresh, "--out", tmp_path / "r3",
                          "--precision", "fp16", "--device", "cpu")
     assert code == 2 and "fp16" in err
@@ -252,11 +251,14 @@ def test_data_errors_are_one_line(toy, tmp_path, monkeypatch, capsys):
 
 
 def test_torchrun_two_ranks_train_in_step(toy, tmp_path):
-    """Two Gloo ranks on the CPU: the same number of steps, one log and one set of checkpoints (rank 0)."""
+    """Two Gloo ranks on the CPU: the same number of steps, one log and one set of checkpoints (rank 0), and
+    the same parameters on both ranks after training (each rank saw other samples: only the gradient
+    all-reduce keeps them equal), which are the ones in final/."""
     run = tmp_path / "ddp"
     torchrun = Path(sys.executable).parent / "torchrun"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "clapcli", "train",
+    env = dict(os.environ, OMP_NUM_THREADS="1", CLAP_TEST_PARAMS=str(tmp_path / "params"))
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2",
+                           str(Path(__file__).parent / "train_ranks.py"), "train",
                            "--data", str(toy / "shards"), "--model-config", "tiny", "--tokenizer", str(toy / "tok"),
                            "--out", str(run), "--workers", "0", "--batch-size", "4", "--max-steps", "3",
                            "--log-every", "1", "--device", "cpu"],
@@ -267,6 +269,15 @@ def test_torchrun_two_ranks_train_in_step(toy, tmp_path):
     assert sorted(step_records(run)) == [1, 2, 3]
     assert (run / "final" / "model.safetensors").is_file()
     assert [r["step"] for r in log_records(run) if "val" in r] == [3]  # stopped inside the epoch: validated at the end
+    rank0, rank1 = (torch.load(tmp_path / "params" / f"rank-{r}.pt", weights_only=True) for r in (0, 1))
+    initial = torch.load(tmp_path / "params" / "rank-0-initial.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys() == initial.keys()
+    assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)  # they trained
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    saved = weights(run / "final")
+    common = [k for k in rank0 if k in saved]
+    assert len(common) > len(rank0) // 2 and all(torch.equal(saved[k], rank0[k]) for k in common)
 
 
 def test_a_second_run_on_a_live_run_folder_fails_at_once_naming_its_pid(toy, tmp_path, monkeypatch, capsys):
@@ -368,3 +379,114 @@ def test_other_ranks_wait_for_rank_0_validation_longer_than_the_collective_timeo
     records = log_records(run)
     assert [r["step"] for r in records if "val" in r] == [1] and records[-1]["event"] == "done"
     assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_without_init_or_model_config_the_default_model_is_adapted(toy, tiny_model_dir, tmp_path, monkeypatch,
+                                                                     capsys):
+    """`clap train --data shards/` adapts the model every other command uses: its weights not in the cache, the
+    one-line message `load_model` gives; with $CLAP_MODEL naming a local model, a run that adapts it."""
+    from clapcli import load_model
+    from clapcli.errors import WeightsNotAvailable
+
+    with pytest.raises(WeightsNotAvailable) as missing:
+        load_model(device="cpu")
+    code, err = run_main(monkeypatch, capsys, "train", "--data", toy / "shards", "--out", tmp_path / "r")
+    assert code == 1 and one_error(err) == f"error: {missing.value}"
+
+    monkeypatch.setenv("CLAP_MODEL", str(tiny_model_dir))
+    run = tmp_path / "adapted"
+    clap("train", "--data", toy / "shards" / "train", "--out", run, "--workers", "0", "--max-steps", "1",
+         "--batch-size", "4")
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["init"] == str(tiny_model_dir) and config["model"]["source"] == str(tiny_model_dir)
+    assert load_model(run / "final", device="cpu").config.to_dict() == load_model(device="cpu").config.to_dict()
+
+
+def test_keep_checkpoints_and_its_hidden_old_name(toy, tmp_path):
+    for option in ("--keep-checkpoints", "--keep"):
+        run = tmp_path / option.strip("-")
+        clap(*_train_args(toy, run, "--max-steps", "3", "--save-every", "1", option, "1"))
+        assert sorted(p.name for p in run.iterdir() if p.name.startswith("step-")) == ["step-3"]
+        assert json.loads((run / "config.json").read_text())["train"]["keep_checkpoints"] == 1
+    import typer.main
+
+    from clapcli.cli.main import app
+
+    shown = {opt for p in typer.main.get_command(app).commands["train"].params if not p.hidden for opt in p.opts}
+    assert "--keep-checkpoints" in shown and "--keep" not in shown  # --help shows the new name only
+
+
+def test_train_options_are_the_train_config_fields_with_its_defaults():
+    """Every option of `clap train` but --out and --json sets the TrainConfig field of its name, and
+    defaults to that field's default (written once, in the dataclass)."""
+    import typer.main
+
+    from clapcli.cli.main import app
+    from clapcli.train.config import TrainConfig
+
+    command = typer.main.get_command(app).commands["train"]
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    options = {p.name: p for p in command.params}
+    assert set(options) - set(fields) == {"as_json", "keep"}  # --keep: the hidden old name of --keep-checkpoints
+    assert set(fields) - set(options) == {"beta1", "beta2", "eps", "val_every_epochs", "shuffle_buffer"}
+    for name, field in fields.items():
+        if name in options and field.default is not dataclasses.MISSING:
+            assert options[name].default == field.default, name
+
+
+def test_the_loop_validates_in_eval_mode_trains_in_train_mode_and_keeps_best(toy, tmp_path, monkeypatch):
+    """Validation measures an inference embedder of the model in eval mode; the loop owns the mode (training
+    mode again for the next step) and writes best/ itself, without the optimizer."""
+    from clapcli.train import loop
+
+    seen = []
+    real_validate, real_step = loop.validate, loop.train_step
+
+    def spy_validate(first, *args, **kwargs):
+        seen.append(("validate", getattr(first, "model", first).training))
+        return real_validate(first, *args, **kwargs)
+
+    def spy_step(model, *args, **kwargs):
+        seen.append(("step", model.training))
+        return real_step(model, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "validate", spy_validate)
+    monkeypatch.setattr(loop, "train_step", spy_step)
+    run = tmp_path / "run"
+    clap("train", "--data", toy / "shards", "--tokenizer", toy / "tok", "--out", run, *TRAIN, "--batch-size", "8",
+         "--epochs", "2", "--max-steps", "7")
+    assert [kind for kind, _ in seen].count("validate") == 2 and seen[6][0] == "validate"  # epoch 1 and the end
+    assert all(not training for kind, training in seen if kind == "validate")
+    assert all(training for kind, training in seen if kind == "step")
+    state = torch.load(run / "best" / "trainer_state.pt", weights_only=True)
+    assert state["optimizer"] is None and state["state"]["best_step"] in (6, 7)
+
+
+def test_resume_with_dropout_repeats_a_straight_run_from_no_saved_rng(toy, tmp_path):
+    """Dropout draws from torch's generator, which the loop seeds per step from (seed, step, rank): a resumed
+    run repeats a straight one without any RNG state in trainer_state.pt."""
+    from clapcli.models.checkpoints import save_own
+    from clapcli.models.clap import ClapModel
+    from clapcli.train.prepare import fresh_model
+
+    model, tokenizer = fresh_model("tiny", None, str(toy / "tok"))
+    cfg = model.config
+    cfg.audio.drop_rate = cfg.audio.attn_drop_rate = cfg.text.hidden_dropout_prob = 0.3
+    torch.manual_seed(0)
+    save_own(ClapModel(cfg), tokenizer, tmp_path / "dropout")
+
+    def args(run, *extra):
+        return ["train", "--data", toy / "shards" / "train", "--init", tmp_path / "dropout", "--out", run,
+                "--workers", "0", "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--log-every", "1", *extra]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    clap(*args(straight, "--max-steps", "4"))
+    clap(*args(resumed, "--max-steps", "2"))
+    clap(*args(resumed, "--max-steps", "4", "--resume"))
+    a, b = weights(straight / "final"), weights(resumed / "final")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=key)
+    s, r = step_records(straight), step_records(resumed)
+    assert [s[i]["loss"] for i in sorted(s)] == pytest.approx([r[i]["loss"] for i in sorted(r)], rel=1e-5)
+    state = torch.load(resumed / "final" / "trainer_state.pt", weights_only=True)
+    assert "torch_rng" not in state

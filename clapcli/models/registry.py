@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ..atomic import atomic_write
 from ..errors import CheckpointError, WeightsNotAvailable
 
 DEFAULT_MODEL = "laion/clap-htsat-fused"
+
+
+def default_model() -> str:
+    """The model a command uses when none is named: $CLAP_MODEL, else DEFAULT_MODEL."""
+    return os.environ.get("CLAP_MODEL") or DEFAULT_MODEL
+
 WAV2CLIP_URL = "https://github.com/descriptinc/lyrebird-wav2clip/releases/download/v0.1.0-alpha/Wav2CLIP.pt"
 # Upstream publishes no checksum for Wav2CLIP.pt (none in the release, the wav2clip package or any project found
 # to pin it), and none could be computed offline: left unpinned, a download is held only to what every .pt is

@@ -10,9 +10,19 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import UsageError
+
 # Options that may change between a run and its resumption without making it "another run".
 RESUMABLE_CHANGES = ("epochs", "save_every", "workers", "device", "resume", "log_every", "val_every_epochs",
                      "log_samples", "max_steps", "dist_timeout")
+
+OBJECTIVES = ("clap", "wav2clip")
+TEXT_SOURCES = ("text", "k2c", "all")
+RETRIEVAL_KEYS = [f"{d}_{m}" for d in ("t2a", "a2t") for m in ("R@1", "R@5", "R@10", "mAP@10", "mean_rank",
+                                                                 "median_rank")]
+IMAGE_RETRIEVAL_KEYS = [k.replace("t2a", "i2a").replace("a2t", "a2i") for k in RETRIEVAL_KEYS]  # wav2clip
+ZEROSHOT_KEYS = [f"zeroshot_{m}" for m in ("top1", "top5", "top10", "mAP@10", "mean_rank")]
+BEST_METRICS = ["mAP@10", *RETRIEVAL_KEYS, *IMAGE_RETRIEVAL_KEYS, *ZEROSHOT_KEYS]  # choices of best_metric
 
 
 @dataclass
@@ -45,8 +55,8 @@ class TrainConfig:
     accum_steps: int = 1  # micro-batches per step; the loss is still over the whole batch (feature cache)
     local_loss: bool = False  # distributed: each rank's rows against all columns (the option that scales)
     gather_with_grad: bool = True  # distributed: gather features with gradient (exact global loss)
-    text_source: str = "text"  # caption field: text | k2c (text_augment_t5) | all (text_augment_all)
-    objective: str = "clap"  # clap: audio–caption contrastive; wav2clip: distil audio towards CLIP image embeddings
+    text_source: str = "text"  # one of TEXT_SOURCES; caption field: text | k2c (text_augment_t5) | all (text_augment_all)
+    objective: str = "clap"  # one of OBJECTIVES; clap: audio–caption contrastive; wav2clip: distil audio towards CLIP image embeddings
     teacher: str | None = None  # wav2clip: CLIP model (directory or hub id) whose vision tower embeds .jpg frames
     spec_augment: bool = False  # random time/frequency masks on the training mel (never at inference)
     save_every: int = 0  # also checkpoint every N steps (0: only at each epoch end and at the end)
@@ -62,6 +72,26 @@ class TrainConfig:
     log_samples: bool = False  # also record every step's sample keys in log.jsonl (to check the data order)
     max_steps: int = 0  # stop after this many steps in total (0: run all epochs); for tests and smoke runs
     dist_timeout: float = 0.0  # seconds a collective of the training step may wait for a rank (0: torch's default)
+
+    def check(self) -> None:
+        """Refuse values no run can use, once for the CLI and the library (UsageError naming the option).
+        What needs the device (fp16 on a CPU) or the data is checked where those are known."""
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"--objective must be {' or '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.text_source not in TEXT_SOURCES:
+            raise UsageError(f"--text-source must be {', '.join(TEXT_SOURCES[:-1])} or {TEXT_SOURCES[-1]}, got "
+                             f"{self.text_source!r}")
+        from ..runtime import TRAINING_PRECISIONS  # here: `clap --help` reads this module and must not load torch
+
+        if self.precision not in TRAINING_PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(TRAINING_PRECISIONS)}, got {self.precision!r}")
+        if self.teacher and self.objective != "wav2clip":
+            raise UsageError("--teacher is for --objective wav2clip")
+        if self.best_metric not in BEST_METRICS:
+            raise UsageError(f"--best-metric {self.best_metric!r} is not a validation metric; choose one of: "
+                             + ", ".join(BEST_METRICS))
+        if self.accum_steps < 1 or self.batch_size % self.accum_steps:
+            raise UsageError(f"--batch-size {self.batch_size} is not a multiple of --accum-steps {self.accum_steps}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

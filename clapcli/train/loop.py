@@ -26,17 +26,15 @@ from ..atomic import atomic_write
 from ..errors import DataError, TrainingError, UsageError
 from ..runtime import TRAINING_PRECISIONS, autocast, native_bf16, resolve_precision
 from .batch import Collate, FrameBatch, ImageCollate
-from .checkpoint import load_trainer_state, prune_step_checkpoints, save_checkpoint
+from .state import load_trainer_state, prune_step_checkpoints, save_checkpoint
 from .config import TrainConfig, TrainState
 from .data import ShardStream, loader, steps_per_epoch
 from .loss import ClipLoss, clamp_logit_scale_
 from .objective import Wav2ClipLoss, Wav2ClipObjective, Wav2ClipTrainee, check_widths
 from .runlock import RunLock
 from .runlog import RunLog
-from .setup import build_model, open_data, open_zeroshot, prepare_run_dir
-from .validate import validate, validate_images, validate_zeroshot
-
-OBJECTIVES = ("clap", "wav2clip")
+from .prepare import build_model, open_data, open_zeroshot, prepare_run_dir, with_default_model
+from .validation import embedder, validate, validate_images, validate_zeroshot
 
 Logger = Callable[[dict], None]
 
@@ -135,18 +133,13 @@ def train(cfg: TrainConfig, ctx: dist.DistContext | None = None, display: Logger
     """Run (or resume) the training described by `cfg`; returns a summary dict.
 
     Rank 0 records every event in RUN/log.jsonl and passes it to `display`."""
+    cfg.check()
+    cfg = with_default_model(cfg)
     ctx = ctx or dist.init(cfg.device, timeout=timedelta(seconds=cfg.dist_timeout) if cfg.dist_timeout else None)
     device = ctx.device
     precision = resolve_precision(cfg.precision, device, allowed=TRAINING_PRECISIONS)
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a CUDA device; use fp32 (or bf16 where the CPU runs it natively)")
-    if cfg.objective not in OBJECTIVES:
-        raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}")
-    if cfg.teacher and cfg.objective != "wav2clip":
-        raise UsageError("--teacher is for --objective wav2clip")
-    if cfg.best_metric not in BEST_METRICS:
-        raise UsageError(f"--best-metric {cfg.best_metric!r} is not a validation metric; choose one of: "
-                         + ", ".join(BEST_METRICS))
     run_dir = Path(cfg.out)
     with RunLock(run_dir, enabled=ctx.is_main):  # one run writes RUN_DIR at a time, for its whole life
         resume_from = prepare_run_dir(run_dir, cfg, ctx) if ctx.is_main else None
@@ -217,6 +210,23 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
                        cfg.spec_augment))
     objective = trainee.objective if wav2clip else None
     save = _saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info, ctx, objective)
+
+    def validate_and_keep_best() -> None:
+        """Rank 0 validates in eval mode (the others wait), then training mode again; best/ by cfg.best_metric."""
+        if ctx.is_main:
+            trainee.eval()
+            try:
+                metrics = _validate(cfg, model, tokenizer, val_split, zeroshot, teacher)
+            finally:
+                trainee.train()
+            state.history.append({"step": state.step, "epoch": state.epoch, **metrics})
+            log({"step": state.step, "epoch": state.epoch, "val": metrics})
+            value = _metric(metrics, cfg.best_metric)
+            if value is not None and (state.best_value is None or value > state.best_value):
+                state.best_value, state.best_step = value, state.step
+                save("best", {"best_metric": cfg.best_metric, "value": value})
+        dist.barrier(main_work=True)
+
     log({"event": "start", "steps_per_epoch": steps, "total_steps": planned, "samples": split.num_samples,
          "world_size": ctx.world_size, "device": str(device), "precision": precision})
 
@@ -258,14 +268,14 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
             if state.epoch_step == steps:
                 state.epoch, state.epoch_step = state.epoch + 1, 0
                 if (val_split or zeroshot) and (state.epoch % cfg.val_every_epochs == 0 or state.epoch == cfg.epochs):
-                    _validate(cfg, trainee, tokenizer, val_split, zeroshot, state, ctx, log, teacher)
+                    validate_and_keep_best()
                 save(f"step-{state.step}")
             elif cfg.save_every and state.step % cfg.save_every == 0:
                 save(f"step-{state.step}")
             if _stop(cfg, state):
                 break
     if state.epoch_step and (val_split or zeroshot):  # stopped by --max-steps inside an epoch: validate the end too
-        _validate(cfg, trainee, tokenizer, val_split, zeroshot, state, ctx, log, teacher)
+        validate_and_keep_best()
     save("final")
     dist.barrier()
     summary = {"event": "done", "steps": state.step, "epochs": state.epoch, "out": str(run_dir),
@@ -291,48 +301,36 @@ def _stop(cfg: TrainConfig, state: TrainState) -> bool:
 
 
 def _saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info, ctx, objective=None):
-    def save(name: str) -> None:
+    """save(name): RUN/name/ written by rank 0 while the other ranks wait. step-N/ and final/ hold what
+    resuming needs; save("best", {metric, value}) holds the model and state without the optimizer, and is
+    called on rank 0 alone, inside validation (whose barrier the other ranks are waiting at)."""
+
+    def save(name: str, extra: dict | None = None) -> None:
+        best = name == "best"
         if ctx.is_main:
-            save_checkpoint(run_dir, name, model, tokenizer, optimizer, scaler, state,
-                            {"source": model_info.get("source"), "training_run": str(run_dir.resolve()),
-                             "step": state.step}, objective=objective)
-            prune_step_checkpoints(run_dir, cfg.keep_checkpoints)
-        dist.barrier(main_work=True)
+            about = {"training_run": str(run_dir.resolve()), "step": state.step}
+            about = {**about, **extra} if best else {"source": model_info.get("source"), **about}
+            save_checkpoint(run_dir, name, model, tokenizer, None if best else optimizer, None if best else scaler,
+                            state, about, objective=objective)
+            if not best:
+                prune_step_checkpoints(run_dir, cfg.keep_checkpoints)
+        if not best:
+            dist.barrier(main_work=True)
 
     return save
 
 
-def _validate(cfg, trainee, tokenizer, val_split, zeroshot, state, ctx, log, teacher=None) -> None:
-    """Validate on rank 0 (retrieval, zero-shot); keep best/ by `cfg.best_metric`. `trainee` is the model, or
-    the Wav2ClipTrainee holding it (then retrieval is audio↔image, with `teacher` for frames)."""
-    wav2clip = isinstance(trainee, Wav2ClipTrainee)
-    model = trainee.model if wav2clip else trainee
-    if ctx.is_main:
-        metrics = {}
-        if val_split is not None:
-            metrics = (validate_images(model, tokenizer, val_split, teacher) if wav2clip
-                       else validate(model, tokenizer, val_split))
-        if zeroshot is not None:
-            metrics.update(validate_zeroshot(model, tokenizer, *zeroshot, template=cfg.template))
-        metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
-        state.history.append({"step": state.step, "epoch": state.epoch, **metrics})
-        value = _metric(metrics, cfg.best_metric)
-        log({"step": state.step, "epoch": state.epoch, "val": metrics})
-        if value is not None and (state.best_value is None or value > state.best_value):
-            state.best_value, state.best_step = value, state.step
-            save_checkpoint(Path(cfg.out), "best", model, tokenizer, None, None, state,
-                            {"training_run": str(Path(cfg.out).resolve()), "step": state.step,
-                             "best_metric": cfg.best_metric, "value": value},
-                            objective=trainee.objective if wav2clip else None)
-    trainee.train()
-    dist.barrier(main_work=True)
-
-
-RETRIEVAL_KEYS = [f"{d}_{m}" for d in ("t2a", "a2t") for m in ("R@1", "R@5", "R@10", "mAP@10", "mean_rank",
-                                                                 "median_rank")]
-IMAGE_RETRIEVAL_KEYS = [k.replace("t2a", "i2a").replace("a2t", "a2i") for k in RETRIEVAL_KEYS]  # wav2clip
-ZEROSHOT_KEYS = [f"zeroshot_{m}" for m in ("top1", "top5", "top10", "mAP@10", "mean_rank")]
-BEST_METRICS = ["mAP@10", *RETRIEVAL_KEYS, *IMAGE_RETRIEVAL_KEYS, *ZEROSHOT_KEYS]
+def _validate(cfg, model, tokenizer, val_split, zeroshot, teacher=None) -> dict:
+    """Metrics of `model` (in eval mode) on the validation shards (audio↔caption retrieval; audio↔image for
+    wav2clip, `teacher` embedding .jpg frames) and on the zero-shot clips."""
+    clap = embedder(model, tokenizer)
+    metrics = {}
+    if val_split is not None:
+        metrics = (validate_images(clap, val_split, teacher) if cfg.objective == "wav2clip"
+                   else validate(clap, val_split))
+    if zeroshot is not None:
+        metrics.update(validate_zeroshot(clap, *zeroshot, template=cfg.template))
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
 def _metric(metrics: dict, name: str) -> float | None:

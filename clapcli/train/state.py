@@ -7,7 +7,9 @@
 Each folder is written beside its target and renamed into place (`atomic_directory`), so a crash leaves the
 previous checkpoint whole and never a half-written one. The model folders load with `load_model` and work
 in `index`, `search`, `tag` and `embed`. `trainer_state.pt` holds only tensors, numbers and strings, and is
-read back with `torch.load(weights_only=True)`.
+read back with `torch.load(weights_only=True)`. It holds no RNG state: every random draw of a step is a
+function of (seed, step, rank) (the loop reseeds torch before each step; crops and data order have their own
+seeded generators), so a resumed run needs none to repeat a straight one.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ def save_checkpoint(run_dir: Path, name: str, model, tokenizer, optimizer, scale
                 "state": dataclasses.asdict(state),
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,  # None in best/
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "torch_rng": torch.get_rng_state(),
                 "objective": ({k: v.detach().cpu() for k, v in objective.state_dict().items()}
                               if objective is not None else None),
             },

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 
 from ..errors import DataError, UsageError
-from .checkpoint import clear_stale, latest_checkpoint
+from .state import clear_stale, latest_checkpoint
 from .config import TrainConfig
 from .runlock import LOCK_FILES
 from .shards import ShardSplit, resolve_split
@@ -40,8 +41,19 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, ctx) -> Path | None:
     return None
 
 
+def with_default_model(cfg: TrainConfig) -> TrainConfig:
+    """Without --init and --model-config a run adapts the default model, the one every other command loads
+    ($CLAP_MODEL, else laion/clap-htsat-fused); config.json then names it, so a resumption adapts the same."""
+    from ..models.registry import default_model
+
+    if cfg.init or cfg.model_config:
+        return cfg
+    return dataclasses.replace(cfg, init=default_model())
+
+
 def build_model(cfg: TrainConfig, resume_from: str | None):
-    """(model, tokenizer, description) from a checkpoint to resume, --init, or a --model-config preset."""
+    """(model, tokenizer, description) from a checkpoint to resume, --init, or a --model-config preset (one of
+    the two is set: see `with_default_model`)."""
     from ..models.checkpoints import load_checkpoint
 
     if cfg.init and cfg.model_config:
@@ -56,9 +68,6 @@ def build_model(cfg: TrainConfig, resume_from: str | None):
     if cfg.init:
         loaded = load_checkpoint(cfg.init, tokenizer=cfg.tokenizer)
         return loaded.model, loaded.tokenizer, {**info, "source": loaded.name, "weights": loaded.fingerprint}
-    if not cfg.model_config:
-        raise UsageError("nothing to train: give --init MODEL (adapt a trained model) or --model-config PRESET "
-                         "(a fresh model; `clap models presets` lists them)")
     model, tokenizer = fresh_model(cfg.model_config, cfg.text_model, cfg.tokenizer)
     info = {**info, "source": cfg.model_config}
     if cfg.audio_init:

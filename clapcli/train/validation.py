@@ -3,6 +3,10 @@
 Audio goes through the same deterministic path as `clap index` (fusion crops at fixed positions, full
 coverage windows for unfused models), so a validation number means what a user will see. Every caption of
 a sample counts (the several-captions protocol, see `metrics.retrieval_metrics`).
+
+The functions here measure; they neither change the module's mode nor save anything. The loop puts the
+module in eval mode, builds the `embedder` around it, validates, puts it back in training mode and keeps
+best/ (`loop._validate`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ ZEROSHOT_TEMPLATE = "This is a sound of {}."  # LAION-CLAP's zero-shot prompt
 
 
 def embedder(model, tokenizer, device: torch.device | None = None):
-    """An inference `Clap` around a model being trained (fp32, eval mode: call model.train() after)."""
+    """An inference `Clap` around a model being trained, at fp32 on the torch engine. The model must already
+    be in eval mode (`Clap` asks for it): the caller owns the mode and restores training mode after."""
     from ..api import Clap
     from ..models.checkpoints import LoadedCheckpoint
 
@@ -29,8 +34,8 @@ def embedder(model, tokenizer, device: torch.device | None = None):
     return Clap(LoadedCheckpoint(model, tokenizer, "training", "", "training", "training"), device, "fp32", "torch")
 
 
-def validate(model, tokenizer, split: ShardSplit, batch_size: int = 16) -> dict:
-    clap = embedder(model, tokenizer)
+def validate(clap, split: ShardSplit, batch_size: int = 16) -> dict:
+    """Audio↔caption retrieval of `split` through `clap` (an `embedder`): `t2a_R@1`, ..., `a2t_mAP@10`."""
     sr, quantize = clap.config.frontend.sample_rate, clap.config.frontend.quantize_int16
     audio, captions, owner = [], [], []
     waves: list[np.ndarray] = []
@@ -56,13 +61,10 @@ def validate(model, tokenizer, split: ShardSplit, batch_size: int = 16) -> dict:
     return metrics
 
 
-def validate_images(model, tokenizer, split: ShardSplit, teacher=None, batch_size: int = 16) -> dict:
+def validate_images(clap, split: ShardSplit, teacher=None, batch_size: int = 16) -> dict:
     """Wav2CLIP validation: audio↔image retrieval between each clip's embedding (as `clap index` embeds it)
     and its own image's CLIP embedding (the `.npy` as stored, a `.jpg` frame through `teacher`); keys
     `a2i_R@1`, `a2i_mAP@10`, ... and the same `i2a_` (image → audio)."""
-    import torch
-
-    clap = embedder(model, tokenizer)
     sr, quantize = clap.config.frontend.sample_rate, clap.config.frontend.quantize_int16
     dim = clap.config.projection_dim
     audio: list[np.ndarray] = []
@@ -99,12 +101,11 @@ def validate_images(model, tokenizer, split: ShardSplit, teacher=None, batch_siz
     return metrics
 
 
-def validate_zeroshot(model, tokenizer, clips: list[LabelledClip], labels: list[str],
+def validate_zeroshot(clap, clips: list[LabelledClip], labels: list[str],
                       template: str = ZEROSHOT_TEMPLATE, batch_size: int = 16) -> dict:
     """Zero-shot classification of labelled clips against `labels`, each put into `template`."""
     from ..tagging.prompts import render
 
-    clap = embedder(model, tokenizer)
     index = {label: i for i, label in enumerate(labels)}
     audio = []
     for e in clap.embed_files([c.path for c in clips], batch_size=batch_size, segments=False):
