@@ -169,7 +169,7 @@ def test_presets_have_the_released_architectures(name, audio):
 
     from clapcli.models.checkpoints import DERIVED_KEY
     from clapcli.models.clap import ClapModel as Ours
-    from clapcli.models.config import preset
+    from clapcli.models.presets import preset
 
     with torch.device("meta"):
         ref = ClapModel(ClapConfig(audio_config=audio)).state_dict()

@@ -116,7 +116,8 @@ def tag_command(
 def _run_classifier(directory, files, labels, template, top, multi_label, threshold, timeline, model, device,
                     precision, batch_size, tokenizer, as_json, as_csv, engine=None) -> None:
     """`--classifier`: the head's softmax (or, for multi-label heads, sigmoid) probabilities as the scores."""
-    from ..models.classifier import load_classifier, read_classifier
+    from ..api import load_classifier
+    from ..models.classifier import read_classifier
 
     if labels is not None or template:
         raise UsageError("--classifier brings its own labels: drop --labels and --template")

@@ -54,10 +54,11 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch.distributed as torch_dist
 
-from .. import __version__, dist
-from ..api import AudioEmbedding, Segment
+from .. import dist
 from ..atomic import atomic_write
 from ..errors import ClapError
+from ..records import AudioEmbedding, Segment
+from ..version import __version__
 from . import indexer
 from .schema import PARTITIONS_DIR
 

@@ -15,7 +15,6 @@ the window is checked against ours and dropped, `fc` is dropped, everything else
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from ..errors import CheckpointError, WeightsNotAvailable
 from .config import AudioConfig, ClapConfig
 from .presets import preset
+from .pretrained import from_pretrained
 
 DEFAULT_TEXT_TOWER = "openai/clip-vit-base-patch32"  # the CLIP whose image tower Wav2CLIP was distilled from
 CLIP_LOGIT_SCALE = 100.0  # CLIP's trained logit scale: tagging multiplies cosines by it before the softmax
@@ -80,22 +80,6 @@ def infer_wav2clip_config(state: dict[str, torch.Tensor], text_tower: str, sourc
     return cfg
 
 
-def load_released_checkpoint(path: Path, state: dict[str, torch.Tensor], name: str, text_tower: str | None):
-    """A LoadedCheckpoint from a `Wav2CLIP.pt` state dict, loaded strictly (a readable diff otherwise), with
-    CLIP's logit scale (100) and the CLIP text tower `text_tower` (default DEFAULT_TEXT_TOWER) to load lazily."""
-    from .checkpoints import LoadedCheckpoint, _fingerprint, build_and_load
-
-    ref = text_tower_reference(text_tower or DEFAULT_TEXT_TOWER)
-    cfg = infer_wav2clip_config(state, ref, str(path))
-    ours = convert_wav2clip_state_dict(state, str(path))
-    scale = torch.tensor(math.log(CLIP_LOGIT_SCALE))
-    ours.setdefault("logit_scale_a", scale)
-    ours.setdefault("logit_scale_t", scale)
-    model = build_and_load(cfg, ours, str(path))
-    weights = fingerprint_with_text(_fingerprint(path), ref)
-    return LoadedCheckpoint(model, None, name, str(path), "wav2clip", weights)
-
-
 def text_tower_reference(ref: str, base: Path | None = None) -> str:
     """A text tower reference as stored and used: an existing local directory (relative ones first against
     `base`, the model directory, then the working directory) becomes its absolute path; a hub id stays."""
@@ -126,8 +110,6 @@ def load_clip_text(ref: str, dim: int):
     `dim` wide (the audio head's output)."""
     from transformers import AutoTokenizer, CLIPTextModelWithProjection
     from transformers.utils import logging as hf_logging
-
-    from .pretrained import from_pretrained
 
     local = Path(ref).expanduser()
     source = str(local) if local.is_dir() else ref

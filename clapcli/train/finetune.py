@@ -502,7 +502,7 @@ def evaluate_classifier(classifier_dir: str | Path, data: str | Path, model=None
 
     Embeddings come through the classifier's own model (and the on-disk cache); classes the classifier
     does not know are a DataError."""
-    from ..models.classifier import load_classifier
+    from ..api import load_classifier
 
     classifier = load_classifier(classifier_dir, model=model, device=device)
     clips = read_data(data, classifier.multi_label)
