@@ -25,7 +25,7 @@ import torch
 
 from .audio.decode import load_audio, to_model_rate
 from .audio.features import FeatureBuilder, window_starts
-from .errors import ClapError, failure_kind
+from .errors import ClapError, failure_kind, first_line
 from .identity import fingerprint, model_identity
 from .models.checkpoints import LoadedCheckpoint, load_checkpoint, save_own
 from .models.classifier import Classifier, read_classifier
@@ -76,7 +76,7 @@ def _file_level(vector, windows, n: int, sr: int, clip: int, segments: bool, nor
 
 def _embed_failure(exc: BaseException) -> str:
     """The error recorded for a file whose forward pass failed (say, out of memory on a very long file)."""
-    return f"cannot embed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return f"cannot embed: {first_line(exc)}"
 
 
 class Clap:

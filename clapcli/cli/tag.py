@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, List, Optional, TextIO
 import typer
 
 from ..errors import UsageError
+from ..tagging.prompts import DEFAULT_TEMPLATE
 from . import options, output
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def tag_command(
     template: Optional[List[str]] = typer.Option(
         None, "--template", "-t", show_default=False,
         help="Prompt template with one {} for the label; repeat it to ensemble several "
-        "(default 'This is a sound of {}.').",
+        f"(default {DEFAULT_TEMPLATE!r}).",
     ),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per file per line."),
     as_csv: bool = typer.Option(False, "--csv", help="CSV with a header, one row per (file, label)."),

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write
-from ..errors import CheckpointError, ClapError, WeightsNotAvailable
+from ..errors import CheckpointError, ClapError, WeightsNotAvailable, first_line
 from ..identity import weights_fingerprint
 from . import registry, wav2clip
 from .clap import ClapModel
@@ -94,15 +94,16 @@ def _load_laion(path: Path, name: str, tokenizer: str | None, download: bool) ->
     hf_state = convert_laion_state_dict(state)
     cfg = infer_laion_config(hf_state)
     model = build_and_load(cfg, hf_state, str(path))
-    tok_source = tokenizer or (registry.ROBERTA_TOKENIZER if cfg.text.model_type == "roberta" else "bert-base-uncased")
+    roberta = cfg.text.model_type == "roberta"
+    tok_source = tokenizer or (registry.ROBERTA_TOKENIZER if roberta else registry.BERT_TOKENIZER)
     tok = load_tokenizer(tok_source, download)
     return LoadedCheckpoint(model, tok, name, str(path), "laion", weights_fingerprint(path))
 
 
 def _load_wav2clip(path: Path, state: dict[str, torch.Tensor], name: str, text_tower: str | None):
     """A `Wav2CLIP.pt` state dict, loaded strictly (a readable diff otherwise), with CLIP's logit scale (100)
-    and the CLIP text tower `text_tower` (default wav2clip.DEFAULT_TEXT_TOWER) to load lazily."""
-    ref = wav2clip.text_tower_reference(text_tower or wav2clip.DEFAULT_TEXT_TOWER)
+    and the CLIP text tower `text_tower` (default CLIP ViT-B/32's) to load lazily."""
+    ref = wav2clip.text_tower_reference(text_tower or registry.CLIP_TEXT_TOWER)
     cfg = wav2clip.infer_wav2clip_config(state, ref, str(path))
     ours = wav2clip.convert_wav2clip_state_dict(state, str(path))
     scale = torch.tensor(math.log(wav2clip.CLIP_LOGIT_SCALE))
@@ -126,7 +127,7 @@ def _tokenizer_from_dir(path: Path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
-        raise CheckpointError(f"cannot load the tokenizer in {path}: {str(exc).splitlines()[0]}") from exc
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {first_line(exc)}") from exc
 
 
 def load_tokenizer(source: str, download: bool = True):

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, WeightsNotAvailable
+from ..errors import CheckpointError, WeightsNotAvailable, first_line
 from .config import AudioConfig, ClapConfig
 from .presets import preset
 from .pretrained import from_pretrained
 
-DEFAULT_TEXT_TOWER = "openai/clip-vit-base-patch32"  # the CLIP whose image tower Wav2CLIP was distilled from
 CLIP_LOGIT_SCALE = 100.0  # CLIP's trained logit scale: tagging multiplies cosines by it before the softmax
 
 _WINDOW_KEY = "audio_encoder.spectrogram.window"
@@ -135,7 +134,7 @@ def load_clip_text(ref: str, dim: int):
             hf_logging.enable_progress_bar()
     if model is None or tokenizer is None:
         if local.is_dir():
-            reason = str(last).strip().splitlines()[0] if last and str(last).strip() else type(last).__name__
+            reason = first_line(last) if last is not None else "no error reported"
             raise CheckpointError(f"cannot load the CLIP text tower in {local}: {reason[:200]}") from last
         raise WeightsNotAvailable(
             f"the CLIP text tower {ref!r} (a Wav2CLIP model's text side) is not in the Hugging Face cache and "

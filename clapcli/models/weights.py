@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from .clap import ClapModel
 from .config import ClapConfig
 
@@ -52,13 +52,13 @@ def safe_torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise CheckpointError(
             f"refusing to load {path}: it holds pickled objects other than tensors, which could run code "
             f"({reason[:160]}). Only plain state dicts are loaded; convert it with a trusted tool first"
         ) from exc
     except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"cannot read {path} as a torch checkpoint: {str(exc).splitlines()[0]}") from exc
+        raise CheckpointError(f"cannot read {path} as a torch checkpoint: {first_line(exc)}") from exc
 
 
 def read_safetensors(path: Path, prefixes: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
@@ -78,7 +78,7 @@ def read_safetensors(path: Path, prefixes: tuple[str, ...] | None = None) -> dic
                     if prefixes is None or key.startswith(prefixes):
                         state[key] = handle.get_tensor(key)
         except (OSError, RuntimeError, ValueError) as exc:  # safetensors raises SafetensorError (a RuntimeError)
-            raise CheckpointError(f"cannot read {f}: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
+            raise CheckpointError(f"cannot read {f}: {first_line(exc)}") from exc
     return state
 
 

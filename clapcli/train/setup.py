@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, first_line
 from .checkpoint import clear_stale, latest_checkpoint
 from .config import TrainConfig
 from .runlock import LOCK_FILES
@@ -146,7 +146,7 @@ def _pretrained_text_model(name: str):
     except CheckpointError:
         raise
     except Exception as exc:
-        raise UsageError(f"--text-model {name}: cannot load it ({str(exc).splitlines()[0]}); give a local "
+        raise UsageError(f"--text-model {name}: cannot load it ({first_line(exc)}); give a local "
                          "directory or a model in the Hugging Face cache") from exc
 
 

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..tagging.prompts import DEFAULT_TEMPLATE, render
 from .data import sample_image
 from .labelled import LabelledClip
 from .metrics import retrieval_metrics, zeroshot_metrics
 from .shards import ShardSplit, decode_audio, iter_shard, select_text
 
-ZEROSHOT_TEMPLATE = "This is a sound of {}."  # LAION-CLAP's zero-shot prompt
 
 
 def embedder(model, tokenizer, device: torch.device | None = None):
@@ -100,10 +100,8 @@ def validate_images(model, tokenizer, split: ShardSplit, teacher=None, batch_siz
 
 
 def validate_zeroshot(model, tokenizer, clips: list[LabelledClip], labels: list[str],
-                      template: str = ZEROSHOT_TEMPLATE, batch_size: int = 16) -> dict:
+                      template: str = DEFAULT_TEMPLATE, batch_size: int = 16) -> dict:
     """Zero-shot classification of labelled clips against `labels`, each put into `template`."""
-    from ..tagging.prompts import render
-
     clap = embedder(model, tokenizer)
     index = {label: i for i, label in enumerate(labels)}
     audio = []
