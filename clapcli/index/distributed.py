@@ -55,7 +55,7 @@ import numpy as np
 import torch.distributed as torch_dist
 
 from .. import dist
-from ..atomic import atomic_write
+from ..atomic import atomic_write, write_npy
 from ..errors import ClapError
 from ..records import AudioEmbedding, Segment
 from ..version import __version__
@@ -121,12 +121,7 @@ def write_partition(directory: Path, rank: int, results: Iterable[AudioEmbedding
         records.append(record)
     matrix = np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)  # (rows, D)
     npy, meta = partition_paths(directory, rank)
-
-    def save(path: Path) -> None:
-        with open(path, "wb") as f:
-            np.save(f, matrix)
-
-    atomic_write(npy, writer=save)
+    write_npy(npy, matrix)
     atomic_write(meta, json.dumps({"rank": rank, "rows": len(vectors), "made_by": producer, "files": records}))
     return len(records)
 

@@ -44,7 +44,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from ..errors import DATA_FAILURE, FAILURE_KINDS, IndexStoreError
-from ..identity import NAME_KEYS
+from ..identity import same_model
 from .schema import BUSY_TIMEOUT_S, DB_FILENAME, open_database
 
 SEGMENT_KINDS = ("file", "window")  # a whole-file embedding, or one 10 s window of a long file
@@ -322,7 +322,7 @@ class IndexStore:
         wanted = json.loads(_canonical_identity(identity))
         # The name is how to load the model again, not what it is: the same weights and front end under
         # another name (a moved directory, a local copy of a hub model) are the same model.
-        if _without_name(stored) == _without_name(wanted):
+        if same_model(stored, wanted):
             return
         differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         built_with = _identity_name(stored)
@@ -675,10 +675,6 @@ def _canonical_identity(identity: dict) -> str:
         return json.dumps(identity, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError) as e:
         raise TypeError(f"a model identity must be JSON-serialisable: {e}") from e
-
-
-def _without_name(identity: dict) -> dict:
-    return {k: v for k, v in identity.items() if k not in NAME_KEYS}
 
 
 def _identity_name(identity: dict) -> str:

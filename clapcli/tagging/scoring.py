@@ -27,7 +27,6 @@ multi-label decisions. A scorer with `raw_embeddings = True` is fed un-normalise
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
