@@ -20,8 +20,8 @@ its row is deleted; the embedding of a segment is keyed by the same id, and the 
 vector is that id too. A deleted segment therefore maps to exactly one `mark_deleted(label)`, and a
 label coming back from the hnswlib file can always be checked against the store. `meta.generation` is
 incremented by every write that adds or removes segments, so the hnswlib sidecar can tell cheaply
-whether it is current, and `meta.index_uuid` changes when the store is cleared (`--rebuild`), so an
-hnswlib file from an earlier life of the directory is never reused.
+whether it is current, and `meta.index_uuid` is new with every database (`--rebuild` fills a fresh one), so
+an hnswlib file from an earlier life of the directory is never reused.
 
 The schema and its numbered migrations live in schema.py: an older store is migrated when opened, a
 newer one refused with a message saying what to do.
@@ -35,7 +35,6 @@ import math
 import os
 import sqlite3
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,7 +279,7 @@ class IndexStore:
 
         `identity` is any JSON-serialisable dict; its "model" (or "name") entry is the name shown in
         messages and its "dim" entry, if present, fixes `dim`. Replacing a different identity is refused
-        while the store holds embeddings (call `clear()` first, as `--rebuild` does).
+        while the store holds embeddings (`--rebuild` fills a fresh store instead).
         """
         canonical = _canonical_identity(identity)
         with self.transaction():
@@ -467,18 +466,6 @@ class IndexStore:
             if removed:
                 self._bump_generation()
         return removed
-
-    def clear(self) -> None:
-        """Remove every file, segment and embedding and forget the model identity (for `--rebuild`).
-
-        Segment ids still never repeat, and the index gets a new `index_uuid`, so an hnswlib file built
-        before is recognised as belonging to another life of the directory and rebuilt.
-        """
-        with self.transaction():
-            self._conn.execute("DELETE FROM files")
-            self._conn.execute("DELETE FROM meta WHERE key IN ('model_identity', 'dim', 'precision')")
-            self.set_meta("index_uuid", uuid.uuid4().hex)
-            self._bump_generation()
 
     # -- vectors and segments -----------------------------------------------------------------------------
 
