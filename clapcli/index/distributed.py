@@ -67,11 +67,6 @@ PARTITION_WAIT_SECONDS = 120.0  # how long rank 0 waits to see a finished rank's
 PARTITION_POLL_SECONDS = (0.05, 5.0)  # first and longest pause between two looks: doubling in between
 
 
-def launched(environ=None) -> bool:
-    """True when this process is one of several started by torchrun (or srun): `clap index` then shards."""
-    return dist.detect(environ).distributed
-
-
 def share_by_size(sizes: Sequence[int], world_size: int) -> list[int]:
     """The rank that embeds each file: largest first onto the least-loaded rank (ties: the lower rank).
 
