@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from ..tagging.prompts import DEFAULT_TEMPLATE
 from . import output
 
 
@@ -21,7 +22,7 @@ def train_command(
                                                 "CSV/JSONL)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Zero-shot candidates: a label set, @FILE or "
                                          "a comma list (default: the classes of --val-zeroshot)."),
-    template: str = typer.Option("This is a sound of {}.", "--template", help="Zero-shot prompt; {} is the label."),
+    template: str = typer.Option(DEFAULT_TEMPLATE, "--template", help="Zero-shot prompt; {} is the label."),
     init: Optional[str] = typer.Option(None, "--init", help="Start from this model: hub id, HF directory, LAION "
                                        ".pt or clapcli directory (domain adaptation)."),
     model_config: Optional[str] = typer.Option(None, "--model-config", help="Or a fresh model from a preset "
