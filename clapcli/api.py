@@ -27,9 +27,10 @@ from .audio.decode import load_audio, to_model_rate
 from .audio.features import FeatureBuilder, window_starts
 from .errors import ClapError, failure_kind, first_line
 from .identity import fingerprint, model_identity
-from .models.checkpoints import LoadedCheckpoint, load_checkpoint, save_own
+from .models.checkpoints import load_checkpoint, save_own
 from .models.classifier import Classifier, read_classifier
 from .models.registry import DEFAULT_MODEL
+from .models.weights import LoadedCheckpoint
 from .records import AudioEmbedding, Segment
 from .runtime import autocast, quantize_int8, resolve_device, resolve_precision
 from .vectors import l2_normalize

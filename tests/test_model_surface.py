@@ -325,7 +325,8 @@ def test_text_dropout_knobs_reach_the_transformers_config():
 def test_state_dict_keys_are_the_export_keys(tiny_fused, tmp_path):
     from safetensors.torch import load_file
 
-    from clapcli.models.checkpoints import DERIVED_KEY, load_checkpoint, save_own
+    from clapcli.models.checkpoints import load_checkpoint, save_own
+    from clapcli.models.weights import DERIVED_KEY
 
     model = tiny_model()
     keys = set(model.state_dict())

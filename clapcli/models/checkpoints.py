@@ -26,12 +26,8 @@ from . import registry, wav2clip
 from .clap import ClapModel
 from .config import AudioConfig, ClapConfig, FrontEndConfig, TextConfig
 from .pann import BLOCKS as PANN_BLOCKS
-from .weights import (DERIVED_KEY, OWN_FORMAT, OWN_FORMAT_VERSION, SAFE_TORCH, LoadedCheckpoint, build_and_load,
-                      read_safetensors, safe_torch_load, state_dict_diff)
-
-__all__ = ["DERIVED_KEY", "OWN_FORMAT", "OWN_FORMAT_VERSION", "SAFE_TORCH", "LoadedCheckpoint", "build_and_load",
-           "convert_laion_state_dict", "infer_laion_config", "load_checkpoint", "load_tokenizer", "safe_torch_load",
-           "save_own", "state_dict_diff"]
+from .weights import (DERIVED_KEY, OWN_FORMAT, OWN_FORMAT_VERSION, LoadedCheckpoint, build_and_load, read_safetensors,
+                      safe_torch_load)
 
 
 def load_checkpoint(name_or_path: str | os.PathLike, tokenizer: str | None = None, download: bool = True):

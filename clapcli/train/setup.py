@@ -160,7 +160,8 @@ def init_audio_encoder(model, path: str, preset_name: str) -> list[str]:
     AudioSet weights cannot have; returns those (left at their random init)."""
     import torch
 
-    from ..models.checkpoints import DERIVED_KEY, convert_laion_state_dict, safe_torch_load, state_dict_diff
+    from ..models.checkpoints import convert_laion_state_dict
+    from ..models.weights import DERIVED_KEY, safe_torch_load, state_dict_diff
 
     source = Path(path).expanduser()
     if not source.is_file():

@@ -22,7 +22,7 @@ from .shards import ShardSplit, decode_audio, iter_shard, select_text
 def embedder(model, tokenizer, device: torch.device | None = None):
     """An inference `Clap` around a model being trained (fp32, eval mode: call model.train() after)."""
     from ..api import Clap
-    from ..models.checkpoints import LoadedCheckpoint
+    from ..models.weights import LoadedCheckpoint
 
     device = device or next(model.parameters()).device
     # torch engine: the weights change every step, and an exported copy would go stale
