@@ -1,6 +1,6 @@
 """clap: tag and search audio with contrastive language-audio models."""
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def load_model(name_or_path=None, device="auto", precision="auto", tokenizer=None, text_only=False, engine=None):

@@ -25,10 +25,13 @@ import torch
 
 from .audio.decode import load_audio, to_model_rate
 from .audio.features import FeatureBuilder, window_starts
-from .errors import ClapError, failure_kind
+from .errors import ClapError, failure_kind, first_line
 from .identity import fingerprint, model_identity
-from .models.checkpoints import LoadedCheckpoint, load_checkpoint, save_own
+from .models.checkpoints import load_checkpoint, save_own
+from .models.classifier import Classifier, read_classifier
 from .models.registry import default_model
+from .models.weights import LoadedCheckpoint
+from .records import AudioEmbedding, Segment
 from .runtime import autocast, quantize_int8, resolve_device, resolve_precision
 from .vectors import l2_normalize
 
@@ -38,26 +41,6 @@ TEXT_CACHE_SIZE = 10_000  # texts kept by Clap.embed_text(cache=True): 2 KB each
 WHOLE_CLIP_SECONDS = 300.0  # Wav2CLIP: longest piece of a clip embedded in one pass (README "Wav2CLIP")
 SEGMENT_SECONDS = 1.0  # Wav2CLIP: segment (timeline, index window) length
 SEGMENT_BATCH = 64  # Wav2CLIP: 1 s segments per forward pass at least (~15 MB of activations at width 64)
-
-
-@dataclass
-class Segment:
-    start: float  # seconds
-    end: float  # seconds
-    embedding: np.ndarray  # (D,) L2-normalised
-
-
-@dataclass
-class AudioEmbedding:
-    path: str | None
-    duration: float  # seconds
-    embedding: np.ndarray | None  # (D,) L2-normalised file-level embedding; None on error
-    segments: list[Segment] = field(default_factory=list)  # 10 s windows of files longer than 10 s (Wav2CLIP: 1 s)
-    error: str | None = None
-    sample_rate: int | None = None  # of the source file
-    channels: int | None = None  # of the source file
-    partial: str | None = None  # why only part of the file could be decoded (what decoded was embedded)
-    error_kind: str | None = None  # with `error`: DATA_FAILURE or ENVIRONMENT_FAILURE (errors.failure_kind)
 
 
 @dataclass
@@ -94,7 +77,7 @@ def _file_level(vector, windows, n: int, sr: int, clip: int, segments: bool, nor
 
 def _embed_failure(exc: BaseException) -> str:
     """The error recorded for a file whose forward pass failed (say, out of memory on a very long file)."""
-    return f"cannot embed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return f"cannot embed: {first_line(exc)}"
 
 
 class Clap:
@@ -521,9 +504,13 @@ def load_model(
 
 
 def load_classifier(directory: str | os.PathLike, model: Clap | None = None, device: str = "auto",
-                    precision: str = "auto", engine: str | None = None):
-    """Load a classifier written by `clap finetune` (see `clapcli.models.classifier`), with its base model
-    (or the finetuned one it saved) unless `model` is given; a `model` with other weights is refused."""
-    from .models.classifier import load_classifier as _load
-
-    return _load(directory, model=model, device=device, precision=precision, engine=engine)
+                    precision: str = "auto", engine: str | None = None) -> Classifier:
+    """Load a classifier written by `clap finetune` (see `clapcli.models.classifier`) with its model: `model` if
+    given (refused unless it is the one the head was trained on), else the model the classifier names (its
+    base model, or the finetuned `model/` it saved)."""
+    classifier = read_classifier(directory)
+    if model is None:
+        model = load_model(classifier.model_ref, device=device, precision=precision, engine=engine)
+    classifier.check_model(model)
+    classifier.model = model
+    return classifier

@@ -9,8 +9,8 @@ Files go to a temporary name in the target's own directory (same filesystem, so 
 are fsynced, renamed over the target with `os.replace`, and the directory is fsynced so the rename
 survives a power cut. On any failure, KeyboardInterrupt included, the temporary is removed and the
 target is left as it was. Temporary names are `<name>.<pid>.<8 hex>.tmp`. A writer that appends its own
-suffix to a path (`np.save` adds `.npy`) should be handed an open file instead:
-`writer=lambda p: np.save(open(p, "wb"), a)`. A writer killed mid-write (SIGKILL) leaves its temporary
+suffix to a path (`np.save` adds `.npy`) should be handed an open file instead, as `write_npy` does for
+numpy arrays. A writer killed mid-write (SIGKILL) leaves its temporary
 behind; `remove_stale_temps` clears them for a caller that knows no other writer is running.
 
 An existing empty directory that cannot be renamed (a mount point: `rename` fails with EBUSY) is filled in
@@ -83,6 +83,18 @@ def atomic_write(
         raise
     _fsync_dir(target.parent)
     return target
+
+
+def write_npy(path: str | os.PathLike, array) -> Path:
+    """`atomic_write` of a numpy array as a `.npy` file (plain data: object arrays are refused, never pickled).
+    np.save is handed an open file, so it keeps the temporary name as it is (given a path, it appends .npy)."""
+    import numpy as np
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(array), allow_pickle=False)
+
+    return atomic_write(path, writer=save)
 
 
 @contextmanager

@@ -17,7 +17,9 @@ torchrun's variables win when both are present (torchrun inside a SLURM allocati
 process is alone: rank 0 of a world of 1, and every collective below is a no-op, so single-process code
 needs no branches.
 
-Nothing else in the package reads these variables; training and sharded embedding take a `DistContext`.
+Nothing else in the package reads these variables (tests/test_floors.py checks it); training and sharded
+embedding take a `DistContext`, and `launched()` answers whether a command runs as one of several processes.
+torch is imported by the functions that use it, so `launched()` costs a command that runs alone nothing.
 """
 
 from __future__ import annotations
@@ -29,11 +31,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import torch
-import torch.distributed as torch_dist
-
-from clapcli.errors import ClapError, UsageError
-from clapcli.runtime import resolve_device
+from .errors import ClapError, UsageError
 
 DEFAULT_MASTER_PORT = 29500  # torchrun's default rendezvous port
 SLURM_PSEUDO_STEPS = 0xFFFFFFF0  # step ids from here up are SLURM's batch/extern/interactive steps, not srun's
@@ -110,7 +108,15 @@ def _in_srun_step(environ: Mapping[str, str]) -> bool:
     return _env_int(environ, name) < SLURM_PSEUDO_STEPS
 
 
+def launched(environ: Mapping[str, str] | None = None) -> bool:
+    """True when this process is one of several started by torchrun (or an srun step of several tasks), as the
+    environment (`os.environ` unless given) says; reads only, imports no torch."""
+    return _launcher_values(os.environ if environ is None else environ)[3] > 1
+
+
 def _default_device(local_rank: int) -> torch.device:
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
@@ -133,6 +139,10 @@ def _backend_for(device: torch.device) -> str:
 
 
 def _resolve_device(request: str | None, local_rank: int, world_size: int) -> torch.device:
+    import torch
+
+    from .runtime import resolve_device
+
     device = resolve_device(request)  # auto → cuda when torch sees a GPU; unknown names fail there
     if device.type != "cuda":
         if world_size > 1 and device.type != "cpu":
@@ -164,6 +174,9 @@ def init(device_request: str | None = None, environ: Mapping[str, str] | None = 
     group with `MAIN_WORK_TIMEOUT` (see `barrier`). Calling it again returns the same context without
     initialising twice.
     """
+    import torch
+    import torch.distributed as torch_dist
+
     environ = os.environ if environ is None else environ
     launcher, rank, local_rank, world_size = _launcher_values(environ)
     device = _resolve_device(device_request, local_rank, world_size)
@@ -203,6 +216,8 @@ def init(device_request: str | None = None, environ: Mapping[str, str] | None = 
 
 def _open_main_work_group() -> None:
     """The Gloo group of `barrier(main_work=True)` (collective: every rank calls it, once)."""
+    import torch.distributed as torch_dist
+
     global _main_work_group
     if _main_work_group is None:
         _main_work_group = torch_dist.new_group(backend="gloo", timeout=MAIN_WORK_TIMEOUT)
@@ -210,6 +225,8 @@ def _open_main_work_group() -> None:
 
 def shutdown() -> None:
     """Leave the process group, if this process joined one."""
+    import torch.distributed as torch_dist
+
     global _main_work_group
     if torch_dist.is_available() and torch_dist.is_initialized():
         _main_work_group = None
@@ -217,6 +234,8 @@ def shutdown() -> None:
 
 
 def _world_size() -> int:
+    import torch.distributed as torch_dist
+
     if torch_dist.is_available() and torch_dist.is_initialized():
         return torch_dist.get_world_size()
     return 1
@@ -230,6 +249,8 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     on Gloo). `clapcli.train.loss` explains why this, with DDP's gradient averaging, reproduces one-process
     training exactly.
     """
+    import torch
+
     if _world_size() == 1:
         return x
     import torch.distributed.nn.functional as dist_fn
@@ -239,6 +260,9 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` (B, ...) of every rank in rank order → (world*B, ...), detached from autograd."""
+    import torch
+    import torch.distributed as torch_dist
+
     if _world_size() == 1:
         return x.detach()
     x = x.detach().contiguous()
@@ -253,6 +277,9 @@ def barrier(main_work: bool = False) -> None:
     `main_work=True` where the others wait while rank 0 alone works (validates, saves a checkpoint on a
     slow filesystem): on a Gloo group with `MAIN_WORK_TIMEOUT`, so that work is not cut short by the
     collectives' timeout (NCCL's default 10 minutes would abort every rank)."""
+    import torch
+    import torch.distributed as torch_dist
+
     if _world_size() == 1:
         return
     if main_work and _main_work_group is not None:
@@ -266,6 +293,8 @@ def barrier(main_work: bool = False) -> None:
 def broadcast_object(obj: Any, src: int = 0, main_work: bool = False) -> Any:
     """`obj` of rank `src` on every rank (picklable objects: a file list, a run directory name, a seed);
     `main_work` as for `barrier`, when rank `src` may take long to produce it."""
+    import torch.distributed as torch_dist
+
     if _world_size() == 1:
         return obj
     box = [obj]
@@ -278,6 +307,8 @@ def broadcast_object(obj: Any, src: int = 0, main_work: bool = False) -> Any:
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of `tensor` over all ranks as a new floating tensor (integers become float64); no gradient."""
+    import torch.distributed as torch_dist
+
     out = tensor.detach().clone()
     if not out.is_floating_point():
         out = out.double()

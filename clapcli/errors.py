@@ -60,6 +60,19 @@ class TrainingError(ClapError):
     directory holds another run."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of `exc`'s message, stripped, for one-line error messages; the exception's type
+    name when the message is empty (`str(exc).splitlines()[0]` raises IndexError there, hiding the real error)."""
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not replace the error being reported
+        text = ""
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
 # What a failure to embed a file says about the file: `clap index` records it with the error and tries an
 # environmental failure again on every run, a data failure only once the file has changed.
 DATA_FAILURE = "data"  # the file itself cannot be embedded (bad bytes, a decoder that rejects or crashes on it)

@@ -136,10 +136,3 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         warnings.simplefilter("ignore", UserWarning)
         torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
     return model
-
-
-def is_quantized(model: torch.nn.Module) -> bool:
-    """True when some layer of `model` is a dynamically quantised int8 Linear."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
-
-    return any(isinstance(m, DynamicQuantizedLinear) for m in model.modules())

@@ -22,7 +22,7 @@ from clapcli.audio import (
     repeat_pad,
     window_starts,
 )
-from clapcli.models.config import FrontEndConfig
+from clapcli.audio.config import FrontEndConfig
 
 SR = 48_000
 CLIP = 480_000

@@ -167,9 +167,9 @@ def test_presets_have_the_released_architectures(name, audio):
     """Our presets hold exactly the tensors of the hub's configs (clap-htsat-fused, larger_clap_*)."""
     from transformers import ClapConfig, ClapModel
 
-    from clapcli.models.checkpoints import DERIVED_KEY
+    from clapcli.models.weights import DERIVED_KEY
     from clapcli.models.clap import ClapModel as Ours
-    from clapcli.models.config import preset
+    from clapcli.models.presets import preset
 
     with torch.device("meta"):
         ref = ClapModel(ClapConfig(audio_config=audio)).state_dict()

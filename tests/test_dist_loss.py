@@ -115,9 +115,7 @@ def test_an_sbatch_script_without_srun_is_one_process_with_a_warning(step, caplo
     assert (ctx.rank, ctx.world_size, ctx.launcher, ctx.distributed) == (0, 1, "single", False)
     assert not torch.distributed.is_initialized()
     assert "srun" in caplog.text
-    from clapcli.index import distributed
-
-    assert not distributed.launched(env)  # `clap index` runs as a single process
+    assert not dist.launched(env)  # `clap index` runs as a single process
 
 
 def test_detect_reads_os_environ(monkeypatch):

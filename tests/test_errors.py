@@ -86,3 +86,38 @@ def test_data_error_names_the_shard_and_member():
     assert str(DataError("sizes.json lists 5 shards, found 4", source="shards/")) == (
         "shards/: sizes.json lists 5 shards, found 4"
     )
+
+
+class _Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no message")
+
+
+@pytest.mark.parametrize("exc, line", [
+    (OSError("disk full\nsecond line"), "disk full"),
+    (ValueError("\n  \n  bad header  \ndetail"), "bad header"),  # the first line with words, stripped
+    (EOFError(), "EOFError"),  # an empty message names the type (splitlines()[0] raised IndexError here)
+    (RuntimeError("   "), "RuntimeError"),
+    (_Unprintable(), "_Unprintable"),  # a broken __str__ does not replace the error being reported
+])
+def test_first_line_of_an_exception_never_raises(exc, line):
+    from clapcli.errors import first_line
+
+    assert first_line(exc) == line
+
+
+def test_a_checkpoint_error_with_an_empty_message_still_reports_one_line(tmp_path, monkeypatch, capsys):
+    """torch.load failing with an empty EOFError (a truncated file) used to end in IndexError from the
+    hand-written `str(exc).splitlines()[0]`; now the message names the exception type."""
+    import torch
+
+    path = tmp_path / "truncated.pt"
+    path.write_bytes(b"")
+
+    def truncated(*args, **kwargs):
+        raise EOFError()
+
+    monkeypatch.setattr(torch, "load", truncated)
+    code, err = run_main(monkeypatch, capsys, "embed", "--text", "rain", "--model", path)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot read {path} as a torch checkpoint: EOFError" in err

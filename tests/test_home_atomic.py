@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clapcli.atomic import atomic_directory, atomic_write, remove_stale_temps, temp_path
+from clapcli.atomic import atomic_directory, atomic_write, remove_stale_temps, temp_path, write_npy
 from clapcli.home import cache_dir, clap_home
 from clapcli.index.paths import indexes_dir, resolve_index
 from clapcli.tagging.cache import label_cache_dir
@@ -50,6 +50,18 @@ def test_home_is_the_only_reader_of_clap_home_and_platformdirs():
 
 
 # ---------------------------------------------------------------- atomic files
+
+
+def test_write_npy_keeps_the_name_and_never_pickles(tmp_path):
+    target = tmp_path / "vectors.npy"
+    matrix = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert write_npy(target, matrix) == target
+    np.testing.assert_array_equal(np.load(target, allow_pickle=False), matrix)
+    assert os.listdir(tmp_path) == ["vectors.npy"]  # np.save given a path would have written "<temp>.npy"
+    with pytest.raises(ValueError):
+        write_npy(target, np.array([{"a": 1}], dtype=object))  # object arrays would need a pickle
+    np.testing.assert_array_equal(np.load(target), matrix)  # the old file stays, no temporary is left
+    assert os.listdir(tmp_path) == ["vectors.npy"]
 
 
 def test_atomic_write_bytes_and_text_replace_the_file(tmp_path):

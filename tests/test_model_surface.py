@@ -334,7 +334,8 @@ def test_text_dropout_knobs_reach_the_transformers_config():
 def test_state_dict_keys_are_the_export_keys(tiny_fused, tmp_path):
     from safetensors.torch import load_file
 
-    from clapcli.models.checkpoints import DERIVED_KEY, load_checkpoint, save_own
+    from clapcli.models.checkpoints import load_checkpoint, save_own
+    from clapcli.models.weights import DERIVED_KEY
 
     model = tiny_model()
     keys = set(model.state_dict())
@@ -401,6 +402,7 @@ def test_foreign_config_fields_survive_a_round_trip():
 
 
 def test_audio_encoder_factory_and_its_width():
+    from clapcli.models.config import AUDIO_OUTPUT_WIDTHS
     from clapcli.models.encoders import AUDIO_ENCODERS, build_audio_encoder
 
     cfg = tiny_config().audio
@@ -411,11 +413,10 @@ def test_audio_encoder_factory_and_its_width():
     with pytest.raises(ClapError, match="unknown audio encoder 'pann10'; choose one of: .*htsat"):
         build_audio_encoder(AudioConfig(encoder="pann10"))
     assert "htsat" in AUDIO_ENCODERS and "cnn14" in AUDIO_ENCODERS
+    assert set(AUDIO_ENCODERS) == set(AUDIO_OUTPUT_WIDTHS)  # every encoder has its width formula in config.py
 
 
 def test_presets_are_data_and_an_unknown_name_lists_them():
-    from clapcli.models.config import preset as reexported
-
     assert {"htsat-base", "htsat-base-fused", "htsat-tiny", "htsat-tiny-fused", "tiny", "tiny-unfused",
             "pann14-roberta", "pann14-roberta-fusion", "tiny-pann", "tiny-pann-fused", "tiny-bert",
             "tiny-clip", "tiny-wav2clip", "wav2clip"} <= set(preset_names())
@@ -423,7 +424,7 @@ def test_presets_are_data_and_an_unknown_name_lists_them():
     with pytest.raises(ClapError) as info:
         preset("htsat-large")
     assert "choose one of: " + ", ".join(preset_names()) in str(info.value)
-    tiny = reexported("tiny")
+    tiny = preset("tiny")
     assert tiny.fused and tiny.audio.depths == [2, 2, 2, 1] and tiny.audio.num_attention_heads == [1, 2, 2, 4]
     assert tiny.audio.patch_embeds_hidden_size == 16 and tiny.projection_dim == 32
     assert (tiny.text.hidden_size, tiny.text.num_hidden_layers, tiny.text.num_attention_heads) == (64, 2, 2)

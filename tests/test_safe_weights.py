@@ -154,7 +154,7 @@ def test_the_declared_torch_floor_is_the_one_the_loader_holds_to():
     import re
     import tomllib
 
-    from clapcli.models.checkpoints import SAFE_TORCH
+    from clapcli.models.weights import SAFE_TORCH
 
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     floors = {m.group(1): tuple(map(int, m.group(2).split("."))) for m in

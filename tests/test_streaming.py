@@ -22,7 +22,7 @@ from clapcli.audio.decode import load_audio
 from clapcli.audio.features import build_fusion_input
 from clapcli.audio.frontend import MelFrontEnd
 from clapcli.audio.stream import FusionCollector, StreamingMel, StreamResampler, resize_combine, resize_rows
-from clapcli.models.config import FrontEndConfig
+from clapcli.audio.config import FrontEndConfig
 
 
 def _feed_in_random_blocks(x, feed, rng):

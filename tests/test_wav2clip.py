@@ -138,7 +138,7 @@ def test_feature_builder_repeat_pads_fixed_clips_and_refuses_longer_ones():
 
 def test_mel_identities_stored_without_kind_still_match():
     from clapcli.identity import model_identity, same_model
-    from clapcli.models.config import FrontEndConfig
+    from clapcli.audio.config import FrontEndConfig
     from clapcli.models.presets import preset
 
     mel = FrontEndConfig()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.config import FrontEndConfig
+from .config import FrontEndConfig
 from .frontend import build_frontend
 
 

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..models.config import FrontEndConfig
+from .config import FrontEndConfig
 
 _AMIN = 1e-10  # power floor before the log: -100 dB, no top_db clipping
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.config import FrontEndConfig
+from .config import FrontEndConfig
 
 LOG_OFFSET = 1e-7  # added to the power before the log, as in the original
 

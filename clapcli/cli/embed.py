@@ -29,7 +29,7 @@ def embed(
     """Embed audio files and/or texts with the model (L2-normalised vectors)."""
     import numpy as np
 
-    from ..atomic import atomic_write
+    from ..atomic import write_npy
     from ..errors import UsageError
 
     files, text = files or [], text or []
@@ -71,7 +71,7 @@ def embed(
     if out is not None:
         nan = np.full(m.dim, np.nan, np.float32)
         matrix = np.stack([nan if r is None else r for r in rows]) if rows else np.zeros((0, m.dim))
-        atomic_write(out, writer=lambda tmp: _save_npy(tmp, matrix.astype(np.float32)))
+        write_npy(out, matrix.astype(np.float32))
         output.stderr_console().print(f"wrote {len(rows)} × {m.dim} embeddings to {output.literal(out)}",
                                       highlight=False, soft_wrap=True)
     if as_json or (out is None and not output.is_terminal()):
@@ -81,13 +81,6 @@ def embed(
         _table(records, m.dim)
     if failed:
         raise typer.Exit(1)
-
-
-def _save_npy(path, matrix) -> None:
-    import numpy as np
-
-    with open(path, "wb") as f:  # a file object, so np.save keeps the temporary name as it is
-        np.save(f, matrix)
 
 
 def _table(records, dim) -> None:

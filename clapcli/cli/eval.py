@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 
+from ..tagging.prompts import DEFAULT_TEMPLATE
 from . import options, output
 
 eval_app = typer.Typer(help="Evaluate a model: retrieval both ways on captioned clips, zero-shot classification.",
@@ -62,7 +63,7 @@ def zeroshot(
                                help="Label set: a built-in name (esc50, urbansound8k, ...), a comma list or @FILE."),
     template: Optional[List[str]] = typer.Option(
         None, "--template", "-t", show_default=False,
-        help="Prompt template with one {}; repeat it to ensemble several (default 'This is a sound of {}.')."),
+        help=f"Prompt template with one {{}}; repeat it to ensemble several (default {DEFAULT_TEMPLATE!r})."),
     exclude: Optional[str] = typer.Option(None, "--exclude", show_default=False,
                                           help="Comma list of labels to leave out (and their clips)."),
     fold: Optional[int] = typer.Option(None, "--fold", show_default=False,

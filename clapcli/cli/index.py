@@ -57,6 +57,7 @@ def index_command(
     import sys
     from functools import partial
 
+    from .. import dist
     from ..errors import ClapError
     from ..index.indexer import IndexInterrupted, build_index, emptied_message
     from ..index.paths import resolve_index
@@ -68,11 +69,10 @@ def index_command(
     progress = _IndexProgress(enabled=not as_json)
     loaded: list = []  # the model, once build_index had something to embed
     sharded = False
-    if {"WORLD_SIZE", "SLURM_NTASKS"} & set(os.environ):  # maybe under torchrun/srun (torch only then)
+    if dist.launched():  # under torchrun/srun: every rank embeds a share, rank 0 commits and reports
         from ..index import distributed
 
-        if distributed.launched():  # every rank embeds a share, rank 0 commits and reports
-            build_index, sharded = partial(distributed.build_index, device=device), True
+        build_index, sharded = partial(distributed.build_index, device=device), True
     try:
         summary = build_index(
             dirs or [], index_dir, lambda name: _remember(loaded, _load_model(name, model, index_dir, device, precision,

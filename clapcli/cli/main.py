@@ -57,7 +57,7 @@ def _print_version(value: bool) -> None:
         try:
             print(f"clap {version('clapcli')}")
         except PackageNotFoundError:  # run from a source tree that was never installed
-            from .. import __version__
+            from ..version import __version__
 
             print(f"clap {__version__}")
         raise typer.Exit(0)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, List, Optional, TextIO
 import typer
 
 from ..errors import UsageError
+from ..tagging.prompts import DEFAULT_TEMPLATE
 from . import options, output
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def tag_command(
     template: Optional[List[str]] = typer.Option(
         None, "--template", "-t", show_default=False,
         help="Prompt template with one {} for the label; repeat it to ensemble several "
-        "(default 'This is a sound of {}.').",
+        f"(default {DEFAULT_TEMPLATE!r}).",
     ),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per file per line."),
     as_csv: bool = typer.Option(False, "--csv", help="CSV with a header, one row per (file, label)."),
@@ -151,7 +152,8 @@ def expand_paths(paths: list[str]) -> tuple[list[str], int]:
 def _run_classifier(directory, files, labels, template, top, multi_label, threshold, timeline, model, device,
                     precision, batch_size, tokenizer, as_json, as_csv, engine=None) -> None:
     """`--classifier`: the head's softmax (or, for multi-label heads, sigmoid) probabilities as the scores."""
-    from ..models.classifier import load_classifier, read_classifier
+    from ..api import load_classifier
+    from ..models.classifier import read_classifier
 
     if labels is not None or template:
         raise UsageError("--classifier brings its own labels: drop --labels and --template")

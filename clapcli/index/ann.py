@@ -82,11 +82,6 @@ class AnnIndex:
         self._exact_ids = exact_ids  # (N,) int64
         self._exact_vectors = exact_vectors  # (N, D) float32, L2-normalised
 
-    @property
-    def exact(self) -> bool:
-        """True when queries are answered by brute force (small stores), False for the hnswlib graph."""
-        return self._hnsw is None
-
     def __len__(self) -> int:
         return self.count
 

@@ -54,21 +54,17 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch.distributed as torch_dist
 
-from .. import __version__, dist
-from ..api import AudioEmbedding, Segment
-from ..atomic import atomic_write
+from .. import dist
+from ..atomic import atomic_write, write_npy
 from ..errors import ClapError
+from ..records import AudioEmbedding, Segment
+from ..version import __version__
 from . import indexer
 from .schema import PARTITIONS_DIR
 
 COORDINATION_TIMEOUT = timedelta(days=7)  # how long ranks wait for each other (a scan, the slowest share)
 PARTITION_WAIT_SECONDS = 120.0  # how long rank 0 waits to see a finished rank's partition (a slow shared fs)
 PARTITION_POLL_SECONDS = (0.05, 5.0)  # first and longest pause between two looks: doubling in between
-
-
-def launched(environ=None) -> bool:
-    """True when this process is one of several started by torchrun (or srun): `clap index` then shards."""
-    return dist.detect(environ).distributed
 
 
 def share_by_size(sizes: Sequence[int], world_size: int) -> list[int]:
@@ -120,12 +116,7 @@ def write_partition(directory: Path, rank: int, results: Iterable[AudioEmbedding
         records.append(record)
     matrix = np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)  # (rows, D)
     npy, meta = partition_paths(directory, rank)
-
-    def save(path: Path) -> None:
-        with open(path, "wb") as f:
-            np.save(f, matrix)
-
-    atomic_write(npy, writer=save)
+    write_npy(npy, matrix)
     atomic_write(meta, json.dumps({"rank": rank, "rows": len(vectors), "made_by": producer, "files": records}))
     return len(records)
 

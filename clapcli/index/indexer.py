@@ -312,9 +312,11 @@ def build_index(
                                batch_size, workers, on_plan, (on_file, on_audio), commits, empty_dirs=empty_dirs)
         else:
             with IndexStore.open(index_dir, create=True) as store:
-                summary = _update(store, model, load_model, model_name, root_paths, entries, problems, linked,
-                                  prune_empty, batch_size, workers, on_plan, (on_file, on_audio), commits,
-                                  exclude=exclude, empty_dirs=empty_dirs, forget=forgotten)
+                summary = _update(store, model, load_model=load_model, model_name=model_name,
+                                  root_paths=root_paths, entries=entries, problems=problems, linked=linked,
+                                  prune_empty=prune_empty, batch_size=batch_size, workers=workers, on_plan=on_plan,
+                                  callbacks=(on_file, on_audio), commits=commits, exclude=exclude,
+                                  empty_dirs=empty_dirs, forget=forgotten)
         if on_committed is not None:
             on_committed()
         with IndexStore.open(index_dir) as store:
@@ -331,13 +333,15 @@ def build_index(
     return summary
 
 
-def _update(store: IndexStore, model, load_model, model_name, root_paths, entries, problems, linked,
-            prune_empty, batch_size, workers, on_plan, callbacks, commits, exclude=(), empty_dirs=(),
-            forget=()) -> IndexSummary:
+def _update(store: IndexStore, model, *, root_paths, entries, problems, linked, prune_empty: bool, batch_size: int,
+            workers: int, on_plan, callbacks, commits: CommitRule, load_model=None, model_name: str | None = None,
+            exclude=(), empty_dirs=(), forget=()) -> IndexSummary:
     """Bring `store` up to date with the scan: prune, re-stat, embed and commit in batches; remember
     `root_paths` and forget the roots in `forget`, with their files.
 
-    `callbacks` is (on_file, on_audio), as `build_index` takes them."""
+    `model` is the loaded model, or None to load it with `load_model(name)` only when there is something to
+    embed (or the store has no model yet, or `model_name` asks for one). `callbacks` is (on_file, on_audio),
+    as `build_index` takes them."""
     stored_identity = store.model_identity
     name = model_name or (stored_identity or {}).get("model")
     states = store.file_states()
@@ -485,8 +489,9 @@ def _rebuild(index_dir: Path, model, damaged: bool, root_paths, entries, problem
     shutil.rmtree(staging, ignore_errors=True)  # left by a rebuild that was killed
     try:
         with IndexStore.open(staging, create=True) as store:
-            summary = _update(store, model, None, None, root_paths, entries, problems, linked, True,
-                              batch_size, workers, on_plan, callbacks, commits)
+            summary = _update(store, model, root_paths=root_paths, entries=entries, problems=problems,
+                              linked=linked, prune_empty=True, batch_size=batch_size, workers=workers,
+                              on_plan=on_plan, callbacks=callbacks, commits=commits)
             store.checkpoint()  # everything in the main file, so the database is one file to move
         summary.index = str(index_dir)
         if damaged:

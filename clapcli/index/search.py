@@ -87,10 +87,6 @@ def open_for_search(index_dir: Path) -> IndexStore:
     return store
 
 
-def search(store: IndexStore, query: np.ndarray, k: int = 10, min_score: float | None = None) -> list[Hit]:
-    return Searcher(store).search(query, k, min_score)
-
-
 class Searcher:
     """Answers any number of queries on one open store (`clap search --stdin`): the nearest-neighbour
     graph is loaded once and synced again only when the store's generation moves on (`clap index`

@@ -20,8 +20,8 @@ its row is deleted; the embedding of a segment is keyed by the same id, and the 
 vector is that id too. A deleted segment therefore maps to exactly one `mark_deleted(label)`, and a
 label coming back from the hnswlib file can always be checked against the store. `meta.generation` is
 incremented by every write that adds or removes segments, so the hnswlib sidecar can tell cheaply
-whether it is current, and `meta.index_uuid` changes when the store is cleared (`--rebuild`), so an
-hnswlib file from an earlier life of the directory is never reused.
+whether it is current, and `meta.index_uuid` is new with every database (`--rebuild` fills a fresh one), so
+an hnswlib file from an earlier life of the directory is never reused.
 
 The schema and its numbered migrations live in schema.py: an older store is migrated when opened, a
 newer one refused with a message saying what to do.
@@ -35,7 +35,6 @@ import math
 import os
 import sqlite3
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from ..errors import DATA_FAILURE, FAILURE_KINDS, IndexStoreError
-from ..identity import NAME_KEYS
+from ..identity import same_model
 from .schema import BUSY_TIMEOUT_S, DB_FILENAME, open_database
 
 SEGMENT_KINDS = ("file", "window")  # a whole-file embedding, or one 10 s window of a long file
@@ -280,7 +279,7 @@ class IndexStore:
 
         `identity` is any JSON-serialisable dict; its "model" (or "name") entry is the name shown in
         messages and its "dim" entry, if present, fixes `dim`. Replacing a different identity is refused
-        while the store holds embeddings (call `clear()` first, as `--rebuild` does).
+        while the store holds embeddings (`--rebuild` fills a fresh store instead).
         """
         canonical = _canonical_identity(identity)
         with self.transaction():
@@ -322,7 +321,7 @@ class IndexStore:
         wanted = json.loads(_canonical_identity(identity))
         # The name is how to load the model again, not what it is: the same weights and front end under
         # another name (a moved directory, a local copy of a hub model) are the same model.
-        if _without_name(stored) == _without_name(wanted):
+        if same_model(stored, wanted):
             return
         differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         built_with = _identity_name(stored)
@@ -467,18 +466,6 @@ class IndexStore:
             if removed:
                 self._bump_generation()
         return removed
-
-    def clear(self) -> None:
-        """Remove every file, segment and embedding and forget the model identity (for `--rebuild`).
-
-        Segment ids still never repeat, and the index gets a new `index_uuid`, so an hnswlib file built
-        before is recognised as belonging to another life of the directory and rebuilt.
-        """
-        with self.transaction():
-            self._conn.execute("DELETE FROM files")
-            self._conn.execute("DELETE FROM meta WHERE key IN ('model_identity', 'dim', 'precision')")
-            self.set_meta("index_uuid", uuid.uuid4().hex)
-            self._bump_generation()
 
     # -- vectors and segments -----------------------------------------------------------------------------
 
@@ -675,10 +662,6 @@ def _canonical_identity(identity: dict) -> str:
         return json.dumps(identity, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError) as e:
         raise TypeError(f"a model identity must be JSON-serialisable: {e}") from e
-
-
-def _without_name(identity: dict) -> dict:
-    return {k: v for k, v in identity.items() if k not in NAME_KEYS}
 
 
 def _identity_name(identity: dict) -> str:

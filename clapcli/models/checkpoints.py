@@ -6,46 +6,28 @@
    (Wav2CLIP models: no tokenizer; config.json names the CLIP text tower, loaded on first text use).
 4. Wav2CLIP's released `Wav2CLIP.pt` (wav2clip.py), told from LAION `.pt` files by its key names.
 
-Nothing here executes pickled code: `.pt` files go through `torch.load(weights_only=True)`, and only on a torch
-with no known way around it (`SAFE_TORCH`, also the floor in pyproject.toml).
+Weights are read and checked by weights.py: nothing here executes pickled code.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..atomic import atomic_write
-from ..errors import CheckpointError, ClapError, WeightsNotAvailable
+from ..errors import CheckpointError, ClapError, WeightsNotAvailable, first_line
+from ..identity import weights_fingerprint
 from . import registry, wav2clip
 from .clap import ClapModel
 from .config import AudioConfig, ClapConfig, FrontEndConfig, TextConfig
-
-OWN_FORMAT = "clapcli"
-# The first torch whose weights_only unpickler has no published bypass: 2.6 fixed CVE-2025-32434 (code run
-# through weights_only=True), 2.10 fixed CVE-2026-24747 (memory corruption from a crafted .pt, GHSA-63cw-57p8-fm3p).
-SAFE_TORCH = (2, 10)
-OWN_FORMAT_VERSION = 1
-
-# Buffers a model rebuilds from its config. Checkpoints may carry them or not; they are never compared.
-DERIVED_KEY = re.compile(r"(embeddings\.position_ids|embeddings\.token_type_ids|relative_position_index|attn_mask)$")
-
-
-@dataclass
-class LoadedCheckpoint:
-    model: ClapModel
-    tokenizer: Any
-    name: str  # what the user asked for
-    source: str  # resolved local path
-    kind: str  # "huggingface" | "laion" | "wav2clip" | "clapcli"
-    fingerprint: str  # short hash of the weights file(s)
+from .pann import BLOCKS as PANN_BLOCKS
+from .weights import (DERIVED_KEY, OWN_FORMAT, OWN_FORMAT_VERSION, LoadedCheckpoint, build_and_load, read_safetensors,
+                      safe_torch_load)
 
 
 def load_checkpoint(name_or_path: str | os.PathLike, tokenizer: str | None = None, download: bool = True):
@@ -78,9 +60,9 @@ def _load_hf(path: Path, config: dict, name: str) -> LoadedCheckpoint:
     pre_file = path / "preprocessor_config.json"
     pre = json.loads(pre_file.read_text()) if pre_file.exists() else {}
     cfg = _config_or_error(path, lambda: ClapConfig.from_hf_dict(config, pre))
-    state = _read_safetensors(path)
+    state = read_safetensors(path)
     model = build_and_load(cfg, state, str(path))
-    return LoadedCheckpoint(model, _tokenizer_from_dir(path), name, str(path), "huggingface", _fingerprint(path))
+    return LoadedCheckpoint(model, _tokenizer_from_dir(path), name, str(path), "huggingface", weights_fingerprint(path))
 
 
 def _load_own(path: Path, config: dict, name: str) -> LoadedCheckpoint:
@@ -91,11 +73,11 @@ def _load_own(path: Path, config: dict, name: str) -> LoadedCheckpoint:
     if cfg.text_tower is not None:  # Wav2CLIP: the text tower is a reference, loaded on first text use
         stored = cfg.text_tower
         cfg.text_tower = wav2clip.text_tower_reference(stored, path)
-        model = build_and_load(cfg, _read_safetensors(path), str(path))
-        weights = wav2clip.fingerprint_with_text(_fingerprint(path), stored)
+        model = build_and_load(cfg, read_safetensors(path), str(path))
+        weights = wav2clip.fingerprint_with_text(weights_fingerprint(path), stored)
         return LoadedCheckpoint(model, None, name, str(path), "clapcli", weights)
-    model = build_and_load(cfg, _read_safetensors(path), str(path))
-    return LoadedCheckpoint(model, _tokenizer_from_dir(path), name, str(path), "clapcli", _fingerprint(path))
+    model = build_and_load(cfg, read_safetensors(path), str(path))
+    return LoadedCheckpoint(model, _tokenizer_from_dir(path), name, str(path), "clapcli", weights_fingerprint(path))
 
 
 def _load_laion(path: Path, name: str, tokenizer: str | None, download: bool) -> LoadedCheckpoint:
@@ -104,13 +86,28 @@ def _load_laion(path: Path, name: str, tokenizer: str | None, download: bool) ->
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     if wav2clip.is_wav2clip_state(state):  # Wav2CLIP.pt; `tokenizer` names its CLIP text tower
-        return wav2clip.load_released_checkpoint(path, state, name, tokenizer)
+        return _load_wav2clip(path, state, name, tokenizer)
     hf_state = convert_laion_state_dict(state)
     cfg = infer_laion_config(hf_state)
     model = build_and_load(cfg, hf_state, str(path))
-    tok_source = tokenizer or (registry.ROBERTA_TOKENIZER if cfg.text.model_type == "roberta" else "bert-base-uncased")
+    roberta = cfg.text.model_type == "roberta"
+    tok_source = tokenizer or (registry.ROBERTA_TOKENIZER if roberta else registry.BERT_TOKENIZER)
     tok = load_tokenizer(tok_source, download)
-    return LoadedCheckpoint(model, tok, name, str(path), "laion", _fingerprint(path))
+    return LoadedCheckpoint(model, tok, name, str(path), "laion", weights_fingerprint(path))
+
+
+def _load_wav2clip(path: Path, state: dict[str, torch.Tensor], name: str, text_tower: str | None):
+    """A `Wav2CLIP.pt` state dict, loaded strictly (a readable diff otherwise), with CLIP's logit scale (100)
+    and the CLIP text tower `text_tower` (default CLIP ViT-B/32's) to load lazily."""
+    ref = wav2clip.text_tower_reference(text_tower or registry.CLIP_TEXT_TOWER)
+    cfg = wav2clip.infer_wav2clip_config(state, ref, str(path))
+    ours = wav2clip.convert_wav2clip_state_dict(state, str(path))
+    scale = torch.tensor(math.log(wav2clip.CLIP_LOGIT_SCALE))
+    ours.setdefault("logit_scale_a", scale)
+    ours.setdefault("logit_scale_t", scale)
+    model = build_and_load(cfg, ours, str(path))
+    weights = wav2clip.fingerprint_with_text(weights_fingerprint(path), ref)
+    return LoadedCheckpoint(model, None, name, str(path), "wav2clip", weights)
 
 
 def _config_or_error(path: Path, build) -> ClapConfig:
@@ -120,55 +117,13 @@ def _config_or_error(path: Path, build) -> ClapConfig:
         raise CheckpointError(f"{path}/config.json describes no model this version can build: {exc}") from exc
 
 
-def safe_torch_load(path: Path) -> Any:
-    import pickle
-
-    found = re.match(r"(\d+)\.(\d+)", str(torch.__version__))
-    if found is None or tuple(map(int, found.groups())) < SAFE_TORCH:
-        raise CheckpointError(
-            f"refusing to load {path} with torch {torch.__version__}: a crafted .pt file can run code in it even with "
-            f"weights_only=True (CVE-2026-24747); upgrade to torch>={'.'.join(map(str, SAFE_TORCH))} or use a "
-            "safetensors model")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"refusing to load {path}: it holds pickled objects other than tensors, which could run code "
-            f"({reason[:160]}). Only plain state dicts are loaded; convert it with a trusted tool first"
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"cannot read {path} as a torch checkpoint: {str(exc).splitlines()[0]}") from exc
-
-
-def _read_safetensors(path: Path, prefixes: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of every *.safetensors file in `path`, memory-mapped (pages are read when first touched,
-    and `build_and_load` makes them the model's parameters: no second copy). With `prefixes`, only the
-    keys that start with one of them are taken: the rest of the file is never read."""
-    from safetensors import safe_open
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path} has no *.safetensors weights (pytorch_model.bin is not loaded: it is a pickle)")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt", device="cpu") as handle:
-                for key in handle.keys():
-                    if prefixes is None or key.startswith(prefixes):
-                        state[key] = handle.get_tensor(key)
-        except (OSError, RuntimeError, ValueError) as exc:  # safetensors raises SafetensorError (a RuntimeError)
-            raise CheckpointError(f"cannot read {f}: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
-    return state
-
-
 def _tokenizer_from_dir(path: Path):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
-        raise CheckpointError(f"cannot load the tokenizer in {path}: {str(exc).splitlines()[0]}") from exc
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {first_line(exc)}") from exc
 
 
 def load_tokenizer(source: str, download: bool = True):
@@ -186,109 +141,6 @@ def load_tokenizer(source: str, download: bool = True):
         f"the tokenizer {source!r} is not in the Hugging Face cache and cannot be downloaded here; "
         f"fetch it on a connected machine or pass --tokenizer PATH"
     )
-
-
-def _fingerprint(path: Path) -> str:
-    """Hash of size + first and last 4 MiB of each weights file: cheap, and changes with any re-save."""
-    from ..identity import weights_fingerprint
-
-    return weights_fingerprint(path)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Strict loading with a readable diff
-
-
-def build_and_load(cfg: ClapConfig, state: dict[str, torch.Tensor], source: str, module=ClapModel) -> torch.nn.Module:
-    """`module(cfg)` (ClapModel by default) with the weights of `state`, strictly: any missing, unused or
-    misshapen tensor is a CheckpointError listing them. The module is built with its parameters on the
-    `meta` device (no random initialisation, no memory) and `state`'s tensors become its parameters
-    (`assign=True`: a memory-mapped state is not copied); buffers derived from the config (position ids,
-    attention masks) are computed for real, and BatchNorm statistics come from `state`."""
-    with parameters_on_meta():
-        model = module(cfg)
-    expected = {k: v for k, v in model.state_dict().items() if not DERIVED_KEY.search(k)}
-    given = {k: v for k, v in state.items() if not DERIVED_KEY.search(k)}
-    diff = state_dict_diff(expected, given)
-    if diff:
-        raise CheckpointError(f"{source} does not match the architecture it declares:\n{diff}")
-    # assign keeps the checkpoint's dtype: cast where it differs (an fp16 file into an fp32 model)
-    given = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in given.items()}
-    given = _unaliased(given)
-    model.load_state_dict(given, strict=False, assign=True)  # strict in effect: the diff above is empty
-    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise CheckpointError(f"{source}: {len(left)} tensors were not loaded (e.g. {left[0]})")
-    return model.eval()
-
-
-def _unaliased(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` with every tensor that is the same memory as an earlier one (one tensor under two names, as a
-    converter may fill two scales from one value) replaced by a copy: assigned as they are, aliases would
-    become tied parameters that train together and that safetensors refuses to save."""
-    seen: set[tuple] = set()
-    out = {}
-    for name, tensor in state.items():
-        where = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                 tensor.stride())
-        out[name] = tensor.clone() if where in seen and tensor.numel() else tensor
-        seen.add(where)
-    return out
-
-
-# The torch.nn.init functions made no-ops while a model is built on `meta`: its parameters get their values
-# from the checkpoint, and some of these (normal_, trunc_normal_) would import torch._dynamo for meta tensors.
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
-                   "sparse_")
-
-
-@contextmanager
-def parameters_on_meta():
-    """Within this block, every parameter a module registers lives on the `meta` device and torch.nn.init
-    does nothing: constructing a model allocates no weights and runs no random initialisation. Buffers stay
-    real (so buffers a module computes from its config, like position ids or attention masks, keep their
-    values). Not thread-safe: it patches torch.nn.Module.register_parameter for the duration."""
-    register = torch.nn.Module.register_parameter
-    inits = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
-
-    def on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    def skip(tensor, *args, **kwargs):
-        return tensor
-
-    torch.nn.Module.register_parameter = on_meta
-    for name in inits:
-        setattr(torch.nn.init, name, skip)
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
-        for name, fn in inits.items():
-            setattr(torch.nn.init, name, fn)
-
-
-def state_dict_diff(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], limit: int = 12) -> str:
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    shapes = [
-        f"  {k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(given))
-        if tuple(expected[k].shape) != tuple(given[k].shape)
-    ]
-    parts = []
-    for title, rows in (
-        ("missing from the checkpoint", [f"  {k}" for k in missing]),
-        ("not used by the model", [f"  {k}" for k in unexpected]),
-        ("shape mismatches", shapes),
-    ):
-        if rows:
-            more = f"\n  … and {len(rows) - limit} more" if len(rows) > limit else ""
-            parts.append(f"{len(rows)} {title}:\n" + "\n".join(rows[:limit]) + more)
-    return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -401,13 +253,11 @@ def _infer_laion_htsat(state: dict[str, torch.Tensor], enc: str) -> AudioConfig:
 
 def _infer_laion_pann(state: dict[str, torch.Tensor], enc: str) -> AudioConfig:
     """CNN14: the six conv-block widths; fused when the local-crop conv (`mel_conv2d.0`) is there."""
-    from .pann import BLOCKS
-
-    missing = [i for i in range(1, BLOCKS + 1) if f"{enc}conv_block{i}.conv1.weight" not in state]
+    missing = [i for i in range(1, PANN_BLOCKS + 1) if f"{enc}conv_block{i}.conv1.weight" not in state]
     if missing:
-        raise CheckpointError(f"a LAION PANN checkpoint needs conv_block1..{BLOCKS}; conv_block{missing[0]} is "
+        raise CheckpointError(f"a LAION PANN checkpoint needs conv_block1..{PANN_BLOCKS}; conv_block{missing[0]} is "
                               "missing (only CNN14 is supported, not Cnn6/Cnn10)")
-    channels = [int(state[f"{enc}conv_block{i}.conv1.weight"].shape[0]) for i in range(1, BLOCKS + 1)]
+    channels = [int(state[f"{enc}conv_block{i}.conv1.weight"].shape[0]) for i in range(1, PANN_BLOCKS + 1)]
     return AudioConfig(encoder="cnn14", pann_channels=channels, num_mel_bins=state[enc + "bn0.weight"].shape[0],
                        enable_fusion=enc + "mel_conv2d.0.weight" in state)
 

@@ -25,6 +25,7 @@ from torch import nn
 from .config import ClapConfig
 from .encoders import build_audio_encoder
 from .text import build_text_model, pooled_text_output, text_output_width
+from .wav2clip import load_clip_text
 
 
 class ClapOutput(NamedTuple):
@@ -104,8 +105,6 @@ class ClapModel(nn.Module):
         (WeightsNotAvailable / CheckpointError with a one-line reason if it cannot be), frozen, in eval mode,
         on this model's device."""
         if self._clip_text is None:
-            from .wav2clip import load_clip_text
-
             self._clip_text = load_clip_text(self.config.text_tower, self.config.projection_dim)
         tower, tokenizer = self._clip_text
         device = self.logit_scale_a.device

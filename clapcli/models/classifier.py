@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ClapError, UsageError
+from ..records import Scores
 
 FORMAT = "clapcli-classifier"
 FORMAT_VERSION = 1
@@ -100,7 +101,7 @@ class Classifier:
     base: dict  # identity dict of the model finetuning started from (== encoder unless --full)
     metrics: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
-    model: object | None = None  # clapcli.api.Clap
+    model: object | None = None  # clapcli.api.Clap, set by clapcli.api.load_classifier
     raw_embeddings: bool = True  # tells tag_files to embed with normalize=False
 
     @property
@@ -122,8 +123,6 @@ class Classifier:
 
     def __call__(self, audio_emb: np.ndarray):
         """The tagging `Scorer` protocol: probabilities from the head, no cosine."""
-        from ..tagging.scoring import Scores
-
         return Scores(probs=self.probabilities(audio_emb), cosine=None)
 
     def embed(self, paths, batch_size: int = 8) -> np.ndarray:
@@ -243,17 +242,3 @@ def _check_head_file(path: Path, cfg: HeadConfig) -> None:
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
                 or offsets[1] - offsets[0] != 4 * math.prod(shape) or offsets[0] < 0 or 8 + n + offsets[1] > size):
             raise ClapError(f"{path}: tensor {name} lies outside the file ({size} bytes): truncated or damaged")
-
-
-def load_classifier(directory: str | os.PathLike, model=None, device: str = "auto",
-                    precision: str = "auto", engine: str | None = None) -> Classifier:
-    """`read_classifier` plus its model: `model` if given (refused unless it is the one the head was
-    trained on), else the model the classifier names (its base model, or its finetuned `model/`)."""
-    classifier = read_classifier(directory)
-    if model is None:
-        from ..api import load_model
-
-        model = load_model(classifier.model_ref, device=device, precision=precision, engine=engine)
-    classifier.check_model(model)
-    classifier.model = model
-    return classifier

@@ -3,7 +3,7 @@
 The field names follow the transformers CLAP config where one exists, so a Hugging Face
 `config.json` maps onto these classes with no renaming table beyond `from_hf_dict`. Fields a class
 does not know (a foreign config's extras) are kept in its `extra` dict and written back by `to_dict`.
-Named presets live in presets.py (`preset` is re-exported here for older imports).
+Named presets live in presets.py.
 """
 
 from __future__ import annotations
@@ -13,39 +13,8 @@ import math
 from dataclasses import InitVar, dataclass, field
 from typing import Any
 
+from ..audio.config import FrontEndConfig
 from ..errors import ClapError
-
-
-@dataclass
-class FrontEndConfig:
-    kind: str = "mel"  # "mel": log-mel in dB (LAION-CLAP); "linear": log linear power STFT, log(x + 1e-7) (Wav2CLIP)
-    sample_rate: int = 48_000  # Hz; audio is resampled to this before anything else
-    n_fft: int = 1024  # STFT size and window length (periodic Hann)
-    hop_length: int = 480  # STFT hop in samples (10 ms at 48 kHz)
-    n_mels: int = 64  # mel bands (kind "mel"; a "linear" front end has n_fft // 2 + 1 bins)
-    f_min: float = 50.0  # lowest mel edge, Hz (the hub preprocessors use 50, not the class default 0)
-    f_max: float = 14_000.0  # highest mel edge, Hz
-    mel_scale: str = "htk"  # "htk" (no filter norm, fused models) or "slaney" (Slaney norm, unfused)
-    clip_samples: int = 480_000  # model input length: 10 s at 48 kHz = 1001 frames
-    quantize_int16: bool = True  # int16 round trip as in the original training data
-    extra: dict[str, Any] = field(default_factory=dict)  # other fields of a foreign preprocessor config, unused
-
-    @property
-    def clip_frames(self) -> int:
-        return self.clip_samples // self.hop_length + 1
-
-    @property
-    def n_bins(self) -> int:
-        """Feature bins per frame: n_mels for kind "mel", n_fft // 2 + 1 for kind "linear"."""
-        return self.n_fft // 2 + 1 if self.kind == "linear" else self.n_mels
-
-    def settings(self) -> dict[str, Any]:
-        """The fields that decide the features (everything but `extra`): what a model's identity compares.
-
-        `kind` is left out when it is "mel", so identities stored before the field existed (which lack it,
-        meaning "mel") still match."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "extra" and not (f.name == "kind" and self.kind == "mel")}
 
 
 @dataclass
@@ -77,11 +46,7 @@ class AudioConfig:
     hidden_size: InitVar[int | None] = None
 
     def __post_init__(self, hidden_size: int | None) -> None:
-        if hidden_size is None:
-            return
-        from .encoders import AUDIO_ENCODERS
-
-        if self.encoder in AUDIO_ENCODERS and int(hidden_size) != self.out_width:
+        if hidden_size is not None and self.encoder in AUDIO_OUTPUT_WIDTHS and int(hidden_size) != self.out_width:
             raise ClapError(
                 f"audio config says hidden_size {hidden_size}, but a {self.encoder} encoder of this shape "
                 f"outputs {self.out_width} features"
@@ -89,10 +54,23 @@ class AudioConfig:
 
     @property
     def out_width(self) -> int:
-        """Width of the encoder's pooled output (the audio projection's input); the encoder defines it."""
-        from .encoders import audio_output_width
+        """Width of the encoder's pooled output (the audio projection's input), from the config alone."""
+        try:
+            width = AUDIO_OUTPUT_WIDTHS[self.encoder]
+        except KeyError:
+            raise ClapError(f"unknown audio encoder {self.encoder!r}; choose one of: "
+                            f"{', '.join(sorted(AUDIO_OUTPUT_WIDTHS))}") from None
+        return width(self)
 
-        return audio_output_width(self)
+
+# The one formula for each audio encoder's output width (the encoder classes in encoders.py read it):
+# HTSAT doubles its width C at each stage after the first; CNN14 ends at its last block's channels; Wav2CLIP's
+# ResNet-18 doubles resnet_width over its four stages.
+AUDIO_OUTPUT_WIDTHS = {
+    "htsat": lambda cfg: cfg.patch_embeds_hidden_size * 2 ** (len(cfg.depths) - 1),
+    "cnn14": lambda cfg: int(cfg.pann_channels[-1]),
+    "resnet18": lambda cfg: cfg.resnet_width * 2 ** 3,
+}
 
 
 @dataclass
@@ -191,9 +169,3 @@ def _build(kind, values: dict[str, Any]):
     obj.extra = _foreign({k: v for k, v in merged.items() if k not in accepted})
     return obj
 
-
-def preset(name: str) -> ClapConfig:
-    """A named architecture (see presets.py); kept here for code that imports it from config."""
-    from .presets import preset as _preset
-
-    return _preset(name)

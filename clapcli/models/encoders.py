@@ -1,9 +1,9 @@
 """The audio encoder factory: `AudioConfig.encoder` names the kind, the kind's class builds it.
 
-Each encoder class takes an `AudioConfig`, maps mel features (B, C, T, F) and `is_longer` (B,) to pooled
-features (B, out_width), and answers `output_width(cfg)` from the config alone, the one formula for its
-width (the audio projection's input). "htsat" (every released checkpoint) and "cnn14" (PANN CNN14) live
-here; new encoders register the same way.
+Each encoder class takes an `AudioConfig` and maps mel features (B, C, T, F) and `is_longer` (B,) to pooled
+features (B, out_width); `AudioConfig.out_width` is the one formula for that width (the audio projection's
+input), from the config alone. "htsat" (every released checkpoint), "cnn14" (PANN CNN14) and "resnet18"
+(Wav2CLIP) live here; a new encoder registers here and writes its width formula in config.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,3 @@ def build_audio_encoder(cfg: AudioConfig) -> nn.Module:
     """The encoder `cfg.encoder` names, with random weights; its `out_width` is its output width."""
     return _encoder_class(cfg.encoder)(cfg)
 
-
-def audio_output_width(cfg: AudioConfig) -> int:
-    """Output width of the encoder `cfg` describes, without building it."""
-    return _encoder_class(cfg.encoder).output_width(cfg)

@@ -237,7 +237,7 @@ class HTSAT(nn.Module):
     def __init__(self, cfg: AudioConfig):
         super().__init__()
         self.cfg = cfg
-        self.out_width = self.output_width(cfg)
+        self.out_width = cfg.out_width
         self.freq_ratio = cfg.spec_size // cfg.num_mel_bins  # 4
         self.batch_norm = nn.BatchNorm2d(cfg.num_mel_bins)
         self.patch_embed = PatchEmbed(cfg)
@@ -258,10 +258,6 @@ class HTSAT(nn.Module):
     def stage_widths(cfg: AudioConfig) -> list[int]:
         """Token width of each stage: C, 2C, 4C, 8C (patch merging doubles it)."""
         return [cfg.patch_embeds_hidden_size * 2**i for i in range(len(cfg.depths))]
-
-    @staticmethod
-    def output_width(cfg: AudioConfig) -> int:
-        return HTSAT.stage_widths(cfg)[-1]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each Swin block in backward instead of keeping its activations (training with grad only)."""

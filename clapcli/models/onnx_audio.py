@@ -45,6 +45,7 @@ from torch import nn
 
 from ..atomic import atomic_write, temp_path
 from ..errors import ClapError, UsageError
+from ..home import cache_dir
 from .htsat import HTSAT
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,6 @@ class OnnxHTSAT:
 
     # ---- files --------------------------------------------------------------------------------------
     def path(self, graph: str = "global", precision: str | None = None) -> Path:
-        from ..home import cache_dir
-
         return cache_dir() / "onnx" / f"htsat-{self.key}-{graph}-{precision or self.precision}.onnx"
 
     def ensure_file(self, graph: str = "global", precision: str | None = None) -> Path:

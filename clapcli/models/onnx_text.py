@@ -32,7 +32,12 @@ from typing import Sequence
 
 import numpy as np
 
+from ..atomic import atomic_write
+from ..errors import ClapError
+from ..home import cache_dir
 from ..identity import fingerprint, weights_fingerprint
+from ..version import __version__
+from . import registry
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +51,6 @@ SIDE_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "toke
 
 
 def _key(path: Path) -> str:
-    from .. import __version__
-
     h = hashlib.blake2b(f"text|{weights_fingerprint(path)}|{EXPORT_VERSION}|{__version__}".encode(), digest_size=10)
     folder = path if path.is_dir() else path.parent
     for name in SIDE_FILES:
@@ -58,8 +61,6 @@ def _key(path: Path) -> str:
 
 
 def _files(path: Path) -> tuple[Path, Path, Path]:
-    from ..home import cache_dir
-
     base = cache_dir() / "onnx" / f"text-{_key(Path(path))}"
     return base.with_suffix(".onnx"), base.with_suffix(".tokenizer.json"), base.with_suffix(".json")
 
@@ -69,9 +70,6 @@ def _resolve(ref: str) -> Path | None:
     path = Path(ref).expanduser()
     if path.exists():
         return path
-    from ..errors import ClapError
-    from . import registry
-
     try:
         return Path(registry.fetch(ref, download=False))
     except (ClapError, OSError, ValueError):
@@ -95,8 +93,6 @@ def save_text_query(clap) -> Path | None:
     or None where this model has no such tower or tokenizer (Wav2CLIP's CLIP tower, a slow tokenizer) or is not
     fp32 on the CPU (load its text half again for that: `load_model(ref, "cpu", "fp32", text_only=True)`)."""
     import torch
-
-    from ..atomic import atomic_write
 
     if not can_save(clap) or not clap.loaded.source:
         return None

@@ -57,7 +57,7 @@ class Cnn14(nn.Module):
         if len(widths) != BLOCKS or min(widths) < 1:
             raise ClapError(f"a CNN14 encoder needs {BLOCKS} positive pann_channels, got {widths}")
         self.cfg = cfg
-        self.out_width = self.output_width(cfg)
+        self.out_width = cfg.out_width
         self.enable_fusion = cfg.enable_fusion
         self.bn0 = nn.BatchNorm2d(cfg.num_mel_bins)
         for i, (c_in, c_out) in enumerate(zip([1] + widths[:-1], widths), start=1):
@@ -71,10 +71,6 @@ class Cnn14(nn.Module):
             )
             self.fusion_model = AFFBlock(widths[0], cfg.aff_block_r)
         self.grad_checkpointing = False
-
-    @staticmethod
-    def output_width(cfg: AudioConfig) -> int:
-        return int(cfg.pann_channels[-1])
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each conv block in backward instead of keeping its activations (training with grad only)."""

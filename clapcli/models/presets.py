@@ -33,6 +33,7 @@ from typing import Any
 
 from ..errors import UsageError
 from .config import ClapConfig
+from .registry import CLIP_TEXT_TOWER
 
 _UNFUSED_FRONTEND = {"mel_scale": "slaney"}  # unfused checkpoints were trained on Slaney mels
 _HTSAT_BASE = {"patch_embeds_hidden_size": 128, "depths": [2, 2, 12, 2]}
@@ -124,7 +125,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "frontend": _WAV2CLIP_FRONTEND,
         "projection_dim": 512,
         "logit_scale_init": _WAV2CLIP_LOGIT_SCALE,
-        "text_tower": "openai/clip-vit-base-patch32",
+        "text_tower": CLIP_TEXT_TOWER,
     },
     "tiny-wav2clip": {
         "audio": {"encoder": "resnet18", "resnet_width": 8},
@@ -132,7 +133,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "frontend": {**_WAV2CLIP_FRONTEND, "clip_samples": 40_000},
         "projection_dim": 32,
         "logit_scale_init": _WAV2CLIP_LOGIT_SCALE,
-        "text_tower": "openai/clip-vit-base-patch32",
+        "text_tower": CLIP_TEXT_TOWER,
     },
 }
 

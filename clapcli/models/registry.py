@@ -22,6 +22,12 @@ WAV2CLIP_URL = "https://github.com/descriptinc/lyrebird-wav2clip/releases/downlo
 WAV2CLIP_SHA256: str | None = None
 
 
+# Hub ids of text towers and tokenizers, written here once.
+ROBERTA_TOKENIZER = "FacebookAI/roberta-base"  # every released checkpoint's (original .pt files carry none)
+BERT_TOKENIZER = "google-bert/bert-base-uncased"  # LAION's BERT tower (the hub's name for bert-base-uncased)
+CLIP_TEXT_TOWER = "openai/clip-vit-base-patch32"  # CLIP ViT-B/32: Wav2CLIP's text side, a CLIP tower's tokenizer
+
+
 @dataclass(frozen=True)
 class KnownModel:
     name: str  # what users type: a hub id, or a LAION file name without .pt
@@ -66,12 +72,10 @@ KNOWN_MODELS: dict[str, KnownModel] = {
                    "original LAION checkpoint"),
         KnownModel("wav2clip", "descriptinc/lyrebird-wav2clip", "Wav2CLIP.pt", "ResNet-18", False, 512,
                    "Wav2CLIP (16 kHz); text: CLIP ViT-B/32's text tower, loaded on first text use",
-                   url=WAV2CLIP_URL, sha256=WAV2CLIP_SHA256, text_tower="openai/clip-vit-base-patch32"),
+                   url=WAV2CLIP_URL, sha256=WAV2CLIP_SHA256, text_tower=CLIP_TEXT_TOWER),
     ]
 }
 
-# The tokenizer every released checkpoint was trained with (original .pt files do not carry one).
-ROBERTA_TOKENIZER = "FacebookAI/roberta-base"
 
 
 def lookup(name: str) -> KnownModel | None:

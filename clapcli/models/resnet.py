@@ -65,7 +65,7 @@ class ResNet18(nn.Module):
         super().__init__()
         self.cfg = cfg
         w = cfg.resnet_width
-        self.out_width = self.output_width(cfg)
+        self.out_width = cfg.out_width
         self.conv1 = nn.Conv2d(1, w, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(w)
         self.relu = nn.ReLU(inplace=True)
@@ -89,10 +89,6 @@ class ResNet18(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.normal_(m.weight, mean=1.0, std=0.02)
                 nn.init.zeros_(m.bias)
-
-    @staticmethod
-    def output_width(cfg: AudioConfig) -> int:
-        return cfg.resnet_width * 2 ** (len(RESNET18_BLOCKS) - 1)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each stage in backward instead of keeping its activations (training with grad only)."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import ClapError
 from .config import TextConfig
+from .registry import BERT_TOKENIZER, CLIP_TEXT_TOWER, ROBERTA_TOKENIZER
 
 PADDING = ("longest", "max_length")
 
@@ -58,9 +59,9 @@ POOLINGS = ("auto", "pooler", "clip", "mean")
 
 # The tokenizer a fresh tower of each kind uses when none is given (hub ids; cached or downloaded).
 DEFAULT_TOKENIZERS = {
-    "roberta": "FacebookAI/roberta-base",
-    "bert": "google-bert/bert-base-uncased",
-    "clip_text_model": "openai/clip-vit-base-patch32",
+    "roberta": ROBERTA_TOKENIZER,
+    "bert": BERT_TOKENIZER,
+    "clip_text_model": CLIP_TEXT_TOWER,
 }
 
 

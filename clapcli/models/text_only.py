@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..identity import weights_fingerprint
 from . import registry
 from .bert import BertTextEncoder, supports
 from .clap import Projection
 from .config import ClapConfig
+from .weights import OWN_FORMAT, OWN_FORMAT_VERSION, LoadedCheckpoint, build_and_load, read_safetensors
 
 TEXT_PREFIXES = ("text_model.", "text_projection.", "logit_scale_")
 OWN_CONFIG_KEYS = {"audio", "text", "frontend", "projection_dim", "logit_scale_init", "text_tower"}
@@ -105,8 +107,6 @@ def fast_tokenizer(directory: Path) -> FastTokenizer | None:
 
 def text_config(path: Path) -> tuple[ClapConfig, str] | None:
     """(config, checkpoint kind) of a CLAP model directory whose text tower `models/bert.py` covers, else None."""
-    from .checkpoints import OWN_FORMAT, OWN_FORMAT_VERSION
-
     try:
         config = json.loads((path / "config.json").read_text())
         if config.get("format") == OWN_FORMAT:
@@ -128,8 +128,6 @@ def text_config(path: Path) -> tuple[ClapConfig, str] | None:
 
 def load_text_checkpoint(name_or_path, tokenizer: str | None = None, download: bool = True):
     """A `LoadedCheckpoint` whose model is a `ClapTextModel`, or None where only the whole model can be loaded."""
-    from .checkpoints import LoadedCheckpoint, _fingerprint, _read_safetensors, build_and_load
-
     if tokenizer is not None:
         return None
     name = str(name_or_path)
@@ -145,6 +143,6 @@ def load_text_checkpoint(name_or_path, tokenizer: str | None = None, download: b
     if tok is None:
         return None
     cfg, kind = found
-    state = _read_safetensors(path, prefixes=TEXT_PREFIXES)
+    state = read_safetensors(path, prefixes=TEXT_PREFIXES)
     model = build_and_load(cfg, state, str(path), module=ClapTextModel)
-    return LoadedCheckpoint(model, tok, name, str(path), kind, _fingerprint(path))
+    return LoadedCheckpoint(model, tok, name, str(path), kind, weights_fingerprint(path))

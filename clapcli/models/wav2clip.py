@@ -15,17 +15,16 @@ the window is checked against ours and dropped, `fc` is dropped, everything else
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, WeightsNotAvailable
+from ..errors import CheckpointError, WeightsNotAvailable, first_line
 from .config import AudioConfig, ClapConfig
 from .presets import preset
+from .pretrained import from_pretrained
 
-DEFAULT_TEXT_TOWER = "openai/clip-vit-base-patch32"  # the CLIP whose image tower Wav2CLIP was distilled from
 CLIP_LOGIT_SCALE = 100.0  # CLIP's trained logit scale: tagging multiplies cosines by it before the softmax
 
 _WINDOW_KEY = "audio_encoder.spectrogram.window"
@@ -80,22 +79,6 @@ def infer_wav2clip_config(state: dict[str, torch.Tensor], text_tower: str, sourc
     return cfg
 
 
-def load_released_checkpoint(path: Path, state: dict[str, torch.Tensor], name: str, text_tower: str | None):
-    """A LoadedCheckpoint from a `Wav2CLIP.pt` state dict, loaded strictly (a readable diff otherwise), with
-    CLIP's logit scale (100) and the CLIP text tower `text_tower` (default DEFAULT_TEXT_TOWER) to load lazily."""
-    from .checkpoints import LoadedCheckpoint, _fingerprint, build_and_load
-
-    ref = text_tower_reference(text_tower or DEFAULT_TEXT_TOWER)
-    cfg = infer_wav2clip_config(state, ref, str(path))
-    ours = convert_wav2clip_state_dict(state, str(path))
-    scale = torch.tensor(math.log(CLIP_LOGIT_SCALE))
-    ours.setdefault("logit_scale_a", scale)
-    ours.setdefault("logit_scale_t", scale)
-    model = build_and_load(cfg, ours, str(path))
-    weights = fingerprint_with_text(_fingerprint(path), ref)
-    return LoadedCheckpoint(model, None, name, str(path), "wav2clip", weights)
-
-
 def text_tower_reference(ref: str, base: Path | None = None) -> str:
     """A text tower reference as stored and used: an existing local directory (relative ones first against
     `base`, the model directory, then the working directory) becomes its absolute path; a hub id stays."""
@@ -127,8 +110,6 @@ def load_clip_text(ref: str, dim: int):
     from transformers import AutoTokenizer, CLIPTextModelWithProjection
     from transformers.utils import logging as hf_logging
 
-    from .pretrained import from_pretrained
-
     local = Path(ref).expanduser()
     source = str(local) if local.is_dir() else ref
     attempts = [{}] if local.is_dir() else [{"local_files_only": True}, {}]
@@ -153,7 +134,7 @@ def load_clip_text(ref: str, dim: int):
             hf_logging.enable_progress_bar()
     if model is None or tokenizer is None:
         if local.is_dir():
-            reason = str(last).strip().splitlines()[0] if last and str(last).strip() else type(last).__name__
+            reason = first_line(last) if last is not None else "no error reported"
             raise CheckpointError(f"cannot load the CLIP text tower in {local}: {reason[:200]}") from last
         raise WeightsNotAvailable(
             f"the CLIP text tower {ref!r} (a Wav2CLIP model's text side) is not in the Hugging Face cache and "

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, write_npy
 from ..home import cache_dir as clap_cache_dir
 from .labels import LabelSet
 from .prompts import check_templates, render
@@ -79,7 +79,7 @@ def cached_label_embeddings(
     meta = {"key": key, "labelset": labelset.name, "dim": int(emb.shape[1])}
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(array_path, writer=lambda tmp: _save_array(tmp, emb))
+        write_npy(array_path, emb)
         atomic_write(meta_path, json.dumps(meta, ensure_ascii=False, indent=1))
     except OSError as err:
         # A read-only or full cache costs speed, never the result.
@@ -98,8 +98,3 @@ def _load(array_path: Path, meta_path: Path, key: dict) -> np.ndarray | None:
     if emb.ndim != 2 or emb.shape[0] != key["n_labels"] or emb.dtype != np.float32 or not np.isfinite(emb).all():
         return None
     return emb
-
-
-def _save_array(path: Path, emb: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object, so np.save does not append ".npy" to the temporary name
-        np.save(f, emb, allow_pickle=False)

@@ -27,25 +27,13 @@ multi-label decisions. A scorer with `raw_embeddings = True` is fed un-normalise
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..vectors import l2_normalize
-
 from ..errors import UsageError
-
-
-@dataclass(frozen=True)
-class Scores:
-    probs: np.ndarray  # (N, L) per-clip distribution over labels; rows sum to 1
-    cosine: np.ndarray | None  # (N, L) audio-label cosine similarity; None for scorers without a joint space
-
-    @property
-    def independent(self) -> np.ndarray:
-        """(N, L) the per-label score that multi-label thresholds compare against."""
-        return self.cosine if self.cosine is not None else self.probs
+from ..records import Scores
+from ..vectors import l2_normalize
 
 
 class RankedLabel(NamedTuple):

@@ -94,14 +94,6 @@ def debias(text: str) -> str:
     return _DEBIAS_RE.sub(lambda m: _keep_case(m.group(0), DEBIAS_TABLE[m.group(0).lower()]), text)
 
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class KeywordToCaption:
     """Sentences from tag lists with a seq2seq model (LAION used `mrm8488/t5-base-finetuned-common_gen`).
 
@@ -113,8 +105,9 @@ class KeywordToCaption:
     """
 
     def __init__(self, model: str, device: str = "auto", batch_size: int = 16):
-        from ..errors import WeightsNotAvailable
+        from ..errors import WeightsNotAvailable, first_line
         from ..models.pretrained import from_pretrained
+        from ..runtime import resolve_device
 
         try:
             from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
@@ -122,12 +115,11 @@ class KeywordToCaption:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
             self.model = from_pretrained(AutoModelForSeq2SeqLM, model, "--k2c-model")
         except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise WeightsNotAvailable(
                 f"keyword-to-caption model {model!r} is not available here: give a local model directory "
-                f"to --k2c-model, or run once with network access to cache it ({first})"
+                f"to --k2c-model, or run once with network access to cache it ({first_line(exc)})"
             ) from exc
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.model.to(self.device).eval()
         self.batch_size = max(1, int(batch_size))
         self.name = str(model)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
+from ..tagging.prompts import DEFAULT_TEMPLATE
 
 # Options that may change between a run and its resumption without making it "another run".
 RESUMABLE_CHANGES = ("epochs", "save_every", "workers", "device", "resume", "log_every", "val_every_epochs",
@@ -32,7 +33,7 @@ class TrainConfig:
     val: str | None = None  # validation shards (default: the data folder's val/ split when it has one)
     val_zeroshot: str | None = None  # labelled clips (class folders or path,label CSV) for zero-shot accuracy
     labels: str | None = None  # zero-shot candidates: a label set as `clap tag --labels` takes (default: the classes)
-    template: str = "This is a sound of {}."  # zero-shot prompt (LAION-CLAP's)
+    template: str = DEFAULT_TEMPLATE  # zero-shot prompt (LAION-CLAP's)
     init: str | None = None  # start from this model (hub id, HF directory, LAION .pt, clapcli directory)
     model_config: str | None = None  # or build a fresh model from this preset (see `clap models presets`)
     text_model: str | None = None  # with model_config: pretrained transformers text tower (name or directory)

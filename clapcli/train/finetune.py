@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import is_fill_temp
+from ..atomic import is_fill_temp, write_npy
 from ..errors import DataError, UsageError
 from ..models.classifier import (HEAD_KINDS, META_FILE, MODEL_DIR, Classifier, HeadConfig, build_head,
                                  head_probabilities)
@@ -188,7 +188,6 @@ def cached_embeddings(model, paths: list[Path], batch_size: int = 8,
 
     Keyed by the model fingerprint and each file's content hash, so a renamed file still hits and an
     edited one does not. A file that cannot be embedded raises DataError naming it."""
-    from ..atomic import atomic_write
     from ..index.store import content_hash
 
     directory = embedding_cache_dir(model)
@@ -217,15 +216,10 @@ def cached_embeddings(model, paths: list[Path], batch_size: int = 8,
                 raise DataError(f"cannot read audio: {e.error}", source=str(paths[i]))
             vec = np.asarray(e.embedding, dtype=np.float32)
             out[i] = vec
-            atomic_write(directory / f"{hashes[i]}.npy", writer=lambda tmp, v=vec: _save_npy(tmp, v))
+            write_npy(directory / f"{hashes[i]}.npy", vec)
             if on_progress:
                 on_progress(1)
     return np.stack(out).astype(np.float32) if out else np.zeros((0, model.dim), np.float32)
-
-
-def _save_npy(path: Path, vec: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, vec, allow_pickle=False)
 
 
 # ---- metrics ------------------------------------------------------------------------------------------
@@ -502,7 +496,7 @@ def evaluate_classifier(classifier_dir: str | Path, data: str | Path, model=None
 
     Embeddings come through the classifier's own model (and the on-disk cache); classes the classifier
     does not know are a DataError."""
-    from ..models.classifier import load_classifier
+    from ..api import load_classifier
 
     classifier = load_classifier(classifier_dir, model=model, device=device)
     clips = read_data(data, classifier.multi_label)

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, first_line
 from .state import clear_stale, latest_checkpoint
 from .config import TrainConfig
 from .runlock import LOCK_FILES
@@ -155,7 +155,7 @@ def _pretrained_text_model(name: str):
     except CheckpointError:
         raise
     except Exception as exc:
-        raise UsageError(f"--text-model {name}: cannot load it ({str(exc).splitlines()[0]}); give a local "
+        raise UsageError(f"--text-model {name}: cannot load it ({first_line(exc)}); give a local "
                          "directory or a model in the Hugging Face cache") from exc
 
 
@@ -169,7 +169,8 @@ def init_audio_encoder(model, path: str, preset_name: str) -> list[str]:
     AudioSet weights cannot have; returns those (left at their random init)."""
     import torch
 
-    from ..models.checkpoints import DERIVED_KEY, convert_laion_state_dict, safe_torch_load, state_dict_diff
+    from ..models.checkpoints import convert_laion_state_dict
+    from ..models.weights import DERIVED_KEY, safe_torch_load, state_dict_diff
 
     source = Path(path).expanduser()
     if not source.is_file():

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..atomic import LEFTOVER, atomic_directory
-from ..errors import TrainingError
+from ..errors import TrainingError, first_line
 from ..models.checkpoints import save_own
 from .config import TrainState
 
@@ -82,7 +82,7 @@ def load_trainer_state(checkpoint: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged file: say which, never unpickle anything else
-        raise TrainingError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise TrainingError(f"cannot read {path}: {first_line(exc)}") from exc
 
 
 def prune_step_checkpoints(run_dir: Path, keep: int) -> None:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, UsageError, first_line
 
 VISION_TYPES = ("clip", "clip_vision_model")
 
@@ -47,7 +47,7 @@ def _vision_config(directory: Path, source: str):
     try:
         config = AutoConfig.from_pretrained(str(directory))
     except Exception as exc:
-        raise CheckpointError(f"--teacher {source}: cannot read its config ({str(exc).splitlines()[0]})") from exc
+        raise CheckpointError(f"--teacher {source}: cannot read its config ({first_line(exc)})") from exc
     kind = getattr(config, "model_type", None)
     if kind not in VISION_TYPES:
         raise UsageError(f"--teacher {source} is a {kind!r} model without a CLIP vision tower; give a CLIP "
@@ -103,7 +103,7 @@ class ImageTeacher:
             raise
         except Exception as exc:
             raise CheckpointError(f"--teacher {source}: cannot load its vision tower "
-                                  f"({str(exc).splitlines()[0]})") from exc
+                                  f"({first_line(exc)})") from exc
         finally:
             hf_logging.set_verbosity(verbosity)
             hf_logging.enable_progress_bar()

@@ -15,19 +15,19 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..tagging.prompts import DEFAULT_TEMPLATE, render
 from .data import sample_image
 from .labelled import LabelledClip
 from .metrics import retrieval_metrics, zeroshot_metrics
 from .shards import ShardSplit, decode_audio, iter_shard, select_text
 
-ZEROSHOT_TEMPLATE = "This is a sound of {}."  # LAION-CLAP's zero-shot prompt
 
 
 def embedder(model, tokenizer, device: torch.device | None = None):
     """An inference `Clap` around a model being trained, at fp32 on the torch engine. The model must already
     be in eval mode (`Clap` asks for it): the caller owns the mode and restores training mode after."""
     from ..api import Clap
-    from ..models.checkpoints import LoadedCheckpoint
+    from ..models.weights import LoadedCheckpoint
 
     device = device or next(model.parameters()).device
     # torch engine: the weights change every step, and an exported copy would go stale
@@ -102,10 +102,8 @@ def validate_images(clap, split: ShardSplit, teacher=None, batch_size: int = 16)
 
 
 def validate_zeroshot(clap, clips: list[LabelledClip], labels: list[str],
-                      template: str = ZEROSHOT_TEMPLATE, batch_size: int = 16) -> dict:
+                      template: str = DEFAULT_TEMPLATE, batch_size: int = 16) -> dict:
     """Zero-shot classification of labelled clips against `labels`, each put into `template`."""
-    from ..tagging.prompts import render
-
     index = {label: i for i, label in enumerate(labels)}
     audio = []
     for e in clap.embed_files([c.path for c in clips], batch_size=batch_size, segments=False):
