@@ -9,15 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
-
-from audio_synth import tone_noise, write_audio  # noqa: E402
-from cli_runner import clap  # noqa: E402
-from clapcli import load_model  # noqa: E402
-from clapcli.errors import ClapError  # noqa: E402
-from clapcli.models import onnx_audio  # noqa: E402
-from clapcli.models.onnx_audio import OnnxHTSAT, resolve_engine  # noqa: E402
+from audio_synth import tone_noise, write_audio
+from cli_runner import clap
+from clapcli import load_model
+from clapcli.errors import ClapError
+from clapcli.models import onnx_audio
+from clapcli.models.onnx_audio import OnnxHTSAT, resolve_engine
 
 CPU = torch.device("cpu")
 # Short (global path only) and long (fused: AFF over three local crops) clips in one batch: the exported
