@@ -8,7 +8,8 @@ each against the transformers equivalent on the same weights.
    `clap --help`.
 2. Cold text query, process start → results, interleaved runs:
    ours  `clap search "a dog barking" --index DIR --model MODEL --json` (an index of --vectors random vectors
-         under the model's identity; the query loads the text half only);
+         under the model's identity), with the saved query graph (no torch) and with CLAP_ENGINE=torch (the text
+         half of the checkpoint, loaded through transformers: what a search without a saved graph does);
    transformers  `python -c` import torch + transformers, `ClapModel.from_pretrained(MODEL)`,
          `AutoTokenizer.from_pretrained`, tokenise, `get_text_features` (the issue's definition).
 3. In-process, after the imports: model load (ours text-only, ours whole model, transformers
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         (index_dir / "bench_cold.json").write_text("{}\n")
 
     query_graph = None
-    try:  # the torch-free text query (`clap index` saves it when onnxruntime is installed)
+    try:  # the torch-free text query (`clap index` saves it)
         from clapcli.models.onnx_text import load_text_query, save_text_query
 
         if save_text_query(text_model) is not None:

@@ -484,23 +484,17 @@ def load_model(
     """Load a model: a hub id (default `laion/clap-htsat-fused`), a local directory, or an original .pt.
 
     precision: auto (fp32 on every device: the faithful rule of `clapcli.runtime`), fp32, bf16 (faster where
-    native, not exact, batch-dependent) or int8 (CPU: dynamic int8 Linear layers, within cosine 0.995 of fp32). text_only: read and build only the text tower and projection (no
-    transformers import, the audio weights never read) where the checkpoint allows it (a Hugging Face or
-    clapcli directory with a RoBERTa/BERT tower and a tokenizer.json); elsewhere the whole model loads.
+    native, not exact, batch-dependent) or int8 (CPU: dynamic int8 Linear layers, within cosine 0.995 of fp32). text_only: read and build only the text tower and projection (the audio weights
+    never read) where the checkpoint allows it (a Hugging Face or clapcli directory with a text tower of its
+    own); elsewhere the whole model loads. A text search without torch runs the saved query graph instead
+    (`clapcli.models.onnx_text`).
     engine: None ($CLAP_ENGINE if set, else auto), auto (onnx for int8 where it can run: CPU, an HTSAT encoder,
     onnxruntime installed; else torch), torch, or onnx (the audio encoder in onnxruntime, fp32 or int8; see
     `clapcli.models.onnx_audio`)."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     ref = name_or_path or default_model()
-    loaded = None
-    if text_only:
-        from .models.text_only import load_text_checkpoint
-
-        loaded = load_text_checkpoint(ref, tokenizer=tokenizer)
-    if loaded is None:
-        loaded = load_checkpoint(ref, tokenizer=tokenizer)
-    return Clap(loaded, dev, prec, engine)
+    return Clap(load_checkpoint(ref, tokenizer=tokenizer, text_only=text_only), dev, prec, engine)
 
 
 def load_classifier(directory: str | os.PathLike, model: Clap | None = None, device: str = "auto",

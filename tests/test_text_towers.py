@@ -143,6 +143,33 @@ def test_own_format_round_trip(name, tok, request, tmp_path):
     assert type(m.model.text_model) is type(model.text_model)
 
 
+@pytest.mark.parametrize("name, tok", [("tiny-bert", "bert_tok"), ("tiny-clip", "clip_tok")])
+def test_text_only_builds_the_text_half_of_every_tower(name, tok, request, tmp_path, monkeypatch):
+    """`load_model(..., text_only=True)` reads the text tensors alone into the tower transformers builds (any
+    tower, CLIP text included, not only RoBERTa/BERT), with the whole model's embeddings; the audio weights
+    are never read."""
+    from clapcli.models import checkpoints
+
+    model, tokenizer = tower_model(name, request.getfixturevalue(tok), seed=4)
+    saved = save_own(model, tokenizer, tmp_path / "m")
+    whole = load_model(saved, device="cpu", precision="fp32")
+    read: list[str] = []
+    real_read = checkpoints.read_safetensors
+
+    def recording_read(path, prefixes=None):
+        state = real_read(path, prefixes)
+        read.extend(state)
+        return state
+
+    monkeypatch.setattr(checkpoints, "read_safetensors", recording_read)
+    lean = load_model(saved, device="cpu", precision="fp32", text_only=True)
+    assert lean.text_only and not whole.text_only and type(lean.model).__name__ == "ClapTextModel"
+    assert read and not [k for k in read if k.startswith(("audio_model.", "audio_projection."))]
+    assert type(lean.model.text_model) is type(whole.model.text_model)
+    np.testing.assert_allclose(lean.embed_text(TEXTS), whole.embed_text(TEXTS), atol=1e-6)
+    assert lean.identity_dict == whole.identity_dict
+
+
 def test_any_encoder_directory_without_a_pooler_is_mean_pooled(bert_tok, tmp_path):
     """--text-model DIR with a DistilBERT (no pooler): weights loaded, masked mean pooling, recorded."""
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel

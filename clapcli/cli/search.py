@@ -1,7 +1,8 @@
 """`clap search`: text or example audio → the best-matching files of an index.
 
-A text-only search loads only the text half of the model (`load_model(..., text_only=True)`); `--stdin`
-loads it once and answers one query per input line.
+A text search runs the model's saved query graph (`clapcli.models.onnx_text`, written by `clap index`) without
+importing torch; where none is saved (or --engine torch, a GPU, another precision) it loads the text half of the
+model (`load_model(..., text_only=True)`). `--stdin` loads either once and answers one query per input line.
 """
 
 from __future__ import annotations

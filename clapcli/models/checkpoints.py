@@ -23,14 +23,22 @@ from ..atomic import atomic_write
 from ..errors import CheckpointError, ClapError, WeightsNotAvailable, first_line
 from ..identity import weights_fingerprint
 from . import registry, wav2clip
-from .clap import ClapModel
+from .clap import ClapModel, ClapTextModel
 from .config import AudioConfig, ClapConfig, FrontEndConfig, TextConfig
 from .pann import BLOCKS as PANN_BLOCKS
 from .weights import (DERIVED_KEY, OWN_FORMAT, OWN_FORMAT_VERSION, LoadedCheckpoint, build_and_load, read_safetensors,
                       safe_torch_load)
 
 
-def load_checkpoint(name_or_path: str | os.PathLike, tokenizer: str | None = None, download: bool = True):
+# The tensors of the text half (`ClapTextModel`): all that a text-only load reads.
+TEXT_PREFIXES = ("text_model.", "text_projection.", "logit_scale_")
+
+
+def load_checkpoint(name_or_path: str | os.PathLike, tokenizer: str | None = None, download: bool = True,
+                    text_only: bool = False):
+    """The checkpoint `name_or_path` (any format above), loaded strictly. With `text_only`, a Hugging Face or
+    clapcli directory whose text tower is its own yields a `ClapTextModel` built from the text tensors alone
+    (the audio weights are never read); every other checkpoint loads whole."""
     name = str(name_or_path)
     path = Path(name).expanduser()
     if not path.exists():
@@ -43,9 +51,9 @@ def load_checkpoint(name_or_path: str | os.PathLike, tokenizer: str | None = Non
             raise CheckpointError(f"{path} has no config.json: not a CLAP model directory")
         config = json.loads(config_file.read_text())
         if config.get("format") == OWN_FORMAT:
-            return _load_own(path, config, name)
+            return _load_own(path, config, name, text_only)
         if "audio_config" in config:
-            return _load_hf(path, config, name)
+            return _load_hf(path, config, name, text_only)
         raise CheckpointError(f"{path}/config.json is not a CLAP config (no audio_config, not a clapcli model)")
     if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
         return _load_laion(path, name, tokenizer, download)
@@ -56,16 +64,22 @@ def load_checkpoint(name_or_path: str | os.PathLike, tokenizer: str | None = Non
 # Loaders
 
 
-def _load_hf(path: Path, config: dict, name: str) -> LoadedCheckpoint:
+def _build_from_dir(cfg: ClapConfig, path: Path, text_only: bool) -> torch.nn.Module:
+    """The model of a directory's safetensors: the whole `ClapModel`, or with `text_only` the `ClapTextModel`."""
+    if text_only:
+        return build_and_load(cfg, read_safetensors(path, prefixes=TEXT_PREFIXES), str(path), module=ClapTextModel)
+    return build_and_load(cfg, read_safetensors(path), str(path))
+
+
+def _load_hf(path: Path, config: dict, name: str, text_only: bool = False) -> LoadedCheckpoint:
     pre_file = path / "preprocessor_config.json"
     pre = json.loads(pre_file.read_text()) if pre_file.exists() else {}
     cfg = _config_or_error(path, lambda: ClapConfig.from_hf_dict(config, pre))
-    state = read_safetensors(path)
-    model = build_and_load(cfg, state, str(path))
+    model = _build_from_dir(cfg, path, text_only)
     return LoadedCheckpoint(model, _tokenizer_from_dir(path), name, str(path), "huggingface", weights_fingerprint(path))
 
 
-def _load_own(path: Path, config: dict, name: str) -> LoadedCheckpoint:
+def _load_own(path: Path, config: dict, name: str, text_only: bool = False) -> LoadedCheckpoint:
     version = config.get("format_version", 0)
     if version > OWN_FORMAT_VERSION:
         raise CheckpointError(f"{path} was saved by a newer clapcli (format {version}); upgrade clapcli to load it")
@@ -76,7 +90,7 @@ def _load_own(path: Path, config: dict, name: str) -> LoadedCheckpoint:
         model = build_and_load(cfg, read_safetensors(path), str(path))
         weights = wav2clip.fingerprint_with_text(weights_fingerprint(path), stored)
         return LoadedCheckpoint(model, None, name, str(path), "clapcli", weights)
-    model = build_and_load(cfg, read_safetensors(path), str(path))
+    model = _build_from_dir(cfg, path, text_only)
     return LoadedCheckpoint(model, _tokenizer_from_dir(path), name, str(path), "clapcli", weights_fingerprint(path))
 
 

@@ -52,6 +52,30 @@ class AudioModel(nn.Module):
 
 
 # Parameter names that take no weight decay beyond the ndim < 2 rule (see ClapModel.no_weight_decay).
+class ClapTextModel(nn.Module):
+    """The text half of `ClapModel` alone: tower, projection and logit scales under the same state-dict names,
+    so the text tensors of any CLAP checkpoint load into it (`load_model(..., text_only=True)`: the audio
+    weights are never read). Not for Wav2CLIP models, whose text tower is a separate CLIP reference."""
+
+    def __init__(self, cfg: ClapConfig):
+        super().__init__()
+        if cfg.text_tower is not None:
+            raise ValueError("a Wav2CLIP model's text tower is a CLIP reference: load the whole model")
+        self.config = cfg
+        self.text_model = build_text_model(cfg.text)
+        self.text_projection = Projection(text_output_width(cfg.text), cfg.projection_dim)
+        self.logit_scale_a = nn.Parameter(torch.tensor(cfg.logit_scale_init))
+        self.logit_scale_t = nn.Parameter(torch.tensor(cfg.logit_scale_init))
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        """`ClapModel.encode_text`: token ids (B, L) → (B, projection_dim), L2-normalised unless `normalize=False`."""
+        pooled = pooled_text_output(self.text_model, self.config.text, input_ids, attention_mask)  # (B, text width)
+        projected = self.text_projection(pooled).float()
+        return F.normalize(projected, dim=-1) if normalize else projected
+
+
 NO_DECAY_NAME = re.compile(r"(bias$|norm|(^|\.)bn\d*(\.|$)|position|relative_position_bias_table|^logit_scale_)",
                            re.IGNORECASE)
 

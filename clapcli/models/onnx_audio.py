@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 EXPORT_VERSION = 1  # bump when the exported graph changes: old cache files are then never read
 ENGINES = ("auto", "torch", "onnx")
 ONNX_PRECISIONS = ("fp32", "int8")
-INSTALL_HINT = "pip install 'clapcli[onnx]' (onnxruntime and onnx)"
+INSTALL_HINT = "pip install onnxruntime onnx (dependencies of clapcli that this installation lacks)"
 STALE_TEMP_S = 600.0  # a temporary in the cache this old was left by a killed export
 _TEMP_NAME = re.compile(r".+\.\d+\.[0-9a-f]{8}\.tmp")  # clapcli.atomic.temp_path's names
 

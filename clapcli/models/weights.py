@@ -1,6 +1,6 @@
 """Reading weights into a model, strictly: the record a loader returns, safe readers for `.pt` and
 `.safetensors` files, and `build_and_load`, which fails with a readable key/shape diff on any mismatch.
-checkpoints.py (every checkpoint format) and text_only.py (the text half alone) load through these.
+checkpoints.py (every checkpoint format, whole or its text half alone) loads through these.
 
 Nothing here executes pickled code: `.pt` files go through `torch.load(weights_only=True)`, and only on a torch
 with no known way around it (`SAFE_TORCH`, also the floor in pyproject.toml).
