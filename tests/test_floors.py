@@ -45,11 +45,11 @@ def test_an_upward_import_breaks_the_floors(tmp_path):
     arrow models/classifier.py had) is reported with its line."""
     shutil.copytree(PACKAGE, tmp_path / "clapcli", ignore=shutil.ignore_patterns("__pycache__"))
     planted = tmp_path / "clapcli" / "models" / "presets.py"
-    up = "\n\ndef _up():\n    from ..api import load_model\n\n    return load_model\n"
+    up = "\n\ndef _up():\n    from ..engine.load import load_model\n\n    return load_model\n"
     planted.write_text(planted.read_text() + up)
     proc = lint_imports(tmp_path)
     assert proc.returncode == 1
-    assert "BROKEN" in proc.stdout and "clapcli.models.presets -> clapcli.api" in proc.stdout
+    assert "BROKEN" in proc.stdout and "clapcli.models.presets -> clapcli.engine.load" in proc.stdout
 
 
 def _graph():
