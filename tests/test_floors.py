@@ -104,6 +104,17 @@ def test_nothing_in_the_package_imports_its_facade():
     assert importers == []
 
 
+def test_the_engine_is_a_package_the_facade_loads_from():
+    """api.py became clapcli/engine/ (issue 18) with no shim left behind: the façade's loaders come from
+    engine/load.py, and importing the package itself pulls in nothing (torch loads with the module asked for)."""
+    graph = _graph()
+    assert "clapcli.api" not in graph.modules
+    assert {"clapcli.engine.clap", "clapcli.engine.streaming", "clapcli.engine.whole_clip",
+            "clapcli.engine.load"} <= graph.modules
+    assert graph.find_modules_directly_imported_by("clapcli") == {"clapcli.version", "clapcli.engine.load"}
+    assert graph.find_modules_directly_imported_by("clapcli.engine") == set()
+
+
 def _python_files():
     return sorted(PACKAGE.rglob("*.py"))
 
