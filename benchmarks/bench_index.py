@@ -200,7 +200,7 @@ def load_ours(model_dir: Path, precision: str, engine: str | None = None):
     `engine` parameter (TypeError) loads engine torch without it (its default engine, which the row shows
     resolved) and returns model None for any other engine, with the note saying why; so does a failed load
     on an engine other than torch (e.g. onnx without onnxruntime)."""
-    from clapcli.api import load_model  # not the light `clapcli.load_model` wrapper, which may lag behind its kwargs
+    from clapcli.engine.load import load_model  # not the light `clapcli.load_model` wrapper, which may lag behind its kwargs
 
     kwargs = dict(device="cpu", precision=precision)
     if engine is not None:

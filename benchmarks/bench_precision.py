@@ -115,7 +115,7 @@ def build(family: str, directory: Path, paths: list[str]) -> Path:
 
     import torch
 
-    from clapcli.api import load_model
+    from clapcli.engine.load import load_model
     from clapcli.models.checkpoints import save_own
     from clapcli.models.clap import ClapModel
     from clapcli.models.presets import preset
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from clapcli.api import load_model
+    from clapcli.engine.load import load_model
 
     info = C.machine_info()
     info["flags"] = sorted(f for f in C.cpu_flags() if f.startswith(("avx", "amx", "fma")))

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import clapcli.index.distributed as distributed
-from clapcli.api import Clap
+from clapcli.engine.clap import Clap
 from clapcli.index.store import IndexStore
 
 RANK = int(os.environ["RANK"])

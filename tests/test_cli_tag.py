@@ -195,7 +195,7 @@ def test_json_timeline_covers_long_files_and_probabilities_sum_to_one(app, model
 
 
 def test_cosines_match_a_hand_computation_with_the_library(app, model_dir, audio_files):
-    from clapcli.api import load_model
+    from clapcli.engine.load import load_model
     from clapcli.tagging import label_embeddings, render
 
     short, _, _ = audio_files
@@ -217,11 +217,11 @@ def test_cosines_match_a_hand_computation_with_the_library(app, model_dir, audio
 
 
 def test_second_run_uses_cached_label_embeddings(app, model_dir, audio_files, monkeypatch):
-    import clapcli.api
+    import clapcli.engine.load
 
     short, _, _ = audio_files
     text_calls = []
-    real_load_model = clapcli.api.load_model
+    real_load_model = clapcli.engine.load.load_model
 
     def counting_load_model(*args, **kwargs):
         model = real_load_model(*args, **kwargs)
@@ -234,7 +234,7 @@ def test_second_run_uses_cached_label_embeddings(app, model_dir, audio_files, mo
         model.embed_text = embed_text
         return model
 
-    monkeypatch.setattr(clapcli.api, "load_model", counting_load_model)
+    monkeypatch.setattr(clapcli.engine.load, "load_model", counting_load_model)
     args = [short, "--labels", "urbansound8k", "--json", "--model", model_dir, "--device", "cpu"]
     first = invoke(app, *args)
     assert first.exit_code == 0, first.output

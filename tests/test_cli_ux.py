@@ -223,7 +223,7 @@ def test_tag_progress_moves_inside_a_long_file(tiny_model_dir, tmp_path):
     """The bar's hook hears about a 25 s file's audio before the file is done, and the bar moves by it."""
     import sys
 
-    from clapcli.api import load_model
+    from clapcli.engine.load import load_model
     from clapcli.tagging import resolve_labels, tag_files
 
     (long,) = write_clips(tmp_path, ["take.wav"], seconds=25.0)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from cli_runner import clap
-from clapcli.api import AudioEmbedding, Segment
+from clapcli.records import AudioEmbedding, Segment
 from clapcli.index.distributed import (kept_results, partition_paths, read_partition, share_by_size,
                                        wait_for_partitions, write_partition)
 from clapcli.index.store import IndexStore
@@ -293,7 +293,7 @@ def test_the_partitions_may_go_only_once_a_rebuild_has_swapped_its_store_in(libr
                                                                              tmp_path):
     """`on_committed` (where a sharded run deletes its partitions) runs after the rebuild's swap, not when the
     last batch reached the rebuild's staging store, which a failed final checkpoint or swap throws away."""
-    from clapcli.api import load_model
+    from clapcli.engine.load import load_model
     from clapcli.index.indexer import REBUILD_DIR, build_index
 
     index_dir = tmp_path / "idx"

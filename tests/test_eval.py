@@ -157,7 +157,7 @@ def text_embeddings_from_audio(monkeypatch, model_dir: Path, files: dict[str, Pa
     """Make the model's text tower answer the prompt of label l with the audio embedding of files[l'], where
     l' is l itself (shift 0) or the next label (shift 1); every other prompt gets a random unit vector."""
     from clapcli import load_model
-    from clapcli.api import Clap
+    from clapcli.engine.clap import Clap
 
     model = load_model(model_dir, device="cpu", precision="fp32")
     labels = list(files)
@@ -224,7 +224,7 @@ def test_zeroshot_prompt_ensemble_and_exclude_on_class_folders(tmp_path, tiny_mo
         files[kind] = tmp_path / "data" / kind / f"{kind}.wav"
         sf.write(files[kind], clip(kind, rng), SR)
     from clapcli import load_model
-    from clapcli.api import Clap
+    from clapcli.engine.clap import Clap
 
     d = dual_directions(load_model(tiny_model_dir, device="cpu").embed_audio([files[k] for k in KINDS]))
     n = len(KINDS)
@@ -302,7 +302,7 @@ def test_nothing_readable_is_a_data_error(tmp_path, tiny_model_dir, monkeypatch,
 def test_zeroshot_on_multi_label_rows_reports_map_over_every_class(tmp_path, tiny_model_dir, monkeypatch):
     """Rows with several `labels`: mAP over the labels, with each clip's every class a positive."""
     from clapcli import load_model
-    from clapcli.api import Clap
+    from clapcli.engine.clap import Clap
     from clapcli.train.metrics import multilabel_map
 
     rng = np.random.default_rng(4)

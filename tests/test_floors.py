@@ -45,11 +45,11 @@ def test_an_upward_import_breaks_the_floors(tmp_path):
     arrow models/classifier.py had) is reported with its line."""
     shutil.copytree(PACKAGE, tmp_path / "clapcli", ignore=shutil.ignore_patterns("__pycache__"))
     planted = tmp_path / "clapcli" / "models" / "presets.py"
-    up = "\n\ndef _up():\n    from ..api import load_model\n\n    return load_model\n"
+    up = "\n\ndef _up():\n    from ..engine.load import load_model\n\n    return load_model\n"
     planted.write_text(planted.read_text() + up)
     proc = lint_imports(tmp_path)
     assert proc.returncode == 1
-    assert "BROKEN" in proc.stdout and "clapcli.models.presets -> clapcli.api" in proc.stdout
+    assert "BROKEN" in proc.stdout and "clapcli.models.presets -> clapcli.engine.load" in proc.stdout
 
 
 def _graph():
@@ -102,6 +102,17 @@ def test_nothing_in_the_package_imports_its_facade():
     module below importing it points up (`__version__` lives in clapcli/version.py for that reason)."""
     importers = sorted(_graph().find_modules_that_directly_import("clapcli"))
     assert importers == []
+
+
+def test_the_engine_is_a_package_the_facade_loads_from():
+    """api.py became clapcli/engine/ (issue 18) with no shim left behind: the façade's loaders come from
+    engine/load.py, and importing the package itself pulls in nothing (torch loads with the module asked for)."""
+    graph = _graph()
+    assert "clapcli.api" not in graph.modules
+    assert {"clapcli.engine.clap", "clapcli.engine.streaming", "clapcli.engine.whole_clip",
+            "clapcli.engine.load"} <= graph.modules
+    assert graph.find_modules_directly_imported_by("clapcli") == {"clapcli.version", "clapcli.engine.load"}
+    assert graph.find_modules_directly_imported_by("clapcli.engine") == set()
 
 
 def _python_files():

@@ -20,7 +20,7 @@ from clapcli.index.store import IndexStore
 
 @pytest.fixture(scope="module")
 def model(tiny_unfused_dir):
-    from clapcli.api import load_model
+    from clapcli.engine.load import load_model
 
     return load_model(tiny_unfused_dir, device="cpu", precision="fp32")
 

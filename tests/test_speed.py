@@ -201,9 +201,9 @@ def test_searcher_sees_a_commit_made_after_it_was_opened(tmp_path):
 
 
 def test_embed_text_cache_keeps_the_most_recent_texts(tiny_model_dir, monkeypatch):
-    from clapcli import api
+    from clapcli.engine import clap as engine_clap
 
-    monkeypatch.setattr(api, "TEXT_CACHE_SIZE", 2)
+    monkeypatch.setattr(engine_clap, "TEXT_CACHE_SIZE", 2)
     m = load_model(tiny_model_dir, device="cpu", precision="fp32", text_only=True)
     m.embed_text(TEXTS, cache=True)
     assert list(m._text_cache) == TEXTS[1:]  # the oldest left

@@ -434,7 +434,7 @@ def test_json_lines_parse_with_stable_keys():
 def test_fingerprint_ignores_where_the_model_was_loaded_from(tiny_model_dir, tiny_unfused_dir, tmp_path):
     import shutil
 
-    from clapcli.api import load_model
+    from clapcli.engine.load import load_model
     from clapcli.identity import fingerprint, same_model
 
     copy = shutil.copytree(tiny_model_dir, tmp_path / "moved" / "model")
@@ -453,14 +453,14 @@ def test_a_moved_model_hits_the_label_cache(tiny_model_dir, tmp_path, monkeypatc
     import soundfile
     from typer.testing import CliRunner
 
-    import clapcli.api
+    import clapcli.engine.load
     from clapcli.cli.main import app
 
     clip = tmp_path / "beep.wav"
     soundfile.write(clip, (0.3 * np.sin(2 * np.pi * 440 * np.arange(48_000) / 48_000)).astype(np.float32), 48_000)
     copy = shutil.copytree(tiny_model_dir, tmp_path / "elsewhere" / "model")
     text_calls = []
-    real_load_model = clapcli.api.load_model
+    real_load_model = clapcli.engine.load.load_model
 
     def counting_load_model(*args, **kwargs):
         model = real_load_model(*args, **kwargs)
@@ -468,7 +468,7 @@ def test_a_moved_model_hits_the_label_cache(tiny_model_dir, tmp_path, monkeypatc
         model.embed_text = lambda texts, *a, **k: (text_calls.append(len(texts)), real_embed_text(texts, *a, **k))[1]
         return model
 
-    monkeypatch.setattr(clapcli.api, "load_model", counting_load_model)
+    monkeypatch.setattr(clapcli.engine.load, "load_model", counting_load_model)
 
     def tag(model_dir):
         result = CliRunner().invoke(app, ["tag", str(clip), "--labels", "dog,rain,siren", "--json",

@@ -95,7 +95,7 @@ def model_dir(tmp_path_factory, clip_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def clap_model(model_dir):
-    from clapcli.api import load_model
+    from clapcli.engine.load import load_model
 
     return load_model(str(model_dir), device="cpu", precision="fp32")
 
@@ -196,9 +196,9 @@ def test_whole_clip_then_head_with_one_second_segments(clap_model):
 
 
 def test_long_clips_are_the_duration_weighted_mean_of_pieces(clap_model, monkeypatch):
-    import clapcli.api as api
+    from clapcli.engine import whole_clip
 
-    monkeypatch.setattr(api, "WHOLE_CLIP_SECONDS", 1.0)
+    monkeypatch.setattr(whole_clip, "WHOLE_CLIP_SECONDS", 1.0)
     w = wave(2.5, 5)  # 3 pieces of 2.5 s / 3
     (result,) = clap_model.embed_waveforms([w], segments=False)
     enc, head = clap_model.model.audio_model.audio_encoder, clap_model.model.audio_projection
@@ -276,7 +276,7 @@ def released(tmp_path_factory):
 
 
 def test_released_layout_loads_strictly_and_embeds_like_the_original(released, clip_dir):
-    from clapcli.api import Clap
+    from clapcli.engine.clap import Clap
     from clapcli.models.checkpoints import load_checkpoint
     from clapcli.runtime import resolve_device
 
@@ -327,7 +327,7 @@ def test_text_embeddings_are_clips_text_embeds(clap_model, clip_dir):
 
 
 def test_audio_only_use_works_without_a_text_tower(tmp_path):
-    from clapcli.api import load_model
+    from clapcli.engine.load import load_model
     from clapcli.errors import CheckpointError, WeightsNotAvailable
     from clapcli.models.checkpoints import save_own
 
@@ -346,7 +346,7 @@ def test_own_format_round_trip_keeps_the_weights_and_a_reference_to_the_tower(cl
                                                                             tmp_path):
     import shutil
 
-    from clapcli.api import load_model
+    from clapcli.engine.load import load_model
 
     config = json.loads((model_dir / "config.json").read_text())
     assert config["config"]["text_tower"] == str(clip_dir.resolve())
@@ -392,7 +392,7 @@ def test_cli_index_search_and_tag_timeline(model_dir, library, tmp_path):
     assert by_name["s2.wav"]["end"] - by_name["s2.wav"]["start"] == pytest.approx(1.0, abs=1e-3)  # a 1 s window
     assert by_name["s0.wav"]["start"] is None  # ≤ 1 s: the file alone
 
-    from clapcli.api import load_model
+    from clapcli.engine.load import load_model
 
     m = load_model(str(model_dir), device="cpu")
     query = m.embed_text(["a dog barking"])[0]

@@ -26,7 +26,7 @@ TOKENIZER = typer.Option(None, "--tokenizer", help="Tokenizer directory or hub i
 
 
 def load(model, device, precision, tokenizer=None, text_only=False, engine=None):
-    from ..api import load_model
+    from ..engine.load import load_model
 
     return load_model(model, device=device, precision=precision, tokenizer=tokenizer, text_only=text_only,
                       engine=engine)

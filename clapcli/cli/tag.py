@@ -152,7 +152,7 @@ def expand_paths(paths: list[str]) -> tuple[list[str], int]:
 def _run_classifier(directory, files, labels, template, top, multi_label, threshold, timeline, model, device,
                     precision, batch_size, tokenizer, as_json, as_csv, engine=None) -> None:
     """`--classifier`: the head's softmax (or, for multi-label heads, sigmoid) probabilities as the scores."""
-    from ..api import load_classifier
+    from ..engine.load import load_classifier
     from ..models.classifier import read_classifier
 
     if labels is not None or template:

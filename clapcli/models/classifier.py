@@ -101,7 +101,7 @@ class Classifier:
     base: dict  # identity dict of the model finetuning started from (== encoder unless --full)
     metrics: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
-    model: object | None = None  # clapcli.api.Clap, set by clapcli.api.load_classifier
+    model: object | None = None  # clapcli.engine.clap.Clap, set by clapcli.engine.load.load_classifier
     raw_embeddings: bool = True  # tells tag_files to embed with normalize=False
 
     @property

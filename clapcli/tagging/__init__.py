@@ -1,6 +1,6 @@
 """Zero-shot tagging: label sets, prompt templates, scoring, the label-embedding cache and `tag_files`.
 
-Everything here is numpy-only; the model is passed in (see `clapcli.api`), so importing this package
+Everything here is numpy-only; the model is passed in (see `clapcli.engine`), so importing this package
 never imports torch. Names are resolved lazily, so importing `clapcli.tagging.prompts` (the CLI's help
 does, for the default template) imports neither numpy nor the rest of the package.
 """

@@ -103,8 +103,8 @@ def tag_files(
 ) -> Iterator[FileTags]:
     """Tag each file, yielding one FileTags per path in input order; a bad file yields an error entry.
 
-    `model` follows `clapcli.api`'s contract (fingerprint, logit_scale, embed_text, embed_files). Labels are
-    chosen by `scoring.select` (top_k, multi_label, threshold). With `timeline`, files longer than 10 s get
+    `model` follows `clapcli.engine.clap.Clap`'s contract (fingerprint, logit_scale, embed_text, embed_files).
+    Labels are chosen by `scoring.select` (top_k, multi_label, threshold). With `timeline`, files longer than 10 s get
     labels per 10 s window (the model's segments); a shorter file's timeline is empty. `scorer` replaces zero-shot scoring (labelset and templates are then
     unused), e.g. with a trained classifier head (`clapcli.models.classifier.Classifier`, whose
     `raw_embeddings` flag asks for un-normalised embeddings). `on_error(path, message)` is called for each failed file

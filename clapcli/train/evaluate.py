@@ -115,7 +115,7 @@ class RetrievalReport:
 
 def evaluate_retrieval(model, data: RetrievalData, batch_size: int = 8, progress: Progress | None = None,
                        on_skip: OnSkip | None = None) -> RetrievalReport:
-    """Embed every clip and caption of `data` with `model` (a `clapcli.api.Clap`) and score retrieval."""
+    """Embed every clip and caption of `data` with `model` (a `clapcli.engine.clap.Clap`) and score retrieval."""
     audio: list[np.ndarray] = []
     captions: list[str] = []
     owner: list[int] = []

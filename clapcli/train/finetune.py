@@ -320,7 +320,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, on_epoch: Callable[[dict], No
     training). `model` (a loaded `Clap`) replaces loading `cfg.model`; with `cfg.full` its weights are
     trained in place. `on_epoch(record)` gets each epoch's metrics, `on_embed(n)` counts clips embedded or
     read from the cache."""
-    from ..api import load_model
+    from ..engine.load import load_model
     from ..atomic import atomic_directory, fill_directory
     from ..models.classifier import read_classifier, save_classifier
 
@@ -496,7 +496,7 @@ def evaluate_classifier(classifier_dir: str | Path, data: str | Path, model=None
 
     Embeddings come through the classifier's own model (and the on-disk cache); classes the classifier
     does not know are a DataError."""
-    from ..api import load_classifier
+    from ..engine.load import load_classifier
 
     classifier = load_classifier(classifier_dir, model=model, device=device)
     clips = read_data(data, classifier.multi_label)

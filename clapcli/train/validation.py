@@ -26,7 +26,7 @@ from .shards import ShardSplit, decode_audio, iter_shard, select_text
 def embedder(model, tokenizer, device: torch.device | None = None):
     """An inference `Clap` around a model being trained, at fp32 on the torch engine. The model must already
     be in eval mode (`Clap` asks for it): the caller owns the mode and restores training mode after."""
-    from ..api import Clap
+    from ..engine.clap import Clap
     from ..models.weights import LoadedCheckpoint
 
     device = device or next(model.parameters()).device
