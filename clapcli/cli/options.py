@@ -17,9 +17,8 @@ PRECISION = typer.Option(
 )
 ENGINE = typer.Option(
     None, "--engine", envvar="CLAP_ENGINE", show_default="auto",
-    help="What runs the audio encoder: auto (onnxruntime for --precision int8 on the CPU with HTSAT models when "
-    "clapcli's onnx extra is installed; else torch), torch, or onnx (fp32 or int8). The "
-    "onnx graph is exported once per model.",
+    help="What runs the audio encoder: auto (onnxruntime for --precision int8 on the CPU with HTSAT models; else "
+    "torch), torch, or onnx (fp32 or int8). The onnx graph is exported once per model.",
 )
 BATCH_SIZE = typer.Option(8, "--batch-size", "-b", min=1, help="Clips per forward pass.")
 TOKENIZER = typer.Option(None, "--tokenizer", help="Tokenizer directory or hub id for .pt checkpoints.")
