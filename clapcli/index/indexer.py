@@ -534,8 +534,7 @@ def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_siz
     the whole run is committed)."""
     on_file, on_audio = callbacks
     by_path = {str(e.path): e for e in plan.to_embed}
-    sharded = getattr(model, "sharded", False)  # a torchrun-sharded run (distributed.py)
-    progress = {"on_audio": on_audio} if on_audio is not None and not sharded else {}
+    progress = {"on_audio": on_audio} if on_audio is not None else {}
     results = model.embed_files(list(by_path), batch_size=batch_size, segments=True, workers=workers, **progress)
     batch: list = []
     committing = False
