@@ -41,6 +41,9 @@ class IndexRequest:
     forget: Sequence[str | os.PathLike] = ()  # remembered roots to drop, with their files
     commit_every: int = indexer.COMMIT_EVERY_FILES  # files per database commit
 
+    def __post_init__(self):
+        object.__setattr__(self, "index_dir", Path(self.index_dir).expanduser())
+
     @property
     def saves_text_query(self) -> bool:
         """Whether a build saves the text-query graph: not for a .pt checkpoint's own tokenizer, nor when the
