@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 from . import indexer
 from .paths import check_remembered_model
+from .summary import IndexSummary
 
 _log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class ModelLoader:
 
 
 def build(request: IndexRequest, *, on_plan: Callable | None = None, on_file: Callable | None = None,
-          on_audio: Callable[[str, float, float], None] | None = None) -> indexer.IndexSummary:
+          on_audio: Callable[[str, float, float], None] | None = None) -> IndexSummary:
     """Build or update the index in this process, then save the model's text-query graph (once per model).
 
     The callbacks are `indexer.build_index`'s: `on_plan(plan)`, `on_file(result)`, `on_audio(path, seconds,

@@ -63,6 +63,7 @@ from ..version import __version__
 from . import indexer
 from .build import IndexRequest, ModelLoader, index_options
 from .schema import PARTITIONS_DIR
+from .summary import IndexSummary
 
 COORDINATION_TIMEOUT = timedelta(days=7)  # how long ranks wait for each other (a scan, the slowest share)
 PARTITION_WAIT_SECONDS = 120.0  # how long rank 0 waits to see a finished rank's partition (a slow shared fs)
@@ -358,7 +359,7 @@ def _new_results(order: WorkOrder, world_size: int) -> dict[str, tuple[Partition
 
 
 def build(request: IndexRequest, *, on_plan: Callable | None = None, on_file: Callable | None = None,
-          on_audio: Callable | None = None) -> indexer.IndexSummary | None:
+          on_audio: Callable | None = None) -> IndexSummary | None:
     """`build.build` shared by the ranks of this job; joins (and leaves) the process group.
 
     Every rank loads the model as `request` says (`build.ModelLoader`). Returns rank 0's summary there, None on
