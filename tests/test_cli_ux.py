@@ -193,7 +193,7 @@ def test_index_summary_reads_as_finished_and_is_not_wrapped_in_a_log(tiny_model_
 
 def test_index_summary_names_the_files_whose_previous_embeddings_were_kept(capsys):
     from clapcli.cli.index import _print_summary
-    from clapcli.index.indexer import IndexSummary
+    from clapcli.index.summary import IndexSummary
 
     summary = IndexSummary("idx", "m", total_files=1, seconds=1.0, kept_previous=[("/lib/x[/].wav", "no space left")])
     _print_summary(summary)  # this line used a name that was never imported (NameError)

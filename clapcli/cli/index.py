@@ -55,32 +55,26 @@ def index_command(
     """
     import os
     import sys
-    from functools import partial
 
     from .. import dist
     from ..errors import ClapError
-    from ..index.indexer import IndexInterrupted, build_index, emptied_message
+    from ..index.build import IndexRequest
+    from ..index.indexer import IndexInterrupted, emptied_message
     from ..index.paths import resolve_index
 
     _check_subcommand_typo(dirs or [])
-    index_dir = resolve_index(index)
-    if workers is None:
-        workers = max(0, min(4, (os.cpu_count() or 1) - 1))
-    progress = _IndexProgress(enabled=not as_json)
-    loaded: list = []  # the model, once build_index had something to embed
-    sharded = False
+    request = IndexRequest(
+        resolve_index(index), roots=dirs or [], model=model, device=device, precision=precision, engine=engine,
+        tokenizer=tokenizer, exclude=exclude or (), batch_size=batch_size,
+        workers=max(0, min(4, (os.cpu_count() or 1) - 1)) if workers is None else workers,
+        rebuild=rebuild, wait=wait, prune_empty=prune_empty, forget=forget or (), commit_every=commit_every)
     if dist.launched():  # under torchrun/srun: every rank embeds a share, rank 0 commits and reports
-        from ..index import distributed
-
-        build_index, sharded = partial(distributed.build_index, device=device), True
+        from ..index.distributed import build
+    else:
+        from ..index.build import build
+    progress = _IndexProgress(enabled=not as_json)
     try:
-        summary = build_index(
-            dirs or [], index_dir, lambda name: _remember(loaded, _load_model(name, model, index_dir, device, precision,
-                                                                       tokenizer, engine)),
-            model_name=model, exclude=exclude or (), batch_size=batch_size, workers=workers,
-            rebuild=rebuild, wait=wait, on_plan=progress.on_plan, on_file=progress.on_file, commit_every=commit_every,
-            prune_empty=prune_empty, on_audio=progress.on_audio, forget=forget or (),
-        )
+        summary = build(request, on_plan=progress.on_plan, on_file=progress.on_file, on_audio=progress.on_audio)
     except IndexInterrupted as interrupted:
         progress.stop()
         print(interrupted.message, file=sys.stderr)
@@ -93,9 +87,6 @@ def index_command(
         output.json_line(summary.to_dict())
     else:
         _print_summary(summary)
-    sys.stdout.flush()
-    if loaded and not sharded and not tokenizer and (engine or "auto").lower() != "torch":  # --engine or $CLAP_ENGINE
-        _save_text_query(loaded[0])
     if summary.emptied_roots:
         raise ClapError(emptied_message(summary.emptied_roots, "nothing under it was pruned"))
 
@@ -114,43 +105,6 @@ def _check_subcommand_typo(dirs: list[Path]) -> None:
     if close:
         raise UsageError(f"no such file or directory: {output.display_path(dirs[0])}; did you mean "
                          f"`clap index {close[0]}`?")
-
-
-def _remember(loaded: list, model):
-    loaded.append(model)
-    return model
-
-
-def _save_text_query(model) -> None:
-    """Once per model, with onnxruntime installed: the text tower as an ONNX graph, so that later text searches
-    run without importing torch (`clapcli.models.onnx_text`). Never fails the index."""
-    from importlib.util import find_spec
-
-    if find_spec("onnxruntime") is None or find_spec("onnx") is None:
-        return
-    import logging
-
-    from ..models.onnx_text import can_save, save_text_query
-
-    try:
-        if not can_save(model):
-            return
-        if model.precision != "fp32" or model.device.type != "cpu":
-            # an int8 (or GPU) index: the graph is fp32 on the CPU, from the text half loaded again
-            model = options.load(model.model_ref, "cpu", "fp32", text_only=True, engine="torch")
-        save_text_query(model)
-    except Exception as exc:  # noqa: BLE001 - the index is done; searches then load the model as before
-        logging.getLogger(__name__).warning("could not save the text query graph: %s", exc)
-
-
-def _load_model(name, given, index_dir, device, precision, tokenizer, engine=None):
-    """Load the model for `build_index`; a remembered model directory that has moved is named as such."""
-    from ..index.paths import check_remembered_model
-
-    if given is None:  # `name` is then the index's remembered model (or the default for a new index)
-        check_remembered_model(name, index_dir, "pass its new place with --model NEW_PATH; the index then "
-                                                 "remembers it")
-    return options.load(name, device, precision, tokenizer, engine=engine)
 
 
 def _print_summary(s) -> None:

@@ -6,7 +6,8 @@
 
 The pattern is clip-retrieval's, on torch.distributed alone (no scheduler of our own):
 
-1. Rank 0 runs the ordinary `indexer.build_index`: it alone takes the writer lock, scans, compares the scan
+1. Every rank gets the same `build.IndexRequest` (the command's options) and loads the model from it. Rank 0
+   runs the ordinary `indexer.build_index`: it alone takes the writer lock, scans, compares the scan
    with the store and loads the model. Its model is wrapped so that embedding the plan's files means:
 2. rank 0 looks for partitions that earlier runs left under `INDEX/.partitions/` (a run that failed) and
    keeps every result there that the same model made from the same file (`made_by`, and the size and mtime
@@ -60,7 +61,9 @@ from ..errors import ClapError
 from ..records import AudioEmbedding, Segment
 from ..version import __version__
 from . import indexer
+from .build import IndexRequest, ModelLoader, index_options
 from .schema import PARTITIONS_DIR
+from .summary import IndexSummary
 
 COORDINATION_TIMEOUT = timedelta(days=7)  # how long ranks wait for each other (a scan, the slowest share)
 PARTITION_WAIT_SECONDS = 120.0  # how long rank 0 waits to see a finished rank's partition (a slow shared fs)
@@ -291,8 +294,6 @@ class _ShardedModel:
     the other files among the ranks and returns every result in the scan's order; the indexer commits them in
     batches, and `merged` is called once everything is committed."""
 
-    sharded = True  # read by indexer._embed_and_commit
-
     def __init__(self, model, co: _Coordinator, index_dir: Path, plans: list):
         self._model, self._co, self._index_dir, self._plans = model, co, index_dir, plans
         self._embedded = False
@@ -357,26 +358,26 @@ def _new_results(order: WorkOrder, world_size: int) -> dict[str, tuple[Partition
 # Entry point
 
 
-def build_index(roots: Sequence, index_dir: Path, load_model: Callable[[str | None], object], *,
-                device: str | None = None, batch_size: int = 8, workers: int = 0,
-                **options) -> indexer.IndexSummary | None:
-    """`indexer.build_index` shared by the ranks of this job; joins (and leaves) the process group.
+def build(request: IndexRequest, *, on_plan: Callable | None = None, on_file: Callable | None = None,
+          on_audio: Callable | None = None) -> IndexSummary | None:
+    """`build.build` shared by the ranks of this job; joins (and leaves) the process group.
 
-    Returns rank 0's summary there, None on the other ranks. `options` are `indexer.build_index`'s."""
-    ctx = dist.init(device)
+    Every rank loads the model as `request` says (`build.ModelLoader`). Returns rank 0's summary there, None on
+    the other ranks. The callbacks are reported on rank 0 (`on_audio` never: the audio is decoded on every
+    rank); no text-query graph is saved."""
+    ctx = dist.init(request.device)
     try:
         co = _Coordinator(ctx)
         if ctx.is_main:
-            return _lead(co, roots, Path(index_dir), load_model, batch_size, workers, options)
-        _follow(co, load_model, batch_size, workers)
+            return _lead(co, request, on_plan=on_plan, on_file=on_file)
+        _follow(co, request)
         return None
     finally:
         dist.shutdown()
 
 
-def _lead(co: _Coordinator, roots, index_dir: Path, load_model, batch_size, workers, options):
+def _lead(co: _Coordinator, request: IndexRequest, on_plan, on_file):
     plans: list[indexer.Plan] = []
-    on_plan = options.pop("on_plan", None)
 
     def remember_plan(plan):
         plans.append(plan)
@@ -384,9 +385,10 @@ def _lead(co: _Coordinator, roots, index_dir: Path, load_model, batch_size, work
             on_plan(plan)
 
     models: list[_ShardedModel] = []
+    loader = ModelLoader(request)
 
     def load(name):
-        models.append(_ShardedModel(load_model(name), co, index_dir, plans))
+        models.append(_ShardedModel(loader(name), co, request.index_dir, plans))
         return models[-1]
 
     def merged():
@@ -394,8 +396,8 @@ def _lead(co: _Coordinator, roots, index_dir: Path, load_model, batch_size, work
             model.merged()
 
     try:
-        summary = indexer.build_index(roots, index_dir, load, batch_size=batch_size, workers=workers,
-                                      on_plan=remember_plan, on_committed=merged, **options)
+        summary = indexer.build_index(request.roots, request.index_dir, load, **index_options(request),
+                                      on_plan=remember_plan, on_file=on_file, on_committed=merged)
     except BaseException as exc:
         if not co.ordered:
             co.broadcast(("stop", _describe(exc)))
@@ -404,14 +406,15 @@ def _lead(co: _Coordinator, roots, index_dir: Path, load_model, batch_size, work
         # "embedding"/"failed": the other ranks already know
         if co.stage == "merging" and not isinstance(exc, KeyboardInterrupt):
             raise ClapError(f"sharded indexing failed while merging: {_describe(exc)}; the batches committed "
-                            f"so far stay in the index and the partitions are kept in {index_dir / PARTITIONS_DIR}: "
-                            "the same command run again merges the rest without embedding it again") from exc
+                            f"so far stay in the index and the partitions are kept in "
+                            f"{request.index_dir / PARTITIONS_DIR}: the same command run again merges the rest "
+                            "without embedding it again") from exc
         raise
     co.broadcast(None if co.ordered else ("stop", None))
     return summary
 
 
-def _follow(co: _Coordinator, load_model, batch_size, workers) -> None:
+def _follow(co: _Coordinator, request: IndexRequest) -> None:
     kind, payload = co.broadcast()
     if kind == "stop":
         if payload is not None:
@@ -420,13 +423,13 @@ def _follow(co: _Coordinator, load_model, batch_size, workers) -> None:
     order: WorkOrder = payload
 
     def load():
-        model = load_model(order.model_ref)
+        model = ModelLoader(request)(order.model_ref)
         if model.fingerprint != order.fingerprint:
             raise ClapError(f"{order.model_ref} loaded other weights here than on rank 0 "
                             f"({model.fingerprint}, not {order.fingerprint})")
         return model
 
-    _embed_share(co, order, load, batch_size, workers)
+    _embed_share(co, order, load, request.batch_size, request.workers)
     outcome = co.broadcast()
     if outcome is not None:
         raise ClapError(f"rank 0 failed to commit the merged partitions: {outcome}")

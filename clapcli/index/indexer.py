@@ -25,88 +25,13 @@ from ..errors import DATA_FAILURE, ENVIRONMENT_FAILURE, ClapError, IndexStoreErr
 from .lock import WriterLock
 from .scan import AUDIO_EXTENSIONS, ScanEntry, ScanProblem, matches_exclude, scan
 from .schema import DB_FILENAME
-from .store import LOSSY_PRECISIONS, IndexStore, content_hash
+from .store import IndexStore, content_hash
+from .summary import IndexSummary
 
 COMMIT_EVERY_FILES = 64  # files per SQLite transaction
 COMMIT_EVERY_SECONDS = 30.0  # or sooner: wall time since the last commit, so a slow batch never holds one back
 COMMIT_EVERY_AUDIO_SECONDS = 600.0  # or sooner: audio embedded since the last commit (a few long takes)
 LOCK_GRACE_SECONDS = 5.0  # how long a writer waits for the lock without --wait
-
-
-@dataclass
-class IndexSummary:
-    index: str
-    model: str
-    scanned: int = 0
-    added: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    touched: int = 0  # size/mtime changed but the content hash did not: no model work
-    removed: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
-    audio_seconds: float = 0.0  # embedded in this run
-    seconds: float = 0.0
-    total_files: int = 0
-    total_segments: int = 0
-    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, error) of every error row stored
-    emptied_roots: list[tuple[str, int]] = field(default_factory=list)  # (folder, files kept): lists no audio now
-    kept_aside: str | None = None  # where --rebuild moved a damaged database
-    committed: int = 0  # files embedded (or recorded as unreadable) and committed in this run
-    removed_excluded: int = 0  # of `removed`: indexed files that --exclude now matches
-    partial: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): embedded in part, this run
-    partial_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of every partial row
-    precisions: list[str] = field(default_factory=list)  # what the stored vectors were computed at (sorted)
-    kept_unread: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): unreadable now, row kept
-    forgotten: list[tuple[str, int]] = field(default_factory=list)  # (folder, files removed): --forget
-    retried: int = 0  # error rows tried again although unchanged: their failure was the machine's
-    environment_failures: int = 0  # of `skipped`: files that failed for an environmental reason, this run
-    kept_previous: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): re-embed failed, this
-    # run; the previous embeddings stay, and the next run tries again
-    retry_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of every error row the
-    # next run tries again (environmental failures)
-
-    def to_dict(self) -> dict:
-        return {
-            "index": self.index,
-            "model": self.model,
-            "scanned": self.scanned,
-            "added": self.added,
-            "updated": self.updated,
-            "unchanged": self.unchanged,
-            "touched": self.touched,
-            "removed": self.removed,
-            "skipped": len(self.skipped),
-            "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped],
-            "audio_seconds": round(self.audio_seconds, 3),
-            "seconds": round(self.seconds, 3),
-            "files_per_second": round((self.added + self.updated) / self.seconds, 3) if self.seconds else 0.0,
-            "audio_seconds_per_second": round(self.audio_seconds / self.seconds, 3) if self.seconds else 0.0,
-            "total_files": self.total_files,
-            "total_segments": self.total_segments,
-            "total_errors": len(self.unreadable),
-            "unreadable_files": [{"path": p, "reason": r} for p, r in self.unreadable],
-            "partial": len(self.partial),
-            "total_partial": len(self.partial_files),
-            "partial_files": [{"path": p, "reason": r} for p, r in self.partial_files],
-            "emptied_roots": [{"path": p, "kept_files": n} for p, n in self.emptied_roots],
-            "kept_aside": self.kept_aside,
-            "removed_excluded": self.removed_excluded,
-            "precisions": self.precisions,
-            "reproducible": not self.lossy_precisions,
-            "kept_unreadable": [{"path": p, "reason": r} for p, r in self.kept_unread],
-            "forgotten": [{"path": p, "removed_files": n} for p, n in self.forgotten],
-            "retried": self.retried,
-            "environment_failures": self.environment_failures,
-            "kept_previous": [{"path": p, "reason": r} for p, r in self.kept_previous],
-            "retry_next_run": len(self.retry_files) + len(self.kept_previous),
-            "retry_files": [{"path": p, "reason": r} for p, r in self.retry_files],
-        }
-
-    @property
-    def lossy_precisions(self) -> list[str]:
-        """The stored precisions whose vectors depend on their batch mates (bf16, int8): a resumed or
-        incremental run may then hold vectors that a clean build would not reproduce exactly."""
-        return [p for p in self.precisions if p in LOSSY_PRECISIONS]
 
 
 @dataclass
@@ -142,6 +67,29 @@ class CommitRule:
     def due(self, files: int) -> bool:
         return (files >= self.files or time.monotonic() - self._started >= self.seconds
                 or self._audio >= self.audio_seconds)
+
+
+@dataclass
+class _Scanned:
+    """What the scan of this run's roots found, for `_update` and `_rebuild` to compare with a store."""
+
+    roots: list[Path]  # absolute, resolved
+    entries: list[ScanEntry]
+    problems: list[ScanProblem]  # paths that could not be listed, stat'ed or read
+    linked: list[str]  # folders the scan reached through symbolic links
+    empty_dirs: list[str]  # folders at any depth whose listing was empty
+
+
+@dataclass
+class _Embedding:
+    """How this run embeds, commits and reports (`build_index`'s options and callbacks)."""
+
+    batch_size: int
+    workers: int
+    commits: CommitRule
+    on_plan: Callable[[Plan], None] | None = None
+    on_file: Callable[[object], None] | None = None
+    on_audio: Callable[[str, float, float], None] | None = None
 
 
 def plan_changes(store: IndexStore, entries: Sequence[ScanEntry], roots: Sequence[Path],
@@ -285,6 +233,8 @@ def build_index(
     empty_dirs: list[str] = []
     present = [p for p in root_paths if p.exists()]  # a remembered root may be gone (an unmounted drive)
     entries = list(scan(present, exclude=exclude, problems=problems, linked_dirs=linked, empty_dirs=empty_dirs))
+    found = _Scanned(root_paths, entries, problems, linked, empty_dirs)
+    run = _Embedding(batch_size, workers, commits, on_plan, on_file, on_audio)
     exists = IndexStore.exists(index_dir)
     if not entries and not exists:
         where = ", ".join(str(r) for r in roots)
@@ -308,15 +258,11 @@ def build_index(
     # Without --wait, still allow a few seconds: a read-only open may hold the lock while it upgrades the schema.
     with WriterLock(index_dir, wait=True, timeout=None if wait else LOCK_GRACE_SECONDS):
         if rebuild and IndexStore.exists(index_dir):
-            summary = _rebuild(index_dir, model, damaged, root_paths, entries, problems, linked, prune_empty,
-                               batch_size, workers, on_plan, (on_file, on_audio), commits, empty_dirs=empty_dirs)
+            summary = _rebuild(index_dir, model, damaged, found, run, prune_empty)
         else:
             with IndexStore.open(index_dir, create=True) as store:
-                summary = _update(store, model, load_model=load_model, model_name=model_name,
-                                  root_paths=root_paths, entries=entries, problems=problems, linked=linked,
-                                  prune_empty=prune_empty, batch_size=batch_size, workers=workers, on_plan=on_plan,
-                                  callbacks=(on_file, on_audio), commits=commits, exclude=exclude,
-                                  empty_dirs=empty_dirs, forget=forgotten)
+                summary = _update(store, model, found, run, prune_empty=prune_empty, load_model=load_model,
+                                  model_name=model_name, exclude=exclude, forget=forgotten)
         if on_committed is not None:
             on_committed()
         with IndexStore.open(index_dir) as store:
@@ -333,21 +279,20 @@ def build_index(
     return summary
 
 
-def _update(store: IndexStore, model, *, root_paths, entries, problems, linked, prune_empty: bool, batch_size: int,
-            workers: int, on_plan, callbacks, commits: CommitRule, load_model=None, model_name: str | None = None,
-            exclude=(), empty_dirs=(), forget=()) -> IndexSummary:
+def _update(store: IndexStore, model, found: _Scanned, run: _Embedding, *, prune_empty: bool, load_model=None,
+            model_name: str | None = None, exclude=(), forget=()) -> IndexSummary:
     """Bring `store` up to date with the scan: prune, re-stat, embed and commit in batches; remember
     `root_paths` and forget the roots in `forget`, with their files.
 
     `model` is the loaded model, or None to load it with `load_model(name)` only when there is something to
-    embed (or the store has no model yet, or `model_name` asks for one). `callbacks` is (on_file, on_audio),
-    as `build_index` takes them."""
+    embed (or the store has no model yet, or `model_name` asks for one)."""
+    root_paths, entries, problems = found.roots, found.entries, found.problems
     stored_identity = store.model_identity
     name = model_name or (stored_identity or {}).get("model")
     states = store.file_states()
-    empty = [] if prune_empty else _emptied_roots(root_paths, entries, linked, states, empty_dirs)
+    empty = [] if prune_empty else _emptied_roots(root_paths, entries, found.linked, states, found.empty_dirs)
     plan = plan_changes(store, entries, root_paths,
-                        [p.path for p in problems if p.unread_dir or p.unread] + [r for r, _ in empty], linked)
+                        [p.path for p in problems if p.unread_dir or p.unread] + [r for r, _ in empty], found.linked)
     summary = IndexSummary(str(store.index_dir), name or "")
     summary.scanned = len(entries)
     summary.unchanged = plan.unchanged
@@ -364,8 +309,8 @@ def _update(store: IndexStore, model, *, root_paths, entries, problems, linked, 
             summary.forgotten.append((folder, len(dropped)))
             plan.to_remove.extend(dropped)
             pruned.update(dropped)
-    if on_plan:
-        on_plan(plan)
+    if run.on_plan:
+        run.on_plan(plan)
 
     if model is None and (plan.to_embed or stored_identity is None or model_name):
         model = load_model(name)
@@ -387,7 +332,7 @@ def _update(store: IndexStore, model, *, root_paths, entries, problems, linked, 
 
     if plan.to_embed:
         try:
-            _embed_and_commit(store, model, plan, summary, batch_size, workers, callbacks, commits)
+            _embed_and_commit(store, model, plan, summary, run)
         except KeyboardInterrupt:
             left = len(plan.to_embed) - summary.committed
             raise IndexInterrupted(
@@ -467,18 +412,20 @@ def left_out_message(index_dir: Path, left_out: Sequence[str]) -> str:
             f"to rebuild them all, or drop the left-out ones from the index on purpose with `{forget}`")
 
 
-def _rebuild(index_dir: Path, model, damaged: bool, root_paths, entries, problems, linked, prune_empty,
-             batch_size, workers, on_plan, callbacks, commits, empty_dirs=()) -> IndexSummary:
+def _rebuild(index_dir: Path, model, damaged: bool, found: _Scanned, run: _Embedding,
+             prune_empty: bool) -> IndexSummary:
     """Build a fresh store in `index_dir/.rebuild`, then swap it in; the old one serves until the swap."""
     db = index_dir / DB_FILENAME
     if not damaged:
         with IndexStore.open(index_dir, readonly=True) as old:
             stored = sorted(old.file_states())
-        emptied = [] if prune_empty else _emptied_roots(root_paths, entries, linked, dict.fromkeys(stored), empty_dirs)
+        emptied = [] if prune_empty else _emptied_roots(found.roots, found.entries, found.linked,
+                                                         dict.fromkeys(stored), found.empty_dirs)
         if emptied:
             raise ClapError(emptied_message(emptied, "the rebuild was refused and the index is unchanged"))
         # The new store could not hold them: a passing fault must cost a retry, not the files' embeddings.
-        unread = [(p, _count_under(stored, os.path.realpath(p.path))) for p in problems if p.unread or p.unread_dir]
+        unread = [(p, _count_under(stored, os.path.realpath(p.path))) for p in found.problems
+                  if p.unread or p.unread_dir]
         unread = [(p, n) for p, n in unread if n]
         if unread:
             held = "; ".join(f"{p.path}: {p.reason} ({n} indexed files)" for p, n in unread[:3])
@@ -489,9 +436,7 @@ def _rebuild(index_dir: Path, model, damaged: bool, root_paths, entries, problem
     shutil.rmtree(staging, ignore_errors=True)  # left by a rebuild that was killed
     try:
         with IndexStore.open(staging, create=True) as store:
-            summary = _update(store, model, root_paths=root_paths, entries=entries, problems=problems,
-                              linked=linked, prune_empty=True, batch_size=batch_size, workers=workers,
-                              on_plan=on_plan, callbacks=callbacks, commits=commits)
+            summary = _update(store, model, found, run, prune_empty=True)
             store.checkpoint()  # everything in the main file, so the database is one file to move
         summary.index = str(index_dir)
         if damaged:
@@ -527,16 +472,15 @@ def emptied_message(emptied: Sequence[tuple], outcome: str) -> str:
             "pass --prune-empty to remove those files from the index")
 
 
-def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, batch_size, workers, callbacks,
-                      commits: CommitRule) -> None:
+def _embed_and_commit(store, model, plan: Plan, summary: IndexSummary, run: _Embedding) -> None:
     """Embed `plan.to_embed` and commit the results as `commits` says; on KeyboardInterrupt, commit the files
     finished since the last commit before letting it through (a sharded run's too: its partitions stay until
     the whole run is committed)."""
-    on_file, on_audio = callbacks
+    on_file, on_audio, commits = run.on_file, run.on_audio, run.commits
     by_path = {str(e.path): e for e in plan.to_embed}
-    sharded = getattr(model, "sharded", False)  # a torchrun-sharded run (distributed.py)
-    progress = {"on_audio": on_audio} if on_audio is not None and not sharded else {}
-    results = model.embed_files(list(by_path), batch_size=batch_size, segments=True, workers=workers, **progress)
+    progress = {"on_audio": on_audio} if on_audio is not None else {}
+    results = model.embed_files(list(by_path), batch_size=run.batch_size, segments=True, workers=run.workers,
+                                **progress)
     batch: list = []
     committing = False
 

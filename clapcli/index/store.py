@@ -23,7 +23,8 @@ incremented by every write that adds or removes segments, so the hnswlib sidecar
 whether it is current, and `meta.index_uuid` is new with every database (`--rebuild` fills a fresh one), so
 an hnswlib file from an earlier life of the directory is never reused.
 
-The schema and its numbered migrations live in schema.py: an older store is migrated when opened, a
+The rows as Python values (file records, segment rows, vectors as float32 blobs) live in rows.py; the
+schema and its numbered migrations in schema.py: an older store is migrated when opened, a
 newer one refused with a message saying what to do.
 """
 
@@ -31,76 +32,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sqlite3
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import DATA_FAILURE, FAILURE_KINDS, IndexStoreError
 from ..identity import same_model
+from .rows import (VECTOR_DTYPE, Counts, FileRecord, Segment, SegmentRow, concat_vectors, decode_vectors,
+                   encode_segments)
 from .schema import BUSY_TIMEOUT_S, DB_FILENAME, open_database
 
-SEGMENT_KINDS = ("file", "window")  # a whole-file embedding, or one 10 s window of a long file
-_VECTOR_DTYPE = np.dtype("<f4")  # embeddings are stored as little-endian float32 blobs
 _IN_CHUNK = 900  # ids per `IN (...)` list, below SQLite's oldest variable limit (999)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Records
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    """One row of `files`: what the indexer knows about a path."""
-
-    id: int
-    path: str
-    size: int  # bytes, at indexing time
-    mtime_ns: int  # st_mtime_ns, at indexing time
-    content_hash: str | None  # see `content_hash()`
-    duration: float | None  # seconds (None for error rows)
-    sample_rate: int | None  # Hz of the source file
-    channels: int | None
-    status: str  # 'ok', 'partial' (embedded from the part that decodes) or 'error'
-    error: str | None  # why the file was skipped (status 'error') or only partly decoded ('partial')
-    indexed_at: float  # unix time of the last write of this row
-    error_kind: str | None = None  # status 'error': 'data' or 'environment' (None: stored before kinds were)
-
-    @property
-    def retried(self) -> bool:
-        """An error row the next run tries again whether or not the file changed: the machine failed (or the
-        row predates failure kinds), not the file."""
-        return self.status == "error" and self.error_kind != DATA_FAILURE
-
-
-class SegmentRow(NamedTuple):
-    """A segment joined with its file, for rendering search hits."""
-
-    segment_id: int
-    path: str
-    start: float  # seconds from the start of the file
-    end: float  # seconds
-    kind: str  # 'file' or 'window'
-    duration: float | None  # of the whole file, seconds
-
-
-class Counts(NamedTuple):
-    files: int  # all file rows
-    ok_files: int  # searchable: status 'ok' or 'partial'
-    error_files: int
-    segments: int
-    embeddings: int
-
-
-# (start s, end s, kind, embedding (D,) float32)
-Segment = tuple[float, float, str, np.ndarray]
-
 _FILE_COLUMNS = ("id, path, size, mtime_ns, content_hash, duration, sample_rate, channels, status, error, indexed_at, "
                  "error_kind")
 
@@ -391,11 +338,11 @@ class IndexStore:
         stored). The old segments' ids disappear for good; the new ones are fresh ids.
         """
         self._check_writable()
-        prepared = self._prepare_segments(segments)
+        prepared = encode_segments(segments, self.dim, self.index_dir)
         path = os.fspath(path)
         with self.transaction():
             if self.dim is None:
-                self.set_meta("dim", str(len(prepared[0][3]) // _VECTOR_DTYPE.itemsize))
+                self.set_meta("dim", str(len(prepared[0][3]) // VECTOR_DTYPE.itemsize))
             file_id = self._write_file_row(
                 path, size, mtime_ns, content_hash, duration, sample_rate, channels,
                 "ok" if partial is None else "partial", partial,
@@ -481,13 +428,13 @@ class IndexStore:
                 rows = cursor.fetchmany(chunk_size)
                 if not rows:
                     return
-                yield self._decode_rows(rows, dim)
+                yield decode_vectors(rows, dim, self.index_dir)
         finally:
             cursor.close()
 
     def vectors(self, after_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """All embeddings with segment id > `after_id`: (ids (N,) int64 ascending, vectors (N, D) float32)."""
-        return self._concat(self.iter_vectors(after_id))
+        return concat_vectors(self.iter_vectors(after_id), self.dim)
 
     def vectors_by_id(self, ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
         """The embeddings of these segment ids (missing ids are left out), in ascending id order."""
@@ -500,8 +447,8 @@ class IndexStore:
                 f"SELECT segment_id, vector FROM embeddings WHERE segment_id IN ({marks}) ORDER BY segment_id", chunk
             ).fetchall()
             if rows:
-                chunks.append(self._decode_rows(rows, dim))
-        return self._concat(chunks)
+                chunks.append(decode_vectors(rows, dim, self.index_dir))
+        return concat_vectors(chunks, self.dim)
 
     def segment_ids(self) -> np.ndarray:
         """The ids of all segments that have an embedding, ascending, int64 (N,)."""
@@ -603,52 +550,6 @@ class IndexStore:
             values + (row[0],),
         )
         return row[0]
-
-    def _prepare_segments(self, segments: Sequence[Segment]) -> list[tuple[float, float, str, bytes]]:
-        """Validate segments before touching the database; vectors become float32 blobs."""
-        if not segments:
-            raise ValueError("a file needs at least one segment (its file-level embedding)")
-        dim = self.dim
-        prepared = []
-        for start, end, kind, vector in segments:
-            start, end = float(start), float(end)
-            if kind not in SEGMENT_KINDS:
-                raise ValueError(f"segment kind must be one of {SEGMENT_KINDS}, got {kind!r}")
-            if not (math.isfinite(start) and math.isfinite(end) and 0.0 <= start <= end):
-                raise ValueError(f"bad segment bounds {start}..{end}")
-            vector = np.asarray(vector, dtype=_VECTOR_DTYPE)
-            if vector.ndim != 1 or vector.size == 0:
-                raise ValueError(f"a segment vector must have shape (D,), got {vector.shape}")
-            if dim is None:
-                dim = vector.shape[0]
-            elif vector.shape[0] != dim:
-                raise IndexStoreError(
-                    f"index {self.index_dir} holds {dim}-dimensional embeddings, got {vector.shape[0]}; "
-                    "pass the same --model or --rebuild"
-                )
-            if not np.isfinite(vector).all():
-                raise ValueError("a segment vector contains NaN or infinity")
-            prepared.append((start, end, kind, np.ascontiguousarray(vector).tobytes()))
-        return prepared
-
-    def _decode_rows(self, rows: list, dim: int | None) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        data = b"".join(r[1] for r in rows)
-        if dim is None:
-            dim = len(rows[0][1]) // _VECTOR_DTYPE.itemsize
-        if len(data) != len(rows) * dim * _VECTOR_DTYPE.itemsize:
-            raise IndexStoreError(
-                f"index {self.index_dir} has embeddings of the wrong size (expected {dim} floats); "
-                "rebuild it with `clap index --rebuild`"
-            )
-        vectors = np.frombuffer(data, dtype=_VECTOR_DTYPE).reshape(len(rows), dim)  # (n, D)
-        return ids, vectors.astype(np.float32, copy=False)
-
-    def _concat(self, chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-        chunks = list(chunks)
-        if not chunks:
-            return np.empty(0, dtype=np.int64), np.empty((0, self.dim or 0), dtype=np.float32)
-        return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
 
 
 # ---------------------------------------------------------------------------------------------------------
