@@ -61,7 +61,7 @@ class ModelLoader:
         self.model = None
 
     def __call__(self, name: str | None):
-        from ..api import load_model
+        from ..engine.load import load_model
 
         r = self.request
         if r.model is None:  # `name` is then the index's remembered model (or the default for a new index)
@@ -99,7 +99,7 @@ def save_text_query(model) -> Path | None:
 
     if find_spec("onnxruntime") is None or find_spec("onnx") is None:
         return None
-    from ..api import load_model
+    from ..engine.load import load_model
     from ..models import onnx_text
 
     try:
