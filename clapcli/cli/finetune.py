@@ -71,6 +71,10 @@ def finetune_command(
                       highlight=False)
 
     classifier = finetune(cfg, out, on_epoch=on_epoch, overwrite=overwrite)
+    from ..dist import detect
+
+    if not detect().is_main:  # under torchrun, rank 0 reports
+        return
     metrics = classifier.metrics
     summary = {"classifier": str(classifier.directory), "labels": classifier.labels,
                "multi_label": classifier.multi_label, "best_epoch": metrics["best_epoch"],
