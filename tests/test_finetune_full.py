@@ -37,12 +37,12 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def assert_same_classifier(a: Path, b: Path) -> None:
+def assert_same_classifier(a: Path, b: Path, atol: float = 1e-6) -> None:
     for name in ("head.safetensors", "model/model.safetensors"):
         left, right = tensors(a / name), tensors(b / name)
         assert left.keys() == right.keys()
         for key in left:
-            torch.testing.assert_close(right[key], left[key], atol=1e-6, rtol=1e-5, msg=f"{name}: {key}")
+            torch.testing.assert_close(right[key], left[key], atol=atol, rtol=1e-5, msg=f"{name}: {key}")
 
 
 def full_args(data: Path, model: Path, out: Path, *extra) -> list:
@@ -127,7 +127,9 @@ def test_full_finetune_run_directory_refusals(tmp_path, tiny_model_dir, monkeypa
 def test_torchrun_two_ranks_equal_one_rank(tmp_path, tiny_model_dir):
     """Two Gloo ranks, each on half of every batch: DDP's gradient average is the gradient of the whole
     batch's mean loss (BatchNorm runs as loaded), so the classifier equals a one-process run's; rank 0 alone
-    writes the run log and the classifier."""
+    writes the run log and the classifier. Equal within 1e-4, while training moved the encoder by ~1e-3 a
+    step: Adam scales a parameter's update by its gradient's size, so where the gradient is ~0 (attention key
+    biases) the rounding of a sum in another order shows."""
     class_folders(tmp_path / "data", per_kind=5, seed=6)
     opts = ["--epochs", "2", "--batch-size", "8", "--lr", "1e-2", "--encoder-lr", "1e-3"]
     clap(*full_args(tmp_path / "data", tiny_model_dir, tmp_path / "one", *opts))
@@ -140,5 +142,10 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path, tiny_model_dir):
     records = log_records(tmp_path / "two.run")
     assert records[0]["world_size"] == 2 and [r.get("event") for r in records].count("start") == 1
     assert step_losses(tmp_path / "two.run") == pytest.approx(step_losses(tmp_path / "one.run"), rel=1e-5)
-    assert_same_classifier(tmp_path / "one", tmp_path / "two")
+    assert_same_classifier(tmp_path / "one", tmp_path / "two", atol=1e-4)
+    from clapcli import load_model
+
+    base = load_model(tiny_model_dir, device="cpu").model.state_dict()
+    tuned = tensors(tmp_path / "two" / "model" / "model.safetensors")
+    assert max(float((tuned[k] - base[k]).abs().max()) for k in tuned if k.startswith("audio_")) > 1e-3
     assert proc.stdout.count("wrote ") == 1  # one summary, from rank 0
