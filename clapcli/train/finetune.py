@@ -21,7 +21,6 @@ their targets with a Beta(α, α) weight.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import os
@@ -81,7 +80,7 @@ class FinetuneConfig:
 RESUMABLE_CHANGES = ("epochs", "device", "embed_batch_size", "run_dir", "resume", "save_every", "keep_checkpoints",
                      "max_steps")
 FULL_ONLY = {"precision": "--precision", "warmup": "--warmup", "run_dir": "--run-dir", "resume": "--resume",
-             "save_every": "--save-every", "max_steps": "--max-steps"}
+             "save_every": "--save-every", "keep_checkpoints": "--keep-checkpoints", "max_steps": "--max-steps"}
 
 
 @dataclass

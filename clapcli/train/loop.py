@@ -310,8 +310,9 @@ def _stop(cfg: TrainConfig, state: TrainState) -> bool:
 
 def checkpoint_saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info, ctx, objective=None):
     """save(name): RUN/name/ written by rank 0 while the other ranks wait (`cfg.keep_checkpoints` step-N/
-    folders kept). step-N/ and final/ hold what resuming needs; save("best", {metric, value}) holds the model and state without the optimizer, and is
-    called on rank 0 alone, inside validation (whose barrier the other ranks are waiting at)."""
+    folders kept). step-N/ and final/ hold what resuming needs; save("best", {metric, value}) holds the model
+    and state without the optimizer, and is called on rank 0 alone, inside validation (whose barrier the other
+    ranks are waiting at). `objective` is saved in the trainer state: wav2clip's, or finetune's head."""
 
     def save(name: str, extra: dict | None = None) -> None:
         best = name == "best"
