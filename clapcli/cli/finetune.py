@@ -35,6 +35,18 @@ def finetune_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the classifier already in --out."),
     seed: int = typer.Option(0, "--seed", help="Seeds the split, the head's init and the batch order."),
     device: str = options.DEVICE,
+    precision: str = typer.Option("fp32", "--precision", help="With --full: fp32, bf16 or fp16 (fp16 needs CUDA)."),
+    warmup: int = typer.Option(0, "--warmup", min=0, help="With --full: linear warm-up steps, then cosine decay "
+                               "of both learning rates."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="With --full: the run's log.jsonl and step "
+                                           "checkpoints (default: <out>.run beside --out)."),
+    resume: bool = typer.Option(False, "--resume", help="With --full: continue the run in --run-dir from its "
+                                "latest checkpoint."),
+    save_every: int = typer.Option(0, "--save-every", min=0, help="With --full: also checkpoint every N steps "
+                                   "(0: at each epoch end)."),
+    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", min=1, help="With --full: step checkpoints kept."),
+    max_steps: int = typer.Option(0, "--max-steps", min=0, help="With --full: stop after N steps in total (0: "
+                                  "all epochs)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per epoch, then a summary object."),
 ) -> None:
     """Train a classifier on labelled audio: a head on cached embeddings in seconds, or --full."""
@@ -43,7 +55,9 @@ def finetune_command(
 
     cfg = FinetuneConfig(data=str(data), val=None if val is None else str(val), model=model, head=head, full=full,
                          multi_label=multi_label, epochs=epochs, batch_size=batch_size, lr=lr,
-                         encoder_lr=encoder_lr, mixup=mixup, seed=seed, device=device)
+                         encoder_lr=encoder_lr, mixup=mixup, seed=seed, device=device, precision=precision,
+                         warmup=warmup, run_dir=None if run_dir is None else str(run_dir), resume=resume,
+                         save_every=save_every, keep_checkpoints=keep_checkpoints, max_steps=max_steps)
     err = output.stderr_console()
     key = "val_mAP" if multi_label else "val_top1"
 
@@ -57,6 +71,10 @@ def finetune_command(
                       highlight=False)
 
     classifier = finetune(cfg, out, on_epoch=on_epoch, overwrite=overwrite)
+    from ..dist import detect
+
+    if not detect().is_main:  # under torchrun, rank 0 reports
+        return
     metrics = classifier.metrics
     summary = {"classifier": str(classifier.directory), "labels": classifier.labels,
                "multi_label": classifier.multi_label, "best_epoch": metrics["best_epoch"],

@@ -119,3 +119,4 @@ class TrainState:
     best_value: float | None = None  # best validation metric so far
     best_step: int | None = None
     history: list[dict] = field(default_factory=list)  # validation results per epoch
+    epoch_loss: float = 0.0  # finetune --full: clip-weighted sum of this epoch's step losses so far

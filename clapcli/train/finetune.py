@@ -7,7 +7,11 @@ those vectors in seconds and a second run does no audio forward pass at all.
 
 `full=True`: the audio encoder and its projection train with the head, at their own lower learning rate;
 the text tower is locked and never changes. BatchNorm statistics stay as loaded (the encoder runs in eval
-mode), so small batches behave. The best epoch's encoder is saved inside the classifier directory.
+mode), so small batches behave. This runs on `clap train`'s machinery: its step function (`loop.train_step`,
+autocast and the fp16 loss scaler), its schedule (`loop.lr_at`: warm-up, then cosine decay), DDP under
+`torchrun` (each rank takes its share of every batch), the run lock, log.jsonl and step checkpoints in a run
+directory (`<out>.run` beside the classifier, the head saved as the objective's state) that `resume`
+continues exactly. The best epoch's encoder (the run's best/) is saved inside the classifier directory.
 
 Single-label data trains with cross-entropy and reports top-1 / top-5 accuracy and the most confused
 pairs; multi-label data with BCE and reports mAP and mAUC. Mixup (`mixup > 0`) blends pairs of inputs and
@@ -18,20 +22,22 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import random
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..atomic import is_fill_temp, write_npy
-from ..errors import DataError, UsageError
+from ..errors import DataError, TrainingError, UsageError
 from ..models.classifier import (HEAD_KINDS, META_FILE, MODEL_DIR, Classifier, HeadConfig, build_head,
                                  head_probabilities)
 from .labelled import LabelledClip, read_labelled
@@ -60,6 +66,21 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     embed_batch_size: int = 8  # clips per forward pass when embedding
+    # with `full` only: the training machinery of `clap train`
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs CUDA), the encoder's and head's matrix work
+    warmup: int = 0  # linear warm-up steps, then cosine decay of both learning rates to 0 at the last step
+    run_dir: str | None = None  # log.jsonl, config.json, step-N/, best/; None: `<out>.run` beside the classifier
+    resume: bool = False  # continue the latest checkpoint of the run directory
+    save_every: int = 0  # also checkpoint every N steps (0: at each epoch end and at the end)
+    keep_checkpoints: int = 2  # step-N/ folders kept (the newest); best/ is always kept
+    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
+
+
+# Options that may change between a --full run and its resumption without making it another run.
+RESUMABLE_CHANGES = ("epochs", "device", "embed_batch_size", "run_dir", "resume", "save_every", "keep_checkpoints",
+                     "max_steps")
+FULL_ONLY = {"precision": "--precision", "warmup": "--warmup", "run_dir": "--run-dir", "resume": "--resume",
+             "save_every": "--save-every", "keep_checkpoints": "--keep-checkpoints", "max_steps": "--max-steps"}
 
 
 @dataclass
@@ -317,9 +338,11 @@ def finetune(cfg: FinetuneConfig, out: str | Path, on_epoch: Callable[[dict], No
     """Train a classifier as `cfg` says and write its directory to `out` (atomically); returns the Classifier.
 
     An existing classifier at `out` is replaced only with `overwrite` (see `check_output`, run before any
-    training). `model` (a loaded `Clap`) replaces loading `cfg.model`; with `cfg.full` its weights are
-    trained in place. `on_epoch(record)` gets each epoch's metrics, `on_embed(n)` counts clips embedded or
-    read from the cache."""
+    training); with `cfg.full`, `overwrite` also lets a fresh run replace the one in the run directory.
+    `model` (a loaded `Clap`) replaces loading `cfg.model`; with `cfg.full` its weights are trained in place.
+    `on_epoch(record)` gets each epoch's metrics, `on_embed(n)` counts clips embedded or read from the cache.
+    Under `torchrun` (with `cfg.full`) every rank trains and rank 0 writes `out`."""
+    from .. import dist
     from ..engine.load import load_model
     from ..atomic import atomic_directory, fill_directory
     from ..models.classifier import read_classifier, save_classifier
@@ -329,6 +352,12 @@ def finetune(cfg: FinetuneConfig, out: str | Path, on_epoch: Callable[[dict], No
         raise UsageError(f"unknown head {cfg.head!r}; choose one of: {', '.join(HEAD_KINDS)}")
     if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0 or cfg.encoder_lr <= 0 or cfg.mixup < 0:
         raise UsageError("--epochs ≥ 1, --batch-size ≥ 2, --lr > 0, --encoder-lr > 0 and --mixup ≥ 0")
+    defaults = FinetuneConfig(cfg.data)
+    given = [flag for name, flag in FULL_ONLY.items() if getattr(cfg, name) != getattr(defaults, name)]
+    if given and not cfg.full:
+        raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --full training")
+    if cfg.full:
+        _check_full(cfg)
     clips = read_data(cfg.data, cfg.multi_label)
     if cfg.val is not None:
         train_clips, val_clips = clips, read_data(cfg.val, cfg.multi_label)
@@ -341,16 +370,25 @@ def finetune(cfg: FinetuneConfig, out: str | Path, on_epoch: Callable[[dict], No
     val_set = to_dataset(val_clips, labels, cfg.multi_label, "the validation data")
 
     torch.manual_seed(cfg.seed)
-    clap = model if model is not None else load_model(cfg.model, device=cfg.device, precision="fp32", engine="torch")
+    ctx = dist.init(cfg.device) if cfg.full else None
+    device = str(ctx.device) if ctx is not None else cfg.device
+    clap = model if model is not None else load_model(cfg.model, device=device, precision="fp32", engine="torch")
     base_identity, base_fingerprint = clap.identity_dict, clap.fingerprint
     head_cfg = HeadConfig(cfg.head, clap.dim, len(labels))
     head = build_head(head_cfg).to(clap.device)
     if cfg.full and clap.model.audio_runner is not None:  # an exported (onnx) audio encoder would go stale
         clap.model.audio_runner, clap.engine = None, "torch"
-    train_fn = _train_full if cfg.full else _train_frozen
-    history, best = train_fn(cfg, clap, head, train_set, val_set, labels, on_epoch, on_embed)
-
     out = Path(out).expanduser()
+    if cfg.full:
+        run_dir = Path(cfg.run_dir).expanduser() if cfg.run_dir else out.with_name(out.name + ".run")
+        history, best = _train_full(cfg, clap, head, train_set, val_set, labels, on_epoch, on_embed, ctx,
+                                    run_dir, overwrite)
+        if not ctx.is_main:
+            dist.barrier(main_work=True)  # rank 0 writes the classifier
+            return read_classifier(out)
+    else:
+        history, best = _train_frozen(cfg, clap, head, train_set, val_set, labels, on_epoch, on_embed)
+
     metrics = {"best_epoch": best["epoch"], "best": {k: v for k, v in best.items() if k != "epoch"},
                "history": history, "train_clips": len(train_set.paths), "val_clips": len(val_set.paths)}
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
@@ -362,10 +400,22 @@ def finetune(cfg: FinetuneConfig, out: str | Path, on_epoch: Callable[[dict], No
             encoder, encoder_fp = _saved_encoder(tmp / MODEL_DIR)
         save_classifier(tmp, head.cpu(), head_cfg, labels, cfg.multi_label, encoder, encoder_fp,
                         base_identity, metrics, options)
+    if cfg.full:
+        dist.barrier(main_work=True)
     classifier = read_classifier(out)
     if not cfg.full:
         classifier.model = clap
     return classifier
+
+
+def _check_full(cfg: FinetuneConfig) -> None:
+    """Refuse --full options no run can use, before any data is read (UsageError naming the option)."""
+    from ..runtime import TRAINING_PRECISIONS
+
+    if cfg.precision not in TRAINING_PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(TRAINING_PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.warmup < 0 or cfg.save_every < 0 or cfg.max_steps < 0 or cfg.keep_checkpoints < 1:
+        raise UsageError("--warmup, --save-every and --max-steps ≥ 0, --keep-checkpoints ≥ 1")
 
 
 def _saved_encoder(model_dir: Path) -> tuple[dict, str]:
@@ -433,9 +483,114 @@ def _train_frozen(cfg, clap, head, train: Dataset, val: Dataset, labels, on_epoc
     return history, best
 
 
-def _train_full(cfg, clap, head, train: Dataset, val: Dataset, labels, on_epoch, on_embed):
-    from ..audio.decode import load_audio
+class ClipBatch(NamedTuple):
+    """One rank's share of a --full step: what `ClassifierTrainee` takes (tensors, so `train_step` can split it)."""
 
+    features: torch.Tensor  # (B, C, frames, n_bins) front-end features
+    longer: torch.Tensor  # (B,) bool: the clip is longer than one window (fusion)
+    targets: torch.Tensor  # (B,) class indices, or (B, L) 0/1 for multi-label
+
+
+class ClassifierOutput(NamedTuple):
+    logits: torch.Tensor  # (B, L)
+    targets: torch.Tensor  # (B, L) soft targets (one-hot, or mixed by mixup)
+
+
+class ClassifierTrainee(torch.nn.Module):
+    """The audio encoder and the head as one module, the unit DDP wraps and `train_step` steps: features →
+    raw embedding → (mixup) → logits. Mixup draws from torch's generator, which the loop seeds per step."""
+
+    def __init__(self, model, head, mixup: float, n_labels: int, multi_label: bool):
+        super().__init__()
+        self.model, self.head = model, head
+        self.mixup, self.n_labels, self.multi_label = mixup, n_labels, multi_label
+
+    def forward(self, features, longer, targets) -> ClassifierOutput:
+        emb = self.model.encode_audio(features, longer, normalize=False)  # (B, D) raw
+        emb, targets = _mix(emb, targets, self.mixup, self.n_labels, self.multi_label, None)
+        return ClassifierOutput(self.head(emb), targets)
+
+
+class ClassificationLoss:
+    """CE on soft targets (single-label) or BCE (multi-label), in fp32 whatever the autocast precision."""
+
+    def __init__(self, multi_label: bool):
+        self.multi_label = multi_label
+
+    def __call__(self, out: ClassifierOutput) -> torch.Tensor:
+        return _loss(out.logits.float(), out.targets.float(), self.multi_label)
+
+
+def _train_full(cfg, clap, head, train: Dataset, val: Dataset, labels, on_epoch, on_embed, ctx, run_dir: Path,
+                overwrite: bool):
+    """Train encoder and head in `run_dir` (holding its lock); returns (history, best record) with the best
+    validation's weights loaded into `clap.model` and `head` on rank 0."""
+    from .. import dist
+    from .runlock import RunLock
+    from .runlog import RunLog
+
+    with RunLock(run_dir, enabled=ctx.is_main):
+        resume_from = _prepare_run_dir(run_dir, cfg, overwrite) if ctx.is_main else None
+        resume_from = dist.broadcast_object(str(resume_from) if resume_from else None, main_work=True)
+        log = RunLog(run_dir, enabled=ctx.is_main)
+        try:
+            return _run_full(cfg, clap, head, train, val, labels, on_epoch, on_embed, ctx, run_dir, resume_from, log)
+        finally:
+            log.close()
+
+
+def _prepare_run_dir(run_dir: Path, cfg: FinetuneConfig, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from, or None to start fresh in an empty `run_dir`. A run directory holding
+    a run is continued with `resume` (the same options but RESUMABLE_CHANGES), started again with
+    `overwrite`, else refused."""
+    from .runlock import LOCK_FILES
+    from .state import clear_stale, latest_checkpoint
+
+    config_file = run_dir / "config.json"
+    if config_file.is_file():
+        if cfg.resume:
+            try:
+                previous = json.loads(config_file.read_text())["finetune"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise UsageError(f"{config_file} is not a clap finetune run ({exc}); choose another --run-dir") from exc
+            mine = _run_options(cfg)
+            changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and mine[k] != previous.get(k))
+            if changed:
+                raise UsageError(f"{run_dir} holds a different finetune run (differs in: {', '.join(changed)}); "
+                                 "resume it with the same options, or pass --overwrite without --resume")
+            clear_stale(run_dir)
+            return latest_checkpoint(run_dir)
+        if not overwrite:
+            raise UsageError(f"{run_dir} holds a finetune run; pass --resume to continue it, --overwrite to start "
+                             "again, or choose another --run-dir")
+    elif run_dir.exists() and any(p.name not in LOCK_FILES for p in run_dir.iterdir()):
+        raise UsageError(f"{run_dir} exists and is not a clap finetune run; choose another --run-dir")
+    for p in run_dir.iterdir():
+        if p.name not in LOCK_FILES:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return None
+
+
+def _run_options(cfg: FinetuneConfig) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+
+
+def _run_full(cfg, clap, head, train, val, labels, on_epoch, on_embed, ctx, run_dir, resume_from, log):
+    from .. import dist
+    from ..atomic import atomic_write
+    from ..audio.decode import load_audio
+    from ..models.checkpoints import load_checkpoint
+    from ..runtime import TRAINING_PRECISIONS, resolve_precision
+    from .config import TrainState
+    from .loop import checkpoint_saver, lr_at, seed_step, train_step
+    from .state import load_trainer_state
+
+    device = clap.device
+    precision = resolve_precision(cfg.precision, device, allowed=TRAINING_PRECISIONS)
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA device; use fp32 (or bf16 where the CPU runs it natively)")
+    if cfg.batch_size < 2 * ctx.world_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} gives {ctx.world_size} ranks less than 2 clips each")
     model = clap.model
     model.lock_text_tower()
     model.eval()  # BatchNorm statistics and dropout as loaded; gradients still flow
@@ -448,44 +603,124 @@ def _train_full(cfg, clap, head, train: Dataset, val: Dataset, labels, on_epoch,
             raise DataError(f"cannot read audio: {exc}", source=str(path)) from exc
 
     waves = [decode(p) for p in train.paths]  # decoded once, kept in memory for every epoch
-    val_waves = [decode(p) for p in val.paths]
-    # the standardisation is fitted once, on the starting encoder's embeddings of the training clips
-    head[0].fit(torch.as_tensor(cached_embeddings(clap, train.paths, cfg.embed_batch_size, on_embed),
-                                device=clap.device))
+    val_waves = [decode(p) for p in val.paths] if ctx.is_main else []
     encoder_params = [p for n, p in model.named_parameters()
                       if n.startswith(("audio_model.", "audio_projection.")) and p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": encoder_params, "lr": cfg.encoder_lr},
-                                   {"params": head.parameters(), "lr": cfg.lr, "weight_decay": cfg.weight_decay}],
-                                  weight_decay=0.0)
-    y_train = torch.as_tensor(train.targets, device=clap.device)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history, best, best_state = [], None, None
-    for epoch in range(1, cfg.epochs + 1):
-        started = time.monotonic()
-        head.train()
-        total, count = 0.0, 0
-        for idx in _batches(len(waves), cfg.batch_size, gen):
-            feats, longer = clap.features.clip_features([waves[i] for i in idx.tolist()])  # (B, C, 1001, 64)
-            emb = model.encode_audio(feats, longer, normalize=False)  # (B, D) raw
-            loss = _head_step(head, optimizer, emb, y_train[idx.to(clap.device)], cfg, len(labels), gen)
-            total, count = total + loss * len(idx), count + len(idx)
-        head.eval()
-        emb_val = np.stack([e.embedding for e in clap.embed_waveforms(val_waves, segments=False,
-                                                                       batch_size=cfg.embed_batch_size,
-                                                                       normalize=False)])
-        with torch.no_grad():
-            logits = head(torch.as_tensor(emb_val, device=clap.device))  # (V, L)
-            record = _epoch_record(epoch, total / count, logits, val, labels, cfg.multi_label, started)
-        history.append(record)
-        if _is_better(record, best, cfg.multi_label):
-            encoder_state = {k: v.detach().clone() for k, v in model.state_dict().items()
-                             if k.startswith(("audio_model.", "audio_projection."))}
-            best, best_state = record, (copy.deepcopy(head.state_dict()), encoder_state)
-        if on_epoch:
-            on_epoch(record)
-    head.load_state_dict(best_state[0])
-    model.load_state_dict(best_state[1], strict=False)
-    return history, best
+    base_lrs = (cfg.encoder_lr, cfg.lr)
+    optimizer = torch.optim.AdamW([{"params": encoder_params, "lr": cfg.encoder_lr, "weight_decay": 0.0},
+                                   {"params": head.parameters(), "lr": cfg.lr, "weight_decay": cfg.weight_decay}])
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    steps = len(_batches(len(waves), cfg.batch_size, torch.Generator()))
+    total = steps * cfg.epochs  # the schedule's length; max_steps only stops early
+    state = TrainState(steps_per_epoch=steps)
+    if resume_from:
+        saved = load_trainer_state(Path(resume_from))
+        state = TrainState(**saved["state"])
+        if state.steps_per_epoch != steps:
+            raise TrainingError(f"cannot resume {run_dir}: it ran {state.steps_per_epoch} steps per epoch, this "
+                                f"setup gives {steps} (same data and --batch-size needed)")
+        model.load_state_dict(load_checkpoint(resume_from).model.state_dict())
+        head.load_state_dict(saved["objective"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        log({"event": "resumed", "from": str(resume_from), "step": state.step, "epoch": state.epoch})
+    else:  # the standardisation is fitted once, on the starting encoder's embeddings of the training clips
+        head[0].fit(torch.as_tensor(cached_embeddings(clap, train.paths, cfg.embed_batch_size, on_embed),
+                                    device=device))
+    if ctx.is_main:
+        atomic_write(run_dir / "config.json", json.dumps({"finetune": _run_options(cfg), "labels": labels,
+                                                          "world_size": ctx.world_size}, indent=2) + "\n")
+    trainee = ClassifierTrainee(model, head, cfg.mixup, len(labels), cfg.multi_label)
+    ddp = trainee
+    if ctx.distributed:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            trainee, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    loss_fn = ClassificationLoss(cfg.multi_label)
+    y_train = torch.as_tensor(train.targets, device=device)
+    info = {"source": str(cfg.model) if cfg.model else clap.loaded.name}
+    save = checkpoint_saver(cfg, run_dir, model, clap.tokenizer, optimizer, scaler, state, info, ctx, head)
+    history = state.history
+
+    def validate_and_keep_best(epoch: int, train_loss: float, started: float) -> None:
+        """Rank 0 measures the head on the validation clips (the others wait) and keeps best/."""
+        if ctx.is_main:
+            head.eval()
+            emb_val = np.stack([e.embedding for e in clap.embed_waveforms(val_waves, segments=False,
+                                                                           batch_size=cfg.embed_batch_size,
+                                                                           normalize=False)])
+            with torch.no_grad():
+                logits = head(torch.as_tensor(emb_val, device=device))  # (V, L)
+                record = _epoch_record(epoch, train_loss, logits, val, labels, cfg.multi_label, started)
+            head.train()
+            best = next((r for r in history if r["step"] == state.best_step), None)
+            history.append({**record, "step": state.step})
+            log({"step": state.step, **record})
+            if _is_better(record, best, cfg.multi_label):
+                state.best_value, state.best_step = record.get(f"val_{main_metric(cfg.multi_label)}"), state.step
+                save("best", {"best_metric": main_metric(cfg.multi_label), "value": state.best_value})
+            if on_epoch:
+                on_epoch(record)
+        dist.barrier(main_work=True)
+
+    log({"event": "start", "steps_per_epoch": steps, "total_steps": min(total, cfg.max_steps or total),
+         "clips": len(waves), "world_size": ctx.world_size, "device": str(device), "precision": precision})
+    head.train()
+    started, saved_at = time.monotonic(), None
+    while state.epoch < cfg.epochs and not (cfg.max_steps and state.step >= cfg.max_steps):
+        batches = _epoch_batches(len(waves), cfg, state.epoch)
+        for idx in batches[state.epoch_step:]:
+            share = idx[ctx.rank :: ctx.world_size].tolist()  # this rank's clips of the step
+            seed_step(cfg.seed, state.step, ctx.rank)  # crops and mixup: a function of the step
+            feats, longer = clap.features.clip_features([waves[i] for i in share])  # (b, C, frames, n_bins)
+            lr = [lr_at(state.step, base, cfg.warmup, total) for base in base_lrs]
+            for group, group_lr in zip(optimizer.param_groups, lr):
+                group["lr"] = group_lr
+            try:
+                loss = train_step(ddp, ClipBatch(feats, longer, y_train[share]), loss_fn, optimizer, scaler=scaler,
+                                  precision=precision, device=device)
+            except torch.OutOfMemoryError as exc:
+                raise TrainingError(f"out of memory at batch size {cfg.batch_size}: lower --batch-size") from exc
+            loss = float(dist.all_reduce_mean(torch.tensor(loss, device=device)))
+            state.step += 1
+            state.epoch_step += 1
+            state.epoch_loss += loss * len(idx)
+            log({"step": state.step, "epoch": state.epoch, "loss": round(loss, 6), "encoder_lr": lr[0], "lr": lr[1],
+                 "total_steps": total})
+            if state.epoch_step == steps:
+                train_loss = state.epoch_loss / len(waves)
+                state.epoch, state.epoch_step, state.epoch_loss = state.epoch + 1, 0, 0.0
+                validate_and_keep_best(state.epoch, train_loss, started)
+                started = time.monotonic()
+                save(f"step-{state.step}")
+                saved_at = state.step
+            elif cfg.save_every and state.step % cfg.save_every == 0:
+                save(f"step-{state.step}")
+                saved_at = state.step
+            if cfg.max_steps and state.step >= cfg.max_steps:
+                break
+    if state.epoch_step:  # stopped by max_steps inside an epoch: validate and keep that point too
+        clips = sum(len(b) for b in _epoch_batches(len(waves), cfg, state.epoch)[: state.epoch_step])
+        validate_and_keep_best(state.epoch + 1, state.epoch_loss / clips, started)
+    if saved_at != state.step:
+        save(f"step-{state.step}")
+    log({"event": "done", "steps": state.step, "epochs": state.epoch, "best_step": state.best_step})
+    if not ctx.is_main:
+        return history, None
+    best_dir = run_dir / "best"
+    model.load_state_dict(load_checkpoint(best_dir).model.state_dict())
+    head.load_state_dict(load_trainer_state(best_dir)["objective"])
+    best = next(r for r in history if r["step"] == state.best_step)
+    return [_without_step(r) for r in history], _without_step(best)
+
+
+def _epoch_batches(n: int, cfg: FinetuneConfig, epoch: int) -> list[torch.Tensor]:
+    """The clip order of one --full epoch, a function of (seed, epoch) so a resumed run finds its place."""
+    return _batches(n, cfg.batch_size, torch.Generator().manual_seed(cfg.seed * 7_919 + epoch))
+
+
+def _without_step(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "step"}
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------

@@ -62,8 +62,10 @@ def train_step(model, batch, loss_fn, optimizer, *, accum_steps: int = 1, grad_c
                scaler=None, precision: str = "fp32", device: torch.device = torch.device("cpu")) -> float:
     """One optimizer step on `batch`; returns the loss.
 
-    `model(*batch)` gives the features (a NamedTuple: (B, D) rows and () logit scales): a `ClapModel` on a
-    `Batch` with a `ClipLoss`, or a `Wav2ClipTrainee` on an `ImageBatch` with a `Wav2ClipLoss`.
+    `model(*batch)` gives the features (a NamedTuple: (B, …) rows and () logit scales): a `ClapModel` on a
+    `Batch` with a `ClipLoss`, a `Wav2ClipTrainee` on an `ImageBatch` with a `Wav2ClipLoss`, or
+    `finetune.ClassifierTrainee` on a `ClipBatch` with a `ClassificationLoss`. A loss other than `ClipLoss`
+    takes the model's output as it is.
 
     With accum_steps K > 1 the batch runs as K micro-batches and the gradient is still that of the loss
     over the whole batch: features of every micro-batch are first computed without gradient, then each
@@ -73,7 +75,7 @@ def train_step(model, batch, loss_fn, optimizer, *, accum_steps: int = 1, grad_c
     passes; with a locked audio tower the result equals the whole-batch step exactly, see the tests.)
     """
     module = getattr(model, "module", model)
-    loss_of = loss_fn if isinstance(loss_fn, Wav2ClipLoss) else _clap_loss(loss_fn)
+    loss_of = _clap_loss(loss_fn) if isinstance(loss_fn, ClipLoss) else loss_fn
     optimizer.zero_grad(set_to_none=True)
     if accum_steps <= 1:
         with autocast(device, precision):
@@ -107,9 +109,15 @@ def train_step(model, batch, loss_fn, optimizer, *, accum_steps: int = 1, grad_c
     with torch.no_grad():
         if hasattr(module, "clamp_logit_scales_"):
             module.clamp_logit_scales_()
-        else:
+        elif hasattr(module, "logit_scale_a"):  # a classifier has no logit scale
             clamp_logit_scale_(module.logit_scale_a)
     return value
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed torch's generator for one step (dropout, crops, mixup): every random draw of a step is a function
+    of (seed, step, rank), so a resumed run repeats a straight one without saved RNG state."""
+    torch.manual_seed(seed * 1_000_003 + step * 9_973 + rank)
 
 
 def _clap_loss(loss_fn: ClipLoss):
@@ -209,7 +217,7 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
                Collate(model.config.frontend, model.config.fused, tokenizer, model.config.text.max_length,
                        cfg.spec_augment))
     objective = trainee.objective if wav2clip else None
-    save = _saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info, ctx, objective)
+    save = checkpoint_saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info, ctx, objective)
 
     def validate_and_keep_best() -> None:
         """Rank 0 validates in eval mode (the others wait), then training mode again; best/ by cfg.best_metric."""
@@ -247,7 +255,7 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
             lr = lr_at(state.step, cfg.lr, cfg.warmup, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            torch.manual_seed(cfg.seed * 1_000_003 + state.step * 9_973 + ctx.rank)  # dropout: a function of the step
+            seed_step(cfg.seed, state.step, ctx.rank)  # dropout: a function of the step
             try:
                 loss = train_step(ddp, batch, loss_fn, optimizer, accum_steps=cfg.accum_steps,
                                   grad_clip=cfg.grad_clip, scaler=scaler, precision=precision, device=device)
@@ -300,10 +308,11 @@ def _stop(cfg: TrainConfig, state: TrainState) -> bool:
     return bool(cfg.max_steps) and state.step >= cfg.max_steps
 
 
-def _saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info, ctx, objective=None):
-    """save(name): RUN/name/ written by rank 0 while the other ranks wait. step-N/ and final/ hold what
-    resuming needs; save("best", {metric, value}) holds the model and state without the optimizer, and is
-    called on rank 0 alone, inside validation (whose barrier the other ranks are waiting at)."""
+def checkpoint_saver(cfg, run_dir, model, tokenizer, optimizer, scaler, state, model_info, ctx, objective=None):
+    """save(name): RUN/name/ written by rank 0 while the other ranks wait (`cfg.keep_checkpoints` step-N/
+    folders kept). step-N/ and final/ hold what resuming needs; save("best", {metric, value}) holds the model
+    and state without the optimizer, and is called on rank 0 alone, inside validation (whose barrier the other
+    ranks are waiting at). `objective` is saved in the trainer state: wav2clip's, or finetune's head."""
 
     def save(name: str, extra: dict | None = None) -> None:
         best = name == "best"
