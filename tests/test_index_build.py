@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-import clapcli.api
+import clapcli.engine.load
 from audio_synth import tone_noise, write_audio
 from clapcli.index.build import IndexRequest, ModelLoader, build
 from clapcli.index.store import IndexStore
@@ -24,14 +24,14 @@ def library(tmp_path):
 @pytest.fixture
 def loads(monkeypatch):
     """The (name, precision, text_only) of every `load_model` call, which still loads the real model."""
-    calls, real = [], clapcli.api.load_model
+    calls, real = [], clapcli.engine.load.load_model
 
     def counting_load_model(name=None, *args, **kwargs):
         model = real(name, *args, **kwargs)
         calls.append((str(name), model.precision, kwargs.get("text_only", False)))
         return model
 
-    monkeypatch.setattr(clapcli.api, "load_model", counting_load_model)
+    monkeypatch.setattr(clapcli.engine.load, "load_model", counting_load_model)
     return calls
 
 
