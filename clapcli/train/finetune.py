@@ -112,8 +112,8 @@ def read_shard_clips(root: Path) -> list[LabelledClip]:
     (`finetune-shards/<hash>.<ext>`), so the rest of finetuning (the embedding cache, --full decoding) sees
     ordinary files. A sample without tags is a DataError naming it."""
     from ..atomic import atomic_write
-    from ..home import cache_dir
     from ..data.shards import iter_shard, resolve_split
+    from ..home import cache_dir
 
     split = resolve_split(root)
     directory = cache_dir() / SHARD_AUDIO_SUBDIR
