@@ -33,9 +33,10 @@ def read_manifest(path: str | os.PathLike, base: str | os.PathLike | None = None
     """Rows of a CSV (`path` column, `caption` and/or `tags` columns) or JSONL manifest (the same keys).
 
     A caption is a string or a JSON list of strings; tags are a list as `manifest.tag_list` reads it (a JSON
-    list, `dog;rain`, or `[dog, rain]`). `text` and `tag` are accepted as the column names too. With `image_column`, each row's image path is read from that column
-    (a manifest without the column is a DataError; an empty cell leaves `image` None). Relative paths resolve
-    against `base` (default: the manifest's folder). A malformed manifest is a DataError naming the file and line.
+    list, `dog;rain`, or `[dog, rain]`). `text` and `tag` are accepted as the column names too. With
+    `image_column`, each row's image path is read from that column (a manifest without the column is a
+    DataError; an empty cell leaves `image` None). Relative paths resolve against `base` (default: the
+    manifest's folder). A malformed manifest is a DataError naming the file and line.
     """
     manifest = Path(path)
     base = Path(base) if base is not None else manifest.resolve().parent
