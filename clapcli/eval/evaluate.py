@@ -210,9 +210,9 @@ def read_zeroshot_data(data: str | os.PathLike, fold: int | None = None) -> list
             raise UsageError("--fold needs a manifest with a 'fold' column (such as ESC-50's meta/esc50.csv), "
                              f"not a folder of class subfolders: {root}")
         return read_labelled(root)
-    manifest = read_rows(root, what="labelled data (or a folder of class subfolders)")
+    manifest = read_rows(root, what="a labelled manifest")
     rows = [row for _, row in manifest.rows]
-    columns = set(manifest.columns if manifest.columns is not None else rows[0] if rows else ())
+    columns = set(rows[0]) if rows else set()
     if all(c in columns for c in ESC50_COLUMNS):
         audio_dir = root.resolve().parent.parent / "audio"
         if not audio_dir.is_dir():
