@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 from audio_synth import tone_noise, write_audio
 from clapcli.cli.main import app
 from clapcli.errors import UsageError, WeightsNotAvailable
-from clapcli.train.captions import DEBIAS_TABLE, KeywordToCaption, debias, template_caption
-from clapcli.train.shards import iter_shard, make_shards, resolve_split, select_text
+from clapcli.data.captions import DEBIAS_TABLE, KeywordToCaption, debias, template_caption
+from clapcli.data.shard_writer import make_shards
+from clapcli.data.shards import iter_shard, resolve_split, select_text
 
 
 def test_template_caption_follows_audioset():

@@ -15,8 +15,8 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from clapcli.cli.main import app
-from clapcli.train.metrics import a2t_map10_laion_quirk, retrieval_metrics
-from clapcli.train.shards import iter_shard, list_shards
+from clapcli.eval.metrics import a2t_map10_laion_quirk, retrieval_metrics
+from clapcli.data.shards import iter_shard, list_shards
 from test_errors import run_main
 from train_data import KINDS, SR, clip, make_dataset
 
@@ -303,7 +303,7 @@ def test_zeroshot_on_multi_label_rows_reports_map_over_every_class(tmp_path, tin
     """Rows with several `labels`: mAP over the labels, with each clip's every class a positive."""
     from clapcli import load_model
     from clapcli.engine.clap import Clap
-    from clapcli.train.metrics import multilabel_map
+    from clapcli.eval.metrics import multilabel_map
 
     rng = np.random.default_rng(4)
     rows, files = [], []

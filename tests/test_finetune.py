@@ -158,7 +158,7 @@ def test_multi_label_reports_map(tmp_path, tiny_model_dir):
     head, and `evaluate_classifier` reproduces the reported validation mAP."""
     from clapcli import load_classifier
     from clapcli.train.finetune import FinetuneConfig, evaluate_classifier, finetune
-    from clapcli.train.metrics import multilabel_map
+    from clapcli.eval.metrics import multilabel_map
 
     rng = np.random.default_rng(3)
     (tmp_path / "audio").mkdir()
@@ -250,7 +250,7 @@ def test_data_errors_are_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys)
 
 def test_manifest_labels_and_stratified_split(tmp_path):
     from clapcli.train.finetune import stratified_split
-    from clapcli.train.labelled import LabelledClip, read_labelled
+    from clapcli.data.labelled import LabelledClip, read_labelled
 
     (tmp_path / "m.jsonl").write_text(
         json.dumps({"path": "a.wav", "labels": ["dog", "rain"]}) + "\n"

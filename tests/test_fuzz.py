@@ -33,7 +33,8 @@ from hypothesis import strategies as st
 from audio_synth import tone_noise
 from clapcli.audio.decode import load_audio, probe, read_mono
 from clapcli.errors import ClapError
-from clapcli.train.shards import ShardWriter, decode_audio, encode_flac, iter_shard, select_text
+from clapcli.data.shard_writer import ShardWriter, encode_flac
+from clapcli.data.shards import decode_audio, iter_shard, select_text
 
 TIMEOUT_S = 20.0  # per input: far above any decode of these few-kB files, even on a loaded machine
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from clapcli.train import metrics
-from clapcli.train.metrics import (
+from clapcli.eval import metrics
+from clapcli.eval.metrics import (
     a2t_map10_laion_quirk,
     average_precision,
     multilabel_map,

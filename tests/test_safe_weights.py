@@ -78,7 +78,7 @@ def test_k2c_model_with_only_pickled_weights_is_one_error_line(tmp_path, monkeyp
 
 def test_the_same_models_with_safetensors_still_load(tmp_path):
     from clapcli.models.wav2clip import load_clip_text
-    from clapcli.train.captions import KeywordToCaption
+    from clapcli.data.captions import KeywordToCaption
     from clapcli.train.teacher import ImageTeacher
 
     clip = save_tiny_clip(tmp_path / "clip")

@@ -23,14 +23,7 @@ from audio_synth import tone_noise, write_audio
 from clapcli.audio.decode import load_audio
 from clapcli.cli.main import app, main
 from clapcli.errors import DataError
-from clapcli.train.shards import (
-    RawSample,
-    decode_audio,
-    iter_shard,
-    read_sizes,
-    resolve_split,
-    select_text,
-)
+from clapcli.data.shards import RawSample, decode_audio, iter_shard, read_sizes, resolve_split, select_text
 
 runner = CliRunner()
 
@@ -215,7 +208,7 @@ def test_val_split_sizes_disjoint_and_seeded(tmp_path, clips):
 
 
 def test_failure_mid_run_leaves_only_complete_shards(tmp_path, clips, monkeypatch):
-    import clapcli.train.shards as shards
+    import clapcli.data.shard_writer as shards
 
     manifest = _write_csv(tmp_path / "src" / "m.csv", clips)
     real, calls = shards.encode_flac, []
@@ -242,7 +235,7 @@ def test_sigkill_mid_run_leaves_no_shard_a_reader_accepts_half_written(tmp_path,
     out = tmp_path / "s"
     script = textwrap.dedent(f"""
         import sys, time
-        import clapcli.train.shards as shards
+        import clapcli.data.shard_writer as shards
         real = shards.encode_flac
         def slow(samples, *a, **k):
             time.sleep(0.4)
@@ -436,8 +429,8 @@ def _split_with_a_big_member(folder: Path) -> tuple[Path, int]:
 
 
 def test_a_tar_member_over_the_cap_is_skipped_unread_with_a_message(tmp_path, monkeypatch, capsys):
-    import clapcli.train.shards as shards
-    from clapcli.train.evaluate import _shard_waveforms
+    import clapcli.data.shards as shards
+    from clapcli.eval.evaluate import _shard_waveforms
 
     folder, cap = _split_with_a_big_member(tmp_path / "d")
     monkeypatch.setattr(shards, "MAX_MEMBER_BYTES", cap)
@@ -465,8 +458,8 @@ def test_a_tar_member_over_the_cap_is_skipped_unread_with_a_message(tmp_path, mo
 
 
 def test_training_meets_an_oversized_member_as_a_data_error_naming_it(tmp_path, monkeypatch):
-    import clapcli.train.shards as shards
-    from clapcli.train.data import ShardStream
+    import clapcli.data.shards as shards
+    from clapcli.train.stream import ShardStream
 
     folder, cap = _split_with_a_big_member(tmp_path / "d")
     monkeypatch.setattr(shards, "MAX_MEMBER_BYTES", cap)

@@ -13,10 +13,11 @@ from clapcli.models.clap import ClapModel
 from clapcli.models.presets import preset
 from clapcli.train.batch import Batch, Collate, random_crop_starts
 from clapcli.train.config import TrainConfig
-from clapcli.train.data import ShardStream, plan_slots, steps_per_epoch
+from clapcli.train.stream import ShardStream, plan_slots, steps_per_epoch
 from clapcli.train.loop import lr_at, make_optimizer, train_step
 from clapcli.train.loss import ClipLoss
-from clapcli.train.shards import ShardWriter, resolve_split
+from clapcli.data.shard_writer import ShardWriter
+from clapcli.data.shards import resolve_split
 from train_data import CAPTIONS, KINDS, make_tokenizer
 
 
@@ -143,7 +144,7 @@ def test_training_crops_are_random_but_seeded():
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
     """5 shards of sizes 7, 7, 7, 7, 6 holding 34 one-second tones whose keys say their index."""
-    from clapcli.train.shards import encode_flac
+    from clapcli.data.shard_writer import encode_flac
 
     root = tmp_path_factory.mktemp("stream")
     writer = ShardWriter(root, shard_size=7)
@@ -181,7 +182,7 @@ def epoch_keys(split, rank, world, workers, batch, epoch=0, skip=0, steps=None):
 
 
 def _as_worker(stream, worker, workers):
-    import clapcli.train.data as data
+    import clapcli.train.stream as data
 
     class Info:
         id = worker
@@ -230,7 +231,7 @@ def test_too_little_data_for_a_batch_is_a_clear_error(shard_dir):
 
 
 def test_text_source_picks_the_caption_field(tmp_path):
-    from clapcli.train.shards import encode_flac
+    from clapcli.data.shard_writer import encode_flac
 
     writer = ShardWriter(tmp_path, shard_size=8)
     for i in range(4):
@@ -268,7 +269,7 @@ def test_shuffle_buffer_is_bounded_by_bytes_as_well_as_count():
     count-only buffer's, so runs and their resumes are unchanged."""
     import random
 
-    from clapcli.train.data import _shuffled
+    from clapcli.train.stream import _shuffled
 
     items = [bytes([i % 256]) * 100 + i.to_bytes(2, "big") for i in range(200)]
     pulled, held_most, out = 0, 0, []
@@ -293,9 +294,9 @@ def test_shuffle_buffer_is_bounded_by_bytes_as_well_as_count():
 
 
 def test_the_stream_shuffles_within_its_byte_budget(shard_dir, monkeypatch):
-    import clapcli.train.data as data
-    from clapcli.train.data import epoch_shards
-    from clapcli.train.shards import iter_shard
+    import clapcli.train.stream as data
+    from clapcli.train.stream import epoch_shards
+    from clapcli.data.shards import iter_shard
 
     shuffled = [k for batch in epoch_keys(shard_dir, 0, 1, 1, 4) for k in batch]
     monkeypatch.setattr(data, "SHUFFLE_BUFFER_BYTES", 1)  # one sample at a time: nothing to shuffle

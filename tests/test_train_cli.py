@@ -19,7 +19,7 @@ import torch
 
 from cli_runner import clap
 from entry_point import clap_executable
-from clapcli.train.shards import ShardWriter, encode_flac
+from clapcli.data.shard_writer import ShardWriter, encode_flac
 from test_errors import run_main
 from train_data import CAPTIONS, KINDS, SR, clip, kind_of, make_dataset, make_tokenizer
 

@@ -112,7 +112,7 @@ def make_image_dataset(root: Path, per_kind: int, suffix: str = ".jpg", seed: in
 
 
 def samples(directory: Path):
-    from clapcli.train.shards import iter_shard, resolve_split
+    from clapcli.data.shards import iter_shard, resolve_split
 
     return [raw for url in resolve_split(directory).urls for raw in iter_shard(url)]
 
@@ -259,7 +259,7 @@ def test_teacher_needs_a_vision_tower(tmp_path, tiny_clip):
 
 
 def test_shards_store_frames_and_embeddings_and_info_reports_them(tmp_path, monkeypatch, capsys):
-    from clapcli.train.shards import open_image
+    from clapcli.data.shards import open_image
 
     manifest = make_image_dataset(tmp_path / "src", per_kind=1)
     rows = list(csv.DictReader(open(manifest)))
@@ -332,8 +332,8 @@ def test_frames_and_their_precomputed_embeddings_give_the_same_training_images(t
     teacher's embeddings of those frames: every batch carries the same image embeddings."""
     from clapcli.models.presets import preset
     from clapcli.train.batch import FrameBatch, ImageCollate
-    from clapcli.train.data import ShardStream
-    from clapcli.train.shards import open_image, resolve_split
+    from clapcli.train.stream import ShardStream
+    from clapcli.data.shards import open_image, resolve_split
 
     manifest = make_image_dataset(tmp_path / "src", per_kind=3)
     clap("shards", "make", manifest, "--out", tmp_path / "jpg", "--images", "image", "--shard-size", "5")
@@ -486,7 +486,7 @@ def test_training_errors_are_one_line(image_shards, tiny_clip, roberta_tok, tmp_
     assert code == 1 and "Traceback" not in err and error.startswith("error: ") and ".tar: " in error
     assert error.endswith(".jpg: holds an image frame: pass --teacher CLIP_DIR to embed it")
 
-    from clapcli.train.shards import ShardWriter, encode_flac
+    from clapcli.data.shard_writer import ShardWriter, encode_flac
 
     bad = ShardWriter(tmp_path / "bad", shard_size=8)
     for i in range(4):

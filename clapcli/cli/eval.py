@@ -1,6 +1,6 @@
 """`clap eval retrieval|zeroshot`: the paper's evaluation protocols on held-out data.
 
-Thin: check the data and options (before the model loads), one call into `clapcli.train.evaluate`, render
+Thin: check the data and options (before the model loads), one call into `clapcli.eval.evaluate`, render
 a rich table on a terminal or one JSON object with `--json`. Exit 1 when clips had to be skipped.
 """
 
@@ -37,7 +37,7 @@ def retrieval(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Text→audio and audio→text R@1/5/10, mAP@10, mean and median rank; every caption of a clip counts."""
-    from ..train.evaluate import evaluate_retrieval, open_retrieval_data
+    from ..eval.evaluate import evaluate_retrieval, open_retrieval_data
 
     source = open_retrieval_data(data, split)
     clap_model = options.load(model, device, precision, tokenizer, engine=engine)
@@ -80,7 +80,7 @@ def zeroshot(
     """Zero-shot classification: top-1/top-5 accuracy, mAP@10, per-class accuracy, the most confused pairs."""
     from ..tagging import resolve_labels
     from ..tagging.prompts import check_templates
-    from ..train.evaluate import evaluate_zeroshot, match_classes, read_zeroshot_data
+    from ..eval.evaluate import evaluate_zeroshot, match_classes, read_zeroshot_data
 
     labelset = resolve_labels(labels)
     templates = check_templates(template)

@@ -62,7 +62,8 @@ def make(
 ) -> None:
     """Decode clips to 48 kHz mono 16-bit FLAC and write them with their captions as tar shards."""
     from ..errors import UsageError
-    from ..train.shards import CAPTIONS_FROM_TAGS, make_shards
+    from ..data.shard_writer import make_shards
+    from ..data.shards import CAPTIONS_FROM_TAGS
 
     if captions_from_tags not in CAPTIONS_FROM_TAGS:
         raise UsageError(f"--captions-from-tags must be one of {', '.join(CAPTIONS_FROM_TAGS)}")
@@ -102,7 +103,7 @@ def info(
 ) -> None:
     """Counts, audio hours, caption/tag coverage; checks every shard against sizes.json (exit 1 on a mismatch)."""
     from ..errors import DataError
-    from ..train.shards import inspect_shards
+    from ..data.shard_info import inspect_shards
 
     splits = inspect_shards(directory, examples=examples)
     if as_json:

@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import is_fill_temp, write_npy
+from ..data.labelled import LabelledClip, read_labelled
 from ..errors import DataError, TrainingError, UsageError
+from ..eval.metrics import multilabel_map, multilabel_mauc
 from ..models.classifier import (HEAD_KINDS, META_FILE, MODEL_DIR, Classifier, HeadConfig, build_head,
                                  head_probabilities)
-from .labelled import LabelledClip, read_labelled
-from .metrics import multilabel_map, multilabel_mauc
 
 CACHE_SUBDIR = "finetune-embeddings"  # under clapcli.home.cache_dir()
 SHARD_AUDIO_SUBDIR = "finetune-shards"  # audio of shard samples, by content hash, under the cache dir
@@ -133,8 +133,8 @@ def read_shard_clips(root: Path) -> list[LabelledClip]:
     (`finetune-shards/<hash>.<ext>`), so the rest of finetuning (the embedding cache, --full decoding) sees
     ordinary files. A sample without tags is a DataError naming it."""
     from ..atomic import atomic_write
+    from ..data.shards import iter_shard, resolve_split
     from ..home import cache_dir
-    from .shards import iter_shard, resolve_split
 
     split = resolve_split(root)
     directory = cache_dir() / SHARD_AUDIO_SUBDIR

@@ -28,7 +28,7 @@ from ..runtime import TRAINING_PRECISIONS, autocast, native_bf16, resolve_precis
 from .batch import Collate, FrameBatch, ImageCollate
 from .state import load_trainer_state, prune_step_checkpoints, save_checkpoint
 from .config import TrainConfig, TrainState
-from .data import ShardStream, loader, steps_per_epoch
+from .stream import ShardStream, loader, steps_per_epoch
 from .loss import ClipLoss, clamp_logit_scale_
 from .objective import Wav2ClipLoss, Wav2ClipObjective, Wav2ClipTrainee, check_widths
 from .runlock import RunLock

@@ -7,11 +7,11 @@ import json
 import re
 from pathlib import Path
 
+from ..data.shards import ShardSplit, resolve_split
 from ..errors import DataError, UsageError, first_line
 from .state import clear_stale, latest_checkpoint
 from .config import TrainConfig
 from .runlock import LOCK_FILES
-from .shards import ShardSplit, resolve_split
 
 
 def prepare_run_dir(run_dir: Path, cfg: TrainConfig, ctx) -> Path | None:
@@ -221,7 +221,7 @@ def open_zeroshot(cfg: TrainConfig):
         return None
     from ..tagging.labels import resolve_labels
     from ..tagging.prompts import check_templates
-    from .labelled import read_labelled
+    from ..data.labelled import read_labelled
 
     check_templates([cfg.template])
     clips = read_labelled(cfg.val_zeroshot)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..data.labelled import LabelledClip
+from ..data.shards import ShardSplit, decode_audio, iter_shard, select_text
 from ..errors import DataError
+from ..eval.metrics import retrieval_metrics, zeroshot_metrics
 from ..tagging.prompts import DEFAULT_TEMPLATE, render
-from .data import sample_image
-from .labelled import LabelledClip
-from .metrics import retrieval_metrics, zeroshot_metrics
-from .shards import ShardSplit, decode_audio, iter_shard, select_text
+from .stream import sample_image
 
 
 

@@ -18,9 +18,6 @@ nothing embedded at all is a DataError.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +25,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from ..data.labelled import LabelledClip, read_labelled
+from ..data.manifest import MANIFEST_SUFFIXES, read_rows
 from ..errors import DataError, UsageError
-from .labelled import LabelledClip, read_labelled
 from .metrics import a2t_map10_laion_quirk, multilabel_map, retrieval_metrics, zeroshot_metrics
 
 SPLITS = ("train", "val")
@@ -61,13 +59,14 @@ class RetrievalData:
     split: str | None  # "train" / "val" of a `shards make` output; None otherwise
     total: int  # samples (shards, from sizes.json) or manifest rows
     urls: list[str] = field(default_factory=list)  # shards
-    items: list = field(default_factory=list)  # manifest rows (shards.SourceItem)
+    items: list = field(default_factory=list)  # manifest rows (sources.SourceItem)
 
 
 def open_retrieval_data(data: str | os.PathLike, split: str | None = None) -> RetrievalData:
     """A `shards make` output (its `val/` by default when present, else `train/`; `split` picks), a folder of
     tars with sizes.json, or a CSV/JSONL manifest with `path` and `caption` (a string or a JSON list)."""
-    from .shards import MANIFEST_SUFFIXES, read_manifest, resolve_split
+    from ..data.shards import resolve_split
+    from ..data.sources import read_manifest
 
     root = Path(data).expanduser()
     if split is not None and split not in SPLITS:
@@ -168,7 +167,7 @@ def evaluate_retrieval(model, data: RetrievalData, batch_size: int = 8, progress
 
 def _shard_waveforms(model, urls: list[str], skip) -> Iterator[tuple[np.ndarray, list[str]]]:
     """(48 kHz waveform, captions) of every usable shard sample; undecodable or caption-less ones skipped."""
-    from .shards import decode_audio, iter_shard, select_text
+    from ..data.shards import decode_audio, iter_shard, select_text
 
     sr, quantize = model.config.frontend.sample_rate, model.config.frontend.quantize_int16
     for url in urls:
@@ -211,14 +210,15 @@ def read_zeroshot_data(data: str | os.PathLike, fold: int | None = None) -> list
             raise UsageError("--fold needs a manifest with a 'fold' column (such as ESC-50's meta/esc50.csv), "
                              f"not a folder of class subfolders: {root}")
         return read_labelled(root)
-    rows = _manifest_rows(root)
+    manifest = read_rows(root, what="a labelled manifest")
+    rows = [row for _, row in manifest.rows]
     columns = set(rows[0]) if rows else set()
     if all(c in columns for c in ESC50_COLUMNS):
         audio_dir = root.resolve().parent.parent / "audio"
         if not audio_dir.is_dir():
             raise DataError(f"ESC-50 layout: the audio folder {audio_dir} is missing", source=str(root))
         clips, folds = [], []
-        for number, row in enumerate(rows, 2):
+        for number, row in manifest.rows:
             name, category = str(row.get("filename") or "").strip(), str(row.get("category") or "").strip()
             if not name or not category:
                 raise DataError(f"line {number}: needs 'filename' and 'category'", source=str(root))
@@ -236,27 +236,6 @@ def read_zeroshot_data(data: str | os.PathLike, fold: int | None = None) -> list
         present = sorted({str(f).strip() for f in folds}, key=lambda s: (len(s), s))
         raise UsageError(f"--fold {fold}: no clip in that fold; {root} has folds {', '.join(present)}")
     return kept
-
-
-def _manifest_rows(path: Path) -> list[dict]:
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl"):
-        raise UsageError(f"{path}: labelled data is a folder of class subfolders or a .csv/.jsonl manifest")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot be read ({exc})", source=str(path)) from exc
-    if suffix == ".csv":
-        return list(csv.DictReader(io.StringIO(text)))
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"line {number}: not valid JSON ({exc})", source=str(path)) from exc
-            rows.append(row if isinstance(row, dict) else {})
-    return rows
 
 
 def _normal(name: str) -> str:

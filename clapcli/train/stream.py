@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from ..audio.loader import die_with_parent
+from ..data.shards import (RawSample, ShardSplit, decode_audio, decode_frame, decode_image_embedding, iter_shard,
+                           select_text)
 from ..errors import DataError
 from .batch import Batch, Collate, FrameBatch, ImageCollate
-from .shards import RawSample, ShardSplit, decode_audio, decode_frame, decode_image_embedding, iter_shard, select_text
 
 
 # Bytes of undecoded samples a data worker's shuffle buffer holds, besides its count (`shuffle_buffer`): 1000
