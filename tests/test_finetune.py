@@ -249,7 +249,7 @@ def test_data_errors_are_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys)
 
 
 def test_manifest_labels_and_stratified_split(tmp_path):
-    from clapcli.train.finetune import stratified_split
+    from clapcli.train.classifier_data import stratified_split
     from clapcli.data.labelled import LabelledClip, read_labelled
 
     (tmp_path / "m.jsonl").write_text(

@@ -71,7 +71,7 @@ def test_shards_make_finetune_and_eval_read_the_same_tags(tmp_path, suffix):
     from clapcli.data.shard_writer import make_shards
     from clapcli.data.shards import iter_shard, resolve_split
     from clapcli.eval.evaluate import read_zeroshot_data
-    from clapcli.train.finetune import read_data
+    from clapcli.train.classifier_data import read_data
 
     manifest = next(m for m in _manifests(tmp_path / "src") if m.suffix == suffix)
     want = [("dog", "rain")] * len(CELLS)
