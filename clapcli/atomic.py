@@ -112,10 +112,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        for root, _dirs, files in os.walk(tmp):
-            for name in files:
-                _fsync_path(Path(root) / name)
-            _fsync_dir(Path(root))
+        _fsync_tree(tmp)
         old = None
         if target.exists() or target.is_symlink():
             old = old_path(target)
@@ -156,10 +153,7 @@ def fill_directory(path: str | os.PathLike, last: tuple[str, ...] = ()) -> Itera
     moved: list[Path] = []
     try:
         yield tmp
-        for root, _dirs, files in os.walk(tmp):
-            for name in files:
-                _fsync_path(Path(root) / name)
-            _fsync_dir(Path(root))
+        _fsync_tree(tmp)
         ordered = sorted(e for e in tmp.iterdir() if e.name not in last)
         ordered += [tmp / name for name in last if (tmp / name).exists()]
         for entry in ordered:
@@ -231,6 +225,14 @@ def _fsync_dir(path: Path) -> None:
         pass  # some filesystems cannot fsync a directory
     finally:
         os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Every file and folder under `directory` on disk (before it is renamed into place)."""
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            _fsync_path(Path(root) / name)
+        _fsync_dir(Path(root))
 
 
 def _remove(path: Path) -> None:

@@ -418,7 +418,7 @@ def _run_full(cfg, clap, head, train, val, labels, on_epoch, on_embed, ctx, run_
     from ..runtime import TRAINING_PRECISIONS, resolve_precision
     from .config import TrainState
     from .loop import checkpoint_saver, lr_at, seed_step, train_step
-    from .state import load_trainer_state
+    from .state import load_trainer_state, resume_state
 
     device = clap.device
     precision = resolve_precision(cfg.precision, device, allowed=TRAINING_PRECISIONS)
@@ -449,11 +449,7 @@ def _run_full(cfg, clap, head, train, val, labels, on_epoch, on_embed, ctx, run_
     total = steps * cfg.epochs  # the schedule's length; max_steps only stops early
     state = TrainState(steps_per_epoch=steps)
     if resume_from:
-        saved = load_trainer_state(Path(resume_from))
-        state = TrainState(**saved["state"])
-        if state.steps_per_epoch != steps:
-            raise TrainingError(f"cannot resume {run_dir}: it ran {state.steps_per_epoch} steps per epoch, this "
-                                f"setup gives {steps} (same data and --batch-size needed)")
+        state, saved = resume_state(resume_from, steps, run_dir, "same data and --batch-size")
         model.load_state_dict(load_checkpoint(resume_from).model.state_dict())
         head.load_state_dict(saved["objective"])
         optimizer.load_state_dict(saved["optimizer"])

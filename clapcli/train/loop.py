@@ -26,7 +26,7 @@ from ..atomic import atomic_write
 from ..errors import DataError, TrainingError, UsageError
 from ..runtime import TRAINING_PRECISIONS, autocast, native_bf16, resolve_precision
 from .batch import Collate, FrameBatch, ImageCollate
-from .state import load_trainer_state, prune_step_checkpoints, save_checkpoint
+from .state import prune_step_checkpoints, resume_state, save_checkpoint
 from .config import TrainConfig, TrainState
 from .stream import ShardStream, loader, steps_per_epoch
 from .loss import ClipLoss, clamp_logit_scale_
@@ -189,11 +189,7 @@ def _run(cfg, ctx, device, precision, run_dir, resume_from, log) -> dict:
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     state = TrainState(steps_per_epoch=steps)
     if resume_from:
-        saved = load_trainer_state(Path(resume_from))
-        state = TrainState(**saved["state"])
-        if state.steps_per_epoch != steps:
-            raise TrainingError(f"cannot resume {run_dir}: it ran {state.steps_per_epoch} steps per epoch, this "
-                                f"setup gives {steps} (same data, --batch-size and number of ranks needed)")
+        state, saved = resume_state(resume_from, steps, run_dir, "same data, --batch-size and number of ranks")
         optimizer.load_state_dict(saved["optimizer"])
         if wav2clip:
             if not saved.get("objective"):

@@ -85,6 +85,17 @@ def load_trainer_state(checkpoint: Path) -> dict:
         raise TrainingError(f"cannot read {path}: {first_line(exc)}") from exc
 
 
+def resume_state(checkpoint: str | Path, steps_per_epoch: int, run_dir: Path, same: str) -> tuple[TrainState, dict]:
+    """The `TrainState` and trainer state (`load_trainer_state`) of a checkpoint to resume from; refused when
+    it ran another number of steps per epoch than this setup gives (`same`: what must not change)."""
+    saved = load_trainer_state(Path(checkpoint))
+    state = TrainState(**saved["state"])
+    if state.steps_per_epoch != steps_per_epoch:
+        raise TrainingError(f"cannot resume {run_dir}: it ran {state.steps_per_epoch} steps per epoch, this "
+                            f"setup gives {steps_per_epoch} ({same} needed)")
+    return state, saved
+
+
 def prune_step_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` step-N/ folders."""
     steps = step_checkpoints(run_dir)
