@@ -290,12 +290,14 @@ def test_embed_refuses_empty_text_like_search(monkeypatch):
     fails("embed", "--text", "dog", "--text", " ", code=2, match="empty --text")
 
 
-def test_help_says_window_not_10_s_and_names_the_onnx_extra():
+def test_help_says_window_not_10_s_and_names_no_extra_for_the_engine():
+    """onnxruntime is a core dependency: --engine's help names no extra to install (it once said "when clapcli
+    is installed", rich having eaten `[onnx]`)."""
     for command in ("tag", "embed", "search", "index"):
         text = " ".join(clap(command, "--help").stdout.replace("│", " ").split())
         assert "10 s window" not in text, command
-        assert "clapcli is installed" not in text, command
-    assert "onnx extra is installed" in " ".join(clap("search", "--help").stdout.replace("│", " ").split())
+        assert "clapcli is installed" not in text and "extra" not in text, command
+    assert "auto (onnxruntime for --precision int8" in " ".join(clap("search", "--help").stdout.replace("│", " ").split())
 
 
 # -- through the installed entry point ---------------------------------------------------------------------
