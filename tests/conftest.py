@@ -17,11 +17,19 @@ os.environ["CLAP_ENGINE"] = "torch"
 
 @pytest.fixture(autouse=True)
 def clap_home(tmp_path, monkeypatch):
-    """Every test gets its own empty CLAP_HOME, no hub access and no CLAP_MODEL from the environment."""
+    """Every test gets its own empty CLAP_HOME and Hugging Face cache, no hub access and no CLAP_MODEL."""
     home = tmp_path / "clap-home"
     monkeypatch.setenv("CLAP_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("CLAP_MODEL", raising=False)
+    # An empty Hugging Face cache too: a developer who has the real laion/clap-htsat-fused cached must see what
+    # a fresh machine sees (subprocesses read the variables, this process the constant huggingface_hub set).
+    import huggingface_hub.constants as hub_constants
+
+    hub = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(hub))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(hub / "hub"))
     return home
 
 
