@@ -95,35 +95,39 @@ def test_index_list_reports_name_path_files_model_and_size(sfx_index, tiny_model
 
 
 def test_index_rm_off_a_terminal_without_yes_is_refused(sfx_index):
+    index_dir = sfx_index
     # Not on a terminal and without --yes: refused, nothing removed.
     fails("index", "rm", "sfx", code=2, match="pass --yes")
-    assert (sfx_index / "index.sqlite").is_file()
+    assert (index_dir / "index.sqlite").is_file()
 
 
 def test_index_rm_on_a_terminal_asks_and_n_keeps_the_index(sfx_index, monkeypatch):
+    index_dir = sfx_index
     # On a terminal it asks; "n" keeps the index.
     monkeypatch.setattr(index_admin, "_stdin_is_terminal", lambda: True)
     fails("index", "rm", "sfx", code=1, match="nothing removed", input="n\n")
-    assert (sfx_index / "index.sqlite").is_file()
+    assert (index_dir / "index.sqlite").is_file()
 
 
 def test_index_rm_while_the_writer_lock_is_held_is_refused_even_with_yes(sfx_index, monkeypatch):
     from clapcli.index.lock import WriterLock
 
+    index_dir = sfx_index
     monkeypatch.setattr(index_admin, "_stdin_is_terminal", lambda: True)
     # While `clap index` holds the writer lock: refused, even with --yes.
-    with WriterLock(sfx_index):
+    with WriterLock(index_dir):
         locked = fails("index", "rm", "sfx", "--yes", code=1, match="being written")
         fails("index", "rm", "sfx", code=1, match="being written", input="n\n")  # refused before asking
     assert f"pid {os.getpid()}" in locked
-    assert (sfx_index / "index.sqlite").is_file()
+    assert (index_dir / "index.sqlite").is_file()
 
 
 def test_index_rm_confirmed_removes_the_index_from_disk_and_from_the_list(sfx_index, monkeypatch):
+    index_dir = sfx_index
     monkeypatch.setattr(index_admin, "_stdin_is_terminal", lambda: True)
     removed = clap_with_input("index", "rm", "sfx", input="y\n")
     assert "removed index sfx" in removed.output and "2 files" in removed.output
-    assert not sfx_index.exists()
+    assert not index_dir.exists()
     assert json_lines(clap("index", "list", "--json").stdout) == []
 
 

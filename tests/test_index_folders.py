@@ -140,11 +140,12 @@ def test_an_index_run_without_folders_refreshes_every_remembered_folder(built_li
 
 
 def test_a_remembered_folder_that_is_gone_prunes_nothing_without_prune_empty(refreshed_lib, tmp_path):
+    b, index_dir = refreshed_lib.b, refreshed_lib.index_dir
     # A remembered folder that is gone (an unmounted drive) prunes nothing without --prune-empty.
-    refreshed_lib.b.rename(tmp_path / "b-away")
+    b.rename(tmp_path / "b-away")
     result = clap("index", "--index", "lib", "--json", ok=False)
     assert result.exit_code == 1 and "--prune-empty" in str(result.exception)
-    assert summary(result)["removed"] == 0 and len(stored(refreshed_lib.index_dir)) == 4
+    assert summary(result)["removed"] == 0 and len(stored(index_dir)) == 4
 
 
 def test_a_rebuild_without_folders_rebuilds_every_remembered_folder(refreshed_lib):
@@ -165,8 +166,9 @@ def test_forget_drops_a_folders_files_from_the_index_and_keeps_the_folder(refres
 
 
 def test_forget_of_a_folder_the_index_does_not_have_names_the_ones_it_has(built_lib, tmp_path):
+    a = built_lib.a
     result = clap("index", "--index", "lib", "--forget", tmp_path / "elsewhere", ok=False)
-    assert result.exception.exit_code == 2 and str(built_lib.a.resolve()) in str(result.exception)
+    assert result.exception.exit_code == 2 and str(a.resolve()) in str(result.exception)
 
 
 def test_an_index_run_without_folders_on_a_new_index_asks_for_them():

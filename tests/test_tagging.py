@@ -396,8 +396,9 @@ def tagged_street(tmp_path):
 
 
 def test_tag_files_keeps_input_order_with_failures_in_place_and_reports_each_result(tagged_street):
-    assert [r.path for r in tagged_street.results] == [str(p) for p in tagged_street.paths]
-    assert tagged_street.progressed == tagged_street.results
+    results, paths, progressed = tagged_street.results, tagged_street.paths, tagged_street.progressed
+    assert [r.path for r in results] == [str(p) for p in paths]  # input order, failures in place
+    assert progressed == results
 
 
 def test_tag_files_ranks_a_short_file_top_k_without_a_timeline(tagged_street):
@@ -408,11 +409,12 @@ def test_tag_files_ranks_a_short_file_top_k_without_a_timeline(tagged_street):
 
 
 def test_tag_files_reports_missing_and_unreadable_files_without_their_path(tagged_street):
+    paths, errors = tagged_street.paths, tagged_street.errors
     _, missing, broken, _ = tagged_street.results
     assert missing.error == "no such file" and missing.labels == []
     assert broken.error == "not a sound file (unrecognised header)"  # the path is in FileTags.path already
     assert broken.duration is None
-    assert [e[0] for e in tagged_street.errors] == [str(tagged_street.paths[1]), str(tagged_street.paths[2])]
+    assert [e[0] for e in errors] == [str(paths[1]), str(paths[2])]
 
 
 def test_tag_files_builds_a_timeline_of_windows_for_a_long_file(tagged_street):
