@@ -353,13 +353,23 @@ def _laion_split(folder: Path) -> Path:
     return folder
 
 
-def test_reads_laion_shards_and_their_text_fields(tmp_path):
+@pytest.fixture
+def laion_split(tmp_path):
+    """LAION's two hand-written shards read back: (folder, resolved split, samples in order)."""
     folder = _laion_split(tmp_path / "laion" / "train")
     split = resolve_split(folder)
+    return folder, split, [r for url in split.urls for r in iter_shard(url)]
+
+
+def test_reads_laion_shards_in_order_with_their_audio_extensions(laion_split):
+    folder, split, samples = laion_split
     assert split.urls == [str(folder / "0.tar"), str(folder / "1.tar")] and split.num_samples == 3
-    samples = [r for url in split.urls for r in iter_shard(url)]
     assert [r.key for r in samples] == ["0", "1", "2"]
     assert [r.audio_ext for r in samples] == ["flac", "flac", "wav"]
+
+
+def test_laion_text_fields_by_caption_mode_and_other_fields_kept(laion_split):
+    _, _, samples = laion_split
     a, b, c = (r.meta for r in samples)
     assert select_text(a, "text") == ["a man speaks", "speech"]
     assert select_text(a, "k2c") == ["a person is talking"]
@@ -367,9 +377,15 @@ def test_reads_laion_shards_and_their_text_fields(tmp_path):
     assert select_text(b, "text") == select_text(b, "k2c") == select_text(b, "all") == ["a dog barks"]
     assert select_text(c, "all") == ["The sound of Rain", "rain falls on the ground"]  # text + t5 fallback
     assert a["original_data"] == {"title": "t0"}
+
+
+def test_a_sample_without_text_is_an_error_naming_its_key():
     with pytest.raises(DataError, match="k9"):
         select_text({"text": "", "tag": ["x"]}, "text", key="k9")
 
+
+def test_laion_audio_decodes_like_the_front_end_mono_and_resampled_stereo(laion_split, tmp_path):
+    _, _, samples = laion_split
     mono = decode_audio(samples[0])
     expected = tone_noise(0.5, 48_000, seed=1)
     np.testing.assert_allclose(mono, expected, atol=1 / 32767 + 1e-7)
@@ -379,6 +395,9 @@ def test_reads_laion_shards_and_their_text_fields(tmp_path):
     np.testing.assert_array_equal(stereo, load_audio(wav))
     assert len(stereo) == round(0.3 * 48_000)
 
+
+def test_shards_info_of_laion_shards_counts_fields_hours_and_examples(laion_split):
+    folder, _, _ = laion_split
     res = runner.invoke(app, ["shards", "info", str(folder), "--json"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
