@@ -59,7 +59,9 @@ def sfx_snapshot(tiny_model_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("sfx")
     write_clips(base / "list", ["a.wav", "b.wav"])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CLAP_HOME", str(base / "clap-home"))  # conftest's autouse CLAP_HOME is per test, not yet set
+        mp.setenv("CLAP_HOME", str(base / "clap-home"))  # isolated as conftest's per-test clap_home, not active yet
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.delenv("CLAP_MODEL", raising=False)
         mp.chdir(base)
         summary = json_lines(clap("index", "list", "--index", "sfx", "--model", tiny_model_dir, "--json").stdout)[-1]
     shutil.copytree(base / "clap-home" / "indexes" / "sfx", base / "snapshot")

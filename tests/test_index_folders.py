@@ -89,7 +89,9 @@ def remembered_lib_snapshots(tiny_model_dir, tmp_path_factory):
         shutil.copytree(home / "indexes" / "lib", base / name / "lib")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CLAP_HOME", str(home))  # conftest's autouse CLAP_HOME is per test, not yet set here
+        mp.setenv("CLAP_HOME", str(home))  # isolated as conftest's per-test clap_home, not active yet
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.delenv("CLAP_MODEL", raising=False)
         clap("index", a, b, "--index", "lib", "--model", tiny_model_dir)
         snapshot("built")
         clips(b, "four.wav")

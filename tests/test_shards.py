@@ -101,7 +101,9 @@ def round_trip(tmp_path_factory) -> RoundTrip:
     base = tmp_path_factory.mktemp("round-trip")
     clips = _write_clips(base)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CLAP_HOME", str(base / "clap-home"))  # conftest's autouse CLAP_HOME is per test, not yet set
+        mp.setenv("CLAP_HOME", str(base / "clap-home"))  # isolated as conftest's per-test clap_home, not active yet
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.delenv("CLAP_MODEL", raising=False)
         manifest = _write_csv(base / "src" / "manifest.csv", clips, tags_as="semicolons")
         summary = _make([str(manifest), "--out", str(base / "shards"), "--shard-size", "3"])
     split = resolve_split(base / "shards")  # the make output folder itself: its train/ split
