@@ -52,20 +52,42 @@ def write_clips(folder: Path, names, seconds: float = 1.0) -> list[Path]:
 # -- clap index list / rm ------------------------------------------------------------------------------------
 
 
-def test_index_list_and_rm(tiny_model_dir, tmp_path, monkeypatch, clap_home):
-    from clapcli.index.lock import WriterLock
+@pytest.fixture(scope="module")
+def sfx_snapshot(tiny_model_dir, tmp_path_factory):
+    """Index a folder literally named `list` once per module as "sfx", from inside its parent folder:
+    (the run's JSON summary, a copy of the index directory). Tests restore the copy into their own CLAP_HOME."""
+    base = tmp_path_factory.mktemp("sfx")
+    write_clips(base / "list", ["a.wav", "b.wav"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLAP_HOME", str(base / "clap-home"))  # isolated as conftest's per-test clap_home, not active yet
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.delenv("CLAP_MODEL", raising=False)
+        mp.chdir(base)
+        summary = json_lines(clap("index", "list", "--index", "sfx", "--model", tiny_model_dir, "--json").stdout)[-1]
+    shutil.copytree(base / "clap-home" / "indexes" / "sfx", base / "snapshot")
+    return summary, base / "snapshot"
 
-    # A folder literally named `list` is indexed, not listed: an existing path wins over the subcommand.
-    monkeypatch.chdir(tmp_path)
-    write_clips(tmp_path / "list", ["a.wav", "b.wav"])
-    summary = json_lines(clap("index", "list", "--index", "sfx", "--model", tiny_model_dir, "--json").stdout)[-1]
-    assert summary["added"] == 2
 
+@pytest.fixture
+def sfx_index(sfx_snapshot, clap_home, tmp_path, monkeypatch) -> Path:
+    """The named index "sfx" of two files in this test's CLAP_HOME, with the working directory elsewhere."""
+    index_dir = clap_home / "indexes" / "sfx"
+    shutil.copytree(sfx_snapshot[1], index_dir)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
+    return index_dir
+
+
+def test_index_of_a_folder_named_list_indexes_it_rather_than_listing(sfx_snapshot):
+    # A folder literally named `list` is indexed, not listed: an existing path wins over the subcommand.
+    summary, _ = sfx_snapshot
+    assert summary["added"] == 2
+
+
+def test_index_list_reports_name_path_files_model_and_size(sfx_index, tiny_model_dir):
+    index_dir = sfx_index
     rows = json_lines(clap("index", "list", "--json").stdout)
-    index_dir = clap_home / "indexes" / "sfx"
     assert len(rows) == 1
     row = rows[0]
     assert row["name"] == "sfx" and row["path"] == str(index_dir) and row["files"] == 2
@@ -73,15 +95,27 @@ def test_index_list_and_rm(tiny_model_dir, tmp_path, monkeypatch, clap_home):
     on_disk = sum(f.stat().st_size for f in index_dir.rglob("*") if f.is_file())
     assert 0 < row["size_bytes"] and abs(row["size_bytes"] - on_disk) < 1 << 16
 
+
+def test_index_rm_off_a_terminal_without_yes_is_refused(sfx_index):
+    index_dir = sfx_index
     # Not on a terminal and without --yes: refused, nothing removed.
     fails("index", "rm", "sfx", code=2, match="pass --yes")
     assert (index_dir / "index.sqlite").is_file()
 
+
+def test_index_rm_on_a_terminal_asks_and_n_keeps_the_index(sfx_index, monkeypatch):
+    index_dir = sfx_index
     # On a terminal it asks; "n" keeps the index.
     monkeypatch.setattr(index_admin, "_stdin_is_terminal", lambda: True)
     fails("index", "rm", "sfx", code=1, match="nothing removed", input="n\n")
     assert (index_dir / "index.sqlite").is_file()
 
+
+def test_index_rm_while_the_writer_lock_is_held_is_refused_even_with_yes(sfx_index, monkeypatch):
+    from clapcli.index.lock import WriterLock
+
+    index_dir = sfx_index
+    monkeypatch.setattr(index_admin, "_stdin_is_terminal", lambda: True)
     # While `clap index` holds the writer lock: refused, even with --yes.
     with WriterLock(index_dir):
         locked = fails("index", "rm", "sfx", "--yes", code=1, match="being written")
@@ -89,11 +123,17 @@ def test_index_list_and_rm(tiny_model_dir, tmp_path, monkeypatch, clap_home):
     assert f"pid {os.getpid()}" in locked
     assert (index_dir / "index.sqlite").is_file()
 
+
+def test_index_rm_confirmed_removes_the_index_from_disk_and_from_the_list(sfx_index, monkeypatch):
+    index_dir = sfx_index
+    monkeypatch.setattr(index_admin, "_stdin_is_terminal", lambda: True)
     removed = clap_with_input("index", "rm", "sfx", input="y\n")
     assert "removed index sfx" in removed.output and "2 files" in removed.output
     assert not index_dir.exists()
     assert json_lines(clap("index", "list", "--json").stdout) == []
 
+
+def test_index_rm_of_an_index_that_does_not_exist_says_so():
     fails("index", "rm", "sfx", "--yes", code=1, match="no index 'sfx'")
 
 

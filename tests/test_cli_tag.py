@@ -41,6 +41,10 @@ def model_dir(tiny_model_dir):
 @pytest.fixture
 def audio_files(tmp_path):
     """A 3 s and a 25 s synthesised file (48 kHz mono) and a file that is not audio."""
+    return _write_audio_files(tmp_path)
+
+
+def _write_audio_files(tmp_path: Path):
     rng = np.random.default_rng(0)
     sr = 48_000
     short = tmp_path / "beep.wav"
@@ -168,21 +172,45 @@ def test_csv_stream_has_the_header_then_one_row_per_file_label_and_window_label(
 # ---------------------------------------------------------------- with the tiny model
 
 
-def test_json_timeline_covers_long_files_and_probabilities_sum_to_one(app, model_dir, audio_files):
-    short, long, _ = audio_files
-    result = invoke(app, short, long, "--labels", "esc50", "--top", "50", "--json", "--timeline",
-                    "--model", model_dir, "--device", "cpu")
+@pytest.fixture(scope="module")
+def esc50_timeline(tiny_model_dir, tmp_path_factory):
+    """`clap tag` of the 3 s and the 25 s file with all 50 ESC-50 labels, --json --timeline, run once per
+    module: (short, long, the JSON records)."""
+    short, long, _ = _write_audio_files(tmp_path_factory.mktemp("esc50-timeline"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLAP_HOME", str(short.parent / "clap-home"))  # isolated as conftest's per-test clap_home
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.delenv("CLAP_MODEL", raising=False)
+        result = invoke(clap_app, short, long, "--labels", "esc50", "--top", "50", "--json", "--timeline",
+                        "--model", str(tiny_model_dir), "--device", "cpu")
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
+    return short, long, records
+
+
+def test_json_has_one_record_per_file_in_order(esc50_timeline):
+    short, long, records = esc50_timeline
     assert [r["path"] for r in records] == [str(short), str(long)]
+
+
+def test_json_file_labels_are_all_top_k_with_probabilities_summing_to_one_best_first(esc50_timeline):
+    _, _, records = esc50_timeline
     for record in records:
         assert "error" not in record
         assert len(record["labels"]) == 50
         assert sum(label["prob"] for label in record["labels"]) == pytest.approx(1.0, abs=1e-4)
         probs = [label["prob"] for label in record["labels"]]
         assert probs == sorted(probs, reverse=True)
+
+
+def test_json_timeline_of_a_short_file_is_empty(esc50_timeline):
+    _, _, records = esc50_timeline
     assert records[0]["duration"] == pytest.approx(3.0, abs=0.01)
     assert records[0]["timeline"] == []  # ≤ 10 s: no windows, the file-level labels stand alone
+
+
+def test_json_timeline_of_a_long_file_covers_it_with_10_s_windows_whose_probabilities_sum_to_one(esc50_timeline):
+    _, _, records = esc50_timeline
     windows = records[1]["timeline"]
     assert len(windows) >= 3
     assert windows[0]["start"] == 0.0

@@ -10,7 +10,10 @@ import os
 import shutil
 import sqlite3
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from audio_synth import tone_noise, write_audio
 from cli_runner import clap
@@ -64,38 +67,96 @@ def test_rm_of_a_named_index_that_is_a_symlink_deletes_only_the_index_files(tiny
 # -- an index remembers its folders --------------------------------------------------------------------------
 
 
-def test_an_index_remembers_its_folders_for_refresh_and_rebuild(tiny_model_dir, tmp_path, clap_home):
-    a, b = tmp_path / "a", tmp_path / "b"
+@dataclass
+class RememberedLib:
+    a: Path  # two clips
+    b: Path  # one clip, or two once refreshed
+    index_dir: Path  # the named index "lib", built from a and b
+
+
+@pytest.fixture(scope="module")
+def remembered_lib_snapshots(tiny_model_dir, tmp_path_factory):
+    """Index a and b once per module as "lib" and keep two snapshots of the folders and the index: "built"
+    (three clips) and "refreshed" (after b gained four.wav). Tests restore one and may then change it."""
+    base = tmp_path_factory.mktemp("remembered")
+    a, b, home = base / "a", base / "b", base / "clap-home"
     clips(a, "one.wav", "two.wav")
     clips(b, "three.wav")
-    clap("index", a, b, "--index", "lib", "--model", tiny_model_dir)
-    index_dir = clap_home / "indexes" / "lib"
-    before = stored(index_dir)
+
+    def snapshot(name):
+        shutil.copytree(a, base / name / "a")
+        shutil.copytree(b, base / name / "b")
+        shutil.copytree(home / "indexes" / "lib", base / name / "lib")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLAP_HOME", str(home))  # isolated as conftest's per-test clap_home, not active yet
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.delenv("CLAP_MODEL", raising=False)
+        clap("index", a, b, "--index", "lib", "--model", tiny_model_dir)
+        snapshot("built")
+        clips(b, "four.wav")
+        clap("index", "--index", "lib")
+        snapshot("refreshed")
+    return base
+
+
+def _restore(base: Path, name: str, clap_home: Path) -> RememberedLib:
+    a, b, index_dir = base / "a", base / "b", clap_home / "indexes" / "lib"
+    for folder in (a, b):
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(base / name / folder.name, folder)  # copy2 keeps mtimes: the index sees no change
+    shutil.copytree(base / name / "lib", index_dir)
+    return RememberedLib(a, b, index_dir)
+
+
+@pytest.fixture
+def built_lib(remembered_lib_snapshots, clap_home) -> RememberedLib:
+    return _restore(remembered_lib_snapshots, "built", clap_home)
+
+
+@pytest.fixture
+def refreshed_lib(remembered_lib_snapshots, clap_home) -> RememberedLib:
+    return _restore(remembered_lib_snapshots, "refreshed", clap_home)
+
+
+def test_an_index_lists_the_folders_it_was_built_from(built_lib):
+    a, b = built_lib.a, built_lib.b
     (row,) = [json.loads(line) for line in clap("index", "list", "--json").stdout.splitlines()]
     assert row["roots"] == [str(a.resolve()), str(b.resolve())]
 
+
+def test_a_rebuild_of_some_remembered_folders_is_refused_naming_the_others(built_lib):
+    a, b, index_dir = built_lib.a, built_lib.b, built_lib.index_dir
+    before = stored(index_dir)
     # A rebuild of A alone would drop B's files: refused, naming B and how to drop it on purpose.
     result = clap("index", a, "--index", "lib", "--rebuild", ok=False)
     message = str(result.exception)
     assert result.exit_code == 1 and str(b.resolve()) in message and f"--forget {b.resolve()}" in message
     assert stored(index_dir) == before
 
-    # No folder: every remembered folder is refreshed.
-    clips(b, "four.wav")
+
+def test_an_index_run_without_folders_refreshes_every_remembered_folder(built_lib):
+    clips(built_lib.b, "four.wav")
     s = summary(clap("index", "--index", "lib", "--json"))
     assert s["added"] == 1 and s["removed"] == 0 and s["total_files"] == 4
 
+
+def test_a_remembered_folder_that_is_gone_prunes_nothing_without_prune_empty(refreshed_lib, tmp_path):
+    b, index_dir = refreshed_lib.b, refreshed_lib.index_dir
     # A remembered folder that is gone (an unmounted drive) prunes nothing without --prune-empty.
     b.rename(tmp_path / "b-away")
     result = clap("index", "--index", "lib", "--json", ok=False)
     assert result.exit_code == 1 and "--prune-empty" in str(result.exception)
     assert summary(result)["removed"] == 0 and len(stored(index_dir)) == 4
-    (tmp_path / "b-away").rename(b)
 
+
+def test_a_rebuild_without_folders_rebuilds_every_remembered_folder(refreshed_lib):
     s = summary(clap("index", "--index", "lib", "--rebuild", "--json"))  # no folder: all of them
     assert s["added"] == 4 and s["total_files"] == 4
 
-    # Dropping a folder on purpose: its files leave the index, the folder itself stays.
+
+def test_forget_drops_a_folders_files_from_the_index_and_keeps_the_folder(refreshed_lib):
+    a, b, index_dir = refreshed_lib.a, refreshed_lib.b, refreshed_lib.index_dir
     s = summary(clap("index", "--index", "lib", "--forget", b, "--json"))
     assert s["forgotten"] == [{"path": str(b.resolve()), "removed_files": 2}] and s["total_files"] == 2
     assert sorted(stored(index_dir)) == [str(p) for p in sorted(a.resolve().iterdir())]
@@ -105,8 +166,14 @@ def test_an_index_remembers_its_folders_for_refresh_and_rebuild(tiny_model_dir, 
     s = summary(clap("index", a, "--index", "lib", "--rebuild", "--json"))
     assert s["total_files"] == 2
 
+
+def test_forget_of_a_folder_the_index_does_not_have_names_the_ones_it_has(built_lib, tmp_path):
+    a = built_lib.a
     result = clap("index", "--index", "lib", "--forget", tmp_path / "elsewhere", ok=False)
     assert result.exception.exit_code == 2 and str(a.resolve()) in str(result.exception)
+
+
+def test_an_index_run_without_folders_on_a_new_index_asks_for_them():
     result = clap("index", "--index", "new", ok=False)  # nothing to refresh
     assert result.exception.exit_code == 2 and "name the folders" in str(result.exception)
 

@@ -554,10 +554,28 @@ def test_small_stores_are_searched_exactly(store, index_dir):
     assert not (index_dir / ANN_FILENAME).exists()  # nothing written for a small store
 
 
-def test_hnsw_build_top_up_and_delete_track_the_store(store, index_dir):
+@pytest.fixture
+def built_hnsw(store):
+    """A 200-file store with its hnswlib file built: (ann, rng)."""
     rng = np.random.default_rng(17)
     _fill(store, rng, 0, 200)
-    ann = AnnIndex.sync(store, exact_below=0)
+    return AnnIndex.sync(store, exact_below=0), rng
+
+
+@pytest.fixture
+def topped_up_hnsw(store, built_hnsw):
+    """The built store after new, changed and removed files, synced again: (ann, rng, removed segment ids)."""
+    _, rng = built_hnsw
+    _fill(store, rng, 200, 60)  # new files
+    _add(store, "/lib/00003.wav", rng, n_windows=1)  # a changed file: old ids deleted, new ids added
+    removed_paths = [f"/lib/{i:05d}.wav" for i in range(10, 40)]
+    removed_ids = {r.segment_id for p in removed_paths for r in store.file_segments(p)}
+    store.remove_files(removed_paths)
+    return AnnIndex.sync(store, exact_below=0), rng, removed_ids
+
+
+def test_hnsw_build_persists_the_graph_with_a_sidecar_that_describes_the_store(store, index_dir, built_hnsw):
+    ann, rng = built_hnsw
     assert (ann.action, ann.persisted) == ("rebuilt", True)
     assert (index_dir / ANN_FILENAME).is_file()
     sidecar = json.loads((index_dir / SIDECAR_FILENAME).read_text())
@@ -566,27 +584,32 @@ def test_hnsw_build_top_up_and_delete_track_the_store(store, index_dir):
     assert sidecar["deleted"] == 0 and sidecar["file_size"] == (index_dir / ANN_FILENAME).stat().st_size
     _assert_matches_brute_force(store, ann, rng)
 
+
+def test_hnsw_of_an_unchanged_store_is_loaded_not_rewritten(store, built_hnsw):
     again = AnnIndex.sync(store, exact_below=0)
     assert (again.action, again.persisted) == ("loaded", False)
 
-    _fill(store, rng, 200, 60)  # new files
-    _add(store, "/lib/00003.wav", rng, n_windows=1)  # a changed file: old ids deleted, new ids added
-    removed_paths = [f"/lib/{i:05d}.wav" for i in range(10, 40)]
-    removed_ids = {r.segment_id for p in removed_paths for r in store.file_segments(p)}
-    store.remove_files(removed_paths)
-    ann = AnnIndex.sync(store, exact_below=0)
+
+def test_hnsw_top_up_adds_new_and_deletes_removed_segments(store, index_dir, topped_up_hnsw):
+    ann, rng, removed_ids = topped_up_hnsw
     assert (ann.action, ann.persisted) == ("topped_up", True)
     assert ann.count == store.counts().embeddings
     sidecar = json.loads((index_dir / SIDECAR_FILENAME).read_text())
     assert sidecar["deleted"] >= len(removed_ids) and sidecar["count"] == sidecar["live"] + sidecar["deleted"]
     _assert_matches_brute_force(store, ann, rng)
-    # deleted ids never come back, even when asking for everything
+
+
+def test_hnsw_deleted_ids_never_come_back_even_when_asking_for_everything(store, topped_up_hnsw):
+    ann, rng, removed_ids = topped_up_hnsw
     ids, scores = ann.query(rng.standard_normal((5, DIM)).astype(np.float32), k=10**6)
     assert ids.shape == (5, ann.count)
     assert not set(ids.ravel().tolist()) & removed_ids
     assert set(ids[0].tolist()) == set(store.segment_ids().tolist())
     assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
 
+
+def test_hnsw_topped_up_graph_is_loaded_again_and_still_exact(store, topped_up_hnsw):
+    _, rng, _ = topped_up_hnsw
     reloaded = AnnIndex.sync(store, exact_below=0)
     assert reloaded.action == "loaded"
     _assert_matches_brute_force(store, reloaded, rng)

@@ -12,6 +12,7 @@ import sys
 import tarfile
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,11 @@ def _read_all(split_dir: Path) -> list:
 @pytest.fixture
 def clips(tmp_path) -> list[dict]:
     """Seven short clips of different rates, channel counts and formats, with captions and tags in a CSV."""
-    folder = tmp_path / "src" / "audio"
+    return _write_clips(tmp_path)
+
+
+def _write_clips(base: Path) -> list[dict]:
+    folder = base / "src" / "audio"
     folder.mkdir(parents=True)
     specs = [
         ("dog.bark.wav", 48_000, 1, 0.6, "a dog barks", None),
@@ -80,27 +85,61 @@ def _write_csv(path: Path, clips, tags_as="json") -> Path:
     return path
 
 
-def test_round_trip_every_clip_and_caption_in_order(tmp_path, clips):
-    manifest = _write_csv(tmp_path / "src" / "manifest.csv", clips, tags_as="semicolons")
-    summary = _make([str(manifest), "--out", str(tmp_path / "shards"), "--shard-size", "3"])
+@dataclass
+class RoundTrip:
+    """`clap shards make` of the seven clips, three to a shard, and everything read back."""
+
+    clips: list[dict]
+    summary: dict
+    train: Path  # the train/ split folder
+    split: object  # resolve_split of the make output folder
+    samples: list
+
+
+@pytest.fixture(scope="module")
+def round_trip(tmp_path_factory) -> RoundTrip:
+    base = tmp_path_factory.mktemp("round-trip")
+    clips = _write_clips(base)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLAP_HOME", str(base / "clap-home"))  # isolated as conftest's per-test clap_home, not active yet
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.delenv("CLAP_MODEL", raising=False)
+        manifest = _write_csv(base / "src" / "manifest.csv", clips, tags_as="semicolons")
+        summary = _make([str(manifest), "--out", str(base / "shards"), "--shard-size", "3"])
+    split = resolve_split(base / "shards")  # the make output folder itself: its train/ split
+    return RoundTrip(clips, summary, base / "shards" / "train", split, _read_all(base / "shards"))
+
+
+def test_round_trip_summary_counts_every_clip_in_shards_of_three(round_trip):
+    summary, clips = round_trip.summary, round_trip.clips
     assert summary["samples"] == len(clips) and summary["skipped"] == []
     assert summary["splits"]["train"]["shards"] == 3  # 3 + 3 + 1
 
-    train = tmp_path / "shards" / "train"
+
+def test_round_trip_writes_numbered_tars_and_their_sizes(round_trip):
+    train = round_trip.train
     assert sorted(p.name for p in train.iterdir()) == ["000000.tar", "000001.tar", "000002.tar", "sizes.json"]
     assert read_sizes(train) == {"000000.tar": 3, "000001.tar": 3, "000002.tar": 1}
-    split = resolve_split(tmp_path / "shards")  # the make output folder itself: its train/ split
+
+
+def test_round_trip_output_folder_resolves_to_its_train_split(round_trip):
+    split, train, clips = round_trip.split, round_trip.train, round_trip.clips
     assert split.directory == train and split.num_samples == len(clips) and split.val_dir is None
     assert split.urls == sorted(split.urls) and list(split.sizes.values()) == [3, 3, 1]
 
-    samples = _read_all(tmp_path / "shards")
+
+def test_round_trip_keeps_every_caption_tag_and_original_path_in_order(round_trip):
+    samples, clips = round_trip.samples, round_trip.clips
     assert len(samples) == len(clips)
-    total = 0.0
     for raw, clip in zip(samples, clips):
         assert "." not in raw.key and raw.audio_ext == "flac"
         assert raw.meta["text"] == clip["caption"]
         assert raw.meta.get("tag") == clip["tags"]
         assert Path(raw.meta["original_path"]) == clip["path"].resolve()
+
+
+def test_round_trip_audio_is_the_source_resampled_to_48k_mono_16_bit(round_trip):
+    for raw, clip in zip(round_trip.samples, round_trip.clips):
         audio = decode_audio(raw)
         expected = load_audio(clip["path"])
         assert audio.dtype == np.float32 and audio.shape == expected.shape
@@ -108,10 +147,19 @@ def test_round_trip_every_clip_and_caption_in_order(tmp_path, clips):
         assert raw.meta["duration"] == pytest.approx(len(expected) / 48_000, abs=1e-5)
         info = sf.info(io.BytesIO(raw.audio_bytes))
         assert (info.samplerate, info.channels, info.subtype) == (48_000, 1, "PCM_16")
+
+
+def test_round_trip_hours_sum_the_durations_and_keys_are_unique(round_trip):
+    summary, samples = round_trip.summary, round_trip.samples
+    total = 0.0
+    for raw in samples:
         total += raw.meta["duration"]
     assert summary["hours"] == pytest.approx(total / 3600, abs=1e-6)
     assert len({raw.key for raw in samples}) == len(samples)
 
+
+def test_round_trip_tar_members_are_adjacent_pairs_in_order(round_trip):
+    split, samples = round_trip.split, round_trip.samples
     # members are adjacent pairs, in order, in the tar itself
     with tarfile.open(split.urls[0]) as tar:
         names = tar.getnames()
@@ -307,13 +355,23 @@ def _laion_split(folder: Path) -> Path:
     return folder
 
 
-def test_reads_laion_shards_and_their_text_fields(tmp_path):
+@pytest.fixture
+def laion_split(tmp_path):
+    """LAION's two hand-written shards read back: (folder, resolved split, samples in order)."""
     folder = _laion_split(tmp_path / "laion" / "train")
     split = resolve_split(folder)
+    return folder, split, [r for url in split.urls for r in iter_shard(url)]
+
+
+def test_reads_laion_shards_in_order_with_their_audio_extensions(laion_split):
+    folder, split, samples = laion_split
     assert split.urls == [str(folder / "0.tar"), str(folder / "1.tar")] and split.num_samples == 3
-    samples = [r for url in split.urls for r in iter_shard(url)]
     assert [r.key for r in samples] == ["0", "1", "2"]
     assert [r.audio_ext for r in samples] == ["flac", "flac", "wav"]
+
+
+def test_laion_text_fields_by_caption_mode_and_other_fields_kept(laion_split):
+    _, _, samples = laion_split
     a, b, c = (r.meta for r in samples)
     assert select_text(a, "text") == ["a man speaks", "speech"]
     assert select_text(a, "k2c") == ["a person is talking"]
@@ -321,9 +379,15 @@ def test_reads_laion_shards_and_their_text_fields(tmp_path):
     assert select_text(b, "text") == select_text(b, "k2c") == select_text(b, "all") == ["a dog barks"]
     assert select_text(c, "all") == ["The sound of Rain", "rain falls on the ground"]  # text + t5 fallback
     assert a["original_data"] == {"title": "t0"}
+
+
+def test_a_sample_without_text_is_an_error_naming_its_key():
     with pytest.raises(DataError, match="k9"):
         select_text({"text": "", "tag": ["x"]}, "text", key="k9")
 
+
+def test_laion_audio_decodes_like_the_front_end_mono_and_resampled_stereo(laion_split, tmp_path):
+    _, _, samples = laion_split
     mono = decode_audio(samples[0])
     expected = tone_noise(0.5, 48_000, seed=1)
     np.testing.assert_allclose(mono, expected, atol=1 / 32767 + 1e-7)
@@ -333,6 +397,9 @@ def test_reads_laion_shards_and_their_text_fields(tmp_path):
     np.testing.assert_array_equal(stereo, load_audio(wav))
     assert len(stereo) == round(0.3 * 48_000)
 
+
+def test_shards_info_of_laion_shards_counts_fields_hours_and_examples(laion_split):
+    folder, _, _ = laion_split
     res = runner.invoke(app, ["shards", "info", str(folder), "--json"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)

@@ -362,7 +362,20 @@ class HandBuiltModel(CountingTextEmbedder):
                 yield AudioEmbedding(path, entry.duration, entry.embedding, entry.segments if segments else [])
 
 
-def test_tag_files_ranks_reports_bad_files_and_builds_timelines(tmp_path):
+@dataclass
+class TaggedStreet:
+    """One tag_files run over a short, a missing, a broken and a long file, and what it reported."""
+
+    model: HandBuiltModel
+    labelset: LabelSet
+    paths: list
+    results: list
+    errors: list
+    progressed: list
+
+
+@pytest.fixture
+def tagged_street(tmp_path):
     labelset = LabelSet("street", ["dog", "rain", "siren", "engine"])
     text = CountingTextEmbedder()
     label_emb = label_embeddings(text.embed_text(render([DEFAULT_TEMPLATE], labelset.labels)), 1, 4)
@@ -379,25 +392,47 @@ def test_tag_files_ranks_reports_bad_files_and_builds_timelines(tmp_path):
     errors, progressed = [], []
     results = list(tag_files(model, paths, labelset, None, top_k=2, timeline=True, batch_size=4,
                              on_progress=progressed.append, on_error=lambda p, e: errors.append((p, e))))
+    return TaggedStreet(model, labelset, paths, results, errors, progressed)
 
+
+def test_tag_files_keeps_input_order_with_failures_in_place_and_reports_each_result(tagged_street):
+    results, paths, progressed = tagged_street.results, tagged_street.paths, tagged_street.progressed
     assert [r.path for r in results] == [str(p) for p in paths]  # input order, failures in place
     assert progressed == results
-    short, missing, broken, long = results
+
+
+def test_tag_files_ranks_a_short_file_top_k_without_a_timeline(tagged_street):
+    short = tagged_street.results[0]
     assert short.error is None and short.labels[0].label == "siren" and len(short.labels) == 2
     assert short.labels[0].cosine == pytest.approx(1.0, abs=1e-5)
     assert short.timeline == []  # ≤ 10 s: no windows beside the file-level labels
+
+
+def test_tag_files_reports_missing_and_unreadable_files_without_their_path(tagged_street):
+    paths, errors = tagged_street.paths, tagged_street.errors
+    _, missing, broken, _ = tagged_street.results
     assert missing.error == "no such file" and missing.labels == []
     assert broken.error == "not a sound file (unrecognised header)"  # the path is in FileTags.path already
     assert broken.duration is None
     assert [e[0] for e in errors] == [str(paths[1]), str(paths[2])]
+
+
+def test_tag_files_builds_a_timeline_of_windows_for_a_long_file(tagged_street):
+    long = tagged_street.results[3]
     assert {s.label for s in long.labels} == {"dog", "rain"}
     assert [(w.start, w.end, w.labels[0].label) for w in long.timeline] == [
         (0.0, 10.0, "dog"), (10.0, 20.0, "rain"), (15.0, 25.0, "siren")]
-    # Labels were encoded once; the model saw only the readable files, with segments asked for.
+
+
+def test_tag_files_encodes_labels_once_and_embeds_only_the_readable_files_with_segments(tagged_street):
+    model, paths = tagged_street.model, tagged_street.paths
     assert model.calls == 1
     assert model.embed_files_calls == [([str(paths[0]), str(paths[2]), str(paths[3])], 4, True)]
 
-    again = list(tag_files(model, paths[:1], labelset, None, timeline=False))
+
+def test_tag_files_again_hits_the_label_cache_and_asks_for_no_segments_without_timeline(tagged_street):
+    model = tagged_street.model
+    again = list(tag_files(model, tagged_street.paths[:1], tagged_street.labelset, None, timeline=False))
     assert model.calls == 1  # cache hit
     assert again[0].timeline is None and model.embed_files_calls[-1][2] is False
 
