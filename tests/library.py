@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +92,30 @@ def make_library(root: Path, good=GOOD) -> dict[str, float]:
 def write_window_query(path: Path, samples: np.ndarray) -> None:
     """48 kHz float WAV: decodes to exactly these samples, so its embedding equals a stored window's."""
     write_audio(path, samples, 48_000, subtype="FLOAT")
+
+
+def summary(result) -> dict:
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")][-1]
+
+
+def stored(index_dir: Path) -> dict[str, bytes]:
+    """path → file-level embedding blob, read with plain SQL."""
+    con = sqlite3.connect(f"file:{index_dir / 'index.sqlite'}?mode=ro", uri=True)
+    rows = con.execute(
+        "SELECT f.path, e.vector FROM files f JOIN segments s ON s.file_id = f.id "
+        "JOIN embeddings e ON e.segment_id = s.id WHERE s.kind = 'file'"
+    ).fetchall()
+    con.close()
+    return dict(rows)
+
+
+def committed_files(index_dir: Path) -> int:
+    """How many file rows the index has committed (0 while it does not exist yet)."""
+    try:
+        con = sqlite3.connect(f"file:{index_dir / 'index.sqlite'}?mode=ro", uri=True, timeout=1)
+        try:
+            return con.execute("SELECT count(*) FROM files").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0

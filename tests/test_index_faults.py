@@ -16,6 +16,7 @@ from audio_synth import tone_noise, write_audio
 from clapcli.errors import DATA_FAILURE, ENVIRONMENT_FAILURE, AudioDecodeError, failure_kind
 from clapcli.index.indexer import IndexInterrupted, build_index
 from clapcli.index.store import IndexStore
+from library import committed_files
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +44,6 @@ def file_vectors(index_dir: Path) -> dict[str, bytes]:
             "JOIN embeddings e ON e.segment_id = s.id WHERE s.kind = 'file'").fetchall())
     finally:
         con.close()
-
-
-def committed_files(index_dir: Path) -> int:
-    try:
-        con = sqlite3.connect(f"file:{index_dir / 'index.sqlite'}?mode=ro", uri=True, timeout=1)
-        try:
-            return con.execute("SELECT count(*) FROM files").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
 
 
 def index(root: Path, index_dir: Path, model, **options):

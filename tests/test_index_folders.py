@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import shutil
-import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,21 +17,7 @@ import pytest
 from audio_synth import tone_noise, write_audio
 from cli_runner import clap
 from clapcli.index import scan as scan_mod
-
-
-def summary(result) -> dict:
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")][-1]
-
-
-def stored(index_dir: Path) -> dict[str, bytes]:
-    """path → file-level embedding blob, read with plain SQL."""
-    con = sqlite3.connect(f"file:{index_dir / 'index.sqlite'}?mode=ro", uri=True)
-    rows = con.execute(
-        "SELECT f.path, e.vector FROM files f JOIN segments s ON s.file_id = f.id "
-        "JOIN embeddings e ON e.segment_id = s.id WHERE s.kind = 'file'"
-    ).fetchall()
-    con.close()
-    return dict(rows)
+from library import stored, summary
 
 
 def clips(folder: Path, *names: str) -> list[Path]:

@@ -3,7 +3,6 @@ a failed model load, a damaged database, a read-only mount or a killed run. All 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sqlite3
@@ -15,22 +14,7 @@ from pathlib import Path
 import pytest
 
 from cli_runner import clap
-from library import GOOD, make_library
-
-def summary(result) -> dict:
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")][-1]
-
-
-def stored(index_dir: Path) -> dict[str, bytes]:
-    """path → file-level embedding blob, read with plain SQL."""
-    con = sqlite3.connect(f"file:{index_dir / 'index.sqlite'}?mode=ro", uri=True)
-    rows = con.execute(
-        "SELECT f.path, e.vector FROM files f JOIN segments s ON s.file_id = f.id "
-        "JOIN embeddings e ON e.segment_id = s.id WHERE s.kind = 'file'"
-    ).fetchall()
-    con.close()
-    return dict(rows)
-
+from library import GOOD, committed_files, make_library, stored, summary
 
 def hits(index_dir: Path, query: str = "dog") -> list[str]:
     out = clap("search", query, "--index", index_dir, "--paths", "-k", "50").stdout
@@ -289,17 +273,6 @@ def test_decode_workers_die_with_a_killed_indexer(tiny_model_dir, tmp_path):
                 os.kill(w, signal.SIGKILL)
 
 
-def _committed_files(index_dir: Path) -> int:
-    try:
-        con = sqlite3.connect(f"file:{index_dir / 'index.sqlite'}?mode=ro", uri=True, timeout=1)
-        try:
-            return con.execute("SELECT count(*) FROM files").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
-
-
 def test_ctrl_c_says_what_was_committed_and_a_rerun_resumes(tiny_model_dir, tmp_path):
     import re
     import signal
@@ -312,7 +285,7 @@ def test_ctrl_c_says_what_was_committed_and_a_rerun_resumes(tiny_model_dir, tmp_
             str(tiny_model_dir), "--workers", "0", "--batch-size", "1", "--commit-every", "2", "--json"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and _committed_files(index_dir) < 2 and proc.poll() is None:
+    while time.monotonic() < deadline and committed_files(index_dir) < 2 and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -323,7 +296,7 @@ def test_ctrl_c_says_what_was_committed_and_a_rerun_resumes(tiny_model_dir, tmp_
                      r"run the same command again to resume$", lines[0])
     assert match, lines[0]
     committed = int(match.group(1))
-    assert committed == _committed_files(index_dir) and 2 <= committed < 12
+    assert committed == committed_files(index_dir) and 2 <= committed < 12
     assert committed + int(match.group(3)) == 12 and match.group(2) == str(index_dir)
 
     s = summary(clap(*argv[3:]))
