@@ -16,28 +16,15 @@ from pathlib import Path
 import pytest
 
 from audio_synth import tone_noise, write_audio
-from cli_runner import clap, runner
+from cli_runner import clap, fails, runner
 from clapcli.cli import index_admin
 from clapcli.cli.main import app
-from clapcli.errors import ClapError
 
 
 def clap_with_input(*args, input: str):
     result = runner.invoke(app, [str(a) for a in args], input=input)
     assert result.exit_code == 0, (result.output, result.exception)
     return result
-
-
-def fails(*args, code: int, match: str, input: str | None = None):
-    """Run `clap ARGS…` in-process, expecting exit `code` (a ClapError's, as `clap`'s main reports it) and
-    `match` in its output or error message."""
-    result = runner.invoke(app, [str(a) for a in args], input=input)
-    exc = result.exception
-    got = exc.exit_code if isinstance(exc, ClapError) else result.exit_code
-    text = result.output + (str(exc) if exc is not None else "")
-    assert got == code, text
-    assert match in text, text
-    return text
 
 
 def json_lines(text: str) -> list[dict]:

@@ -15,27 +15,13 @@ import numpy as np
 import pytest
 
 from audio_synth import tone_noise, write_audio
-from cli_runner import clap, runner
+from cli_runner import clap, fails
 from clapcli.cli import options, output
-from clapcli.cli.main import app
-from clapcli.errors import ClapError
 from entry_point import clap_executable
 
 
 def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-
-
-def fails(*args, code: int, match: str) -> str:
-    """`clap ARGS…` in-process, expecting exit `code` (a ClapError's, as `clap`'s main reports it) and `match`
-    in its output or error message."""
-    result = runner.invoke(app, [str(a) for a in args])
-    exc = result.exception
-    got = exc.exit_code if isinstance(exc, ClapError) else result.exit_code
-    text = result.output + (str(exc) if exc is not None else "")
-    assert got == code, text
-    assert match in text, text
-    return text
 
 
 def no_model(monkeypatch) -> None:
