@@ -7,8 +7,9 @@ does, for the default template) imports neither numpy nor the rest of the packag
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "cached_label_embeddings": "cache",
@@ -46,14 +47,4 @@ if TYPE_CHECKING:
     from .tag import CSV_HEADER, FileTags, LabelScore, WindowTags, tag_files, zero_shot_scorer
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
