@@ -95,9 +95,9 @@ def index_options(request: IndexRequest) -> dict:
 def save_text_query(model) -> Path | None:
     """Once per model, with onnxruntime installed: the text tower as an ONNX graph, so that later text searches
     run without importing torch (`clapcli.models.onnx_text`); the graph's path, or None. Never fails the index."""
-    from importlib.util import find_spec
+    from ..models.onnx_audio import onnxruntime_available
 
-    if find_spec("onnxruntime") is None or find_spec("onnx") is None:
+    if not onnxruntime_available():
         return None
     from ..engine.load import load_model
     from ..models import onnx_text
