@@ -307,6 +307,12 @@ class IndexStore:
         rows = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM files")
         return {row[1]: FileRecord(*row) for row in rows}
 
+    def file_record(self, path: str | os.PathLike | None = None, *, file_id: int | None = None) -> FileRecord | None:
+        """One file row, by its stored path or by its id (None when there is no such row)."""
+        column, value = ("path", os.fspath(path)) if file_id is None else ("id", int(file_id))
+        row = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE {column} = ?", (value,)).fetchone()
+        return None if row is None else FileRecord(*row)
+
     def partial_files(self) -> list[FileRecord]:
         """The files embedded from the part that decodes, with the reasons, sorted by path."""
         rows = self._conn.execute(f"SELECT {_FILE_COLUMNS} FROM files WHERE status = 'partial' ORDER BY path")
