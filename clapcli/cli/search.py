@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
@@ -53,6 +52,7 @@ def search_command(
     from ..errors import UsageError
     from ..identity import same_model
     from ..index.paths import check_remembered_model, resolve_index
+    from ..index.query import read_query, torch_free_query
     from ..index.search import Searcher, model_mismatch_advice, moved_model_advice, query_vector
 
     read = read_query(query or [], negative or [], [str(a) for a in audio or []])
@@ -77,7 +77,7 @@ def search_command(
         identity = store.model_identity or {}
         if model is None:
             check_remembered_model(identity.get("model"), index_dir, moved_model_advice(index))
-        m = _torch_free_query(model or identity.get("model"), audio, device, precision, tokenizer, engine)
+        m = torch_free_query(model or identity.get("model"), audio, device, precision, tokenizer, engine)
         if m is not None and identity and not same_model(identity, m.identity_dict):
             m = None  # a graph saved under other settings: the model decides (and explains a real mismatch)
         if m is None:
@@ -104,59 +104,6 @@ def search_command(
         _table(hits, " + ".join(query + read.audio), negative, note, roots)
 
 
-@dataclass
-class Query:
-    """A search as `clap search` read it from its arguments: the texts and audio files that add up, and the texts
-    pushed away (`--json`'s "query")."""
-
-    text: list[str] = field(default_factory=list)
-    negative: list[str] = field(default_factory=list)
-    audio: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {"text": self.text, "not": self.negative, "audio": self.audio}
-
-
-def read_query(words: list[str], negative: list[str], audio: list[str]) -> Query:
-    """The words after `clap search` → one query, as a search box reads them: `metal impact` is the text "metal
-    impact". A lone `+` starts another query that adds up, a lone `-` one that is pushed away (as `--not`); a
-    query that names an existing audio file searches by example (as `--audio`). Refuses empty queries."""
-    from ..errors import UsageError
-    from ..index.scan import AUDIO_EXTENSIONS
-
-    read = Query(negative=[], audio=list(audio))
-    groups: list[tuple[str, list[str]]] = [("+", [])]
-    for word in words:
-        if word in ("+", "-"):
-            groups.append((word, []))
-        else:
-            groups[-1][1].append(word)
-    for sign, group in groups:
-        text = " ".join(group)
-        if not text.strip():
-            if len(groups) > 1:
-                raise UsageError("a lone + or - joins two queries: give words on each side, as in "
-                                 "`metal impact + glass` or `rain - thunder`")
-            if words:
-                raise UsageError("empty query: give words to search for (or --audio FILE)")
-            continue
-        if sign == "-":
-            read.negative.append(text)
-        elif _is_audio_file(text, AUDIO_EXTENSIONS):
-            read.audio.append(text)
-        else:
-            read.text.append(text)
-    for text in negative:
-        if not text.strip():
-            raise UsageError("empty --not: give the words whose results to push away")
-        read.negative.append(text)
-    return read
-
-
-def _is_audio_file(text: str, extensions) -> bool:
-    return os.path.splitext(text)[1][1:].lower() in extensions and os.path.isfile(text)
-
-
 def _open_index(index: str | None, index_dir: Path):
     """The index opened for searching; a missing named (or the default) index is refused with the names there
     are, and the close one first."""
@@ -177,19 +124,6 @@ def _open_index(index: str | None, index_dir: Path):
             raise IndexStoreError(f"no index at {index_dir}{guess} the indexes are: {', '.join(names)} "
                                   "(`clap index list` shows them)")
     return open_for_search(index_dir)
-
-
-def _torch_free_query(ref, audio, device, precision, tokenizer, engine):
-    """The model's saved text-query graph (`clapcli.models.onnx_text`, written by `clap index`) when this is a
-    plain text query that it answers exactly like the model: fp32 on the CPU, no --tokenizer, engine not torch.
-    None otherwise, and where no graph was saved: the caller loads the model."""
-    plain_text = not audio and not tokenizer and ref is not None
-    fp32_cpu = (precision or "auto").lower() in ("auto", "fp32") and (device or "auto").lower() in ("auto", "cpu")
-    if not (plain_text and fp32_cpu) or (engine or "auto").lower() not in ("auto", "onnx"):  # --engine/$CLAP_ENGINE
-        return None
-    from ..models.onnx_text import load_text_query
-
-    return load_text_query(ref)
 
 
 def _answer_stdin(m, searcher, negative, k, min_score, as_json, paths, null, note) -> int:

@@ -1,0 +1,72 @@
+"""A query as the search box reads it (`clap search`, `clap serve`, `clap mcp`), and the cheapest model that
+answers it: the saved torch-free text-query graph where it gives the model's own vectors."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ..errors import UsageError
+from ..models.onnx_text import load_text_query
+from .scan import AUDIO_EXTENSIONS
+
+
+@dataclass
+class Query:
+    """A search as `clap search` read it from its arguments: the texts and audio files that add up, and the texts
+    pushed away (`--json`'s "query")."""
+
+    text: list[str] = field(default_factory=list)
+    negative: list[str] = field(default_factory=list)
+    audio: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "not": self.negative, "audio": self.audio}
+
+
+def read_query(words: list[str], negative: list[str], audio: list[str]) -> Query:
+    """The words after `clap search` → one query, as a search box reads them: `metal impact` is the text "metal
+    impact". A lone `+` starts another query that adds up, a lone `-` one that is pushed away (as `--not`); a
+    query that names an existing audio file searches by example (as `--audio`). Refuses empty queries."""
+    read = Query(negative=[], audio=list(audio))
+    groups: list[tuple[str, list[str]]] = [("+", [])]
+    for word in words:
+        if word in ("+", "-"):
+            groups.append((word, []))
+        else:
+            groups[-1][1].append(word)
+    for sign, group in groups:
+        text = " ".join(group)
+        if not text.strip():
+            if len(groups) > 1:
+                raise UsageError("a lone + or - joins two queries: give words on each side, as in "
+                                 "`metal impact + glass` or `rain - thunder`")
+            if words:
+                raise UsageError("empty query: give words to search for (or --audio FILE)")
+            continue
+        if sign == "-":
+            read.negative.append(text)
+        elif _is_audio_file(text, AUDIO_EXTENSIONS):
+            read.audio.append(text)
+        else:
+            read.text.append(text)
+    for text in negative:
+        if not text.strip():
+            raise UsageError("empty --not: give the words whose results to push away")
+        read.negative.append(text)
+    return read
+
+
+def _is_audio_file(text: str, extensions) -> bool:
+    return os.path.splitext(text)[1][1:].lower() in extensions and os.path.isfile(text)
+
+
+def torch_free_query(ref, audio, device, precision, tokenizer, engine):
+    """The model's saved text-query graph (`clapcli.models.onnx_text`, written by `clap index`) when this is a
+    plain text query that it answers exactly like the model: fp32 on the CPU, no --tokenizer, engine not torch.
+    None otherwise, and where no graph was saved: the caller loads the model."""
+    plain_text = not audio and not tokenizer and ref is not None
+    fp32_cpu = (precision or "auto").lower() in ("auto", "fp32") and (device or "auto").lower() in ("auto", "cpu")
+    if not (plain_text and fp32_cpu) or (engine or "auto").lower() not in ("auto", "onnx"):  # --engine/$CLAP_ENGINE
+        return None
+    return load_text_query(ref)
