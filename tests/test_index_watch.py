@@ -121,11 +121,13 @@ def test_watch_adds_changed_files_and_prunes_deleted_ones_then_stops_on_sigint(l
     assert (again["added"], again["updated"], again["removed"], again["unchanged"]) == (0, 0, 0, 2)
 
 
-def test_a_vanished_root_prunes_nothing_and_sigterm_stops_the_watch(library, tiny_model_dir, tmp_path):
+def test_a_vanished_root_prunes_nothing_and_sigterm_mid_update_keeps_what_it_committed(library, tiny_model_dir,
+                                                                                         tmp_path):
     index_dir = tmp_path / "idx"
     clap("index", library, "--index", index_dir, "--model", tiny_model_dir)
     before = stored(index_dir)
-    watcher = Watcher(library, index_dir)  # nothing to embed: the watch starts without loading the model
+    # nothing to embed at first: the watch starts without loading the model
+    watcher = Watcher(library, index_dir, "--commit-every", "1", "--batch-size", "1")
     try:
         first = watcher.update()
         assert (first["added"], first["unchanged"], first["missing_roots"]) == (0, 2, [])
@@ -144,11 +146,22 @@ def test_a_vanished_root_prunes_nothing_and_sigterm_stops_the_watch(library, tin
             back = watcher.update()
         assert (back["added"], back["removed"], back["missing_roots"]) == (1, 0, [])
 
+        # a card full of takes arrives; SIGTERM once the update has committed the first of them
+        (library / "takes").mkdir()
+        for i in range(12):
+            write_tone(library / "takes" / f"t{i:02d}.wav", 8.0, seed=10 + i)
+        deadline = time.monotonic() + TIMEOUT
+        while len(stored(index_dir)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
         code, stderr = watcher.stop(signal.SIGTERM)
     finally:
         watcher.close()
     assert code == 0, stderr
-    assert sorted(stored(index_dir)) == sorted([*before, str((library / "c.wav").resolve())])
+    assert "interrupted:" in stderr and "Traceback" not in stderr
+    committed = stored(index_dir)
+    assert 4 <= len(committed) < 15, "the update finished before SIGTERM"
+    again = json.loads(clap("index", library, "--index", index_dir, "--json").stdout.splitlines()[-1])
+    assert (again["added"], again["removed"], again["total_files"]) == (15 - len(committed), 0, 15)
 
 
 def test_events_the_scan_would_not_index_start_no_update(tmp_path):
@@ -188,3 +201,37 @@ def test_a_file_still_being_written_waits(tmp_path):
     assert not changes.wait_until_quiet(debounce=0.3, timeout=0.5)  # quiet for 0.3 s, but the size changed
     assert time.monotonic() - started >= 0.5
     assert changes.wait_until_quiet(debounce=0.3, timeout=1.0)  # unchanged since: settled
+
+
+def test_reading_a_file_is_no_change_but_a_chmod_is(tmp_path):
+    """The indexer reading a changed file updates its access time (IN_ATTRIB: a "modified" event): that must
+    not bring another update, while a chmod, which can make a skipped file readable, must."""
+    from watchdog.events import FileModifiedEvent
+
+    from clapcli.index.watch import _Changes
+
+    path = tmp_path / "take.wav"
+    path.write_bytes(b"RIFF" + bytes(1000))
+    changes = _Changes([tmp_path], tmp_path / "idx", exclude=[])
+    changes.dispatch(FileModifiedEvent(str(path)))
+    assert changes.wait_until_quiet(debounce=0.0, timeout=0.1)
+
+    path.read_bytes()
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns + 10**9, st.st_mtime_ns))  # read: only the access time moves
+    changes.dispatch(FileModifiedEvent(str(path)))
+    assert not changes.wait_until_quiet(debounce=0.0, timeout=0.1)
+
+    path.chmod(0o600 if st.st_mode & 0o077 else 0o644)
+    changes.dispatch(FileModifiedEvent(str(path)))
+    assert changes.wait_until_quiet(debounce=0.0, timeout=0.1)
+
+
+def test_the_session_loads_its_model_once(tiny_model_dir, tmp_path):
+    from clapcli.index.build import IndexRequest
+    from clapcli.index.watch import _SessionLoader
+
+    loader = _SessionLoader(IndexRequest(tmp_path / "idx", model=str(tiny_model_dir), device="cpu"))
+    model = loader(str(tiny_model_dir))
+    assert loader(str(tiny_model_dir)) is model  # the next run asks by the name it was given
+    assert loader(model.model_ref) is model  # or by the name the index stored

@@ -69,9 +69,8 @@ class WatchUpdate:
 def watch_index(request: IndexRequest, *, on_update: Callable[[WatchUpdate], None],
                 debounce: float = DEFAULT_DEBOUNCE_SECONDS,
                 on_watching: Callable[[list[Path]], None] | None = None, on_plan: Callable | None = None,
-                on_file: Callable | None = None, on_audio: Callable | None = None,
-                stop: threading.Event | None = None) -> int:
-    """Index `request`'s roots, then keep the index current until KeyboardInterrupt (or `stop` is set);
+                on_file: Callable | None = None, on_audio: Callable | None = None) -> int:
+    """Index `request`'s roots, then keep the index current until KeyboardInterrupt;
     returns the number of updates that ran. `on_update(update)` is called after each run (the first one too),
     `on_watching(roots)` once the roots are watched; `on_plan`, `on_file` and `on_audio` are `build_index`'s.
 
@@ -103,7 +102,7 @@ def watch_index(request: IndexRequest, *, on_update: Callable[[WatchUpdate], Non
             updates += 1
         if on_watching is not None:
             on_watching(roots)
-        while stop is None or not stop.is_set():
+        while True:
             changed = changes.wait_until_quiet(debounce, timeout=ROOT_CHECK_SECONDS)
             problem, roots_changed = watches.refresh()
             if not (changed or roots_changed or problem):
@@ -174,13 +173,19 @@ def _nothing_to_index_yet(index_dir: Path, roots: Sequence[Path], exclude: Seque
 
 class _Changes:
     """The paths that events named since the last update, each with its stat then; filled by the observer's
-    thread, taken by the session's."""
+    thread, taken by the session's.
+
+    A "modified" (or "closed") event on a file whose size, mtime, mode and owner are those it had when it was last taken is
+    left out: reading a file can update its access time, which inotify reports as a change (IN_ATTRIB), and
+    the indexer reading what changed must not bring another update. A chmod or chown still counts: it can make
+    a file readable that was skipped."""
 
     def __init__(self, roots: Sequence[Path], index_dir: Path, exclude: Sequence[str]):
         self.roots = list(roots)
         self.index_dir = Path(os.path.realpath(index_dir))
         self.exclude = list(exclude)
-        self._pending: dict[str, tuple[int, int] | None] = {}  # path -> (size, mtime_ns) at its last event
+        self._pending: dict[str, tuple | None] = {}  # path -> its stat (`_file_state`) at its last event
+        self._taken: dict[str, tuple | None] = {}  # path -> its stat when it was last taken
         self._last = 0.0  # monotonic time of the last event
         self._cond = threading.Condition()
 
@@ -191,10 +196,12 @@ class _Changes:
         if event.event_type == "moved":
             paths.append(os.fsdecode(event.dest_path))
         relevant = [p for p in paths if self._relevant(p, event.is_directory, event.event_type)]
-        if not relevant:
-            return
-        stats = {p: _size_and_mtime(p) for p in relevant}
+        stats = {p: _file_state(p) for p in relevant}
         with self._cond:
+            if event.event_type in ("modified", "closed") and not event.is_directory:
+                stats = {p: s for p, s in stats.items() if p not in self._taken or self._taken[p] != s}
+            if not stats:
+                return
             self._pending.update(stats)
             self._last = time.monotonic()
             self._cond.notify_all()
@@ -233,9 +240,12 @@ class _Changes:
             while True:
                 now = time.monotonic()
                 if self._pending and now - self._last >= debounce:
-                    moved = {p: s for p, s in ((p, _size_and_mtime(p)) for p in self._pending)
+                    moved = {p: s for p, s in ((p, _file_state(p)) for p in self._pending)
                              if s != self._pending[p]}
                     if not moved:
+                        if len(self._taken) > 100_000:
+                            self._taken.clear()
+                        self._taken.update(self._pending)
                         self._pending.clear()
                         return True
                     self._pending.update(moved)  # still being written: another quiet period
@@ -298,12 +308,13 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _size_and_mtime(path: str) -> tuple[int, int] | None:
+def _file_state(path: str) -> tuple | None:
+    """What tells a file's change from a mere read: size, mtime, mode and owner (not the access time)."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_size, st.st_mtime_ns
+    return st.st_size, st.st_mtime_ns, st.st_mode, st.st_uid, st.st_gid
 
 
 def _under(path: str, dirs: Sequence) -> bool:
