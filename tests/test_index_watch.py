@@ -235,3 +235,24 @@ def test_the_session_loads_its_model_once(tiny_model_dir, tmp_path):
     model = loader(str(tiny_model_dir))
     assert loader(str(tiny_model_dir)) is model  # the next run asks by the name it was given
     assert loader(model.model_ref) is model  # or by the name the index stored
+
+
+def test_each_update_is_one_line_and_a_gone_root_is_told_once(capsys):
+    import re
+
+    from clapcli.cli.index import _IndexProgress, _print_summary
+    from clapcli.cli.index_watch import _WatchReport
+    from clapcli.index.summary import IndexSummary
+    from clapcli.index.watch import WatchUpdate
+
+    report = _WatchReport(False, _print_summary, _IndexProgress)
+    ran = IndexSummary("/idx", "m", added=2, updated=1, removed=1, seconds=3.14)
+    report.update(WatchUpdate(ran))
+    report.update(WatchUpdate(IndexSummary("/idx", "m", unchanged=3, seconds=0.2)))  # nothing changed: quiet
+    report.update(WatchUpdate(IndexSummary("/idx", ""), missing_roots=["/media/card"]))
+    report.update(WatchUpdate(IndexSummary("/idx", ""), missing_roots=["/media/card"]))
+    report.update(WatchUpdate(IndexSummary("/idx", "m", seconds=0.1)))
+    lines = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"\d\d:\d\d:\d\d \+2 ~1 -1 \(3\.1 s\)", lines[0]), lines
+    assert lines[1].startswith("/media/card is gone") and "stay in the index" in lines[1]
+    assert lines[2:] == ["/media/card is back"]

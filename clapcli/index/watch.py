@@ -94,11 +94,12 @@ def watch_index(request: IndexRequest, *, on_update: Callable[[WatchUpdate], Non
     problem, _ = watches.refresh()
     if problem:
         raise ClapError(problem)
-    observer.start()
     try:
+        observer.start()
         if not (request.roots and _nothing_to_index_yet(index_dir, roots, request.exclude)):
             # (an empty download folder is no error: the index is created with the first file that arrives)
-            on_update(WatchUpdate(_run(request, loader, callbacks), first=True))
+            summary = _run(request, loader, callbacks)
+            on_update(WatchUpdate(summary, [str(r) for r in watches.missing], first=True))
             updates += 1
         if on_watching is not None:
             on_watching(roots)
@@ -118,8 +119,9 @@ def watch_index(request: IndexRequest, *, on_update: Callable[[WatchUpdate], Non
                     update.error = str(exc)
             on_update(update)
     finally:
-        observer.stop()
-        observer.join(timeout=5)
+        if observer.is_alive():
+            observer.stop()
+            observer.join(timeout=5)
     return updates
 
 
