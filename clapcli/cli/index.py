@@ -45,6 +45,11 @@ def index_command(
     commit_every: int = typer.Option(64, "--commit-every", min=1, help="Files per database commit: a crash "
                                      "loses at most this many files' work."),
     tokenizer: Optional[str] = options.TOKENIZER,
+    watch: bool = typer.Option(False, "--watch", help="After indexing, keep watching the folders and update the "
+                               "index as files arrive, change, move or go, until Ctrl-C; one line (with --json "
+                               "one object) per update."),
+    debounce: float = typer.Option(2.0, "--debounce", min=0.0, help="With --watch: seconds without changes "
+                                   "before an update runs (a file still growing waits longer)."),
 ) -> None:
     """Embed audio files under DIR… into an index (also `clap index list`, `clap index rm NAME`).
 
@@ -68,6 +73,14 @@ def index_command(
         tokenizer=tokenizer, exclude=exclude or (), batch_size=batch_size,
         workers=max(0, min(4, (os.cpu_count() or 1) - 1)) if workers is None else workers,
         rebuild=rebuild, wait=wait, prune_empty=prune_empty, forget=forget or (), commit_every=commit_every)
+    if watch:
+        if dist.launched():
+            from ..errors import UsageError
+
+            raise UsageError("--watch runs in one process, not under torchrun or srun")
+        from .index_watch import watch as watch_session
+
+        return watch_session(request, debounce, as_json, _print_summary, _IndexProgress)
     if dist.launched():  # under torchrun/srun: every rank embeds a share, rank 0 commits and reports
         from ..index.distributed import build
     else:
