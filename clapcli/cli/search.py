@@ -2,7 +2,9 @@
 
 A text search runs the model's saved query graph (`clapcli.models.onnx_text`, written by `clap index`) without
 importing torch; where none is saved (or --engine torch, a GPU, another precision) it loads the text half of the
-model (`load_model(..., text_only=True)`). `--stdin` loads either once and answers one query per input line.
+model (`load_model(..., text_only=True)`). An example file that is in the index and unchanged brings its stored
+vector (no model, no audio work); only an example that is not loads the whole model (`QueryModels`). `--stdin`
+loads each model at most once and answers one query per input line.
 """
 
 from __future__ import annotations
@@ -285,8 +287,6 @@ def parse_query_line(line: str, k: int):
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise UsageError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(obj, dict):
-        raise UsageError('a JSON query line is an object, such as {"query": "rain"} or {"audio": "take.wav"}')
     text, top = obj.get("query"), obj.get("k", k)
     if text is not None and (not isinstance(text, str) or not text.strip()):
         raise UsageError('"query" must be a non-empty string')
