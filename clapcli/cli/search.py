@@ -37,7 +37,7 @@ def search_command(
     not_audio: Optional[List[Path]] = typer.Option(None, "--not-audio", help="Push results away from the sound of "
                                                    "this audio file (repeatable)."),
     k: int = typer.Option(10, "-k", "--top", min=1, help="Number of files to return."),
-    per_file: int = typer.Option(1, "--per-file", min=1, help="Up to N matching 10 s windows of a long file, "
+    per_file: int = typer.Option(1, "--per-file", min=1, help="Up to N matching windows of a long file, "
                                  "adjacent ones merged into one time range (--json: \"ranges\")."),
     include_self: bool = typer.Option(False, "--include-self", help="Keep an --audio example that is in the index "
                                       "among the results (by default it is left out: it would be hit #1)."),

@@ -56,6 +56,10 @@ def stored_vectors(store: IndexStore, paths: Sequence[str]) -> dict[str, np.ndar
     by the path as given: they need no model. The others are not in the result (the caller embeds them)."""
     found = {}
     for path in paths:
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:  # a name that is not UTF-8 is never indexed (`clap index` skips it)
+            continue
         stored = stored_file(store, path)
         if stored is not None:
             found[path] = stored.vector
