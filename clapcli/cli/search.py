@@ -106,7 +106,7 @@ def search_command(
         q = query_vector(m, query, negative, read.audio, negative_audio=read.not_audio, stored=stored)
         exclude = () if include_self else {stored_path(a) for a in read.audio}
         hits = searcher.search(q, k=k, min_score=min_score, per_file=per_file, exclude=exclude, skip_missing=paths)
-        note = _precision_note(store.precisions, models.precision)
+        note = _precision_note(store.precisions, getattr(m, "precision", None))  # None: stored vectors alone
         roots = store.roots()
     if paths:
         _print_paths([h.path for h in hits], null)
@@ -131,7 +131,7 @@ class QueryModels:
 
     @property
     def precision(self) -> str | None:
-        """The precision of the model that embedded the query's text or audio (None: only stored vectors)."""
+        """The precision of the model loaded for the queries (None while none is: stored vectors alone)."""
         loaded = self._whole or self._text
         return getattr(loaded, "precision", None) if loaded is not None else None
 
