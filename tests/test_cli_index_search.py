@@ -23,7 +23,7 @@ from cli_runner import clap
 from entry_point import clap_executable
 from library import BROKEN, GOOD, make_library, write_window_query
 
-HIT_KEYS = {"rank", "score", "path", "start", "end", "duration", "query"}
+HIT_KEYS = {"rank", "score", "path", "start", "end", "duration", "ranges", "missing", "query"}
 
 
 def json_lines(text: str) -> list[dict]:

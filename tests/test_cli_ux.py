@@ -73,14 +73,14 @@ def test_words_after_search_are_one_query_and_json_says_how_it_was_read(words_in
     unquoted = json_lines(clap("search", "metal", "impact", "--index", index_dir, "--json").stdout)
     assert unquoted == quoted  # as in every search box
     assert Path(unquoted[0]["path"]).name == "impact.wav"
-    assert unquoted[0]["query"] == {"text": ["metal impact"], "not": [], "audio": []}
+    assert unquoted[0]["query"] == {"text": ["metal impact"], "not": [], "audio": [], "not_audio": []}
 
 
 def test_a_lone_plus_adds_a_query_and_a_lone_minus_pushes_one_away(words_index):
     index_dir, files = words_index
     hits = json_lines(clap("search", "metal", "impact", "+", "glass", "-", "rain", "--index", index_dir,
                            "--json").stdout)
-    assert hits[0]["query"] == {"text": ["metal impact", "glass"], "not": ["rain"], "audio": []}
+    assert hits[0]["query"] == {"text": ["metal impact", "glass"], "not": ["rain"], "audio": [], "not_audio": []}
     q = unit(E[0] + E[3] - WordsModel.vectors["rain"])
     for h in hits:
         assert h["score"] == pytest.approx(float(files[Path(h["path"]).name] @ q), abs=1e-5)
@@ -159,10 +159,10 @@ def test_an_audio_file_as_the_query_searches_by_example_and_says_so(tiny_model_d
     lib, idx = tmp_path / "lib", tmp_path / "idx"
     clips = write_clips(lib / "sfx", ["laser1.wav", "laser2.wav", "boom.wav"])
     clap("index", lib, "--index", idx, "--model", tiny_model_dir, "--workers", "0")
-    result = clap("search", clips[0], "--index", idx, "--json")
+    result = clap("search", clips[0], "--index", idx, "--json", "--include-self")
     hits = json_lines(result.stdout)
     assert hits[0]["path"] == str(clips[0].resolve()) and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
-    assert hits[0]["query"] == {"text": [], "not": [], "audio": [str(clips[0])]}
+    assert hits[0]["query"] == {"text": [], "not": [], "audio": [str(clips[0])], "not_audio": []}
     assert "searching by example" in result.stderr and "laser1.wav is an audio file" in result.stderr
 
 

@@ -132,7 +132,9 @@ def test_clap_index_and_search_at_int8_through_the_cli(tiny_model_dir, tmp_path)
         assert store.precisions == ["int8"]
     note = " ".join(clap("index", lib, "--index", index_dir, "--workers", "0").output.split())
     assert "holds vectors computed at int8" in note and "may differ slightly from a clean build" in note
-    hits = [json.loads(line) for line in clap("search", "--audio", lib / "clip1.wav", "--index", index_dir,
+    query = tmp_path / "query.wav"  # clip1 outside the index, so that it is embedded (at fp32), not looked up
+    query.write_bytes((lib / "clip1.wav").read_bytes())
+    hits = [json.loads(line) for line in clap("search", "--audio", query, "--index", index_dir,
                                                "--precision", "fp32", "--json").stdout.splitlines()]
     assert hits[0]["path"].endswith("clip1.wav") and hits[0]["score"] == pytest.approx(1.0, abs=0.005)
     write_audio(lib / "clip2.wav", tone_noise(2.0, 48_000, seed=7), 48_000)

@@ -6,7 +6,8 @@ this machine is shared; benchmarks/RESULTS.md has the measurements).
   loads the text half of the checkpoint (test_text_towers.py: only its tensors are read), which equals the
   whole model and transformers;
 - weights are memory-mapped into the model (no random init, no second copy);
-- `clap search --stdin` answers line after line from one process, with an in-process embedding cache.
+- `clap search --stdin` answers line after line from one process, with an in-process embedding cache;
+- a query by an indexed, unchanged file takes its stored vector: no model, no torch, no audio decoding.
 """
 
 from __future__ import annotations
@@ -209,3 +210,28 @@ def test_embed_text_cache_keeps_the_most_recent_texts(tiny_model_dir, monkeypatc
     assert list(m._text_cache) == TEXTS[1:]  # the oldest left
     m.embed_text([TEXTS[1]], cache=True)
     assert list(m._text_cache) == [TEXTS[2], TEXTS[1]]  # a hit becomes the most recent
+
+
+def test_query_by_an_indexed_file_uses_its_stored_vector_and_imports_no_torch(tiny_model_dir, tmp_path):
+    """`clap search --audio FILE` for a file in the index, unchanged since: no model, no audio decoding; the
+    ranking is the one embedding the same sound gives (a copy outside the index)."""
+    from audio_synth import tone_noise, write_audio
+    from cli_runner import clap
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for seed, name in enumerate(FILES):
+        write_audio(lib / name, tone_noise(1.5 + seed, 48_000, seed=seed), 48_000)
+    clap("index", lib, "--index", tmp_path / "idx", "--model", tiny_model_dir, "--workers", "0")
+    example = (lib / FILES[1]).resolve()
+    proc, modules = run_python(["-m", "clapcli", "search", "--audio", example, "--index", tmp_path / "idx", "--json",
+                                "--include-self"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not {"torch", "transformers", "onnxruntime", "soundfile", "clapcli.audio.decode"} & modules
+    stored = [json.loads(line) for line in proc.stdout.splitlines()]
+    copy = tmp_path / "copy.wav"
+    shutil.copyfile(example, copy)
+    embedded = [json.loads(line) for line in clap("search", "--audio", copy, "--index", tmp_path / "idx",
+                                                  "--json").stdout.splitlines()]
+    assert stored[0]["path"] == str(example) and [h["path"] for h in stored] == [h["path"] for h in embedded]
+    assert [h["score"] for h in stored] == pytest.approx([h["score"] for h in embedded], abs=1e-4)

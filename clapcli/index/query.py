@@ -14,21 +14,23 @@ from .scan import AUDIO_EXTENSIONS
 @dataclass
 class Query:
     """A search as `clap search` read it from its arguments: the texts and audio files that add up, and the texts
-    pushed away (`--json`'s "query")."""
+    and audio files pushed away (`--json`'s "query")."""
 
     text: list[str] = field(default_factory=list)
     negative: list[str] = field(default_factory=list)
     audio: list[str] = field(default_factory=list)
+    not_audio: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "not": self.negative, "audio": self.audio}
+        return {"text": self.text, "not": self.negative, "audio": self.audio, "not_audio": self.not_audio}
 
 
-def read_query(words: list[str], negative: list[str], audio: list[str]) -> Query:
+def read_query(words: list[str], negative: list[str], audio: list[str], not_audio: list[str] = ()) -> Query:
     """The words after `clap search` → one query, as a search box reads them: `metal impact` is the text "metal
     impact". A lone `+` starts another query that adds up, a lone `-` one that is pushed away (as `--not`); a
-    query that names an existing audio file searches by example (as `--audio`). Refuses empty queries."""
-    read = Query(negative=[], audio=list(audio))
+    query that names an existing audio file searches by example (as `--audio`), or pushes its sound away after a
+    `-` (as `--not-audio`). Refuses empty queries."""
+    read = Query(negative=[], audio=list(audio), not_audio=list(not_audio))
     groups: list[tuple[str, list[str]]] = [("+", [])]
     for word in words:
         if word in ("+", "-"):
@@ -45,7 +47,7 @@ def read_query(words: list[str], negative: list[str], audio: list[str]) -> Query
                 raise UsageError("empty query: give words to search for (or --audio FILE)")
             continue
         if sign == "-":
-            read.negative.append(text)
+            (read.not_audio if _is_audio_file(text, AUDIO_EXTENSIONS) else read.negative).append(text)
         elif _is_audio_file(text, AUDIO_EXTENSIONS):
             read.audio.append(text)
         else:
