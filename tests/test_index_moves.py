@@ -223,3 +223,19 @@ def test_the_only_remembered_folder_gone_can_be_forgotten_by_name(tiny_model_dir
 
 def test_a_missing_folder_inside_a_remembered_one_says_how_to_prune_it(lib):
     fails("index", lib / "sfx" / "gone", "--index", "lib", code=1, match=f"`clap index {lib.resolve()}`")
+
+
+def test_a_renamed_root_moves_its_files_when_the_old_name_is_forgotten(tiny_model_dir, tmp_path, clap_home, forward):
+    old, new = tmp_path / "samples", tmp_path / "samples-2024"
+    clips(old, "one.wav", "two.wav")
+    clap("index", old, "--index", "lib", "--model", tiny_model_dir)
+    before = segments(index_dir(clap_home))
+    forward.update(loads=0, embedded=[])
+    old.rename(new)
+    s = index(new, "--forget", old)
+    assert (s["moved"], s["added"], s["removed"], s["total_files"]) == (2, 0, 0, 2)
+    after = segments(index_dir(clap_home))
+    assert after == {str(new.resolve() / Path(p).name): v for p, v in before.items()}
+    assert forward == {"loads": 0, "embedded": []}
+    (row,) = [json.loads(line) for line in clap("index", "list", "--json").stdout.splitlines()]
+    assert row["roots"] == [str(new.resolve())]
