@@ -257,7 +257,7 @@ def test_moved_model_and_model_mismatch_messages(tiny_model_dir, tiny_unfused_di
 
     lost = fails("search", "rain", "--index", idx, code=1, match=f"model at {old}, which no longer exists")
     assert "--model NEW_PATH" in lost
-    write_clips(lib, ["c.wav"])  # something to embed, so `clap index` needs the model
+    write_clips(lib, ["c.wav"], seconds=1.5)  # something new (not a copy of a.wav): `clap index` needs the model
     lost = fails("index", lib, "--index", idx, code=1, match=f"model at {old}, which no longer exists")
     assert "--model NEW_PATH" in lost
 

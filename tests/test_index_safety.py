@@ -92,7 +92,7 @@ def test_emptied_folder_prunes_nothing_without_prune_empty(tiny_model_dir, tmp_p
     message = str(result.exception)
     assert "--prune-empty" in message and str(mount) in message and "3 indexed files" in message
     s = summary(result)
-    assert s["removed"] == 0 and s["added"] == 1  # the other folder was indexed as usual
+    assert s["removed"] == 0 and s["copied"] == 1  # the other folder was indexed as usual (a copy: its vectors)
     assert s["emptied_roots"] == [{"path": str(mount), "kept_files": 3}]
     assert set(before) <= set(stored(index_dir))
 

@@ -31,7 +31,10 @@ def index_command(
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0,
                                           help="Decoding processes beside the model (default: cores − 1, max 4)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", "-x", help="Glob of paths or names to skip "
-                                                "(repeatable), e.g. '*.tmp' or '.git'."),
+                                                "(repeatable), e.g. '*.tmp' or '.git'; the index remembers it."),
+    forget_exclude: Optional[List[str]] = typer.Option(None, "--forget-exclude", metavar="PATTERN",
+                                                       help="Stop skipping a remembered --exclude glob "
+                                                       "(repeatable): its files are indexed again."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Embed everything again into a new index that "
                                  "replaces the old one only on success (also the way to switch models, or to "
                                  "recover a damaged database, which is kept aside)."),
@@ -72,7 +75,8 @@ def index_command(
         resolve_index(index), roots=dirs or [], model=model, device=device, precision=precision, engine=engine,
         tokenizer=tokenizer, exclude=exclude or (), batch_size=batch_size,
         workers=max(0, min(4, (os.cpu_count() or 1) - 1)) if workers is None else workers,
-        rebuild=rebuild, wait=wait, prune_empty=prune_empty, forget=forget or (), commit_every=commit_every)
+        rebuild=rebuild, wait=wait, prune_empty=prune_empty, forget=forget or (), commit_every=commit_every,
+        forget_exclude=forget_exclude or ())
     if watch:
         if dist.launched():
             from ..errors import UsageError
@@ -126,7 +130,8 @@ def _print_summary(s) -> None:
         if s.audio_seconds and s.seconds else ""
     partial = f", {len(s.partial)} partial" if s.partial else ""
     excluded = f" ({s.removed_excluded} excluded)" if s.removed_excluded else ""
-    con.print(f"[bold]{output.literal(s.index)}[/]: {s.added} added, {s.updated} updated, "
+    relocated = "".join(f"{n} {what}, " for n, what in ((s.moved, "moved"), (s.copied, "copied")) if n)
+    con.print(f"[bold]{output.literal(s.index)}[/]: {s.added} added, {s.updated} updated, {relocated}"
               f"{s.removed} removed{excluded}, "
               f"{s.unchanged + s.touched} unchanged, {len(s.skipped)} skipped{partial} in {s.seconds:.1f} s{rate}",
               highlight=False)
@@ -136,6 +141,9 @@ def _print_summary(s) -> None:
               f"{errors}{partial}; "
               f"model {output.literal(s.model)}",
               highlight=False, soft_wrap=True)
+    if s.excludes:
+        con.print(f"skipping {', '.join(output.literal(repr(p)) for p in s.excludes)} (remembered by the index; "
+                  "--forget-exclude PATTERN indexes those files again)", highlight=False, soft_wrap=True)
     for folder, n in s.forgotten:
         con.print(f"forgot {output.literal(folder)}: {output.plural(n, 'indexed file')} under it left the index",
                   highlight=False, soft_wrap=True)

@@ -40,6 +40,7 @@ class IndexRequest:
     wait: bool = False  # wait for another writer instead of failing after a few seconds
     prune_empty: bool = False  # remove the files of folders that now list no audio
     forget: Sequence[str | os.PathLike] = ()  # remembered roots to drop, with their files
+    forget_exclude: Sequence[str] = ()  # remembered --exclude globs to drop (their files are indexed again)
     commit_every: int = indexer.COMMIT_EVERY_FILES  # files per database commit
 
     def __post_init__(self):
@@ -89,7 +90,7 @@ def index_options(request: IndexRequest) -> dict:
     """The request as `indexer.build_index`'s keyword options, less the model's (which the loader holds)."""
     return dict(model_name=request.model, exclude=request.exclude, batch_size=request.batch_size,
                 workers=request.workers, rebuild=request.rebuild, wait=request.wait, prune_empty=request.prune_empty,
-                forget=request.forget, commit_every=request.commit_every)
+                forget=request.forget, commit_every=request.commit_every, forget_exclude=request.forget_exclude)
 
 
 def save_text_query(model) -> Path | None:

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import DATA_FAILURE, ENVIRONMENT_FAILURE, ClapError, IndexStoreError, UsageError
+from .exclusions import excludes_in_effect, remember_excludes, stored_excludes
 from .lock import WriterLock
+from .moves import apply_relocations, find_relocations
 from .scan import AUDIO_EXTENSIONS, ScanEntry, ScanProblem, matches_exclude, scan
 from .schema import DB_FILENAME
 from .store import IndexStore, content_hash
@@ -78,6 +80,7 @@ class _Scanned:
     problems: list[ScanProblem]  # paths that could not be listed, stat'ed or read
     linked: list[str]  # folders the scan reached through symbolic links
     empty_dirs: list[str]  # folders at any depth whose listing was empty
+    exclude: Sequence[str] = ()  # the globs the scan skipped: given this run or remembered by the index
 
 
 @dataclass
@@ -187,12 +190,15 @@ def build_index(
     on_committed: Callable[[], None] | None = None,
     commit_seconds: float = COMMIT_EVERY_SECONDS,
     commit_audio_seconds: float = COMMIT_EVERY_AUDIO_SECONDS,
+    forget_exclude: Sequence[str] = (),
 ) -> IndexSummary:
     """Index `roots` into `index_dir`. `load_model(name)` is called only when something needs embedding.
 
     The index remembers its roots. No `roots` means all the remembered ones (one that no longer exists then
     counts as a folder that lists nothing); a `rebuild` that leaves a remembered root out is refused unless
-    `forget` names it. `forget` drops remembered roots and their files from the index.
+    `forget` names it. `forget` drops remembered roots and their files from the index. The index remembers
+    `exclude` too: later runs skip those globs until `forget_exclude` names them (see exclusions.py). A new path
+    whose content the index holds gets the stored vectors, moved or copied (see moves.py).
 
     Nothing is written before the model has loaded when the run creates the index or rebuilds it, so a
     mistyped model leaves no empty index behind and never harms an existing one. `rebuild` builds a fresh
@@ -213,11 +219,14 @@ def build_index(
     started = time.monotonic()
     remembered = _remembered_roots(index_dir, rebuild)
     forgotten = _forgotten_roots(forget, remembered, index_dir)
+    exclude = excludes_in_effect(stored_excludes(index_dir, rebuild), exclude, forget_exclude, index_dir)
     root_paths = []
     for r in roots:
         p = Path(r).expanduser()
         if not p.exists():
-            raise ClapError(f"no such file or directory: {r}")
+            if os.path.realpath(p) in forgotten:
+                continue  # `clap index GONE --forget GONE`: dropped, not scanned
+            raise ClapError(missing_root_message(r, remembered, index_dir))
         root_paths.append(p.resolve())
     if not roots:
         if not remembered and not forgotten:
@@ -233,7 +242,7 @@ def build_index(
     empty_dirs: list[str] = []
     present = [p for p in root_paths if p.exists()]  # a remembered root may be gone (an unmounted drive)
     entries = list(scan(present, exclude=exclude, problems=problems, linked_dirs=linked, empty_dirs=empty_dirs))
-    found = _Scanned(root_paths, entries, problems, linked, empty_dirs)
+    found = _Scanned(root_paths, entries, problems, linked, empty_dirs, exclude)
     run = _Embedding(batch_size, workers, commits, on_plan, on_file, on_audio)
     exists = IndexStore.exists(index_dir)
     if not entries and not exists:
@@ -309,6 +318,7 @@ def _update(store: IndexStore, model, found: _Scanned, run: _Embedding, *, prune
             summary.forgotten.append((folder, len(dropped)))
             plan.to_remove.extend(dropped)
             pruned.update(dropped)
+    relocations = find_relocations(plan, states)  # new paths whose content the store holds: no forward pass
     if run.on_plan:
         run.on_plan(plan)
 
@@ -324,10 +334,13 @@ def _update(store: IndexStore, model, found: _Scanned, run: _Embedding, *, prune
     with store.transaction():
         store.forget_roots(forget)
         store.add_roots(str(p) for p in root_paths)
+        remember_excludes(store, found.exclude)
+        apply_relocations(store, relocations)  # before the pruned paths go: moved rows have left them
         store.remove_files(plan.to_remove)
         for entry in plan.touched:
             store.update_file_stat(str(entry.path), entry.size, entry.mtime_ns)
     summary.removed, summary.touched = len(plan.to_remove), len(plan.touched)
+    summary.moved, summary.copied, summary.excludes = len(relocations.moves), len(relocations.copies), found.exclude
     summary.removed_excluded = sum(_excluded(p, root_paths, exclude) for p in plan.to_remove) if exclude else 0
 
     if plan.to_embed:
@@ -395,6 +408,20 @@ def _forgotten_roots(forget: Sequence, remembered: Sequence[str], index_dir: Pat
         known = ", ".join(remembered) or "none remembered yet"
         raise UsageError(f"--forget {unknown[0]}: not a folder index {index_dir} was built from ({known})")
     return forgotten
+
+
+def missing_root_message(root, remembered: Sequence[str], index_dir: Path) -> str:
+    """A folder to index that does not exist; how to drop it from the index when it was deleted on purpose."""
+    real = os.path.realpath(os.path.expanduser(root))
+    if real in remembered:
+        return (f"no such file or directory: {root}; index {index_dir} was built from it: if it is gone for good, "
+                f"drop its files from the index with `clap index --forget {root}`")
+    above = [r for r in remembered if _under(real, [r])]
+    if above:
+        return (f"no such file or directory: {root}; it lies in {above[0]}, which index {index_dir} was built from: "
+                f"`clap index {above[0]}` removes the indexed files that are gone")
+    hint = " (a folder the index was built from that is gone for good is dropped with `clap index --forget FOLDER`)"
+    return f"no such file or directory: {root}{hint if remembered else ''}"
 
 
 def _no_roots_message(index_dir: Path) -> str:

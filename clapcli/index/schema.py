@@ -103,9 +103,16 @@ def _migrate_to_4(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE files ADD COLUMN error_kind TEXT CHECK (error_kind IN ('data', 'environment'))")
 
 
+def _migrate_to_5(conn: sqlite3.Connection) -> None:
+    """`excludes`: the --exclude globs an index remembers, so that a later run without --exclude keeps skipping
+    what was excluded (`clap index --forget-exclude PATTERN` drops one). An older index starts with none."""
+    conn.execute("CREATE TABLE excludes (pattern TEXT PRIMARY KEY, added_at REAL NOT NULL)")
+
+
 # MIGRATIONS[i] upgrades a store at schema version i to version i + 1 (version 0 = an empty database).
 # Append a function to change the schema; never edit a released one.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2, _migrate_to_3, _migrate_to_4]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2, _migrate_to_3, _migrate_to_4,
+                                                          _migrate_to_5]
 
 
 def open_database(index_dir: Path, create: bool, readonly: bool) -> sqlite3.Connection:

@@ -18,6 +18,8 @@ class IndexSummary:
     unchanged: int = 0
     touched: int = 0  # size/mtime changed but the content hash did not: no model work
     removed: int = 0
+    moved: int = 0  # new paths given a pruned file's row and vectors (renamed or moved): no model work
+    copied: int = 0  # new paths given a copy of an indexed file's vectors (same content): no model work
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
     audio_seconds: float = 0.0  # embedded in this run
     seconds: float = 0.0
@@ -39,6 +41,7 @@ class IndexSummary:
     # run; the previous embeddings stay, and the next run tries again
     retry_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of every error row the
     # next run tries again (environmental failures)
+    excludes: list[str] = field(default_factory=list)  # the globs this run skipped (the index remembers them)
 
     def to_dict(self) -> dict:
         return {
@@ -50,6 +53,8 @@ class IndexSummary:
             "unchanged": self.unchanged,
             "touched": self.touched,
             "removed": self.removed,
+            "moved": self.moved,
+            "copied": self.copied,
             "skipped": len(self.skipped),
             "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped],
             "audio_seconds": round(self.audio_seconds, 3),
@@ -66,6 +71,7 @@ class IndexSummary:
             "emptied_roots": [{"path": p, "kept_files": n} for p, n in self.emptied_roots],
             "kept_aside": self.kept_aside,
             "removed_excluded": self.removed_excluded,
+            "excludes": list(self.excludes),
             "precisions": self.precisions,
             "reproducible": not self.lossy_precisions,
             "kept_unreadable": [{"path": p, "reason": r} for p, r in self.kept_unread],
