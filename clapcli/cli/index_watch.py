@@ -86,9 +86,11 @@ class _WatchReport:
         s = update.summary
         if update.first:
             self.print_summary(s)
-        elif s.seconds and (s.added or s.updated or s.removed or s.skipped):
+        elif s.seconds and (s.added or s.updated or s.removed or s.moved or s.copied or s.skipped):
             skipped = f", {len(s.skipped)} skipped" if s.skipped else ""
-            con.print(f"{time.strftime('%H:%M:%S')} +{s.added} ~{s.updated} -{s.removed}{skipped} ({s.seconds:.1f} s)",
+            moved = "".join(f", {n} {what}" for n, what in ((s.moved, "moved"), (s.copied, "copied")) if n)
+            con.print(f"{time.strftime('%H:%M:%S')} +{s.added} ~{s.updated} -{s.removed}{moved}{skipped} "
+                      f"({s.seconds:.1f} s)",
                       highlight=False)
             for path, reason in s.skipped[:20]:
                 con.print(f"  [yellow]skipped[/] {output.literal(path)}: {output.literal(reason)}", highlight=False,

@@ -59,7 +59,7 @@ class WatchUpdate:
         """Whether the update has anything to say: files added, re-embedded, removed or skipped, roots missing
         or listing nothing, or a refusal."""
         s = self.summary
-        return bool(s.added or s.updated or s.removed or s.skipped or s.emptied_roots or self.missing_roots
+        return bool(s.added or s.updated or s.removed or s.moved or s.copied or s.skipped or s.emptied_roots or self.missing_roots
                     or self.error or self.first)
 
     def to_dict(self) -> dict:
@@ -85,7 +85,7 @@ def watch_index(request: IndexRequest, *, on_update: Callable[[WatchUpdate], Non
     callbacks = dict(on_plan=on_plan, on_file=on_file, on_audio=on_audio)
     index_dir = request.index_dir
     roots = _watched_roots(request)
-    later = dataclasses.replace(request, rebuild=False, forget=(), wait=True)
+    later = dataclasses.replace(request, rebuild=False, forget=(), forget_exclude=(), wait=True)
     updates = 0
     # Watched before the first run, so what changes while it runs (a long first index) brings an update after it.
     changes = _Changes(roots, index_dir, request.exclude)
