@@ -105,10 +105,19 @@ def test_watch_adds_changed_files_and_prunes_deleted_ones_then_stops_on_sigint(l
         assert (updated["added"], updated["updated"], updated["removed"]) == (0, 1, 0)
         assert stored(index_dir)[str((library / "a.wav").resolve())] == pytest.approx(0.7, abs=1e-3)
 
+        # a rename while watched: the file keeps its vectors (moved), nothing is embedded
+        (library / "sub").mkdir()
+        os.replace(library / "new.wav", library / "sub" / "renamed.wav")
+        moved = watcher.update()
+        while not moved["moved"]:  # (the new folder may bring an update of its own first)
+            assert moved["added"] == 0 and moved["removed"] == 0
+            moved = watcher.update()
+        assert (moved["added"], moved["updated"], moved["removed"], moved["moved"]) == (0, 0, 0, 1)
+
         (library / "b.wav").unlink()
         removed = watcher.update()
         assert (removed["added"], removed["updated"], removed["removed"]) == (0, 0, 1)
-        assert sorted(stored(index_dir)) == sorted(str((library / n).resolve()) for n in ("a.wav", "new.wav"))
+        assert sorted(stored(index_dir)) == sorted(str((library / n).resolve()) for n in ("a.wav", "sub/renamed.wav"))
 
         code, stderr = watcher.stop(signal.SIGINT)
     finally:
