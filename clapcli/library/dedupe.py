@@ -104,48 +104,38 @@ class Duplicates(list):
 def find_duplicates(store: IndexStore, threshold: float = DEFAULT_THRESHOLD, k: int = DEFAULT_K,
                     progress: Progress | None = None) -> Duplicates:
     """Groups of files in `store` that hold the same recording (see the module docstring). Read-only."""
-    paths, vectors = _file_vectors(store)
-    pairs = _candidate_pairs(store, paths, vectors, threshold, k)
+    with store.snapshot():  # the vectors and the graph of one committed state
+        rows = store.segment_rows(store.segment_ids())
+        file_segments = {r.segment_id: r.path for r in rows if r.kind == "file"}
+        ids, vectors = store.vectors_by_id(file_segments)
+        ann = AnnIndex.sync(store, persist=None) if len(ids) > 1 else None
+    paths = [file_segments[int(i)] for i in ids]
+    vectors = l2_normalize(vectors)  # (N, D)
+    pairs = _candidate_pairs(ann, ids, vectors, threshold, k) if ann is not None else {}
     return _check_and_group(paths, vectors, pairs, progress)
 
 
-def _file_vectors(store: IndexStore) -> tuple[list[str], np.ndarray]:
-    """The searchable files' paths and file-level vectors (N, D), in segment-id order, from one snapshot."""
-    with store.snapshot():
-        rows = store.segment_rows(store.segment_ids())
-        file_rows = {r.segment_id: r.path for r in rows if r.kind == "file"}
-        ids, vectors = store.vectors_by_id(file_rows)
-    return [file_rows[int(i)] for i in ids], l2_normalize(vectors)
-
-
-def _candidate_pairs(store: IndexStore, paths: list[str], vectors: np.ndarray, threshold: float,
+def _candidate_pairs(ann: AnnIndex, ids: np.ndarray, vectors: np.ndarray, threshold: float,
                      k: int) -> dict[tuple[int, int], float]:
-    """(i, j) with i < j (positions in `paths`) → cosine, for neighbours within the threshold."""
-    if len(paths) < 2:
-        return {}
-    position = {}  # segment id of a file vector → its position in `paths`
-    with store.snapshot():
-        ann = AnnIndex.sync(store, persist=None)
-        rows = store.segment_rows(store.segment_ids())
-    by_path = {p: i for i, p in enumerate(paths)}
-    for r in rows:
-        if r.kind == "file" and r.path in by_path:
-            position[r.segment_id] = by_path[r.path]
+    """(i, j) with i < j (positions in `ids`, the files' file-level segment ids) → cosine, for the files among
+    each other's k nearest files with cosine ≥ threshold."""
+    position = {int(seg_id): i for i, seg_id in enumerate(ids.tolist())}
     # windows of long files are in the graph too: ask for more neighbours where they are
-    fetch = min(ann.count, (k + 1) * max(1, round(ann.count / len(paths))))
+    fetch = min(ann.count, (k + 1) * max(1, round(ann.count / len(ids))))
     pairs: dict[tuple[int, int], float] = {}
-    for start in range(0, len(paths), QUERY_BATCH):
-        ids, scores = ann.query(vectors[start:start + QUERY_BATCH], fetch)  # (Q, fetch) each
-        for row, (hit_ids, hit_scores) in enumerate(zip(ids.tolist(), scores.tolist())):
+    for start in range(0, len(ids), QUERY_BATCH):
+        hits, scores = ann.query(vectors[start:start + QUERY_BATCH], fetch)  # (Q, fetch) each
+        for row, (hit_ids, hit_scores) in enumerate(zip(hits.tolist(), scores.tolist())):
             i, found = start + row, 0
             for seg_id, score in zip(hit_ids, hit_scores):
                 j = position.get(seg_id)
-                if j is None or j == i:
+                if j is None or j == i:  # a window, or the file itself
                     continue
                 found += 1
                 if found > k or score < threshold:
                     break
-                pairs[(min(i, j), max(i, j))] = max(score, pairs.get((min(i, j), max(i, j)), -1.0))
+                pair = (min(i, j), max(i, j))
+                pairs[pair] = max(score, pairs.get(pair, -1.0))
     return pairs
 
 
