@@ -40,13 +40,14 @@ def dedupe_command(
         raise UsageError(f"choose one of --json and {'-0' if null else '--paths'}")
     index_dir = resolve_index(index)
     with open_for_search(index_dir) as store:
-        bar = output.ProgressBar("comparing audio")
+        bar = output.ProgressBar("comparing audio", unit="pairs")
         with bar:
             def progress(done: int, total: int) -> None:
                 bar.start(total)
                 bar.advance()
 
             found = find_duplicates(store, DEFAULT_THRESHOLD if threshold is None else threshold, k, progress)
+        roots = store.roots()
     err = output.stderr_console()
     for path in found.missing:
         err.print(f"missing on disk (indexed, not compared): {output.literal(path)}", highlight=False)
@@ -62,32 +63,41 @@ def dedupe_command(
         for group in found:
             output.json_line(group.to_dict())
     else:
-        _table(found)
+        _table(found, roots)
 
 
-def _table(found) -> None:
+def _table(found, roots: list[str]) -> None:
+    """Each group on a terminal: the keeper first with why, then its copies with their audio-match score."""
     from rich.table import Table
+
+    from .search import folder_in_index
 
     con = output.stdout_console()
     if not found:
         con.print(f"no duplicates ({output.plural(found.checked, 'pair')} of files compared)")
         return
     copies = sum(len(g.duplicates) for g in found)
-    table = Table(title=f"{output.plural(len(found), 'group')} of duplicates, {output.plural(copies, 'copy', 'copies')} "
-                  "beside the keepers", show_lines=True)
+    title = (f"{output.plural(len(found), 'group')} of duplicates: {output.plural(copies, 'copy', 'copies')} "
+             "beside the keepers")
+    captions = [f"folders relative to {output.literal(roots[0])}"] if len(roots) == 1 else []
+    table = Table(title=title, caption="\n".join(captions + ["nothing was deleted: `--paths` lists the copies"]),
+                  show_lines=True)
     table.add_column("#", justify="right")
     table.add_column("", no_wrap=True)
-    table.add_column("file (folder)", overflow="fold")
-    table.add_column("format", no_wrap=True)
+    table.add_column("file (folder)", overflow="fold", ratio=3)
+    table.add_column("format", overflow="fold", ratio=1)
     table.add_column("length", justify="right", no_wrap=True)
     table.add_column("match", justify="right", no_wrap=True)
     for number, group in enumerate(found, 1):
-        rows = [("keep", group.keeper, f"[dim]{output.literal(group.why)}[/]")] + [
-            ("copy", d.facts, f"{d.similarity:.3f}") for d in group.duplicates]
-        for n, (role, facts, last) in enumerate(rows):
-            name = output.literal(os.path.basename(facts.path)) + f"\n[dim]{output.literal(os.path.dirname(facts.path))}[/]"
+        rows = [("keep", group.keeper, "", group.why)] + [
+            ("copy", d.facts, f"{d.similarity:.3f}", "") for d in group.duplicates]
+        for n, (role, facts, score, why) in enumerate(rows):
+            folder = folder_in_index(facts.path, roots)
+            name = output.literal(os.path.basename(facts.path)) + (
+                "" if folder == "." else f"\n[dim]{output.literal(folder)}[/]") + (
+                f"\n[italic]{output.literal(why)}[/]" if why else "")
             table.add_row(str(number) if n == 0 else "", role, name, _format(facts), output.clock(facts.duration),
-                          last)
+                          score)
     con.print(table)
 
 
