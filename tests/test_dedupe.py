@@ -127,16 +127,18 @@ def test_copies_form_one_group_with_the_right_keeper_and_lookalikes_stay_apart(t
     assert not grouped & {str(p.resolve()) for p in alike.values()}
 
 
-def test_files_missing_on_disk_are_reported_not_grouped(tmp_path, tiny_model_dir):
+def test_files_missing_or_undecodable_on_disk_are_reported_not_grouped(tmp_path, tiny_model_dir):
     lib = tmp_path / "lib"
     base = tone_noise(2.0, SR, seed=3)
     lib.mkdir()
     write_audio(lib / "a.wav", base, SR)
     write_audio(lib / "b.flac", base, SR)
     write_audio(lib / "c.ogg", base, SR, format="OGG")
+    write_audio(lib / "d.wav", base, SR, subtype="PCM_24")
     index = tmp_path / "idx"
     clap("index", lib, "--index", index, "--model", tiny_model_dir)
     (lib / "b.flac").unlink()
+    (lib / "d.wav").write_bytes(b"not audio any more" * 100)  # replaced since it was indexed
 
     result = clap("dedupe", "--index", index, "--threshold", "-1", "--json")
     groups = [json.loads(line) for line in result.stdout.splitlines()]
@@ -144,6 +146,7 @@ def test_files_missing_on_disk_are_reported_not_grouped(tmp_path, tiny_model_dir
     members = {groups[0]["keeper"]["path"]} | {d["path"] for d in groups[0]["duplicates"]}
     assert members == {str((lib / "a.wav").resolve()), str((lib / "c.ogg").resolve())}
     assert "missing on disk" in result.stderr and "b.flac" in result.stderr
+    assert "cannot decode" in result.stderr and "d.wav" in result.stderr
 
 
 def test_paths_and_json_do_not_go_together(tmp_path):

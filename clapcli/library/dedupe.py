@@ -29,7 +29,7 @@ from .audio_match import Fingerprint, fingerprint, match
 DEFAULT_THRESHOLD = 0.9  # cosine of file vectors from which two files are checked (benchmarks/RESULTS.md)
 DEFAULT_K = 10  # nearest neighbours looked at per file
 QUERY_BATCH = 4096  # file vectors per hnswlib query
-FINGERPRINT_CACHE = 64  # decoded files kept in memory between pair checks
+FINGERPRINT_CACHE_BYTES = 256 << 20  # decoded audio (8 kHz float32: 32 kB a second) kept between pair checks
 
 # libsndfile subtypes whose encoding throws information away (everything else is lossless PCM/FLAC/ALAC)
 LOSSY_SUBTYPES = {"VORBIS", "OPUS", "MPEG_LAYER_I", "MPEG_LAYER_II", "MPEG_LAYER_III", "GSM610", "IMA_ADPCM",
@@ -170,8 +170,8 @@ def _check_and_group(paths: list[str], vectors: np.ndarray, pairs: dict[tuple[in
             return None
         cache[i] = fp
         facts[i] = AudioFacts.of(paths[i], fp)
-        if len(cache) > FINGERPRINT_CACHE:
-            cache.popitem(last=False)
+        while len(cache) > 2 and sum(f.samples.nbytes for f in cache.values()) > FINGERPRINT_CACHE_BYTES:
+            cache.popitem(last=False)  # the least recently used; the pair in hand stays
         return fp
 
     scores: dict[tuple[int, int], float] = {}
