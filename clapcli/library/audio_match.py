@@ -26,11 +26,12 @@ synthesiser patch that are bit-identical where they are loud.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..audio.decode import AudioInfo, read_mono, to_model_rate
+from ..audio.decode import AudioInfo, _resampling_rate, read_mono
 
 MATCH_RATE = 8_000  # Hz: the common rate both files are compared at
 HOP = 32  # samples per envelope frame at MATCH_RATE (4 ms): the alignment's resolution
@@ -75,9 +76,27 @@ def fingerprint(path: str) -> Fingerprint:
         subtype = str(sf.info(path).subtype)
     except (RuntimeError, OSError, ValueError):  # decoded a moment ago; a name the header probe cannot read
         subtype = ""
-    samples = to_model_rate(mono, info.sample_rate, MATCH_RATE, quantize=False)
+    samples = _to_match_rate(mono, info.sample_rate)
     envelope = _envelope(samples)
     return Fingerprint(info, subtype, samples, envelope, envelope > ACTIVE_DB)
+
+
+def _to_match_rate(mono: np.ndarray, sr: int) -> np.ndarray:
+    """(T,) at `sr` → (T',) float32 at MATCH_RATE, as `audio.decode.to_model_rate` resamples (torchaudio's
+    sinc defaults) but with the kernel built once per rate: building it costs more than applying it."""
+    if sr == MATCH_RATE:
+        return np.ascontiguousarray(mono, dtype=np.float32)
+    import torch
+
+    with torch.no_grad():
+        return _resampler(sr)(torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))).numpy()
+
+
+@functools.lru_cache(maxsize=8)
+def _resampler(sr: int):
+    import torchaudio
+
+    return torchaudio.transforms.Resample(_resampling_rate(sr, MATCH_RATE), MATCH_RATE)
 
 
 def _envelope(samples: np.ndarray) -> np.ndarray:
