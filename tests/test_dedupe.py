@@ -154,3 +154,22 @@ def test_paths_and_json_do_not_go_together(tmp_path):
     from cli_runner import fails
 
     fails("dedupe", "--index", tmp_path / "idx", "--json", "--paths", code=2, match="choose one of --json")
+
+
+def test_keeper_order_is_lossless_then_rate_then_depth_then_length():
+    from clapcli.library.dedupe import AudioFacts, why_keeper
+
+    def facts(name, fmt, rate, depth, seconds):
+        return AudioFacts(name, fmt, rate, depth, 2, seconds, lossless=depth is not None)
+
+    mp3_48k = facts("a.mp3", "MP3", 48_000, None, 3.0)
+    flac_22k = facts("b.flac", "FLAC", 22_050, 16, 3.0)
+    wav_44k_16 = facts("c.wav", "WAV", 44_100, 16, 3.5)
+    wav_44k_24 = facts("d.wav", "WAV", 44_100, 24, 3.0)
+    wav_44k_24_long = facts("e.wav", "WAV", 44_100, 24, 3.4)
+    ranked = sorted([mp3_48k, flac_22k, wav_44k_16, wav_44k_24, wav_44k_24_long], key=AudioFacts.rank)
+    assert [f.path for f in ranked] == ["e.wav", "d.wav", "c.wav", "b.flac", "a.mp3"]
+    assert sorted([mp3_48k, flac_22k], key=AudioFacts.rank)[0] is flac_22k  # lossless beats a higher rate
+    why = why_keeper(ranked[0], ranked[1:])
+    assert "lossless" in why and "MP3" in why and "sample rate" in why and "bit depth" in why and "longer" in why
+    assert "first by path" in why_keeper(wav_44k_24, [facts("f.wav", "WAV", 44_100, 24, 3.0)])
