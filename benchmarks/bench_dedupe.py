@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         result["quality"] = quality(C.WORK / "dedupe-quality", args.sources, args.copies, args.seed)
         print("quality:", result["quality"])
     if not args.skip_timing:
-        result["timing"] = timing(C.WORK / f"dedupe-timing-{args.files}", args.files, args.planted, args.seed, args.reuse)
+        result["timing"] = timing(C.WORK / f"dedupe-timing-{args.files}", args.files, args.planted, args.seed,
+                                  args.reuse)
         print("timing:", result["timing"])
     result["load_average_after"] = C.load_average()
     print("results:", C.write_result("dedupe", result))
