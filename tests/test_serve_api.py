@@ -180,7 +180,7 @@ def test_audio_is_sent_with_range_and_aiff_as_wav(api, built):
 
 
 def test_unknown_and_path_like_ids_are_404(api):
-    for url in ("/api/audio/999999", "/api/peaks/999999", "/api/audio/..%2F..%2Fetc%2Fpasswd", "/api/audio/../status",
+    for url in ("/api/audio/999999", "/api/peaks/999999", "/api/audio/..%2F..%2Fetc%2Fpasswd", "/api/audio/%2e%2e%2fstatus",
                 "/api/audio/-1", "/api/audio/1.wav", "/api/nothing"):
         r = api.get(url)
         assert r.status_code == 404 and "error" in r.json(), url

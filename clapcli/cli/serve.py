@@ -27,12 +27,15 @@ def serve_command(
     from ..errors import ClapError, UsageError
     from ..index.paths import resolve_index
 
+    from importlib.util import find_spec
+
     try:
-        import multipart  # noqa: F401  (python-multipart: uploads)
         import starlette  # noqa: F401
         import uvicorn
     except ImportError:
         raise ClapError(EXTRA) from None
+    if find_spec("python_multipart") is None and find_spec("multipart") is None:  # python-multipart: uploads
+        raise ClapError(EXTRA)
     from ..serve.app import ServeConfig, create_app
     from ..serve.guard import is_loopback, new_token
 
