@@ -1,0 +1,103 @@
+"""The map: every file's stored vector projected to 2-D, coloured by folder or top tag (`/api/map`).
+
+PCA with numpy by default (the axes from at most PCA_SAMPLE files, then every file projected: a fraction of a
+second at 100,000 files); UMAP when `umap-learn` is importable. Coordinates are scaled into 0…1 and rounded
+to 4 digits, so 100,000 points are a few MB of JSON. Kept in memory per index generation and colouring: a new
+commit by `clap index` gives a new map on the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections import Counter
+from importlib.util import find_spec
+
+import numpy as np
+
+from .reader import folder_in_index
+
+PCA_SAMPLE = 20_000
+MAX_GROUPS = 12  # legend entries; the rest are "other"
+OTHER = "other"
+
+
+def project(vectors: np.ndarray) -> tuple[str, np.ndarray]:
+    """(method, (N, 2) float32 in 0…1) for (N, D) vectors."""
+    n = len(vectors)
+    if n == 0:
+        return "pca", np.zeros((0, 2), dtype=np.float32)
+    if n >= 16 and find_spec("umap") is not None:
+        import umap
+
+        xy = umap.UMAP(n_components=2, metric="cosine", random_state=0).fit_transform(vectors)
+        return "umap", _unit(np.asarray(xy, dtype=np.float32))
+    x = np.asarray(vectors, dtype=np.float32)
+    sample = x if n <= PCA_SAMPLE else x[np.random.default_rng(0).choice(n, PCA_SAMPLE, replace=False)]
+    mean = sample.mean(axis=0)
+    centred = sample - mean
+    cov = centred.T @ centred  # (D, D)
+    _, eigvecs = np.linalg.eigh(cov.astype(np.float64))
+    axes = eigvecs[:, ::-1][:, :2].astype(np.float32)  # (D, 2): the two directions of largest variance
+    axes *= np.where(axes.sum(axis=0) < 0, -1, 1).astype(np.float32)  # a fixed sign: the map does not flip
+    return "pca", _unit((x - mean) @ axes)
+
+
+def _unit(xy: np.ndarray) -> np.ndarray:
+    low, high = xy.min(axis=0), xy.max(axis=0)
+    span = np.where(high - low > 0, high - low, 1.0)
+    return ((xy - low) / span).astype(np.float32)
+
+
+def groups_of(keys: list[str]) -> tuple[list[int], list[str]]:
+    """Per point an index into the legend: the MAX_GROUPS - 1 commonest keys by name, the rest `other`."""
+    counts = Counter(keys)
+    common = [k for k, _ in counts.most_common()]
+    legend = sorted(common[: MAX_GROUPS - 1]) if len(common) > MAX_GROUPS else sorted(common)
+    if len(common) > len(legend):
+        legend.append(OTHER)
+    where = {k: i for i, k in enumerate(legend)}
+    other = where.get(OTHER)
+    return [where.get(k, other) for k in keys], legend
+
+
+class MapCache:
+    """The last map per colouring, with the generation it shows."""
+
+    def __init__(self):
+        self._maps: dict[str, tuple[int, bytes]] = {}
+        self._lock = asyncio.Lock()
+
+    async def answer(self, served, color: str) -> bytes:
+        from starlette.concurrency import run_in_threadpool
+
+        async with self._lock:
+            generation = await served.index(lambda: served.reader.store.generation)
+            cached = self._maps.get(color)
+            if cached is not None and cached[0] == generation:
+                return cached[1]
+            files, vectors, roots, generation = await served.index(served.reader.file_vectors)
+            label_emb = await served.index(served.reader.label_embeddings) if color == "tag" else None
+            labels = served.reader.labelset.labels
+            body = await run_in_threadpool(_build, files, vectors, roots, color, label_emb, labels)
+            self._maps[color] = (generation, body)
+            return body
+
+
+def _build(files, vectors, roots, color, label_emb, labels) -> bytes:
+    method, xy = project(vectors)
+    folders = [folder_in_index(f.path, roots) for f in files]
+    if color == "tag":
+        best = np.argmax(vectors @ label_emb.T, axis=1) if len(files) else np.zeros(0, dtype=np.int64)
+        keys = [labels[i] for i in best]
+    else:
+        keys = [f.split(os.sep, 1)[0] for f in folders]
+    groups, legend = groups_of(keys)
+    body = {
+        "method": method, "color": color, "ids": [f.id for f in files],
+        "x": np.round(xy[:, 0], 4).tolist(), "y": np.round(xy[:, 1], 4).tolist(),
+        "names": [os.path.basename(f.path) for f in files], "folders": folders,
+        "groups": groups, "legend": legend,
+    }
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
