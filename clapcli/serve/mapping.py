@@ -98,6 +98,7 @@ def _build(files, vectors, roots, color, label_emb, labels) -> bytes:
         "method": method, "color": color, "ids": [f.id for f in files],
         "x": np.round(xy[:, 0], 4).tolist(), "y": np.round(xy[:, 1], 4).tolist(),
         "names": [os.path.basename(f.path) for f in files], "folders": folders,
+        "paths": [f.path for f in files],  # what the page's lasso lists and downloads
         "groups": groups, "legend": legend,
     }
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
