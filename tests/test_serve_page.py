@@ -342,6 +342,7 @@ def test_the_pages_token_rides_on_every_request(browser, library, env):
     proc, url = start_server(library[1], env, "--token", TOKEN)
     try:
         assert httpx.get(f"{url}api/status").status_code == 403  # the server wants it
+        assert httpx.get(f"{url}static/app.js").status_code == 200  # but the page's modules cannot carry it
         open_page(browser, f"{url}?token={TOKEN}")
         ids = search(browser, "rain")
         wait(browser, lambda d: "files" in d.find_element(By.ID, "status").text)
