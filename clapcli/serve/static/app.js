@@ -145,10 +145,13 @@ document.addEventListener("keydown", (event) => {
 
 // The map: colour by folder or top tag; the selection's paths to copy or download
 let colour = "folder";
+let mapAsked = 0; // the newest map request: an older answer arriving late must not replace it
 async function loadMap() {
+  const mine = ++mapAsked;
   try {
-    await map.load(colour);
-    const { data } = map;
+    const data = await getJson("api/map", { color: colour });
+    if (mine !== mapAsked) return;
+    map.setData(data);
     $("map-info").textContent = `${plural(data.ids.length, "file")} · ${data.method.toUpperCase()}`;
     const legend = $("legend");
     legend.replaceChildren();
@@ -161,7 +164,7 @@ async function loadMap() {
       legend.append(item);
     });
   } catch (err) {
-    $("map-info").textContent = `No map: ${err.message}`;
+    if (mine === mapAsked) $("map-info").textContent = `No map: ${err.message}`;
   }
 }
 

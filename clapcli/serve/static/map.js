@@ -3,8 +3,6 @@
 // library of 100,000 files draws and answers the pointer at once. Hovering a point plays a short preview, a
 // lasso selects (Shift adds), and the current query's results light up.
 
-import { getJson } from "./api.js";
-
 // Tableau 10 and two more: distinct on light and dark backgrounds
 const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
   "#9c755f", "#86bcb6", "#d37295", "#8cd17d"];
@@ -53,10 +51,6 @@ export class LibraryMap {
       if (e.key === "Escape") this.select([], false);
     });
     matchMedia("(prefers-color-scheme: dark)").addEventListener("change", () => this.draw());
-  }
-
-  async load(color) {
-    this.setData(await getJson("api/map", { color }));
   }
 
   setData(data) {
