@@ -196,9 +196,11 @@ let generation = null;
 async function pollStatus() {
   try {
     const status = await getJson("api/status");
-    $("status").textContent = `${status.index} · ${status.model} · ${plural(status.files, "file")} · `
+    // a model given as a local folder is shown by its name (the whole path is in the tooltip)
+    const model = /^([A-Za-z]:)?[\\/]/.test(status.model) ? status.model.split(/[\\/]/).filter(Boolean).pop() : status.model;
+    $("status").textContent = `${status.index} · ${model} · ${plural(status.files, "file")} · `
       + `updated ${formatAgo(status.updated_at)}`;
-    $("status").title = `${status.path} · labels ${status.labels} · clap ${status.version}`;
+    $("status").title = `${status.path} · model ${status.model} · labels ${status.labels} · clap ${status.version}`;
     $("writing").hidden = !status.writing;
     if (generation !== null && status.generation !== generation) {
       forgetPeaks();

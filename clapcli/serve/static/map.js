@@ -189,17 +189,14 @@ export class LibraryMap {
     }
 
     if (this.highlighted.length) {
+      // rings, so the point's own colour (its folder or tag) still shows inside
       ctx.beginPath();
       for (const i of this.highlighted) {
-        ctx.moveTo(this.px[i] + 5, this.py[i]);
-        ctx.arc(this.px[i], this.py[i], 5, 0, 2 * Math.PI);
+        ctx.moveTo(this.px[i] + 6, this.py[i]);
+        ctx.arc(this.px[i], this.py[i], 6, 0, 2 * Math.PI);
       }
-      ctx.fillStyle = accent;
-      ctx.globalAlpha = 0.85;
-      ctx.fill();
-      ctx.globalAlpha = 1;
-      ctx.strokeStyle = ink;
-      ctx.lineWidth = 1;
+      ctx.strokeStyle = accent;
+      ctx.lineWidth = 2;
       ctx.stroke();
     }
 
