@@ -369,3 +369,82 @@ def test_the_pages_token_rides_on_every_request(browser, servers):
     wait(browser, lambda d: inked(d, canvas) > 0, "the map stays blank with a token")
     wait(browser, lambda d: all(inked(d, c) for c in d.find_elements(By.CSS_SELECTOR, "#results canvas.wave")),
          "a waveform stays blank with a token")
+
+
+def test_a_row_drags_out_as_a_file_and_copies_its_path(browser, server, api, library):
+    root, _ = library
+    browser.execute_cdp_cmd("Browser.grantPermissions", {"permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+    open_page(browser, server)
+    search(browser, "voice")
+    hits = {h["name"]: h for h in api_hits(api, "/api/search", q="voice")}
+    dragged = browser.execute_script(
+        "const out = {}; for (const row of document.querySelectorAll('#results li.hit')) {"
+        "  const data = new DataTransfer();"
+        "  row.dispatchEvent(new DragEvent('dragstart', {dataTransfer: data, bubbles: true}));"
+        "  out[row.querySelector('.name').textContent] = [data.getData('DownloadURL'), data.getData('text/uri-list'),"
+        "                                                 row.draggable];"
+        "} return out;")
+    kick, shout = hits["kick_01.wav"], hits["shout.aiff"]
+    assert dragged["kick_01.wav"] == [f"audio/wav:kick_01.wav:{server}api/audio/{kick['id']}",
+                                      (root / "drums" / "kick_01.wav").as_uri(), True]
+    # an AIFF comes as the WAV the server makes of it, named so
+    assert dragged["shout.aiff"][0] == f"audio/wav:shout.wav:{server}api/audio/{shout['id']}"
+    assert dragged["snare_01.flac"][0].startswith("audio/flac:snare_01.flac:")
+
+    browser.find_element(By.CSS_SELECTOR, f'li.hit[data-id="{kick["id"]}"] button.copy').click()
+    wait(browser, lambda d: "Copied" in d.find_element(By.ID, "toast").text)
+    assert browser.execute_async_script(
+        "navigator.clipboard.readText().then(arguments[0], (e) => arguments[0](String(e)))") == kick["path"]
+
+
+def test_the_map_stays_quick_at_100000_points(browser, server):
+    """The map module itself on 100,000 made-up points: drawn, every hover finds its point through the grid, a
+    lasso selects exactly the points inside; the times (ms) are generous bounds against a quadratic slip."""
+    open_page(browser, server)
+    result = browser.execute_async_script("""
+        const done = arguments[0];
+        import(new URL("static/map.js", document.baseURI).href).then(({ LibraryMap }) => {
+          const canvas = document.createElement("canvas");
+          canvas.style.cssText = "width: 800px; height: 800px; display: block";
+          document.body.prepend(canvas);
+          const player = { play: () => Promise.resolve(), stopPreview() {} };
+          const map = new LibraryMap(canvas, document.createElement("div"), player,
+                                     { onSelection: (chosen) => { map.chosen = chosen.length; }, onPick() {} });
+          const n = 100000;
+          let seed = 1;
+          const random = () => ((seed = (seed * 16807) % 2147483647) / 2147483647);
+          const ids = [], x = [], y = [], names = [], folders = [], paths = [], groups = [];
+          for (let i = 0; i < n; i++) {
+            ids.push(i + 1); x.push(random()); y.push(random()); names.push(`f${i}.wav`); folders.push("a");
+            paths.push(`/lib/a/f${i}.wav`); groups.push(i % 12);
+          }
+          const legend = [...Array(12).keys()].map((g) => `group ${g}`);
+          let t = performance.now();
+          map.setData({ method: "pca", ids, x, y, names, folders, paths, groups, legend });
+          const layout = performance.now() - t;
+          t = performance.now();
+          let found = 0;
+          for (let k = 0; k < 2000; k++) {
+            const i = Math.floor(random() * n);
+            const j = map.nearest(map.px[i], map.py[i]);
+            if (j >= 0 && map.px[j] === map.px[i] && map.py[j] === map.py[i]) found++;
+          }
+          const hover = (performance.now() - t) / 2000;
+          t = performance.now();
+          map.selectInside([[0, 0], [400, 0], [400, 400], [0, 400]], false);
+          const lasso = performance.now() - t;
+          let inside = 0;
+          for (let i = 0; i < n; i++) if (map.px[i] <= 400 && map.py[i] <= 400) inside++;
+          const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+          let inked = 0;
+          for (let i = 3; i < pixels.length; i += 4) if (pixels[i]) inked++;
+          canvas.remove();
+          done({ layout, hover, lasso, found, chosen: map.chosen, inside, inked });
+        }, (err) => done({ error: String(err) }));
+    """)
+    assert "error" not in result, result
+    assert result["found"] == 2000 and result["chosen"] == result["inside"] > 0
+    assert result["inked"] > 200_000  # most of the 800×800 square is covered
+    assert result["layout"] < 3000 and result["hover"] < 5 and result["lasso"] < 3000, result
+    print(f"100,000 points: layout and draw {result['layout']:.0f} ms, a hover {result['hover']:.3f} ms, "
+          f"a lasso {result['lasso']:.0f} ms")
