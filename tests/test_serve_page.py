@@ -448,3 +448,15 @@ def test_the_map_stays_quick_at_100000_points(browser, server):
     assert result["layout"] < 3000 and result["hover"] < 5 and result["lasso"] < 3000, result
     print(f"100,000 points: layout and draw {result['layout']:.0f} ms, a hover {result['hover']:.3f} ms, "
           f"a lasso {result['lasso']:.0f} ms")
+
+
+def test_the_status_line_notes_an_index_run_that_is_writing(browser, server, library):
+    from clapcli.index.lock import WriterLock
+
+    open_page(browser, server)
+    note = browser.find_element(By.ID, "writing")
+    wait(browser, lambda d: "files" in d.find_element(By.ID, "status").text)
+    assert not note.is_displayed()
+    with WriterLock(library[1]):  # what `clap index` holds while it writes
+        wait(browser, lambda d: note.is_displayed(), "no note while the index is being written")
+    wait(browser, lambda d: not note.is_displayed(), "the note stays after the run")
