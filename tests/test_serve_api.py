@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -301,3 +302,48 @@ def test_clap_serve_answers_over_http_and_stops_on_sigint(built):
             proc.kill()
             raise
     assert proc.returncode == 0, proc.stderr.read()
+
+
+def test_a_read_only_index_is_served_without_writing(tiny_model_dir, tmp_path):
+    from test_index_safety import _read_only_command
+
+    root = tmp_path / "lib"
+    root.mkdir()
+    for i in range(3):
+        write_audio(root / f"{i}.wav", tone_noise(1.0, seed=i), 48_000)
+    index = tmp_path / "idx"
+    clap("index", root, "--index", index, "--model", tiny_model_dir, "--workers", "0")
+    listing = sorted(os.listdir(index))
+    script = ("import json, sys; from starlette.testclient import TestClient; "
+              "from clapcli.serve.app import ServeConfig, create_app; "
+              "api = TestClient(create_app(ServeConfig(sys.argv[1])), base_url='http://127.0.0.1:8765'); "
+              "api.__enter__(); "
+              "print(json.dumps([api.get('/api/status').json(), api.get('/api/search', params={'q': 'dog'}).json(), "
+              "api.get('/api/map').status_code])); api.__exit__(None, None, None)")
+    argv = [sys.executable, "-c", script, str(index)]
+    try:
+        proc = subprocess.run(_read_only_command(index, argv), capture_output=True, text=True, timeout=300)
+    finally:
+        index.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    status, found, map_status = json.loads(proc.stdout)
+    assert status["files"] == 3 and len(found["hits"]) == 3 and map_status == 200
+    assert sorted(os.listdir(index)) == listing
+
+
+def test_off_loopback_clap_serve_makes_up_a_token_and_prints_it(built):
+    proc = subprocess.Popen([clap_executable(), "serve", "--index", str(built[1]), "--host", "0.0.0.0", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().split(" at ")[1].split()[0]
+        base, token = url.split("?token=")
+        assert len(token) >= 24
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base + "api/status", timeout=60)
+        assert refused.value.code == 403
+        with urllib.request.urlopen(f"{base}api/status?token={token}", timeout=60) as r:
+            assert json.loads(r.read())["files"] == len(PICKED)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
