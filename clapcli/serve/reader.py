@@ -204,20 +204,6 @@ class IndexReader:
         })
         return out
 
-    def file_vectors(self) -> tuple[list[FileRecord], np.ndarray, list[str], int]:
-        """Every searchable file with its file-level vector ((N, D) float32), the roots and the generation: one
-        committed state, for the map."""
-        store = self.store
-        with store.snapshot():
-            generation = store.generation
-            records = {r.path: r for r in store.file_states().values() if r.status in SEARCHABLE}
-            ids = store.segment_ids()
-            rows = [r for r in store.segment_rows(ids) if r.kind == "file" and r.path in records]
-            seg_ids, vectors = store.vectors_by_id(r.segment_id for r in rows)
-            by_segment = {r.segment_id: records[r.path] for r in rows}
-            files = [by_segment[int(i)] for i in seg_ids]
-            return files, vectors, store.roots(), generation
-
 
 def writer_active(index_dir: str | os.PathLike) -> bool:
     """Whether a `clap index` holds the writer lock now, asked without taking it: the holder names itself in the
