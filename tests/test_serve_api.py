@@ -347,3 +347,14 @@ def test_off_loopback_clap_serve_makes_up_a_token_and_prints_it(built):
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
     assert proc.returncode == 0
+
+
+def test_a_server_bound_to_one_address_answers_to_it_and_loopback_only(built):
+    with TestClient(create_app(ServeConfig(built[1], host="10.1.2.3", token="t")), base_url="http://10.1.2.3:8765") as api:
+        assert api.get("/api/status", params={"token": "t"}).status_code == 200
+        assert api.get("/api/status", params={"token": "t"}, headers={"Host": "evil.example:8765"}).status_code == 403
+        assert api.get("/api/status", params={"token": "t"}, headers={"Host": "localhost:8765"}).status_code == 200
+    with TestClient(create_app(ServeConfig(built[1], host="::1")), base_url="http://[::1]:8765") as api:
+        assert api.get("/api/status").status_code == 200
+        assert api.get("/api/status", headers={"Origin": "http://[::1]:8765"}).status_code == 200
+        assert api.get("/api/status", headers={"Host": "evil.example"}).status_code == 403
