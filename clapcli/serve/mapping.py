@@ -54,6 +54,13 @@ def _unit(xy: np.ndarray) -> np.ndarray:
     return ((xy - low) / span).astype(np.float32)
 
 
+def top_labels(vectors: np.ndarray, label_emb: np.ndarray, rows: int = 8192) -> np.ndarray:
+    """The index of each vector's nearest label, (N,): in blocks of rows, so 100,000 files × 527 labels never
+    make one 200 MB score matrix."""
+    best = [np.argmax(vectors[i : i + rows] @ label_emb.T, axis=1) for i in range(0, len(vectors), rows)]
+    return np.concatenate(best) if best else np.zeros(0, dtype=np.int64)
+
+
 def groups_of(keys: list[str]) -> tuple[list[int], list[str]]:
     """Per point an index into the legend: the MAX_GROUPS - 1 commonest keys by name, the rest `other`."""
     counts = Counter(keys)
@@ -132,8 +139,7 @@ def _build(files: FileVectors, color: str, label_emb: np.ndarray | None, labels:
         folders.append(folder_of[parent])
         names.append(name)
     if color == "tag":
-        best = np.argmax(files.vectors @ label_emb.T, axis=1) if files.ids else np.zeros(0, dtype=np.int64)
-        keys = [labels[i] for i in best]
+        keys = [labels[i] for i in top_labels(files.vectors, label_emb)]
     else:
         keys = [f.split(os.sep, 1)[0] for f in folders]
     groups, legend = groups_of(keys)
