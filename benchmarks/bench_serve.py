@@ -108,8 +108,8 @@ def startup(index: Path, runs: int) -> dict:
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        proc = subprocess.Popen([clap_executable(), "serve", "--index", str(index), "--port", "0"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([clap_executable(), "serve", "--index", str(index), "--port", "0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             url = re.search(r"(http://\S+)", proc.stdout.readline()).group(1)
             with urllib.request.urlopen(url + "api/search?q=rain&k=10", timeout=120) as r:

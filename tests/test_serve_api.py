@@ -181,8 +181,8 @@ def test_audio_is_sent_with_range_and_aiff_as_wav(api, built):
 
 
 def test_unknown_and_path_like_ids_are_404(api):
-    for url in ("/api/audio/999999", "/api/peaks/999999", "/api/audio/..%2F..%2Fetc%2Fpasswd", "/api/audio/%2e%2e%2fstatus",
-                "/api/audio/-1", "/api/audio/1.wav", "/api/nothing"):
+    for url in ("/api/audio/999999", "/api/peaks/999999", "/api/audio/..%2F..%2Fetc%2Fpasswd",
+                "/api/audio/%2e%2e%2fstatus", "/api/audio/-1", "/api/audio/1.wav", "/api/nothing"):
         r = api.get(url)
         assert r.status_code == 404 and "error" in r.json(), url
     for url in ("/api/tags?id=999999", "/api/similar?id=999999", "/api/tags?id=../1"):
@@ -350,7 +350,8 @@ def test_off_loopback_clap_serve_makes_up_a_token_and_prints_it(built):
 
 
 def test_a_server_bound_to_one_address_answers_to_it_and_loopback_only(built):
-    with TestClient(create_app(ServeConfig(built[1], host="10.1.2.3", token="t")), base_url="http://10.1.2.3:8765") as api:
+    app = create_app(ServeConfig(built[1], host="10.1.2.3", token="t"))
+    with TestClient(app, base_url="http://10.1.2.3:8765") as api:
         assert api.get("/api/status", params={"token": "t"}).status_code == 200
         assert api.get("/api/status", params={"token": "t"}, headers={"Host": "evil.example:8765"}).status_code == 403
         assert api.get("/api/status", params={"token": "t"}, headers={"Host": "localhost:8765"}).status_code == 200

@@ -65,8 +65,9 @@ class Served:
         self.index_thread.shutdown()
 
 
-def create_app(config: ServeConfig) -> Starlette:
-    """The app (an ASGI callable); raises ClapError when the index cannot be served (missing, empty)."""
+def create_app(config: ServeConfig) -> Guard:
+    """The app, an ASGI callable: the Starlette app inside its `Guard`, whose `served` holds the state (the
+    reader, its thread). Raises ClapError when the index cannot be served (missing, empty, bad --labels)."""
     served = Served(config)
 
     async def page(request: Request) -> Response:

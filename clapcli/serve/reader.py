@@ -26,7 +26,7 @@ from ..index.lookup import StoredFile, stored_file
 from ..index.paths import check_remembered_model
 from ..index.query import Query, read_query, torch_free_query
 from ..index.rows import FileRecord
-from ..index.search import Hit, Searcher, model_mismatch_advice, moved_model_advice, open_for_search, query_vector
+from ..index.search import Hit, Searcher, moved_model_advice, open_for_search, query_vector
 from ..index.store import IndexStore
 from ..tagging.cache import cached_label_embeddings
 from ..tagging.labels import LabelSet, resolve_labels
@@ -113,9 +113,8 @@ class IndexReader:
         return self._audio_model
 
     def _check(self, model) -> None:
-        self.store.check_model_identity(model.identity_dict,
-                                        advice=model_mismatch_advice(str(self.index_dir), model.identity_dict.get("model"),
-                                                                     False))
+        self.store.check_model_identity(model.identity_dict, advice="restore the model it was built with, or rebuild "
+                                        f"the index: `clap index DIR… --index {self.index_dir} --rebuild`")
 
     def label_embeddings(self) -> np.ndarray:
         if self._label_emb is None:
