@@ -178,6 +178,14 @@ def test_audio_is_sent_with_range_and_aiff_as_wav(api, built):
     got, sr = sf.read(io.BytesIO(r.content), dtype="int16")
     want, want_sr = sf.read(built[0] / "voice/shout.aiff", dtype="int16")
     assert sr == want_sr and np.array_equal(got, want)
+    whole = r.content
+    assert r.headers["accept-ranges"] == "bytes"
+    for first, last in ((0, 9), (40, 47), (44, 44), (1001, 30_000), (len(whole) - 7, len(whole) - 1)):
+        part = api.get(f"/api/audio/{shout}", headers={"Range": f"bytes={first}-{last}"})
+        assert part.status_code == 206 and part.content == whole[first : last + 1], (first, last)
+        assert part.headers["content-range"] == f"bytes {first}-{last}/{len(whole)}"
+    assert api.get(f"/api/audio/{shout}", headers={"Range": "bytes=-5"}).content == whole[-5:]
+    assert api.get(f"/api/audio/{shout}", headers={"Range": f"bytes={len(whole)}-"}).status_code == 416
 
 
 def test_unknown_and_path_like_ids_are_404(api):

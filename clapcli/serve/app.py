@@ -104,7 +104,7 @@ def create_app(config: ServeConfig) -> Guard:
         path = await run_in_threadpool(playback.checked_path, record, roots)
         if playback.browser_plays(path):
             return FileResponse(path, media_type=playback.media_type(path))
-        return await run_in_threadpool(playback.wav_response, path)
+        return await run_in_threadpool(playback.wav_response, path, request.headers.get("range"))
 
     async def peaks(request: Request) -> Response:
         record, roots = await served.index(served.reader.file, int(request.path_params["file_id"]))
