@@ -7,7 +7,8 @@
 - Origin: a request sent by a page (fetch, a form) says where the page came from; any origin other than the
   server's own (the request's Host) is refused, so another site open in the same browser cannot use the API.
 - Token: when the server has one (always off loopback), every request carries it, as the query parameter
-  `token` or the header `X-Clap-Token`; compared in constant time.
+  `token` or the header `X-Clap-Token`; compared in constant time. The page's static files (`/static/…`) are
+  the exception: its module imports cannot carry the token.
 
 Refusals are 403 with `{"error": "one-line message"}`, like every error of the API.
 """
@@ -22,6 +23,10 @@ from urllib.parse import parse_qs, urlsplit
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 TOKEN_HEADER = "x-clap-token"
+# The page's own files (package data, nothing of the library): a page opened as /?token=… loads its CSS and ES
+# modules by plain relative URLs, which cannot carry the token, so these pass without it (Host and Origin still
+# apply; StaticFiles answers nothing outside its folder).
+PUBLIC_PREFIX = "/static/"
 
 
 def is_loopback(host: str) -> bool:
@@ -76,7 +81,7 @@ class Guard:
             parts = urlsplit(origin) if origin != "null" else None
             if parts is None or parts.scheme not in ("http", "https") or parts.netloc.lower() != host.lower():
                 return f"requests from other sites are refused (origin {origin})"
-        if self.token is not None:
+        if self.token is not None and not scope.get("path", "").startswith(PUBLIC_PREFIX):
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             given = headers.get(TOKEN_HEADER) or (query.get("token") or [""])[0]
             if not secrets.compare_digest(given.encode(), self.token.encode()):
