@@ -158,7 +158,8 @@ def test_map_projects_every_file_into_the_unit_square(api):
         body = api.get("/api/map", params={"color": color}).json()
         n = len(PICKED)
         assert body["method"] in ("pca", "umap")
-        assert all(len(body[key]) == n for key in ("ids", "x", "y", "names", "folders", "groups"))
+        assert all(len(body[key]) == n for key in ("ids", "x", "y", "names", "folders", "paths", "groups"))
+        assert [os.path.basename(p) for p in body["paths"]] == body["names"]
         assert all(0 <= v <= 1 for v in body["x"] + body["y"])
         assert all(0 <= g < len(body["legend"]) for g in body["groups"])
     assert set(api.get("/api/map").json()["legend"]) == {"drums", "fx", "ambience", "voice", "music"}
@@ -239,6 +240,8 @@ def test_a_token_is_needed_on_every_request_when_set(built):
         assert api.get("/api/status", params={"token": "s3cret"}).status_code == 200
         assert api.get("/api/status", headers={"X-Clap-Token": "s3cret"}).status_code == 200
         assert api.get("/", params={"token": "s3cret"}).status_code == 200
+        assert api.get("/static/app.js").status_code != 403  # the page's own files: its module imports carry no token
+        assert api.get("/static/app.js", headers={"Origin": "http://evil.example"}).status_code == 403
 
 
 def test_a_new_commit_by_clap_index_is_noticed_without_restart(tiny_model_dir, tmp_path):

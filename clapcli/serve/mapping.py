@@ -147,6 +147,7 @@ def _build(files: FileVectors, color: str, label_emb: np.ndarray | None, labels:
         "method": method, "color": color, "ids": files.ids,
         "x": np.round(xy[:, 0], 4).tolist(), "y": np.round(xy[:, 1], 4).tolist(),
         "names": names, "folders": folders,
+        "paths": files.paths,  # what the page's lasso lists and downloads
         "groups": groups, "legend": legend,
     }
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
