@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -157,7 +158,8 @@ def test_map_projects_every_file_into_the_unit_square(api):
         body = api.get("/api/map", params={"color": color}).json()
         n = len(PICKED)
         assert body["method"] in ("pca", "umap")
-        assert all(len(body[key]) == n for key in ("ids", "x", "y", "names", "folders", "groups"))
+        assert all(len(body[key]) == n for key in ("ids", "x", "y", "names", "folders", "paths", "groups"))
+        assert [os.path.basename(p) for p in body["paths"]] == body["names"]
         assert all(0 <= v <= 1 for v in body["x"] + body["y"])
         assert all(0 <= g < len(body["legend"]) for g in body["groups"])
     assert set(api.get("/api/map").json()["legend"]) == {"drums", "fx", "ambience", "voice", "music"}
@@ -177,11 +179,19 @@ def test_audio_is_sent_with_range_and_aiff_as_wav(api, built):
     got, sr = sf.read(io.BytesIO(r.content), dtype="int16")
     want, want_sr = sf.read(built[0] / "voice/shout.aiff", dtype="int16")
     assert sr == want_sr and np.array_equal(got, want)
+    whole = r.content
+    assert r.headers["accept-ranges"] == "bytes"
+    for first, last in ((0, 9), (40, 47), (44, 44), (1001, 30_000), (len(whole) - 7, len(whole) - 1)):
+        part = api.get(f"/api/audio/{shout}", headers={"Range": f"bytes={first}-{last}"})
+        assert part.status_code == 206 and part.content == whole[first : last + 1], (first, last)
+        assert part.headers["content-range"] == f"bytes {first}-{last}/{len(whole)}"
+    assert api.get(f"/api/audio/{shout}", headers={"Range": "bytes=-5"}).content == whole[-5:]
+    assert api.get(f"/api/audio/{shout}", headers={"Range": f"bytes={len(whole)}-"}).status_code == 416
 
 
 def test_unknown_and_path_like_ids_are_404(api):
-    for url in ("/api/audio/999999", "/api/peaks/999999", "/api/audio/..%2F..%2Fetc%2Fpasswd", "/api/audio/%2e%2e%2fstatus",
-                "/api/audio/-1", "/api/audio/1.wav", "/api/nothing"):
+    for url in ("/api/audio/999999", "/api/peaks/999999", "/api/audio/..%2F..%2Fetc%2Fpasswd",
+                "/api/audio/%2e%2e%2fstatus", "/api/audio/-1", "/api/audio/1.wav", "/api/nothing"):
         r = api.get(url)
         assert r.status_code == 404 and "error" in r.json(), url
     for url in ("/api/tags?id=999999", "/api/similar?id=999999", "/api/tags?id=../1"):
@@ -230,6 +240,8 @@ def test_a_token_is_needed_on_every_request_when_set(built):
         assert api.get("/api/status", params={"token": "s3cret"}).status_code == 200
         assert api.get("/api/status", headers={"X-Clap-Token": "s3cret"}).status_code == 200
         assert api.get("/", params={"token": "s3cret"}).status_code == 200
+        assert api.get("/static/app.js").status_code != 403  # the page's own files: its module imports carry no token
+        assert api.get("/static/app.js", headers={"Origin": "http://evil.example"}).status_code == 403
 
 
 def test_a_new_commit_by_clap_index_is_noticed_without_restart(tiny_model_dir, tmp_path):
@@ -301,3 +313,60 @@ def test_clap_serve_answers_over_http_and_stops_on_sigint(built):
             proc.kill()
             raise
     assert proc.returncode == 0, proc.stderr.read()
+
+
+def test_a_read_only_index_is_served_without_writing(tiny_model_dir, tmp_path):
+    from test_index_safety import _read_only_command
+
+    root = tmp_path / "lib"
+    root.mkdir()
+    for i in range(3):
+        write_audio(root / f"{i}.wav", tone_noise(1.0, seed=i), 48_000)
+    index = tmp_path / "idx"
+    clap("index", root, "--index", index, "--model", tiny_model_dir, "--workers", "0")
+    listing = sorted(os.listdir(index))
+    script = ("import json, sys; from starlette.testclient import TestClient; "
+              "from clapcli.serve.app import ServeConfig, create_app; "
+              "api = TestClient(create_app(ServeConfig(sys.argv[1])), base_url='http://127.0.0.1:8765'); "
+              "api.__enter__(); "
+              "print(json.dumps([api.get('/api/status').json(), api.get('/api/search', params={'q': 'dog'}).json(), "
+              "api.get('/api/map').status_code])); api.__exit__(None, None, None)")
+    argv = [sys.executable, "-c", script, str(index)]
+    try:
+        proc = subprocess.run(_read_only_command(index, argv), capture_output=True, text=True, timeout=300)
+    finally:
+        index.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    status, found, map_status = json.loads(proc.stdout)
+    assert status["files"] == 3 and len(found["hits"]) == 3 and map_status == 200
+    assert sorted(os.listdir(index)) == listing
+
+
+def test_off_loopback_clap_serve_makes_up_a_token_and_prints_it(built):
+    proc = subprocess.Popen([clap_executable(), "serve", "--index", str(built[1]), "--host", "0.0.0.0", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().split(" at ")[1].split()[0]
+        base, token = url.split("?token=")
+        assert len(token) >= 24
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base + "api/status", timeout=60)
+        assert refused.value.code == 403
+        with urllib.request.urlopen(f"{base}api/status?token={token}", timeout=60) as r:
+            assert json.loads(r.read())["files"] == len(PICKED)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+
+
+def test_a_server_bound_to_one_address_answers_to_it_and_loopback_only(built):
+    app = create_app(ServeConfig(built[1], host="10.1.2.3", token="t"))
+    with TestClient(app, base_url="http://10.1.2.3:8765") as api:
+        assert api.get("/api/status", params={"token": "t"}).status_code == 200
+        assert api.get("/api/status", params={"token": "t"}, headers={"Host": "evil.example:8765"}).status_code == 403
+        assert api.get("/api/status", params={"token": "t"}, headers={"Host": "localhost:8765"}).status_code == 200
+    with TestClient(create_app(ServeConfig(built[1], host="::1")), base_url="http://[::1]:8765") as api:
+        assert api.get("/api/status").status_code == 200
+        assert api.get("/api/status", headers={"Origin": "http://[::1]:8765"}).status_code == 200
+        assert api.get("/api/status", headers={"Host": "evil.example"}).status_code == 403

@@ -65,8 +65,9 @@ class Served:
         self.index_thread.shutdown()
 
 
-def create_app(config: ServeConfig) -> Starlette:
-    """The app (an ASGI callable); raises ClapError when the index cannot be served (missing, empty)."""
+def create_app(config: ServeConfig) -> Guard:
+    """The app, an ASGI callable: the Starlette app inside its `Guard`, whose `served` holds the state (the
+    reader, its thread). Raises ClapError when the index cannot be served (missing, empty, bad --labels)."""
     served = Served(config)
 
     async def page(request: Request) -> Response:
@@ -103,7 +104,7 @@ def create_app(config: ServeConfig) -> Starlette:
         path = await run_in_threadpool(playback.checked_path, record, roots)
         if playback.browser_plays(path):
             return FileResponse(path, media_type=playback.media_type(path))
-        return await run_in_threadpool(playback.wav_response, path)
+        return await run_in_threadpool(playback.wav_response, path, request.headers.get("range"))
 
     async def peaks(request: Request) -> Response:
         record, roots = await served.index(served.reader.file, int(request.path_params["file_id"]))

@@ -58,7 +58,7 @@ class Guard:
     def __init__(self, app, bound_host: str, token: str | None):
         self.app = app
         self.token = token
-        bound = host_name(bound_host) if bound_host not in WILDCARD_HOSTS else bound_host
+        bound = bound_host.strip("[]").lower()  # the address as given to --host, never with a port
         self.any_host = bound in WILDCARD_HOSTS
         self.hosts = {*LOOPBACK_NAMES, bound.lower()}
 

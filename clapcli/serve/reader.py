@@ -26,7 +26,7 @@ from ..index.lookup import StoredFile, stored_file
 from ..index.paths import check_remembered_model
 from ..index.query import Query, read_query, torch_free_query
 from ..index.rows import FileRecord
-from ..index.search import Hit, Searcher, model_mismatch_advice, moved_model_advice, open_for_search, query_vector
+from ..index.search import Hit, Searcher, moved_model_advice, open_for_search, query_vector
 from ..index.store import IndexStore
 from ..tagging.cache import cached_label_embeddings
 from ..tagging.labels import LabelSet, resolve_labels
@@ -113,9 +113,8 @@ class IndexReader:
         return self._audio_model
 
     def _check(self, model) -> None:
-        self.store.check_model_identity(model.identity_dict,
-                                        advice=model_mismatch_advice(str(self.index_dir), model.identity_dict.get("model"),
-                                                                     False))
+        self.store.check_model_identity(model.identity_dict, advice="restore the model it was built with, or rebuild "
+                                        f"the index: `clap index DIR… --index {self.index_dir} --rebuild`")
 
     def label_embeddings(self) -> np.ndarray:
         if self._label_emb is None:
@@ -203,20 +202,6 @@ class IndexReader:
             "tags": [] if stored is None else self.top_labels(stored.vector),
         })
         return out
-
-    def file_vectors(self) -> tuple[list[FileRecord], np.ndarray, list[str], int]:
-        """Every searchable file with its file-level vector ((N, D) float32), the roots and the generation: one
-        committed state, for the map."""
-        store = self.store
-        with store.snapshot():
-            generation = store.generation
-            records = {r.path: r for r in store.file_states().values() if r.status in SEARCHABLE}
-            ids = store.segment_ids()
-            rows = [r for r in store.segment_rows(ids) if r.kind == "file" and r.path in records]
-            seg_ids, vectors = store.vectors_by_id(r.segment_id for r in rows)
-            by_segment = {r.segment_id: records[r.path] for r in rows}
-            files = [by_segment[int(i)] for i in seg_ids]
-            return files, vectors, store.roots(), generation
 
 
 def writer_active(index_dir: str | os.PathLike) -> bool:
