@@ -37,7 +37,8 @@ export class LibraryMap {
     this.onPick = onPick; // fn(id): a click on a point
     this.data = null;
     this.count = 0;
-    this.selected = new Uint8Array(0);
+    this.selected = new Uint8Array(0); // per point: 1 when selected
+    this.chosen = []; // the selected points' indices, in order
     this.highlighted = [];
     this.hovered = -1;
     this.drag = null;
@@ -58,6 +59,7 @@ export class LibraryMap {
     this.count = data.ids.length;
     this.indexOfId = new Map(data.ids.map((id, i) => [id, i]));
     this.selected = new Uint8Array(this.count);
+    this.chosen = [];
     this.hovered = -1;
     this.setHighlight(this.highlightIds ?? []);
     this.layout();
@@ -175,15 +177,9 @@ export class LibraryMap {
     const ink = style.getPropertyValue("--ink").trim();
     const accent = style.getPropertyValue("--accent").trim();
 
-    let any = false;
-    ctx.beginPath();
-    for (let i = 0; i < this.count; i++) {
-      if (this.selected[i]) {
-        ctx.rect(this.px[i] - 2.5, this.py[i] - 2.5, 5, 5);
-        any = true;
-      }
-    }
-    if (any) {
+    if (this.chosen.length) {
+      ctx.beginPath();
+      for (const i of this.chosen) ctx.rect(this.px[i] - 2.5, this.py[i] - 2.5, 5, 5);
       ctx.fillStyle = ink;
       ctx.fill();
     }
@@ -303,10 +299,10 @@ export class LibraryMap {
   select(indices, additive) {
     if (!additive) this.selected.fill(0);
     for (const i of indices) this.selected[i] = 1;
-    const chosen = [];
-    for (let i = 0; i < this.count; i++) if (this.selected[i]) chosen.push(i);
+    this.chosen = [];
+    for (let i = 0; i < this.count; i++) if (this.selected[i]) this.chosen.push(i);
     this.draw();
-    this.onSelection(chosen);
+    this.onSelection(this.chosen);
   }
 
   selectIds(ids, additive = false) {

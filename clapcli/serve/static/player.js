@@ -53,7 +53,16 @@ export class Player {
     const playing = audio.readyState >= HTMLMediaElement.HAVE_METADATA
       ? start()
       : new Promise((resolve, reject) => {
-          audio.addEventListener("loadedmetadata", () => start().then(resolve, reject), { once: true });
+          const loaded = () => {
+            audio.removeEventListener("error", failed);
+            start().then(resolve, reject);
+          };
+          const failed = () => {
+            audio.removeEventListener("loadedmetadata", loaded);
+            reject(new Error(audio.error?.message || "the server sent nothing playable"));
+          };
+          audio.addEventListener("loadedmetadata", loaded, { once: true });
+          audio.addEventListener("error", failed, { once: true });
           audio.load();
         });
     this.notify();

@@ -49,6 +49,7 @@ export class Results {
   }
 
   show(hits) {
+    const hadFocus = this.list.contains(document.activeElement); // Enter on a row: keep going from the keys
     this.visible.disconnect();
     this.list.replaceChildren();
     this.rows = hits.map((hit, index) => this.row(hit, index));
@@ -57,7 +58,7 @@ export class Results {
       this.list.append(row.node);
       this.visible.observe(row.canvas);
     }
-    this.setCurrent(0, { focus: false });
+    this.setCurrent(0, { focus: hadFocus });
     this.redrawAll();
   }
 
