@@ -117,7 +117,8 @@ def shoot(url: str, out: Path, dark: bool) -> None:
         # a lasso around the upper left of the map (where PCA puts most of this library)
         lasso = ActionChains(driver).move_to_element_with_offset(canvas, -width // 2 + 4, -height // 2 + 4)
         lasso.click_and_hold()
-        for dx, dy in ((int(width * 0.35), 0), (0, int(height * 0.45)), (-int(width * 0.35), 0), (0, -int(height * 0.44))):
+        across, down = int(width * 0.35), int(height * 0.45)
+        for dx, dy in ((across, 0), (0, down), (-across, 0), (0, 4 - down)):
             for _ in range(6):
                 lasso.move_by_offset(dx // 6, dy // 6)
         lasso.release().perform()

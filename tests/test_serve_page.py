@@ -375,7 +375,8 @@ def test_the_pages_token_rides_on_every_request(browser, servers):
 
 def test_a_row_drags_out_as_a_file_and_copies_its_path(browser, server, api, library):
     root, _ = library
-    browser.execute_cdp_cmd("Browser.grantPermissions", {"permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+    browser.execute_cdp_cmd("Browser.grantPermissions",
+                            {"permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
     open_page(browser, server)
     search(browser, "voice")
     hits = {h["name"]: h for h in api_hits(api, "/api/search", q="voice")}
@@ -462,3 +463,22 @@ def test_the_status_line_notes_an_index_run_that_is_writing(browser, server, lib
     with WriterLock(library[1]):  # what `clap index` holds while it writes
         wait(browser, lambda d: note.is_displayed(), "no note while the index is being written")
     wait(browser, lambda d: not note.is_displayed(), "the note stays after the run")
+
+
+def test_a_file_gone_from_disk_is_flagged_and_not_played(browser, server, library):
+    root, _ = library
+    pad = root / "music" / "pad_c.wav"
+    hidden = pad.with_name("pad_c.wav.away")
+    pad.rename(hidden)
+    try:
+        open_page(browser, server)
+        search(browser, "a soft pad")
+        row = browser.find_element(
+            By.XPATH, '//li[contains(@class, "hit")][.//span[@class="name" and text()="pad_c.wav"]]')
+        assert "missing" in row.get_attribute("class") and "missing from disk" in row.get_attribute("aria-label")
+        assert row.find_element(By.CSS_SELECTOR, ".badge").text == "missing"
+        row.find_element(By.CSS_SELECTOR, ".name").click()
+        wait(browser, lambda d: "pad_c.wav is missing" in d.find_element(By.ID, "toast").text)
+        assert audio(browser)["paused"]
+    finally:
+        hidden.rename(pad)

@@ -43,7 +43,9 @@ function showMessage(text) {
 }
 
 function describe(query) {
-  const parts = [...(query?.text ?? []).map((t) => `“${t}”`), ...(query?.audio ?? []).map((a) => a.split(/[\\/]/).pop())];
+  const texts = (query?.text ?? []).map((t) => `“${t}”`);
+  const sounds = (query?.audio ?? []).map((a) => a.split(/[\\/]/).pop());
+  const parts = [...texts, ...sounds];
   const not = (query?.not ?? []).map((t) => ` − “${t}”`).join("");
   return parts.join(" + ") + not;
 }
@@ -197,7 +199,8 @@ async function pollStatus() {
   try {
     const status = await getJson("api/status");
     // a model given as a local folder is shown by its name (the whole path is in the tooltip)
-    const model = /^([A-Za-z]:)?[\\/]/.test(status.model) ? status.model.split(/[\\/]/).filter(Boolean).pop() : status.model;
+    const local = /^([A-Za-z]:)?[\\/]/.test(status.model);
+    const model = local ? status.model.split(/[\\/]/).filter(Boolean).pop() : status.model;
     $("status").textContent = `${status.index} · ${model} · ${plural(status.files, "file")} · `
       + `updated ${formatAgo(status.updated_at)}`;
     $("status").title = `${status.path} · model ${status.model} · labels ${status.labels} · clap ${status.version}`;

@@ -144,7 +144,9 @@ export class LibraryMap {
     const pack = (hex) => {
       if (!packed.has(hex)) {
         const [r, g, b] = rgb(hex);
-        packed.set(hex, little ? ((255 << 24) | (b << 16) | (g << 8) | r) >>> 0 : ((r << 24) | (g << 16) | (b << 8) | 255) >>> 0);
+        // ImageData is RGBA in memory: as one 32-bit word, that is ABGR on little-endian machines
+        const word = little ? (255 << 24) | (b << 16) | (g << 8) | r : (r << 24) | (g << 16) | (b << 8) | 255;
+        packed.set(hex, word >>> 0);
       }
       return packed.get(hex);
     };

@@ -82,7 +82,8 @@ export class Results {
       element("span", "score", hit.score.toFixed(3)),
       element("span", "duration", formatDuration(hit.duration)),
       element("span", "format", (hit.format || "").toUpperCase()),
-      element("span", "detail", [formatRate(hit.sample_rate), formatChannels(hit.channels)].filter(Boolean).join(" · ")),
+      element("span", "detail",
+        [formatRate(hit.sample_rate), formatChannels(hit.channels)].filter(Boolean).join(" · ")),
     );
     const canvas = element("canvas", "wave");
     canvas.setAttribute("aria-hidden", "true"); // the row's label says what it is; clicking it seeks
@@ -159,7 +160,8 @@ export class Results {
       toast(`${row.hit.name} is missing from disk`);
       return;
     }
-    this.player.play(row.hit.id, at ?? row.hit.start ?? 0).catch((err) => toast(`Cannot play ${row.hit.name}: ${err.message}`));
+    this.player.play(row.hit.id, at ?? row.hit.start ?? 0)
+      .catch((err) => toast(`Cannot play ${row.hit.name}: ${err.message}`));
   }
 
   click(event) {

@@ -5,7 +5,8 @@ export function formatDuration(seconds) {
   if (seconds < 60) return `${seconds.toFixed(seconds < 10 ? 2 : 1)} s`;
   const minutes = Math.floor(seconds / 60);
   const rest = Math.floor(seconds % 60).toString().padStart(2, "0");
-  return minutes < 60 ? `${minutes}:${rest}` : `${Math.floor(minutes / 60)}:${(minutes % 60).toString().padStart(2, "0")}:${rest}`;
+  if (minutes < 60) return `${minutes}:${rest}`;
+  return `${Math.floor(minutes / 60)}:${(minutes % 60).toString().padStart(2, "0")}:${rest}`;
 }
 
 export function formatRate(hz) {
@@ -34,7 +35,9 @@ export function formatAgo(unixSeconds) {
 export function fileUrl(path) {
   const slashed = path.replaceAll("\\", "/");
   const rooted = /^[A-Za-z]:\//.test(slashed) ? `/${slashed}` : slashed;
-  return `file://${rooted.split("/").map((part, i) => (i === 1 && /^[A-Za-z]:$/.test(part) ? part : encodeURIComponent(part))).join("/")}`;
+  const drive = (part, i) => i === 1 && /^[A-Za-z]:$/.test(part); // C: stays as it is
+  const parts = rooted.split("/").map((part, i) => (drive(part, i) ? part : encodeURIComponent(part)));
+  return `file://${parts.join("/")}`;
 }
 
 /** Put text on the clipboard: the Clipboard API where the page may use it, else a selected text area. */
