@@ -3,10 +3,11 @@
     python -m benchmarks.shoot_serve                      # -> docs/images/serve-results.png, serve-map.png
     python -m benchmarks.shoot_serve --out /tmp/shots --dark
 
-Builds what it shows under benchmarks/_work/shoot/: a tiny random model (tests.tiny_models), a library of
-synthesised sounds in folders (tests.audio_synth), its index (`clap index`), then runs `clap serve` on a free
-loopback port and drives Debian's headless Chromium (/usr/bin/chromium, /usr/bin/chromedriver) through
-Selenium. The model is random, so which sounds come first means nothing; the page's look is what is shown.
+Builds what it shows under $TMPDIR/clap-shoot/ (so the paths in the pictures name no one's home): a tiny random
+model (tests.tiny_models), a library of synthesised sounds in folders (tests.audio_synth), its index (`clap
+index`), then runs `clap serve` on a free loopback port and drives Debian's headless Chromium (/usr/bin/chromium,
+/usr/bin/chromedriver) through Selenium. The model is random, so which sounds come first means nothing; the
+page's look is what is shown.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from ._common import ROOT, WORK
+from ._common import ROOT
 
-SHOOT = WORK / "shoot"
+SHOOT = Path(tempfile.gettempdir()) / "clap-shoot"
 FOLDERS = {  # folder → (files, shortest, longest seconds)
     "drums/kicks": (14, 0.2, 0.8), "drums/snares": (12, 0.3, 1.0), "drums/loops": (6, 4.0, 16.0),
     "fx/whooshes": (10, 1.0, 3.0), "fx/impacts": (10, 0.8, 4.0), "ambience/rain": (5, 20.0, 45.0),
@@ -38,7 +40,7 @@ def build(work: Path) -> tuple[Path, Path]:
     from tests.audio_synth import tone_noise, write_audio
     from tests.tiny_models import save_hf_clap
 
-    model, library, index = work / "model", work / "library", work / "index"
+    model, library, index = work / "model", work / "Samples", work / "index"
     if not (model / "config.json").exists():
         save_hf_clap(model, fused=True, seed=1)
     if not library.exists():

@@ -180,10 +180,12 @@ export class LibraryMap {
     const accent = style.getPropertyValue("--accent").trim();
 
     if (this.chosen.length) {
+      // a frame round each selected point, its colour still showing
       ctx.beginPath();
-      for (const i of this.chosen) ctx.rect(this.px[i] - 2.5, this.py[i] - 2.5, 5, 5);
-      ctx.fillStyle = ink;
-      ctx.fill();
+      for (const i of this.chosen) ctx.rect(this.px[i] - 3.5, this.py[i] - 3.5, 7, 7);
+      ctx.strokeStyle = ink;
+      ctx.lineWidth = 1.5;
+      ctx.stroke();
     }
 
     if (this.highlighted.length) {
