@@ -32,7 +32,7 @@ PICKED = [g for g in GOOD if g[0] in ("drums/kick_01.wav", "drums/snare_01.flac"
                                       "fx/impact_01.ogg", "ambience/city/street.wav", "voice/shout.aiff",
                                       "music/pad_c.wav")]
 HIT_KEYS = {"rank", "score", "path", "start", "end", "duration", "query", "id", "name", "folder", "format",
-            "sample_rate", "channels", "missing", "windows", "tags"}
+            "sample_rate", "channels", "missing", "windows", "tags", "ranges"}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_status_names_the_index_and_counts_its_files(api, built):
 
 def test_search_hits_carry_the_cli_keys_and_the_page_keys(api, built, tiny_model_dir):
     body = api.get("/api/search", params={"q": "rain on a roof - thunder", "k": 50}).json()
-    assert body["query"] == {"text": ["rain on a roof"], "not": ["thunder"], "audio": []}
+    assert body["query"] == {"text": ["rain on a roof"], "not": ["thunder"], "audio": [], "not_audio": []}
     hits = body["hits"]
     assert len(hits) == len(PICKED) and [h["rank"] for h in hits] == list(range(1, len(hits) + 1))
     for h in hits:

@@ -12,7 +12,6 @@ set, scored from the stored file vector against the cached label embeddings (no 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 from pathlib import Path
@@ -139,8 +138,9 @@ class IndexReader:
     def search_text(self, text: str, k: int) -> dict:
         """`q` read as `clap search` reads its words (split on spaces; `+` and `-` join queries)."""
         read = read_query(text.split(), [], [])
-        if read.audio:  # a path typed into the box is a file on the server's disk: not for a browser to name
-            read = Query(text=read.text + read.audio, negative=read.negative)
+        if read.audio or read.not_audio:  # a path typed into the box is a file on the server's disk: not for a
+            # browser to name, so it is read as words
+            read = Query(text=read.text + read.audio, negative=read.negative + read.not_audio)
         if not read.text:
             raise UsageError("nothing to search for: give words (a `- term` alone pushes away from nothing)")
         query = query_vector(self.text_model(), read.text, read.negative, cache=True)
@@ -149,11 +149,8 @@ class IndexReader:
     def search_vector(self, query: np.ndarray, k: int, read: dict, leave_out: int | None = None) -> dict:
         store = self.store
         with store.snapshot():
-            hits = self._searcher.search(query, k=k + (leave_out is not None))
-            if leave_out is not None:
-                left = store.file_record(file_id=leave_out)
-                hits = [h for h in hits if left is None or h.path != left.path][:k]
-                hits = [dataclasses.replace(h, rank=i + 1) for i, h in enumerate(hits)]
+            left = None if leave_out is None else store.file_record(file_id=leave_out)
+            hits = self._searcher.search(query, k=k, exclude=() if left is None else (left.path,))
             roots = store.roots()
             return {"query": read, "hits": [self.hit_dict(h, query, read, roots) for h in hits]}
 
