@@ -83,10 +83,14 @@ def index_command(
         progress.stop()
     if summary is None:  # a rank other than 0 of a sharded run
         return
+    from .tag_index import tag_new_files  # the index's tag sets tag the files just added
+
     if as_json:
-        output.json_line(summary.to_dict())
+        tagged = tag_new_files(request.index_dir, as_json)
+        output.json_line({**summary.to_dict(), **({"tags": tagged} if tagged else {})})
     else:
         _print_summary(summary)
+        tag_new_files(request.index_dir, as_json)
     if summary.emptied_roots:
         raise ClapError(emptied_message(summary.emptied_roots, "nothing under it was pruned"))
 
