@@ -174,9 +174,9 @@ def test_next_index_tags_new_files_and_replaces_a_changed_files_tags(tmp_path, t
     assert {p: t for p, t in after.items() if p not in want} == {p: t for p, t in before.items() if p not in want}
 
 
-def test_a_failed_retag_keeps_no_stale_tags(index):
-    """A changed file that `clap index` embeds again loses its old tags with its old vector (the trigger of
-    migration 6), even where tagging it again does not happen (here: the set's head is gone)."""
+def test_a_replaced_file_vector_takes_its_tags_along(index):
+    """A file whose file-level vector goes (embedded again, or now an error row) loses its tags with it (the trigger
+    of migration 6), whether or not it is tagged again afterwards; other files keep theirs."""
     clap("tag", "--index", index, "--labels", LABELS)
     con = sqlite3.connect(index / "index.sqlite")
     con.execute("PRAGMA foreign_keys = ON")
