@@ -259,3 +259,14 @@ def test_unfused_long_files_read_their_windows_norms(tmp_path, tiny_unfused_dir,
     assert np.isnan(norms[long_row])  # no file-level norm: read from the windows
     for row, file_id in enumerate(ids.tolist()):
         np.testing.assert_allclose(got[row], raw[paths[file_id]], rtol=1e-4, atol=1e-5)
+
+
+def test_rebuild_keeps_the_tag_sets_and_tags_everything_again(tmp_path, tiny_model_dir):
+    lib, index = tmp_path / "lib", tmp_path / "index"
+    write_library(lib)
+    clap("index", lib, "--index", index, "--model", tiny_model_dir)
+    clap("tag", "--index", index, "--labels", LABELS, "--top", "2")
+    before = stored_tags(index)
+    summary = json_lines(clap("index", "--index", index, "--rebuild", "--json"))[-1]
+    assert summary["tags"] == [{"set": 1, "name": "custom", "tagged": len(before), "needs_audio": 0, "failed": []}]
+    assert_same_tags(stored_tags(index), before)

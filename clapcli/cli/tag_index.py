@@ -98,22 +98,44 @@ def _print_run(run, index: str) -> None:
         con.print(f"  … and {len(run.failed) - 20} more (see --json)", highlight=False)
 
 
-def tag_new_files(index_dir, as_json: bool) -> list[dict]:
+def tag_sets_before(index_dir) -> list:
+    """The tag sets of an index about to be rebuilt, for `tag_new_files(carried=…)`; [] where it has none or its
+    database cannot be read (a damaged one is what --rebuild is for)."""
+    import sqlite3
+
+    from ..errors import ClapError
+    from ..index.store import IndexStore
+    from ..index.tag_store import tag_sets
+
+    if not IndexStore.exists(index_dir):
+        return []
+    try:
+        with IndexStore.open(index_dir, readonly=True) as store:
+            return tag_sets(store)
+    except (ClapError, sqlite3.Error):
+        return []
+
+
+def tag_new_files(index_dir, as_json: bool, carried: list | None = None) -> list[dict]:
     """After `clap index`: tag the files it added or embedded again in every tag set the index holds (from their
-    stored vectors: no model is loaded). Returns the runs for the summary's --json; prints them otherwise."""
+    stored vectors: no model is loaded). `carried`: the sets of the index a --rebuild replaced, added again first
+    (those of the same model). Returns the runs for the summary's --json; prints them otherwise."""
     from ..index.indexer import LOCK_GRACE_SECONDS
     from ..index.lock import WriterLock
     from ..index.store import IndexStore
     from ..index.tag_store import tag_sets
+    from ..library.tags import restore_tag_sets
     from ..library.tags import tag_new_files as tag_new
 
     if not IndexStore.exists(index_dir):
         return []
     with IndexStore.open(index_dir, readonly=True) as store:
-        if not tag_sets(store):
+        if not tag_sets(store) and not carried:
             return []
     with WriterLock(index_dir, wait=True, timeout=LOCK_GRACE_SECONDS, holder="`clap index` tagging new files"):
         with IndexStore.open(index_dir) as store:
+            if carried:
+                restore_tag_sets(store, carried)
             runs = tag_new(store)
     if not as_json:
         con = output.stderr_console()

@@ -141,6 +141,19 @@ def tag_new_files(store: IndexStore) -> list[TagRun]:
     return runs
 
 
+def restore_tag_sets(store: IndexStore, sets: Sequence[TagSet]) -> list[TagSet]:
+    """Add again the tag sets an index held before `clap index --rebuild` filled a new one, those of the new index's
+    model (a rebuild with another model leaves the others out: their label vectors or heads do not fit it); their
+    files are then untagged, for `tag_new_files`. Returns the sets restored."""
+    if store.model_identity is None:
+        return []
+    model = index_fingerprint(store)
+    return [save_tag_set(store, model=s.model, kind=s.kind, name=s.name, labels=s.labels, labels_hash=s.labels_hash,
+                         templates=s.templates, top_k=s.top_k, label_vectors=s.label_vectors,
+                         logit_scale=s.logit_scale, classifier=s.classifier)
+            for s in sets if s.model == model]
+
+
 def read_set_classifier(tag_set: TagSet):
     """The head of a classifier set, read again from its directory (no model is loaded)."""
     from ..models.classifier import read_classifier
