@@ -115,7 +115,8 @@ def _migrate_to_6(conn: sqlite3.Connection) -> None:
     classifier head), with what tagging the next new file needs without any model of text: the label vectors and
     logit scale of a zero-shot set, the directory of a classifier. `file_tags`: a file's top labels in a set, best
     first (rank 1), gone with the file (`ON DELETE CASCADE`) and, by the trigger, whenever its file-level segment
-    is replaced (a changed file is embedded again: `clap index` tags it again).
+    is replaced (a changed file is embedded again: `clap index` tags it again). It is a WITHOUT ROWID table
+    clustered on its key, one b-tree less to write per tag (tagging 100,000 files writes half a million rows).
 
     `segments.norm`: the L2 norm of the raw projection output a stored (normalised) vector came from, so a head
     trained on raw projections reads `norm × vector` instead of the audio again; NULL where it was not recorded
@@ -143,7 +144,7 @@ def _migrate_to_6(conn: sqlite3.Connection) -> None:
             score REAL NOT NULL,
             rank INTEGER NOT NULL,
             PRIMARY KEY (file_id, set_id, rank)
-        )""",
+        ) WITHOUT ROWID""",
         "CREATE INDEX file_tags_label ON file_tags(label, set_id)",
         """CREATE TRIGGER file_tags_follow_embedding AFTER DELETE ON segments WHEN OLD.kind = 'file'
            BEGIN DELETE FROM file_tags WHERE file_id = OLD.file_id; END""",

@@ -116,13 +116,13 @@ def forget_tag_set(store: IndexStore, set_id: int) -> int:
 def write_tags(store: IndexStore, set_id: int, file_ids: np.ndarray, labels: Sequence[Sequence[str]],
                scores: np.ndarray) -> None:
     """Store the tags of these files in a set, replacing theirs: row i of `labels` (k labels, best first) and of
-    `scores` (k,) belong to `file_ids[i]`."""
+    `scores` (k,) belong to `file_ids[i]`. A set keeps one k (`save_tag_set` drops its tags when k changes), so
+    replacing rank by rank replaces a file's tags whole."""
     conn = _conn(store)
     ids = [int(i) for i in file_ids]
     with store.transaction():
-        conn.executemany("DELETE FROM file_tags WHERE set_id = ? AND file_id = ?", [(set_id, i) for i in ids])
         conn.executemany(
-            "INSERT INTO file_tags (file_id, set_id, label, score, rank) VALUES (?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO file_tags (file_id, set_id, label, score, rank) VALUES (?, ?, ?, ?, ?)",
             ((file_id, set_id, label, float(score), rank)
              for file_id, row, row_scores in zip(ids, labels, scores.tolist())
              for rank, (label, score) in enumerate(zip(row, row_scores), 1)))
