@@ -270,3 +270,16 @@ def test_rebuild_keeps_the_tag_sets_and_tags_everything_again(tmp_path, tiny_mod
     summary = json_lines(clap("index", "--index", index, "--rebuild", "--json"))[-1]
     assert summary["tags"] == [{"set": 1, "name": "custom", "tagged": len(before), "needs_audio": 0, "failed": []}]
     assert_same_tags(stored_tags(index), before)
+
+
+def test_forget_drops_a_tag_set_and_clap_index_stops_using_it(index):
+    clap("tag", "--index", index, "--labels", LABELS)
+    clap("tag", "--index", index, "--labels", "esc50", "--top", "1")
+    out = json_lines(clap("tag", "--index", index, "--forget", "custom", "--json"))
+    assert [(o["forgot"]["name"], o["files"]) for o in out] == [("custom", len(stored_tags(index)))]
+    con = sqlite3.connect(f"file:{index / 'index.sqlite'}?mode=ro", uri=True)
+    assert con.execute("SELECT name FROM tag_sets").fetchall() == [("esc50",)]
+    assert con.execute("SELECT DISTINCT set_id FROM file_tags").fetchall() == [(2,)]
+    con.close()
+    fails("tag", "--index", index, "--forget", "custom", code=2, match="no tag set 'custom'")
+    fails("tag", "--forget", "1", code=2, match="give the index with --index")

@@ -71,6 +71,11 @@ def tag_command(
         "and store the top labels (--top) in it, for `clap search --tag`; the files `clap index` adds later are "
         "tagged too. Give no PATH with it.",
     ),
+    forget: Optional[str] = typer.Option(
+        None, "--forget", show_default=False, metavar="SET",
+        help="With --index: drop a tag set (its id or name, see `clap index list`) and its tags; `clap index` "
+        "then stops tagging with it.",
+    ),
     model: Optional[str] = options.MODEL,
     device: str = options.DEVICE,
     precision: str = options.PRECISION,
@@ -92,6 +97,13 @@ def tag_command(
     """
     if list_labelsets:
         _print_labelsets(as_json)
+        return
+    if forget is not None:
+        if index is None:
+            raise UsageError("--forget drops a tag set of an index: give the index with --index")
+        from .tag_index import forget_tag_set
+
+        forget_tag_set(index, forget, as_json)
         return
     if index is not None:
         if files:

@@ -59,6 +59,31 @@ def tag_index(index: str, labels: str | None, classifier: str | None, template: 
     return len(run.failed)
 
 
+def forget_tag_set(index: str, choice: str, as_json: bool) -> None:
+    """`clap tag --index I --forget SET`: drop the tag sets SET names (an id, or a name) with their tags."""
+    from ..errors import IndexStoreError
+    from ..index.indexer import LOCK_GRACE_SECONDS
+    from ..index.lock import WriterLock
+    from ..index.paths import resolve_index
+    from ..index.store import IndexStore
+    from ..index.tag_store import choose_tag_sets
+    from ..index.tag_store import forget_tag_set as forget
+
+    index_dir = resolve_index(index)
+    if not IndexStore.exists(index_dir):
+        raise IndexStoreError(f"no index at {index_dir}; build one with `clap index DIR`")
+    with WriterLock(index_dir, wait=True, timeout=LOCK_GRACE_SECONDS, holder="`clap tag --forget`"):
+        with IndexStore.open(index_dir) as store:
+            for tag_set in choose_tag_sets(store, choice):
+                files = forget(store, tag_set.id)
+                if as_json:
+                    output.json_line({"index": str(index_dir), "forgot": tag_set.to_dict(), "files": files})
+                else:
+                    output.stderr_console().print(
+                        f"forgot tag set {tag_set.id} ({output.literal(tag_set.name)}) of {output.literal(str(index_dir))}"
+                        f" with the tags of {output.plural(files, 'file')}", highlight=False, soft_wrap=True)
+
+
 def _audio_embedder(store, head, model, device, precision, engine, batch_size):
     """`embed_raw` for the files stored without norms: loads the head's model on first use and embeds those files
     (unchanged since they were indexed) to raw projection outputs."""
