@@ -154,7 +154,9 @@ def tag_new_files(index_dir, as_json: bool, carried: list | None = None) -> list
 
     if not IndexStore.exists(index_dir):
         return []
-    with IndexStore.open(index_dir, readonly=True) as store:
+    # A look without the writer lock (an index without tags must not wait for another writer), through a writable
+    # connection: its close checkpoints, so the index is left as `clap index` leaves it (no -wal, no -shm).
+    with IndexStore.open(index_dir) as store:
         if not tag_sets(store) and not carried:
             return []
     with WriterLock(index_dir, wait=True, timeout=LOCK_GRACE_SECONDS, holder="`clap index` tagging new files"):
