@@ -21,8 +21,6 @@ import json
 import shutil
 import time
 
-import numpy as np
-
 from . import _common as C
 from .bench_search import fill_store, random_unit
 

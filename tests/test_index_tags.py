@@ -237,10 +237,10 @@ def test_classifier_of_another_model_is_refused(tmp_path, tiny_unfused_dir, clas
 def test_unfused_long_files_read_their_windows_norms(tmp_path, tiny_unfused_dir, monkeypatch):
     """An unfused model's long file has no file-level pass: its raw vector is the mean of its windows' raw vectors,
     which the stored window norms give."""
-    from clapcli.index.store import IndexStore
-    from clapcli.index.tag_store import file_vectors
-    from clapcli.library.tags import _raw_vectors
     from clapcli.engine.load import load_model
+    from clapcli.index.store import IndexStore
+    from clapcli.index.tag_store import file_paths, file_vectors
+    from clapcli.library.tags import _raw_vectors
 
     lib = tmp_path / "lib"
     files = write_library(lib)
@@ -250,8 +250,6 @@ def test_unfused_long_files_read_their_windows_norms(tmp_path, tiny_unfused_dir,
            for e in model.embed_files(files, segments=False, normalize=False)}
     with IndexStore.open(tmp_path / "idx", readonly=True) as store:
         ids, vectors, norms = file_vectors(store)
-        from clapcli.index.tag_store import file_paths
-
         paths = file_paths(store, ids)
         got, known = _raw_vectors(store, ids, vectors, norms)
     assert known.all()

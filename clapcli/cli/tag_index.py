@@ -80,8 +80,9 @@ def forget_tag_set(index: str, choice: str, as_json: bool) -> None:
                     output.json_line({"index": str(index_dir), "forgot": tag_set.to_dict(), "files": files})
                 else:
                     output.stderr_console().print(
-                        f"forgot tag set {tag_set.id} ({output.literal(tag_set.name)}) of {output.literal(str(index_dir))}"
-                        f" with the tags of {output.plural(files, 'file')}", highlight=False, soft_wrap=True)
+                        f"forgot tag set {tag_set.id} ({output.literal(tag_set.name)}) of "
+                        f"{output.literal(str(index_dir))} with the tags of {output.plural(files, 'file')}",
+                        highlight=False, soft_wrap=True)
 
 
 def _audio_embedder(store, head, model, device, precision, engine, batch_size):
