@@ -129,6 +129,13 @@ def test_search_filters_by_tags_and_json_carries_them(index):
     assert {h["path"] for h in rest} == set(tags) - holders
     k1 = json_lines(clap("search", "a sound", "--index", index, "--tag", label, "-k", "1", "--json"))
     assert len(k1) == 1 and k1[0]["path"] in holders  # neighbours are fetched on until k files pass
+    from cli_runner import runner
+    from clapcli.cli.main import app
+
+    piped = runner.invoke(app, ["search", "--stdin", "--index", str(index), "--tag", label, "-k", "50", "--json"],
+                          input="a sound\n")
+    (answer,) = json_lines(piped)
+    assert {r["path"] for r in answer["results"]} == holders and all(r["tags"] for r in answer["results"])
     fails("search", "a sound", "--index", index, "--tag", "dgo", code=2, match="did you mean dog")
     fails("search", "a sound", "--index", index, "--tag", label, "--tag-set", "nope", code=2, match="no tag set 'nope'")
 
@@ -281,3 +288,31 @@ def test_forget_drops_a_tag_set_and_clap_index_stops_using_it(index):
     con.close()
     fails("tag", "--index", index, "--forget", "custom", code=2, match="no tag set 'custom'")
     fails("tag", "--forget", "1", code=2, match="give the index with --index")
+
+
+@pytest.mark.parametrize("family", ["fused", "unfused", "wav2clip"])
+def test_the_engine_reports_the_raw_norm_of_each_vector(family, tiny_model_dir, tiny_unfused_dir, tmp_path):
+    """`AudioEmbedding.norm` and `Segment.norm`: norm × vector is the raw projection output (`normalize=False`),
+    for a short and a long file, windows included; None for an unfused long file's mean of windows."""
+    from clapcli.engine.load import load_model
+
+    if family == "wav2clip":
+        from clapcli.models.checkpoints import save_own
+        from test_wav2clip import tiny_model
+
+        save_own(tiny_model("no-such-org/no-such-clip"), None, tmp_path / "w2c")
+        directory = tmp_path / "w2c"
+    else:
+        directory = tiny_model_dir if family == "fused" else tiny_unfused_dir
+    model = load_model(str(directory), device="cpu", precision="fp32")
+    waves = [tone_noise(3.0, seed=1, quantize=False), tone_noise(23.0, seed=2, quantize=False)]
+    normal = model.embed_waveforms(waves, segments=True)
+    raw = model.embed_waveforms(waves, segments=True, normalize=False)
+    for n, r, long in zip(normal, raw, (False, True)):
+        if family == "unfused" and long:
+            assert n.norm is None
+        else:
+            np.testing.assert_allclose(n.norm * n.embedding, r.embedding, rtol=1e-5, atol=1e-6)
+        assert len(n.segments) == len(r.segments) and (not long or n.segments)
+        for s, rs in zip(n.segments, r.segments):
+            np.testing.assert_allclose(s.norm * s.embedding, rs.embedding, rtol=1e-5, atol=1e-6)
