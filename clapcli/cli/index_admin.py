@@ -32,7 +32,8 @@ def dispatch(args) -> Optional[object]:
 
 @admin_app.command("list")
 def list_indexes(as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
-    """The indexes under $CLAP_HOME/indexes: name, path, files, size on disk, model, folders indexed, globs skipped."""
+    """The indexes under $CLAP_HOME/indexes: name, path, files, size on disk, model, folders indexed, globs skipped,
+    tag sets."""
     rows = [_describe(d) for d in named_indexes()]
     if as_json or not output.is_terminal():
         for r in rows:
@@ -58,6 +59,11 @@ def print_index_list(con, rows: list[dict]) -> None:
                 con.print(f"  folder {output.literal(root)}", highlight=False, soft_wrap=True)
             for pattern in r.get("excludes") or []:
                 con.print(f"  skips  {output.literal(pattern)}", highlight=False, soft_wrap=True)
+            for s in r.get("tag_sets") or []:
+                how = "zero-shot" if s["kind"] == "zero-shot" else f"classifier {s['classifier']}"
+                con.print(f"  tags   {s['id']}: {output.literal(s['name'])} ({output.literal(how)}, "
+                          f"{output.plural(s['labels'], 'label')}, top {s['top_k']}), "
+                          f"{output.plural(s['files'], 'file')} tagged", highlight=False, soft_wrap=True)
         else:
             con.print(f"  [red]{output.literal(r['error'])}[/]", highlight=False, soft_wrap=True)
 
@@ -152,9 +158,10 @@ def _describe(index_dir: Path) -> dict:
     from ..errors import ClapError
     from ..index.exclusions import remembered_excludes
     from ..index.store import IndexStore
+    from ..index.tag_store import tag_sets, tagged_counts
 
     row = {"name": index_dir.name, "path": str(index_dir), "files": None, "size_bytes": _disk_size(index_dir),
-           "model": None, "roots": None, "excludes": None, "error": None}
+           "model": None, "roots": None, "excludes": None, "tag_sets": None, "error": None}
     if not IndexStore.exists(index_dir):
         row["error"] = "no database"
         return row
@@ -164,6 +171,8 @@ def _describe(index_dir: Path) -> dict:
             row["model"] = (store.model_identity or {}).get("model")
             row["roots"] = store.roots()
             row["excludes"] = remembered_excludes(store)
+            tagged = tagged_counts(store)
+            row["tag_sets"] = [{**s.to_dict(), "files": tagged.get(s.id, 0)} for s in tag_sets(store)]
     except ClapError as e:
         row["error"] = str(e)
     return row

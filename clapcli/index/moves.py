@@ -87,12 +87,14 @@ def apply_relocations(store: IndexStore, relocations: Relocations) -> None:
                 (str(entry.path), file_id)).lastrowid
             conn.execute("UPDATE files SET size = ?, mtime_ns = ? WHERE id = ?",
                          (int(entry.size), int(entry.mtime_ns), new_id))
-            segments = conn.execute('SELECT s.id, s.start, s."end", s.kind, e.vector FROM segments s '
+            segments = conn.execute('SELECT s.id, s.start, s."end", s.kind, s.norm, e.vector FROM segments s '
                                     "JOIN embeddings e ON e.segment_id = s.id WHERE s.file_id = ? ORDER BY s.id",
                                     (file_id,)).fetchall()
-            for _, start, end, kind, vector in segments:
-                segment_id = conn.execute('INSERT INTO segments (file_id, start, "end", kind) VALUES (?, ?, ?, ?)',
-                                          (new_id, start, end, kind)).lastrowid
+            for _, start, end, kind, norm, vector in segments:
+                segment_id = conn.execute('INSERT INTO segments (file_id, start, "end", kind, norm) '
+                                          "VALUES (?, ?, ?, ?, ?)", (new_id, start, end, kind, norm)).lastrowid
                 conn.execute("INSERT INTO embeddings (segment_id, vector) VALUES (?, ?)", (segment_id, vector))
+            conn.execute("INSERT INTO file_tags (file_id, set_id, label, score, rank) "  # the same sound: its tags
+                         "SELECT ?, set_id, label, score, rank FROM file_tags WHERE file_id = ?", (new_id, file_id))
         if relocations.copies:
             store._bump_generation()  # noqa: SLF001 - copies add segments

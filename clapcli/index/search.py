@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Mapping, NamedTuple, Sequence
+from typing import Callable, Collection, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -136,10 +136,12 @@ def open_for_search(index_dir: Path) -> IndexStore:
 class Searcher:
     """Answers any number of queries on one open store (`clap search --stdin`): the nearest-neighbour
     graph is loaded once and synced again only when the store's generation moves on (`clap index`
-    committed meanwhile)."""
+    committed meanwhile). `keep`, a test of stored paths, leaves out the files it refuses (`--tag`: see
+    index/tag_store.tag_filter); more neighbours are fetched until k files pass."""
 
-    def __init__(self, store: IndexStore):
+    def __init__(self, store: IndexStore, keep: Callable[[str], bool] | None = None):
         self.store = store
+        self.keep = keep
         self._ann = None
         self.missing_left_out = 0  # how many gone files the last search with skip_missing passed over
 
@@ -154,12 +156,13 @@ class Searcher:
             if self._ann is None or self._ann.generation != self.store.generation:
                 self._ann = AnnIndex.sync(self.store, persist=None)
             hits, self.missing_left_out = _search(self.store, self._ann, query, k, min_score, per_file,
-                                                  frozenset(exclude), skip_missing)
+                                                  frozenset(exclude), skip_missing, self.keep)
             return hits
 
 
 def _search(store: IndexStore, ann, query: np.ndarray, k: int, min_score: float | None, per_file: int,
-            exclude: frozenset[str], skip_missing: bool) -> tuple[list[Hit], int]:
+            exclude: frozenset[str], skip_missing: bool,
+            keep: Callable[[str], bool] | None = None) -> tuple[list[Hit], int]:
     """The hits, and how many gone files were passed over to find them (with `skip_missing`)."""
     total = ann.count
     fetch = min(total, max(4 * k, 32))
@@ -171,6 +174,8 @@ def _search(store: IndexStore, ann, query: np.ndarray, k: int, min_score: float 
         for seg_id, score in zip(ids[0].tolist(), scores[0].tolist()):
             row = rows.get(seg_id)
             if row is None or row.path in exclude:  # deleted since the hnsw file was written; the example itself
+                continue
+            if keep is not None and not keep(row.path):
                 continue
             if row.path not in best or score > best[row.path][0]:
                 best[row.path] = (score, row)
