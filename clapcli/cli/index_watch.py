@@ -18,7 +18,7 @@ def watch(request, debounce: float, as_json: bool, print_summary, progress_bar) 
     from ..index.indexer import IndexInterrupted
     from ..index.watch import watch_index
 
-    report = _WatchReport(as_json, print_summary, progress_bar)
+    report = _WatchReport(as_json, print_summary, progress_bar, request.index_dir)
     try:
         with _terminate_as_interrupt():
             updates = watch_index(request, debounce=debounce, on_update=report.update, on_watching=report.watching,
@@ -50,8 +50,9 @@ def _terminate_as_interrupt():
 
 
 class _WatchReport:
-    def __init__(self, as_json: bool, print_summary, progress_bar):
+    def __init__(self, as_json: bool, print_summary, progress_bar, index_dir):
         self.as_json = as_json
+        self.index_dir = index_dir
         self.print_summary = print_summary
         self.progress = _RunProgress(progress_bar, enabled=not as_json)
         self.updates = 0
@@ -66,6 +67,7 @@ class _WatchReport:
 
     def update(self, update) -> None:
         from ..index.indexer import emptied_message
+        from .tag_index import tag_new_files
 
         self.progress.stop()
         if update.summary.seconds:
@@ -73,9 +75,13 @@ class _WatchReport:
         back = [root for root in self._missing if root not in update.missing_roots]
         gone = [root for root in update.missing_roots if root not in self._missing]
         self._missing = update.missing_roots
+        s = update.summary
+        # the index's tag sets tag what the run added or embedded again (stored vectors: no model), as after `clap
+        # index`; printed on stderr before the update's line, or as its "tags" in --json
+        tagged = tag_new_files(self.index_dir, self.as_json) if s.added or s.updated or s.copied else []
         if self.as_json:
             if update.changed or back:
-                output.json_line(update.to_dict())
+                output.json_line({**update.to_dict(), **({"tags": tagged} if tagged else {})})
             return
         con = output.stderr_console()
         for root in gone:
@@ -83,7 +89,6 @@ class _WatchReport:
                       "and it is watched again when it is back[/]", highlight=False, soft_wrap=True)
         for root in back:
             con.print(f"{output.literal(root)} is back", highlight=False, soft_wrap=True)
-        s = update.summary
         if update.first:
             self.print_summary(s)
         elif s.seconds and (s.added or s.updated or s.removed or s.moved or s.copied or s.skipped):
