@@ -254,7 +254,7 @@ def test_each_update_is_one_line_and_a_gone_root_is_told_once(capsys):
     from clapcli.index.summary import IndexSummary
     from clapcli.index.watch import WatchUpdate
 
-    report = _WatchReport(False, _print_summary, _IndexProgress)
+    report = _WatchReport(False, _print_summary, _IndexProgress, Path("/no/such/index"))
     ran = IndexSummary("/idx", "m", added=2, updated=1, removed=1, seconds=3.14)
     report.update(WatchUpdate(ran))
     report.update(WatchUpdate(IndexSummary("/idx", "m", unchanged=3, seconds=0.2)))  # nothing changed: quiet
@@ -265,3 +265,27 @@ def test_each_update_is_one_line_and_a_gone_root_is_told_once(capsys):
     assert re.fullmatch(r"\d\d:\d\d:\d\d \+2 ~1 -1 \(3\.1 s\)", lines[0]), lines
     assert lines[1].startswith("/media/card is gone") and "stay in the index" in lines[1]
     assert lines[2:] == ["/media/card is back"]
+
+
+def test_a_file_that_arrives_while_watched_is_tagged_in_the_index_tag_sets(library, tiny_model_dir, tmp_path):
+    index_dir = tmp_path / "idx"
+    clap("index", library, "--index", index_dir, "--model", tiny_model_dir)
+    clap("tag", "--index", index_dir, "--labels", "dog,rain,siren", "--top", "2")
+    watcher = Watcher(library, index_dir)
+    try:
+        watcher.update()  # the first run: nothing new
+        write_tone(library / "arrived.wav", 1.5, seed=9)
+        added = watcher.update()
+        assert added["added"] == 1 and added["tags"], added
+        code, stderr = watcher.stop(signal.SIGINT)
+    finally:
+        watcher.close()
+    assert code == 0, stderr
+    con = sqlite3.connect(f"file:{index_dir / 'index.sqlite'}?mode=ro", uri=True)
+    try:
+        labels = [row[0] for row in con.execute(
+            "SELECT t.label FROM file_tags t JOIN files f ON f.id = t.file_id WHERE f.path = ? ORDER BY t.rank",
+            (str((library / "arrived.wav").resolve()),))]
+    finally:
+        con.close()
+    assert len(labels) == 2 and set(labels) <= {"dog", "rain", "siren"}
