@@ -70,7 +70,7 @@ def _table(found, roots: list[str]) -> None:
     """Each group on a terminal: the keeper first with why, then its copies with their audio-match score."""
     from rich.table import Table
 
-    from .search import folder_in_index
+    from ..index.paths import folder_in_index
 
     con = output.stdout_console()
     if not found:

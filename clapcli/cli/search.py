@@ -359,6 +359,8 @@ def _table(hits, title: str, negative, note: str = "", roots: list[str] | None =
     folder it lies in. With `per_file` > 1, "at" lists a long file's matching ranges, best first."""
     from rich.table import Table
 
+    from ..index.paths import folder_in_index
+
     con = output.stdout_console()
     if not hits:
         con.print("no results")
@@ -385,21 +387,6 @@ def _table(hits, title: str, negative, note: str = "", roots: list[str] | None =
             at = output.clock_range(h.start, h.end) if h.start is not None else ""
         table.add_row(str(h.rank), f"{h.score:.3f}", name, at, output.clock(h.duration) if h.duration else "")
     con.print(table)
-
-
-def folder_in_index(path: str, roots: list[str]) -> str:
-    """The folder of an indexed file relative to the indexed folder (root) that holds it: `sfx/impacts`, `.` for
-    the root itself; with several roots, led by the root's name. The full folder when no root holds it."""
-    folder = os.path.dirname(path)
-    holders = [r for r in roots if folder == r or folder.startswith(r.rstrip(os.sep) + os.sep)]
-    if not holders:
-        return folder
-    root = max(holders, key=len)
-    relative = os.path.relpath(folder, root)
-    if len(roots) == 1:
-        return relative
-    name = os.path.basename(root.rstrip(os.sep)) or root
-    return name if relative == "." else os.path.join(name, relative)
 
 
 def register(app: typer.Typer) -> None:

@@ -52,3 +52,18 @@ def check_remembered_model(model: str | None, index_dir: Path, advice: str) -> N
         f"index {index_dir} was built with the model at {model}, which no longer exists (moved or deleted?); "
         f"{advice} (the same weights in another folder are accepted)"
     )
+
+
+def folder_in_index(path: str, roots: list[str]) -> str:
+    """The folder of an indexed file relative to the indexed folder (root) that holds it: `sfx/impacts`, `.` for
+    the root itself; with several roots, led by the root's name. The full folder when no root holds it."""
+    folder = os.path.dirname(path)
+    holders = [r for r in roots if folder == r or folder.startswith(r.rstrip(os.sep) + os.sep)]
+    if not holders:
+        return folder
+    root = max(holders, key=len)
+    relative = os.path.relpath(folder, root)
+    if len(roots) == 1:
+        return relative
+    name = os.path.basename(root.rstrip(os.sep)) or root
+    return name if relative == "." else os.path.join(name, relative)

@@ -20,7 +20,8 @@ import numpy as np
 
 from ..index.rows import decode_vectors
 from ..index.schema import open_database
-from .reader import SEARCHABLE, folder_in_index
+from ..index.paths import folder_in_index
+from .reader import SEARCHABLE
 
 PCA_SAMPLE = 20_000
 MAX_GROUPS = 12  # legend entries; the rest are "other"

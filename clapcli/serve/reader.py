@@ -22,7 +22,7 @@ from ..errors import IndexStoreError, UsageError
 from ..identity import same_model
 from ..index.lock import lock_holder_pid
 from ..index.lookup import StoredFile, stored_file
-from ..index.paths import check_remembered_model
+from ..index.paths import check_remembered_model, folder_in_index
 from ..index.query import Query, read_query, torch_free_query
 from ..index.rows import FileRecord
 from ..index.search import Hit, Searcher, moved_model_advice, open_for_search, query_vector
@@ -214,18 +214,3 @@ def writer_active(index_dir: str | os.PathLike) -> bool:
     except PermissionError:  # alive, another user's
         return True
     return True
-
-
-def folder_in_index(path: str, roots: list[str]) -> str:
-    """The folder of an indexed file as `clap search`'s table shows it: relative to the indexed folder (root)
-    holding it (`.` for the root itself), led by the root's name when the index has several."""
-    folder = os.path.dirname(path)
-    holders = [r for r in roots if folder == r or folder.startswith(r.rstrip(os.sep) + os.sep)]
-    if not holders:
-        return folder
-    root = max(holders, key=len)
-    relative = os.path.relpath(folder, root)
-    if len(roots) == 1:
-        return relative
-    name = os.path.basename(root.rstrip(os.sep)) or root
-    return name if relative == "." else os.path.join(name, relative)
