@@ -370,3 +370,27 @@ def test_a_server_bound_to_one_address_answers_to_it_and_loopback_only(built):
         assert api.get("/api/status").status_code == 200
         assert api.get("/api/status", headers={"Origin": "http://[::1]:8765"}).status_code == 200
         assert api.get("/api/status", headers={"Host": "evil.example"}).status_code == 403
+
+
+def test_the_server_never_writes_the_graph_of_a_writable_index(tiny_model_dir, tmp_path, monkeypatch):
+    """`clap search` refreshes a stale saved graph when it can; the server keeps its refreshed graph in memory."""
+    import clapcli.index.ann as ann
+    from starlette.testclient import TestClient
+
+    from clapcli.serve.app import ServeConfig, create_app
+
+    root = tmp_path / "lib"
+    root.mkdir()
+    for i in range(3):
+        write_audio(root / f"{i}.wav", tone_noise(1.0, seed=i), 48_000)
+    index = tmp_path / "idx"
+    clap("index", root, "--index", index, "--model", tiny_model_dir, "--workers", "0")
+    monkeypatch.setattr(ann, "EXACT_BELOW", 0)  # a graph even for three files
+    for name in os.listdir(index):
+        if name.startswith("vectors."):
+            os.remove(index / name)
+    listing = sorted(os.listdir(index))
+    with TestClient(create_app(ServeConfig(str(index))), base_url="http://127.0.0.1:8765") as api:
+        assert len(api.get("/api/search", params={"q": "dog"}).json()["hits"]) == 3
+    # (SQLite's -wal/-shm are the WAL readers' shared memory, which any reader of a writable index maps)
+    assert sorted(n for n in os.listdir(index) if not n.endswith(("-wal", "-shm"))) == listing

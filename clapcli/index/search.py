@@ -139,9 +139,10 @@ class Searcher:
     committed meanwhile). `keep`, a test of stored paths, leaves out the files it refuses (`--tag`: see
     index/tag_store.tag_filter); more neighbours are fetched until k files pass."""
 
-    def __init__(self, store: IndexStore, keep: Callable[[str], bool] | None = None):
+    def __init__(self, store: IndexStore, keep: Callable[[str], bool] | None = None, persist: bool | None = None):
         self.store = store
         self.keep = keep
+        self.persist = persist  # AnnIndex.sync's: None refreshes the saved graph when it can; False never writes
         self._ann = None
         self.missing_left_out = 0  # how many gone files the last search with skip_missing passed over
 
@@ -154,7 +155,7 @@ class Searcher:
 
         with self.store.snapshot():  # one consistent state, even while `clap index` commits
             if self._ann is None or self._ann.generation != self.store.generation:
-                self._ann = AnnIndex.sync(self.store, persist=None)
+                self._ann = AnnIndex.sync(self.store, persist=self.persist)
             hits, self.missing_left_out = _search(self.store, self._ann, query, k, min_score, per_file,
                                                   frozenset(exclude), skip_missing, self.keep)
             return hits

@@ -61,7 +61,7 @@ class IndexReader:
     def store(self) -> IndexStore:
         if self._store is None:
             self._store = IndexStore.open(self.index_dir, readonly=True)
-            self._searcher = Searcher(self._store)
+            self._searcher = Searcher(self._store, persist=False)  # the server never writes the index
         return self._store
 
     def close(self) -> None:
