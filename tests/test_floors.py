@@ -1,4 +1,4 @@
-"""The package's floors (pyproject.toml [tool.importlinter], docs-pending/floors.md) and one home per concept.
+"""The package's floors (pyproject.toml [tool.importlinter], docs/development.md "Floors") and one home per concept.
 
 - the import-linter contracts hold, and a planted upward import breaks them (so the check can fail);
 - no import circle, counting imports inside functions (a circle hidden in a function is still a circle), and

@@ -1,6 +1,6 @@
 """The `clap serve` app: a Starlette app over one index, read-only; `create_app(ServeConfig(...))`.
 
-Every route answers JSON with the CLI's `--json` keys (see docs-pending/serve-api.md for the API), except `/`
+Every route answers JSON with the CLI's `--json` keys (see docs/serve.md for the API), except `/`
 and `/static/…` (the page, in `static/`) and `/api/audio/N` (the file's bytes). Errors are `{"error": "one-line
 message"}` with 400, 403 (`guard.py`), 404, 413 or 503.
 
