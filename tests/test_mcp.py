@@ -245,3 +245,27 @@ def test_without_the_sdk_the_command_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "mcp.server.mcpserver", None)
     text = fails("mcp", code=1, match="pip install 'clapcli[mcp]'")
     assert "Traceback" not in text
+
+
+def test_a_running_server_sees_what_clap_index_commits_and_a_rebuild(tmp_path, tiny_model_dir):
+    """The store stays open between calls: a new commit is searched at the next call, and a `--rebuild`, which swaps
+    in a new database file, is opened again rather than answered from the old file."""
+    from clapcli.serve.mcp import Library
+
+    root = tmp_path / "lib"
+    root.mkdir()
+    for i, name in enumerate(["one.wav", "two.wav"]):
+        write_audio(root / name, tone_noise(1.0, 48_000, seed=20 + i), 48_000)
+    clap("index", root, "--index", "live", "--model", tiny_model_dir, "--workers", "1")
+    library = Library("live")
+    try:
+        assert len(library.search("hum", k=10)) == 2
+        write_audio(root / "three.wav", tone_noise(1.0, 48_000, seed=22), 48_000)
+        clap("index", root, "--index", "live", "--model", tiny_model_dir, "--workers", "1")
+        assert len(library.search("hum", k=10)) == 3
+        (root / "one.wav").unlink()
+        (root / "two.wav").unlink()
+        clap("index", root, "--index", "live", "--model", tiny_model_dir, "--workers", "1", "--rebuild")
+        assert [h["path"] for h in library.search("hum", k=10)] == [str((root / "three.wav").resolve())]
+    finally:
+        library.close()
