@@ -269,3 +269,25 @@ def test_a_running_server_sees_what_clap_index_commits_and_a_rebuild(tmp_path, t
         assert [h["path"] for h in library.search("hum", k=10)] == [str((root / "three.wav").resolve())]
     finally:
         library.close()
+
+
+def test_tag_needs_no_searchable_index(tmp_path, tiny_model_dir, monkeypatch):
+    """Tagging needs no index: with none at --index the model is $CLAP_MODEL's (else the default model), as for
+    `clap tag`; an index that holds no files yet (which `search` refuses as empty) lends its model."""
+    from clapcli import load_model
+    from clapcli.errors import IndexStoreError
+    from clapcli.index.store import IndexStore
+    from clapcli.serve.mcp import Library
+
+    write_audio(tmp_path / "a.wav", tone_noise(1.0, 48_000, seed=5), 48_000)
+    expected = json_lines(clap("tag", tmp_path / "a.wav", "--labels", "dog,rain", "--json", "--model",
+                               tiny_model_dir).stdout)
+    monkeypatch.setenv("CLAP_MODEL", str(tiny_model_dir))
+    assert Library("nothing-here").tag([str(tmp_path / "a.wav")], labels="dog,rain") == expected
+    monkeypatch.delenv("CLAP_MODEL")
+    with IndexStore.open(tmp_path / "empty", create=True) as store:
+        store.set_model_identity(load_model(tiny_model_dir, device="cpu").identity_dict)
+    library = Library(str(tmp_path / "empty"))
+    assert library.tag([str(tmp_path / "a.wav")], labels="dog,rain") == expected
+    with pytest.raises(IndexStoreError, match="is empty"):
+        library.search("rain")

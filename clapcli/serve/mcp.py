@@ -156,12 +156,14 @@ class Library:
 
     def _index_model(self) -> tuple[str | None, dict]:
         """The load reference and identity of the index's model; (None, {}) where there is no index yet, so that
-        tagging works without one ($CLAP_MODEL, else the default model)."""
+        tagging works without one ($CLAP_MODEL, else the default model). Read from a short read-only open: tagging
+        needs no searchable (non-empty) index."""
         from ..index.store import IndexStore
 
         if not IndexStore.exists(self.index_dir):
             return os.environ.get("CLAP_MODEL"), {}
-        identity = self._open().store.model_identity or {}
+        with IndexStore.open(self.index_dir, readonly=True) as store:
+            identity = store.model_identity or {}
         ref = identity.get("model")
         check_remembered_model(ref, self.index_dir, _moved_model_advice(self.index))
         return ref, identity
@@ -185,7 +187,7 @@ class Library:
             ref, _ = self._index_model()
             model = self._load(ref, text_only=False)
             self._check(model)
-            self._model = model
+            self._model, self._text_model = model, None  # the whole model answers text queries from now on
         return self._model
 
     def _classifier(self, directory: str):
@@ -208,8 +210,9 @@ class Library:
 
         if IndexStore.exists(self.index_dir):
             wanted = model.identity_dict
-            self._open().store.check_model_identity(
-                wanted, advice=model_mismatch_advice(self.index, wanted.get("model"), given=False))
+            with IndexStore.open(self.index_dir, readonly=True) as store:
+                store.check_model_identity(wanted, advice=model_mismatch_advice(self.index, wanted.get("model"),
+                                                                                given=False))
 
 
 def _ranked(hit: Hit, rank: int) -> Hit:
