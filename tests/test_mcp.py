@@ -29,19 +29,27 @@ def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
-def run_session(home: Path, index: str, calls: list[tuple[str, dict]]):
-    """Spawn `clap mcp --index INDEX` with CLAP_HOME=home; returns (tools listed, [CallToolResult per call])."""
+def run_session(home: Path, index: str, calls: list[tuple[str, dict]], progress: list | None = None):
+    """Spawn `clap mcp --index INDEX` with CLAP_HOME=home; returns (tools listed, [CallToolResult per call]). With
+    `progress`, each call asks for progress notifications and `progress` gets (call number, progress, total)."""
     from mcp import ClientSession, StdioServerParameters, stdio_client
 
     params = StdioServerParameters(command=clap_executable(), args=["mcp", "--index", index],
                                    env=dict(os.environ, CLAP_HOME=str(home)))
+
+    def on_progress(number: int):
+        async def record(done: float, total: float | None, message: str | None) -> None:
+            progress.append((number, done, total))
+
+        return record if progress is not None else None
 
     async def session():
         with anyio.fail_after(TIMEOUT):
             async with stdio_client(params) as (read, write), ClientSession(read, write) as client:
                 await client.initialize()
                 tools = (await client.list_tools()).tools
-                return tools, [await client.call_tool(name, args) for name, args in calls]
+                return tools, [await client.call_tool(name, args, progress_callback=on_progress(number))
+                               for number, (name, args) in enumerate(calls)]
 
     return anyio.run(session)
 
@@ -126,9 +134,13 @@ def answers(sounds, home, tmp_path_factory):
         return args
 
     before = tree(home / "indexes", sounds)
-    tools, results = run_session(home, INDEX, [(name, absolute(args)) for name, args in CALLS.values()])
+    progress: list[tuple[int, float, float | None]] = []
+    tools, results = run_session(home, INDEX, [(name, absolute(args)) for name, args in CALLS.values()], progress)
     after = tree(home / "indexes", sounds)
-    return {"tools": tools, "before": before, "after": after, **dict(zip(CALLS, results))}
+    progress_by_call = {name: [(done, total) for number, done, total in progress if number == i]
+                        for i, name in enumerate(CALLS)}
+    return {"tools": tools, "before": before, "after": after, "progress": progress_by_call,
+            **dict(zip(CALLS, results))}
 
 
 @pytest.fixture
@@ -143,7 +155,8 @@ def test_the_tools_are_listed_and_marked_read_only(answers):
     for tool in tools.values():
         assert tool.annotations.read_only_hint is True and tool.annotations.destructive_hint is False
         assert tool.description
-    assert {"query", "negative", "k", "min_score"} <= set(tools["search"].input_schema["properties"])
+    assert set(tools["search"].input_schema["properties"]) == {"query", "negative", "k", "min_score"}
+    assert "ctx" not in tools["tag"].input_schema["properties"]
 
 
 def test_search_answers_as_clap_search_json(answers, in_home):
@@ -190,6 +203,7 @@ def test_tag_answers_as_clap_tag_json(answers, sounds, in_home, tiny_model_dir):
     assert got == json_lines(result.stdout)
     assert [len(r["labels"]) for r in got] == [2, 2, 0] and "error" in got[2]
     assert len(got[1]["timeline"]) == 2  # 14 s: two 10 s windows
+    assert answers["progress"]["tag"] == [(1, 3), (2, 3), (3, 3)]  # files done of files, as a progress bar counts
 
 
 def test_indexes_answers_as_clap_index_list_json(answers, sounds, in_home):

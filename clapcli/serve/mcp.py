@@ -93,9 +93,9 @@ class Library:
 
     def tag(self, paths: list[str], labels: str | None = None, classifier: str | None = None, top: int | None = None,
             multi_label: bool = False, threshold: float | None = None, templates: list[str] | None = None,
-            timeline: bool = False) -> list[dict]:
+            timeline: bool = False, progress: Callable[[int, int], None] | None = None) -> list[dict]:
         """`clap tag PATH… --json`: zero-shot tags from a label set, or a `clap finetune` classifier's; one object per
-        file, a file that cannot be read has an `error`."""
+        file, a file that cannot be read has an `error`. `progress(files done, files)` after each file."""
         from ..tagging import resolve_labels, tag_files
         from ..tagging.prompts import check_templates
 
@@ -126,7 +126,12 @@ class Library:
             scorer, model = None, self._whole_model()
         results = tag_files(model, files, labelset, checked, top_k=top_k, multi_label=multi_label,
                             threshold=threshold, timeline=timeline, scorer=scorer)
-        return [r.to_dict() for r in results]
+        tagged = []
+        for result in results:
+            tagged.append(result.to_dict())
+            if progress is not None:
+                progress(len(tagged), len(files))
+        return tagged
 
     def indexes(self) -> list[dict]:
         """`clap index list --json`: the indexes under $CLAP_HOME/indexes."""
@@ -260,8 +265,10 @@ INSTRUCTIONS = (
 
 def require_sdk() -> None:
     """Raise ClapError naming the extra to install when the MCP SDK is missing."""
+    import importlib
+
     try:
-        import mcp.server.mcpserver  # noqa: F401
+        importlib.import_module("mcp.server.mcpserver")
     except ImportError as exc:
         raise ClapError(f"clap mcp needs the MCP SDK, which is not installed: {SDK_HINT}") from exc
 
@@ -272,7 +279,7 @@ def build_server(library: Library, worker: ThreadPoolExecutor):
     require_sdk()
     from typing import Annotated
 
-    from mcp.server.mcpserver import MCPServer
+    from mcp.server.mcpserver import Context, MCPServer
     from mcp.types import CallToolResult, TextContent, ToolAnnotations
     from pydantic import Field
 
@@ -342,11 +349,20 @@ def build_server(library: Library, worker: ThreadPoolExecutor):
         templates: Annotated[list[str] | None, Field(description="Prompt templates with one {} for the label "
                                                      "(default 'This is a sound of {}.').")] = None,
         timeline: Annotated[bool, Field(description="Also tag each 10 s window of longer files.")] = False,
+        ctx: Context = None,
     ) -> list[dict[str, Any]]:
         """Tag audio files: for each, path, duration and labels (label, prob, cosine), best first; timeline with
-        timeline; error for a file that cannot be read."""
-        return await call(library.tag, paths=paths, labels=labels, classifier=classifier, top=top,
-                          multi_label=multi_label, threshold=threshold, templates=templates, timeline=timeline)
+        timeline; error for a file that cannot be read. Reports progress in files."""
+        loop, sent = asyncio.get_running_loop(), []
+
+        def progress(done: int, total: int) -> None:  # on the worker thread: the notification is sent by the loop
+            sent.append(asyncio.run_coroutine_threadsafe(ctx.report_progress(done, total), loop))
+
+        result = await call(library.tag, paths=paths, labels=labels, classifier=classifier, top=top,
+                            multi_label=multi_label, threshold=threshold, templates=templates, timeline=timeline,
+                            progress=progress if ctx is not None else None)
+        await asyncio.gather(*map(asyncio.wrap_future, sent), return_exceptions=True)  # sent before the result
+        return result
 
     @server.tool(annotations=read_only)
     async def indexes() -> list[dict[str, Any]]:
