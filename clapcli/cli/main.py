@@ -12,7 +12,7 @@ import sys
 import typer
 from typer.core import TyperGroup
 
-from . import embed, eval, finetune, index, mcp, models, output, search, shards, tag, train
+from . import dedupe, embed, eval, finetune, index, mcp, models, output, search, shards, tag, train
 
 
 class _ClapGroup(TyperGroup):
@@ -83,7 +83,7 @@ def _root(
         log.setLevel(logging.DEBUG)
 
 
-for _command in (index, search, tag, embed, models, shards, train, finetune, eval, mcp):
+for _command in (index, search, tag, embed, models, shards, train, finetune, eval, dedupe, mcp):
     _command.register(app)
 
 

@@ -185,8 +185,10 @@ class ProgressBar:
     the bar then moves inside each file as its audio decodes, so a 20-minute take does not sit at 0/1); otherwise
     every call is a no-op, so piped and scripted runs print nothing but their results."""
 
-    def __init__(self, label: str, total: int = 0, redirect_stdout: bool = False, within_files: bool = False):
+    def __init__(self, label: str, total: int = 0, redirect_stdout: bool = False, within_files: bool = False,
+                 unit: str = "files"):
         self.label, self.total, self.redirect_stdout, self.within_files = label, total, redirect_stdout, within_files
+        self.unit = unit  # what the rate counts: `12.0 files/s`
         self._bar = None
         self._done = 0
         self._moved: dict[str, float] = {}  # path -> the part of one file the bar has advanced for it so far
@@ -223,7 +225,7 @@ class ProgressBar:
             return
         self._done += 1
         elapsed = max(self._bar.tasks[0].elapsed or 0.0, 1e-6)
-        rate = f"{self._done / elapsed:.1f} files/s" + (f" · {extra}" if extra else "")
+        rate = f"{self._done / elapsed:.1f} {self.unit}/s" + (f" · {extra}" if extra else "")
         step = 1.0 - self._moved.pop(path, 0.0) if path is not None else 1.0
         self._bar.update(self._task, advance=step, rate=rate, files=f"{self._done}/{self.total}")
 
