@@ -23,6 +23,8 @@ from entry_point import clap_executable
 TIMEOUT = 240  # seconds for one whole client session: a spawn, a model load, a few calls
 INDEX = "sounds"
 FILES = {"tones/a.wav": 1.0, "tones/b.flac": 2.5, "long.wav": 14.0, "c.wav": 3.0}  # long.wav has 10 s windows
+COPY = "copies/a.flac"  # the samples of tones/a.wav in another format: a duplicate for `dedupe`
+INDEXED = len(FILES) + 1
 
 
 def json_lines(text: str) -> list[dict]:
@@ -95,6 +97,8 @@ def sounds(tmp_path_factory, home, tiny_model_dir):
     for i, (rel, seconds) in enumerate(FILES.items()):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         write_audio(root / rel, tone_noise(seconds, 48_000, seed=10 + i), 48_000)
+    (root / COPY).parent.mkdir()
+    write_audio(root / COPY, tone_noise(FILES["tones/a.wav"], 48_000, seed=10), 48_000)
     (root / "broken.wav").write_text("this is not a sound file\n" * 20)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CLAP_HOME", str(home))
@@ -110,6 +114,7 @@ CALLS = {
     "tag": ("tag", {"paths": ["tones/a.wav", "long.wav", "broken.wav"], "labels": "dog,rain,siren", "top": 2,
                     "timeline": True}),
     "indexes": ("indexes", {}),
+    "dedupe": ("dedupe", {"threshold": 0.5}),
     "bad_labels": ("tag", {"paths": ["tones/a.wav"], "labels": "@no-such-labels.txt"}),
     "outside": ("similar", {"path": "outside.wav"}),
     "unindexable": ("similar", {"path": "broken.wav"}),
@@ -151,7 +156,7 @@ def in_home(home, monkeypatch):
 
 def test_the_tools_are_listed_and_marked_read_only(answers):
     tools = {t.name: t for t in answers["tools"]}
-    assert set(tools) == {"search", "similar", "tag", "indexes"}
+    assert set(tools) == {"search", "similar", "tag", "dedupe", "indexes"}
     for tool in tools.values():
         assert tool.annotations.read_only_hint is True and tool.annotations.destructive_hint is False
         assert tool.description
@@ -162,9 +167,10 @@ def test_the_tools_are_listed_and_marked_read_only(answers):
 def test_search_answers_as_clap_search_json(answers, in_home):
     expected = json_lines(clap("search", "metal", "impact", "--index", INDEX, "--json", "-k", 10).stdout)
     got = rows(answers["search"])
-    assert len(got) == len(FILES) and got == expected
+    assert len(got) == INDEXED and got == expected
     assert got[0]["query"] == {"text": ["metal impact"], "not": [], "audio": []}
-    assert {h["path"] for h in got if h["start"] is not None} <= {h["path"] for h in got if h["path"].endswith("long.wav")}
+    windowed = [h["path"] for h in got if h["start"] is not None]
+    assert windowed == [h["path"] for h in got if h["path"].endswith("long.wav")]  # the only file with windows
 
 
 def test_search_reads_plus_and_minus_as_the_search_box_does(answers, in_home):
@@ -181,7 +187,7 @@ def test_similar_ranks_the_other_files_as_a_search_by_that_file(answers, sounds,
     own = str((sounds / "tones/a.wav").resolve())
     got = rows(answers["similar"])
     assert own not in {h["path"] for h in got}
-    assert [h["rank"] for h in got] == list(range(1, len(FILES)))
+    assert [h["rank"] for h in got] == list(range(1, INDEXED))
     assert all(h["query"] == {"text": [], "not": [], "audio": [own]} for h in got)
     expected = json_lines(clap("search", "--audio", own, "--index", INDEX, "--json", "-k", 10).stdout)
     by_path = {h["path"]: h for h in expected if h["path"] != own}
@@ -209,7 +215,16 @@ def test_tag_answers_as_clap_tag_json(answers, sounds, in_home, tiny_model_dir):
 def test_indexes_answers_as_clap_index_list_json(answers, sounds, in_home):
     got = rows(answers["indexes"])
     assert got == json_lines(clap("index", "list", "--json").stdout)
-    assert [(r["name"], r["files"], r["roots"]) for r in got] == [(INDEX, len(FILES), [str(sounds.resolve())])]
+    assert [(r["name"], r["files"], r["roots"]) for r in got] == [(INDEX, INDEXED, [str(sounds.resolve())])]
+
+
+def test_dedupe_answers_as_clap_dedupe_json(answers, sounds, in_home):
+    got = rows(answers["dedupe"])
+    assert got == json_lines(clap("dedupe", "--index", INDEX, "--threshold", 0.5, "--json").stdout)
+    assert [sorted([g["keeper"]["path"]] + [d["path"] for d in g["duplicates"]]) for g in got] == [
+        sorted(str((sounds / p).resolve()) for p in ("tones/a.wav", COPY))]
+    progress = answers["progress"]["dedupe"]  # (pairs compared, pairs to compare)
+    assert progress and progress[-1][0] == progress[-1][1]
 
 
 def test_a_bad_label_set_is_the_cli_error(answers, sounds, in_home, tiny_model_dir):

@@ -14,9 +14,9 @@ from .index import INDEX
 
 
 def mcp_command(index: Optional[str] = INDEX) -> None:
-    """Serve an index to an MCP client (an assistant) over stdio: tools search, similar, tag and indexes,
-    read-only, with the --json keys of clap search, clap tag and clap index list. Needs the mcp extra: pip
-    install 'clapcli\\[mcp]'."""
+    """Serve an index to an MCP client (an assistant) over stdio: tools search, similar, tag, dedupe and indexes,
+    read-only, with the --json keys of clap search, clap tag, clap dedupe and clap index list. Needs the mcp
+    extra: pip install 'clapcli\\[mcp]'."""
     from ..serve.mcp import serve
 
     serve(index)

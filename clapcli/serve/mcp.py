@@ -1,5 +1,5 @@
 """`clap mcp`: a Model Context Protocol server over stdio (the official `mcp` SDK), so that an assistant can use a
-sound library: `search`, `similar`, `tag` and `indexes`, read-only.
+sound library: `search`, `similar`, `tag`, `dedupe` and `indexes`, read-only.
 
 Results carry the keys of the matching command's `--json` lines (`clap search`, `clap tag`, `clap index list`), one
 text block per object, and the list as structured content. A failure comes back as a tool error (`isError`) whose
@@ -133,6 +133,17 @@ class Library:
                 progress(len(tagged), len(files))
         return tagged
 
+    def dedupe(self, threshold: float | None = None, k: int = 10,
+               progress: Callable[[int, int], None] | None = None) -> list[dict]:
+        """`clap dedupe --json`: groups of indexed files that hold the same recording, each with a suggested keeper;
+        `progress(pairs checked, pairs to check)` as audio is compared. Nothing is deleted."""
+        from ..library.dedupe import DEFAULT_THRESHOLD, find_duplicates
+
+        if threshold is not None and not -1.0 <= threshold <= 1.0:
+            raise UsageError(f"threshold {threshold:g} is not a cosine in [-1, 1]")
+        found = find_duplicates(self._open().store, DEFAULT_THRESHOLD if threshold is None else threshold, k, progress)
+        return [group.to_dict() for group in found]
+
     def indexes(self) -> list[dict]:
         """`clap index list --json`: the indexes under $CLAP_HOME/indexes."""
         return [describe_index(d) for d in named_indexes()]
@@ -259,7 +270,8 @@ INSTRUCTIONS = (
     "Search, compare and tag the sounds of a clap index (a sound library embedded with a CLAP model). `search` takes "
     "words as a search box does ('metal impact', 'rain - thunder' pushes thunder away, 'glass + metal' adds two "
     "queries); `similar` finds the files most like one the index holds; `tag` scores audio files against a label "
-    "set; `indexes` lists the indexes. Paths in results are absolute. Nothing here writes a file."
+    "set; `dedupe` finds files that hold the same recording; `indexes` lists the indexes. Paths in results are "
+    "absolute. Nothing here writes a file."
 )
 
 
@@ -299,6 +311,18 @@ def build_server(library: Library, worker: ThreadPoolExecutor):
             return _error(f"{type(exc).__name__}: {first_line(exc)}")
         return CallToolResult(content=[_text(json.dumps(row, ensure_ascii=False)) for row in rows],
                               structured_content={"result": rows})
+
+    async def with_progress(ctx, fn: Callable[..., list[dict]], **kwargs) -> CallToolResult:
+        """`call`, with `fn`'s `progress(done, total)` sent to a client that asked for progress, every notification
+        before the result."""
+        loop, sent = asyncio.get_running_loop(), []
+
+        def progress(done: int, total: int) -> None:  # on the worker thread: the notification is sent by the loop
+            sent.append(asyncio.run_coroutine_threadsafe(ctx.report_progress(done, total), loop))
+
+        result = await call(fn, progress=progress if ctx is not None else None, **kwargs)
+        await asyncio.gather(*map(asyncio.wrap_future, sent), return_exceptions=True)
+        return result
 
     def _text(text: str) -> TextContent:
         return TextContent(type="text", text=text)
@@ -353,16 +377,21 @@ def build_server(library: Library, worker: ThreadPoolExecutor):
     ) -> list[dict[str, Any]]:
         """Tag audio files: for each, path, duration and labels (label, prob, cosine), best first; timeline with
         timeline; error for a file that cannot be read. Reports progress in files."""
-        loop, sent = asyncio.get_running_loop(), []
+        return await with_progress(ctx, library.tag, paths=paths, labels=labels, classifier=classifier, top=top,
+                                   multi_label=multi_label, threshold=threshold, templates=templates,
+                                   timeline=timeline)
 
-        def progress(done: int, total: int) -> None:  # on the worker thread: the notification is sent by the loop
-            sent.append(asyncio.run_coroutine_threadsafe(ctx.report_progress(done, total), loop))
-
-        result = await call(library.tag, paths=paths, labels=labels, classifier=classifier, top=top,
-                            multi_label=multi_label, threshold=threshold, templates=templates, timeline=timeline,
-                            progress=progress if ctx is not None else None)
-        await asyncio.gather(*map(asyncio.wrap_future, sent), return_exceptions=True)  # sent before the result
-        return result
+    @server.tool(annotations=read_only)
+    async def dedupe(
+        threshold: Annotated[float | None, Field(ge=-1.0, le=1.0, description="Cosine of two files' stored vectors "
+                                                 "from which their audio is compared (default 0.9).")] = None,
+        k: Annotated[int, Field(ge=1, le=1000, description="Nearest neighbours looked at per file.")] = 10,
+        ctx: Context = None,
+    ) -> list[dict[str, Any]]:
+        """Groups of indexed files holding the same recording (another format, rate, depth, gain or trimmed
+        silence): keeper {path, format, sample_rate, bit_depth, channels, duration}, why, duplicates [{..., similarity,
+        cosine}], score. Nothing is deleted. Reports progress in audio pairs compared."""
+        return await with_progress(ctx, library.dedupe, threshold=threshold, k=k)
 
     @server.tool(annotations=read_only)
     async def indexes() -> list[dict[str, Any]]:
