@@ -13,6 +13,7 @@ class Segment:
     start: float  # seconds
     end: float  # seconds
     embedding: np.ndarray  # (D,) L2-normalised
+    norm: float | None = None  # L2 norm of the raw projection output `embedding` is the normalised form of
 
 
 @dataclass
@@ -26,6 +27,10 @@ class AudioEmbedding:
     channels: int | None = None  # of the source file
     partial: str | None = None  # why only part of the file could be decoded (what decoded was embedded)
     error_kind: str | None = None  # with `error`: DATA_FAILURE or ENVIRONMENT_FAILURE (errors.failure_kind)
+    # L2 norm of the raw projection output `embedding` is the normalised form of, so that norm × embedding is what a
+    # head on raw projections reads; None where there is no such output (an unfused long file's embedding is the
+    # renormalised mean of its windows: their norms give its raw form) or `normalize=False` was asked
+    norm: float | None = None
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,9 @@ def index_command(
         from ..index.distributed import build
     else:
         from ..index.build import build
+    from .tag_index import tag_new_files, tag_sets_before  # the index's tag sets tag the files just added
+
+    carried = tag_sets_before(request.index_dir) if rebuild else []  # a rebuild keeps the tag sets
     progress = _IndexProgress(enabled=not as_json)
     try:
         summary = build(request, on_plan=progress.on_plan, on_file=progress.on_file, on_audio=progress.on_audio)
@@ -84,9 +87,11 @@ def index_command(
     if summary is None:  # a rank other than 0 of a sharded run
         return
     if as_json:
-        output.json_line(summary.to_dict())
+        tagged = tag_new_files(request.index_dir, as_json, carried)
+        output.json_line({**summary.to_dict(), **({"tags": tagged} if tagged else {})})
     else:
         _print_summary(summary)
+        tag_new_files(request.index_dir, as_json, carried)
     if summary.emptied_roots:
         raise ClapError(emptied_message(summary.emptied_roots, "nothing under it was pruned"))
 

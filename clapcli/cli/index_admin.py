@@ -32,7 +32,7 @@ def dispatch(args) -> Optional[object]:
 
 @admin_app.command("list")
 def list_indexes(as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
-    """The indexes under $CLAP_HOME/indexes: name, path, files, size on disk, model, folders indexed."""
+    """The indexes under $CLAP_HOME/indexes: name, path, files, size on disk, model, folders indexed, tag sets."""
     rows = [_describe(d) for d in named_indexes()]
     if as_json or not output.is_terminal():
         for r in rows:
@@ -56,6 +56,11 @@ def print_index_list(con, rows: list[dict]) -> None:
             con.print(f"  model  {output.literal(r['model'] or '(none yet)')}", highlight=False, soft_wrap=True)
             for root in r.get("roots") or []:
                 con.print(f"  folder {output.literal(root)}", highlight=False, soft_wrap=True)
+            for s in r.get("tag_sets") or []:
+                how = "zero-shot" if s["kind"] == "zero-shot" else f"classifier {s['classifier']}"
+                con.print(f"  tags   {s['id']}: {output.literal(s['name'])} ({output.literal(how)}, "
+                          f"{output.plural(s['labels'], 'label')}, top {s['top_k']}), "
+                          f"{output.plural(s['files'], 'file')} tagged", highlight=False, soft_wrap=True)
         else:
             con.print(f"  [red]{output.literal(r['error'])}[/]", highlight=False, soft_wrap=True)
 

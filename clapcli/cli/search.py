@@ -47,6 +47,12 @@ def search_command(
     tokenizer: Optional[str] = options.TOKENIZER,
     stdin: bool = typer.Option(False, "--stdin", help="Load the model once, then answer one query per line of "
                                "standard input: plain text, or JSON with a 'query' and an optional 'k'."),
+    tag: Optional[List[str]] = typer.Option(None, "--tag", help="Only files tagged with this label (repeatable: all "
+                                            "of them), as `clap tag --index` stored them."),
+    not_tag: Optional[List[str]] = typer.Option(None, "--not-tag", help="Leave out files tagged with this label "
+                                                "(repeatable)."),
+    tag_set: Optional[str] = typer.Option(None, "--tag-set", help="The tag set (id or name, see `clap index list`) "
+                                          "--tag, --not-tag and --json's tags read (default: every set of the index)."),
 ) -> None:
     """Search an index with text (and/or --audio FILE); results are files ranked by their best segment."""
     from ..errors import UsageError
@@ -86,20 +92,22 @@ def search_command(
         wanted = m.identity_dict
         store.check_model_identity(wanted, advice=model_mismatch_advice(index, wanted.get("model"), model is not None))
         note = _precision_note(store.precisions, getattr(m, "precision", None))
-        searcher = Searcher(store)
+        sets, keep = _tag_choice(store, tag or [], not_tag or [], tag_set)
+        searcher = Searcher(store, keep=keep)
         if stdin:
-            failed = _answer_stdin(m, searcher, negative or [], k, min_score, as_json, paths, null, note)
+            failed = _answer_stdin(m, searcher, negative or [], k, min_score, as_json, paths, null, note, sets)
             if failed:
                 raise typer.Exit(1)
             return
         q = query_vector(m, query, negative, read.audio)
         hits = searcher.search(q, k=k, min_score=min_score)
         roots = store.roots()
+        results = _with_tags(store, hits, sets)
     if paths:
         _print_paths([h.path for h in hits], null)
     elif as_json or not output.is_terminal():
-        for h in hits:
-            output.json_line({**h.to_dict(), "query": read.to_dict()})
+        for result in results:
+            output.json_line({**result, "query": read.to_dict()})
     else:
         _table(hits, " + ".join(query + read.audio), negative, note, roots)
 
@@ -126,7 +134,27 @@ def _open_index(index: str | None, index_dir: Path):
     return open_for_search(index_dir)
 
 
-def _answer_stdin(m, searcher, negative, k, min_score, as_json, paths, null, note) -> int:
+def _tag_choice(store, tags: list[str], not_tags: list[str], choice: str | None):
+    """(the tag sets in use, the `keep` test of --tag/--not-tag or None) for this index."""
+    from ..index.tag_store import choose_tag_sets, tag_filter
+
+    sets = choose_tag_sets(store, choice)
+    return sets, tag_filter(store, tags, not_tags, sets)
+
+
+def _with_tags(store, hits, sets) -> list[dict]:
+    """The hits' --json objects; with `sets` (the index holds tags), each with its "tags": label, score (the
+    probability stored by `clap tag --index`) and set (its name), by set and best first."""
+    from ..index.tag_store import tags_by_path
+
+    if not sets:
+        return [h.to_dict() for h in hits]
+    found = tags_by_path(store, [h.path for h in hits], sets)
+    return [{**h.to_dict(), "tags": [{"label": label, "score": round(score, 6), "set": name}
+                                     for label, score, name in found.get(h.path, [])]} for h in hits]
+
+
+def _answer_stdin(m, searcher, negative, k, min_score, as_json, paths, null, note, sets=()) -> int:
     """One result set per query line, flushed as it is answered; returns how many lines were refused.
 
     --json (or a pipe): one object per query, {"query", "k", "results": [hit, ...]}, or {"line", "error"}
@@ -152,7 +180,7 @@ def _answer_stdin(m, searcher, negative, k, min_score, as_json, paths, null, not
             continue
         hits = searcher.search(query_vector(m, [text], negative, cache=True), k=top, min_score=min_score)
         if as_json:
-            output.json_line({"query": text, "k": top, "results": [h.to_dict() for h in hits]})
+            output.json_line({"query": text, "k": top, "results": _with_tags(searcher.store, hits, sets)})
         elif paths:
             _print_paths([h.path for h in hits] + [""], null)
         else:

@@ -65,6 +65,17 @@ def tag_command(
         help="Tag with a classifier directory from `clap finetune` instead of a zero-shot label set "
         "(its own model is used; a --model with other weights is refused).",
     ),
+    index: Optional[str] = typer.Option(
+        None, "--index", "-i", show_default=False,
+        help="Tag every file of this index (a name, see `clap index list`, or a directory) from its stored vectors "
+        "and store the top labels (--top) in it, for `clap search --tag`; the files `clap index` adds later are "
+        "tagged too. Give no PATH with it.",
+    ),
+    forget: Optional[str] = typer.Option(
+        None, "--forget", show_default=False, metavar="SET",
+        help="With --index: drop a tag set (its id or name, see `clap index list`) and its tags; `clap index` "
+        "then stops tagging with it.",
+    ),
     model: Optional[str] = options.MODEL,
     device: str = options.DEVICE,
     precision: str = options.PRECISION,
@@ -79,10 +90,32 @@ def tag_command(
 
     With --classifier DIR, the labels and probabilities of a head trained by `clap finetune` instead.
 
+    With --index, every file of an index is tagged from its stored vectors (no audio work) and its top labels are
+    stored in the index, for `clap search --tag`.
+
     A table per file on a terminal, JSON lines when piped or with --json, CSV with --csv.
     """
     if list_labelsets:
         _print_labelsets(as_json)
+        return
+    if forget is not None:
+        if index is None:
+            raise UsageError("--forget drops a tag set of an index: give the index with --index")
+        from .tag_index import forget_tag_set
+
+        forget_tag_set(index, forget, as_json)
+        return
+    if index is not None:
+        if files:
+            raise UsageError("--index tags the files of the index: give no PATH with it")
+        if multi_label or threshold is not None or timeline or as_csv:
+            raise UsageError("--index stores each file's top labels (--top): --multi-label, --threshold, --timeline "
+                             "and --csv do not apply")
+        from .tag_index import tag_index
+
+        if tag_index(index, labels, classifier, template, top or DEFAULT_TOP, model, device, precision, engine,
+                     tokenizer, batch_size, as_json):
+            raise typer.Exit(1)
         return
     if not files:
         raise UsageError("give at least one audio file (or --list-labelsets)")

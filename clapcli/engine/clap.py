@@ -186,28 +186,36 @@ class Clap:
             if long and (segments or not self.fused):
                 for start in window_starts(n, clip):
                     jobs.append((i, start, wave[start : start + clip], None))
-        vectors = self._run_jobs(jobs, batch_size, normalize)
+        norms: list[float | None] = []
+        vectors = self._run_jobs(jobs, batch_size, normalize, norms if normalize else None)
+        norms = norms or [None] * len(vectors)
         results = [AudioEmbedding(None, len(w) / sr, None) for w in waves]
-        windows: dict[int, list[tuple[int, np.ndarray]]] = {}
-        for (i, kind, _, _), vec in zip(jobs, vectors):
+        windows: dict[int, list[tuple[int, np.ndarray, float | None]]] = {}
+        for (i, kind, _, _), vec, norm in zip(jobs, vectors, norms):
             if kind == "file":
-                results[i].embedding = vec
+                results[i].embedding, results[i].norm = vec, norm
             else:
-                windows.setdefault(i, []).append((kind, vec))
+                windows.setdefault(i, []).append((kind, vec, norm))
         for i, wins in windows.items():
             results[i].embedding, results[i].segments = file_level(results[i].embedding, wins, len(waves[i]), sr,
                                                                    clip, segments, normalize)
         return results
 
     @torch.inference_mode()
-    def _run_jobs(self, jobs, batch_size: int, normalize: bool = True) -> list[np.ndarray]:
-        """Jobs (wave index, kind, samples or a ready `FusionStack`, crop starts) -> one vector each."""
+    def _run_jobs(self, jobs, batch_size: int, normalize: bool = True,
+                  norms: list[float] | None = None) -> list[np.ndarray]:
+        """Jobs (wave index, kind, samples or a ready `FusionStack`, crop starts) -> one vector each. With `norms`
+        (and `normalize`), the L2 norm of each raw projection output is appended to it (what the index stores for
+        classifier heads)."""
         out: list[np.ndarray] = []
         for b in range(0, len(jobs), batch_size):
             chunk = jobs[b : b + batch_size]
             feats, longer = self._job_features(chunk)
             with self._autocast():
-                emb = self.model.encode_audio(feats, longer, normalize=normalize)
+                emb = self.model.encode_audio(feats, longer, normalize=normalize and norms is None)
+                if normalize and norms is not None:  # the same normalisation encode_audio applies
+                    norms.extend(emb.norm(dim=-1).tolist())
+                    emb = torch.nn.functional.normalize(emb, dim=-1)
             out.extend(emb.float().cpu().numpy())
         return out
 

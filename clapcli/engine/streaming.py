@@ -24,7 +24,8 @@ class _StreamedFile:
 
     path: str
     vector: np.ndarray | None = None  # the file-level job's output
-    windows: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (start sample, vector), in order
+    norm: float | None = None  # the file-level job's raw norm (see AudioEmbedding.norm)
+    windows: list[tuple[int, np.ndarray, float | None]] = field(default_factory=list)  # (start sample, vector, norm)
     pending: int = 0  # jobs queued but not run
     ended: bool = False
     end: object = None  # the "end" (or "error") piece
@@ -37,17 +38,18 @@ class _StreamedFile:
         n = self.end.samples_total
         embedding, segs = file_level(self.vector, self.windows, n, sr, clip, segments, normalize)
         return AudioEmbedding(self.path, n / sr, embedding, segs, sample_rate=self.end.sample_rate,
-                              channels=self.end.channels, partial=self.end.partial)
+                              channels=self.end.channels, partial=self.end.partial,
+                              norm=self.norm if self.vector is not None else None)
 
 
 def file_level(vector, windows, n: int, sr: int, clip: int, segments: bool, normalize: bool):
     """(file embedding, segments) of an n-sample file from its file-level vector (None: an unfused long
-    file, whose embedding is the mean of its normalised windows, renormalised) and its (start, vector)
+    file, whose embedding is the mean of its normalised windows, renormalised) and its (start, vector, raw norm)
     windows."""
     if vector is None:
-        mean = np.mean([v for _, v in windows], axis=0)
+        mean = np.mean([v for _, v, _ in windows], axis=0)
         vector = l2_normalize(mean) if normalize else mean.astype(np.float32)
-    return vector, [Segment(s / sr, min(s + clip, n) / sr, v) for s, v in windows] if segments else []
+    return vector, [Segment(s / sr, min(s + clip, n) / sr, v, norm) for s, v, norm in windows] if segments else []
 
 
 def embed_failure(exc: BaseException) -> str:
@@ -80,8 +82,9 @@ def embed_files(
     next_out = 0
 
     def run(batch: list) -> None:
+        norms: list[float | None] = []
         try:
-            vectors = model._run_jobs(batch, len(batch), normalize)
+            vectors = model._run_jobs(batch, len(batch), normalize, norms if normalize else None)
         except (RuntimeError, ValueError, MemoryError) as exc:
             if len(batch) > 1:  # find the file at fault, keep the rest
                 for job in batch:
@@ -91,15 +94,16 @@ def embed_files(
             if state.error is None:
                 state.error, state.error_kind = embed_failure(exc), failure_kind(exc)
             vectors = [None]
-        for (i, kind, _, _), vec in zip(batch, vectors):
+        norms = norms or [None] * len(vectors)
+        for (i, kind, _, _), vec, norm in zip(batch, vectors, norms):
             state = files[i]
             state.pending -= 1
             if vec is None:
                 continue
             if kind == "file":
-                state.vector = vec
+                state.vector, state.norm = vec, norm
             else:
-                state.windows.append((kind, vec))
+                state.windows.append((kind, vec, norm))
 
     def finished() -> Iterator[AudioEmbedding]:
         nonlocal next_out

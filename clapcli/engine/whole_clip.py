@@ -35,7 +35,9 @@ def embed_whole_clips(model, waves, segments: bool, batch_size: int, normalize: 
         pieces = -(-n // limit)  # ceil
         bounds = [round(i * n / pieces) for i in range(pieces + 1)]
         pooled = sum((_encode_pooled(model, wave[a:b]) * ((b - a) / n) for a, b in zip(bounds, bounds[1:])))
-        result = AudioEmbedding(None, n / sr, _project(model, pooled, normalize)[0])
+        norms: list[float] = []
+        result = AudioEmbedding(None, n / sr, _project(model, pooled, normalize, norms)[0])
+        result.norm = norms[0] if norms else None
         if segments and n > seg:
             starts = window_starts(n, seg)
             per_pass = max(batch_size, SEGMENT_BATCH)
@@ -44,8 +46,10 @@ def embed_whole_clips(model, waves, segments: bool, batch_size: int, normalize: 
                 batch = torch.as_tensor(np.stack([wave[s : s + seg] for s in chunk]), dtype=torch.float32)
                 feats = model.features.frontend(batch.to(model.device))[:, None]  # (S, 1, frames, bins)
                 with torch.inference_mode(), model._autocast():
-                    vecs = _project(model, model.model.audio_model.audio_encoder(feats), normalize)
-                result.segments += [Segment(s / sr, (s + seg) / sr, v) for s, v in zip(chunk, vecs)]
+                    norms = []
+                    vecs = _project(model, model.model.audio_model.audio_encoder(feats), normalize, norms)
+                result.segments += [Segment(s / sr, (s + seg) / sr, v, norms[k] if norms else None)
+                                    for k, (s, v) in enumerate(zip(chunk, vecs))]
         results.append(result)
     return results
 
@@ -59,10 +63,13 @@ def _encode_pooled(model, wave: np.ndarray) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _project(model, pooled: torch.Tensor, normalize: bool) -> list[np.ndarray]:
-    """Pooled encoder outputs (B, out_width) → the audio head's (B, D) embeddings, as numpy rows."""
+def _project(model, pooled: torch.Tensor, normalize: bool, norms: list[float] | None = None) -> list[np.ndarray]:
+    """Pooled encoder outputs (B, out_width) → the audio head's (B, D) embeddings, as numpy rows; with `norms`
+    (and `normalize`), the raw outputs' L2 norms are appended to it."""
     with model._autocast():
         emb = model.model.audio_projection(pooled).float()
+    if normalize and norms is not None:
+        norms.extend(emb.norm(dim=-1).tolist())
     emb = torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
     return list(emb.cpu().numpy())
 

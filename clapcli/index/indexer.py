@@ -27,6 +27,7 @@ from .scan import AUDIO_EXTENSIONS, ScanEntry, ScanProblem, matches_exclude, sca
 from .schema import DB_FILENAME
 from .store import IndexStore, content_hash
 from .summary import IndexSummary
+from .tag_store import record_norms
 
 COMMIT_EVERY_FILES = 64  # files per SQLite transaction
 COMMIT_EVERY_SECONDS = 30.0  # or sooner: wall time since the last commit, so a slow batch never holds one back
@@ -531,8 +532,9 @@ def _store_result(store, result, entry: ScanEntry, plan: Plan, summary: IndexSum
     segments = [(0.0, result.duration, "file", result.embedding)]
     segments += [(s.start, s.end, "window", s.embedding) for s in result.segments]
     partial = getattr(result, "partial", None)
-    store.upsert_file(result.path, entry.size, entry.mtime_ns, digest, result.duration,
-                      result.sample_rate or 0, result.channels or 0, segments, partial=partial)
+    file_id = store.upsert_file(result.path, entry.size, entry.mtime_ns, digest, result.duration,
+                                result.sample_rate or 0, result.channels or 0, segments, partial=partial)
+    record_norms(store, file_id, [result.norm] + [s.norm for s in result.segments])  # for classifier heads
     if partial is not None:
         summary.partial.append((result.path, partial))
     summary.audio_seconds += result.duration

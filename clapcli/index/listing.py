@@ -25,9 +25,10 @@ def named_indexes() -> list[Path]:
 def describe_index(index_dir: Path) -> dict:
     """One row of `clap index list` (stable keys; `error` says why files/model are unknown)."""
     from .store import IndexStore
+    from .tag_store import tag_sets, tagged_counts
 
     row = {"name": index_dir.name, "path": str(index_dir), "files": None, "size_bytes": disk_size(index_dir),
-           "model": None, "roots": None, "error": None}
+           "model": None, "roots": None, "tag_sets": None, "error": None}
     if not IndexStore.exists(index_dir):
         row["error"] = "no database"
         return row
@@ -36,6 +37,8 @@ def describe_index(index_dir: Path) -> dict:
             row["files"] = store.counts().ok_files
             row["model"] = (store.model_identity or {}).get("model")
             row["roots"] = store.roots()
+            tagged = tagged_counts(store)
+            row["tag_sets"] = [{**s.to_dict(), "files": tagged.get(s.id, 0)} for s in tag_sets(store)]
     except ClapError as e:
         row["error"] = str(e)
     return row

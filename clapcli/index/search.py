@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -90,10 +90,12 @@ def open_for_search(index_dir: Path) -> IndexStore:
 class Searcher:
     """Answers any number of queries on one open store (`clap search --stdin`): the nearest-neighbour
     graph is loaded once and synced again only when the store's generation moves on (`clap index`
-    committed meanwhile)."""
+    committed meanwhile). `keep`, a test of stored paths, leaves out the files it refuses (`--tag`: see
+    index/tag_store.tag_filter); more neighbours are fetched until k files pass."""
 
-    def __init__(self, store: IndexStore):
+    def __init__(self, store: IndexStore, keep: Callable[[str], bool] | None = None):
         self.store = store
+        self.keep = keep
         self._ann = None
 
     def search(self, query: np.ndarray, k: int = 10, min_score: float | None = None) -> list[Hit]:
@@ -102,10 +104,11 @@ class Searcher:
         with self.store.snapshot():  # one consistent state, even while `clap index` commits
             if self._ann is None or self._ann.generation != self.store.generation:
                 self._ann = AnnIndex.sync(self.store, persist=None)
-            return _search(self.store, self._ann, query, k, min_score)
+            return _search(self.store, self._ann, query, k, min_score, self.keep)
 
 
-def _search(store: IndexStore, ann, query: np.ndarray, k: int, min_score: float | None) -> list[Hit]:
+def _search(store: IndexStore, ann, query: np.ndarray, k: int, min_score: float | None,
+            keep: Callable[[str], bool] | None = None) -> list[Hit]:
     total = ann.count
     fetch = min(total, max(4 * k, 32))
     while True:
@@ -115,6 +118,8 @@ def _search(store: IndexStore, ann, query: np.ndarray, k: int, min_score: float 
         for seg_id, score in zip(ids[0].tolist(), scores[0].tolist()):
             row = rows.get(seg_id)
             if row is None:  # deleted since the hnsw file was written
+                continue
+            if keep is not None and not keep(row.path):
                 continue
             if row.path not in best or score > best[row.path][0]:
                 best[row.path] = (score, row)
