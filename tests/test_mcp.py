@@ -103,6 +103,7 @@ def sounds(tmp_path_factory, home, tiny_model_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CLAP_HOME", str(home))
         clap("index", root, "--index", INDEX, "--model", tiny_model_dir, "--workers", "1", ok=False)
+        clap("tag", "--index", INDEX, "--labels", "dog,rain,siren", "--top", 1)  # each file's best label, stored
     assert (home / "indexes" / INDEX / "index.sqlite").is_file()
     return root
 
@@ -114,6 +115,9 @@ CALLS = {
     "tag": ("tag", {"paths": ["tones/a.wav", "long.wav", "broken.wav"], "labels": "dog,rain,siren", "top": 2,
                     "timeline": True}),
     "indexes": ("indexes", {}),
+    "tagged": ("search", {"query": "metal impact", "tag": ["dog"], "k": 10}),
+    "not_tagged": ("search", {"query": "metal impact", "not_tag": ["dog"], "k": 10}),
+    "unknown_tag": ("search", {"query": "metal impact", "tag": ["dgo"]}),
     "dedupe": ("dedupe", {"threshold": 0.5}),
     "bad_labels": ("tag", {"paths": ["tones/a.wav"], "labels": "@no-such-labels.txt"}),
     "outside": ("similar", {"path": "outside.wav"}),
@@ -160,7 +164,8 @@ def test_the_tools_are_listed_and_marked_read_only(answers):
     for tool in tools.values():
         assert tool.annotations.read_only_hint is True and tool.annotations.destructive_hint is False
         assert tool.description
-    assert set(tools["search"].input_schema["properties"]) == {"query", "negative", "k", "min_score"}
+    assert set(tools["search"].input_schema["properties"]) == {"query", "negative", "k", "min_score", "tag",
+                                                                  "not_tag", "tag_set"}
     assert "ctx" not in tools["tag"].input_schema["properties"]
 
 
@@ -179,6 +184,21 @@ def test_search_reads_plus_and_minus_as_the_search_box_does(answers, in_home):
     got = rows(answers["search_plus_minus"])
     assert got == expected and len(got) == 3
     assert got[0]["query"] == {"text": ["metal impact", "glass"], "not": ["rain"], "audio": []}
+
+
+def test_search_filters_by_stored_tags_as_clap_search_does(answers, in_home):
+    """`tag` keeps the files whose stored tags hold the label, `not_tag` the others: together every indexed file,
+    each answer `clap search --tag/--not-tag --json`'s, each hit with its stored tags."""
+    tagged, others = rows(answers["tagged"]), rows(answers["not_tagged"])
+    assert tagged == json_lines(clap("search", "metal", "impact", "--tag", "dog", "--index", INDEX, "--json",
+                                     "-k", 10).stdout)
+    assert others == json_lines(clap("search", "metal", "impact", "--not-tag", "dog", "--index", INDEX, "--json",
+                                     "-k", 10).stdout)
+    assert len(tagged) + len(others) == INDEXED and not {h["path"] for h in tagged} & {h["path"] for h in others}
+    assert all([t["label"] for t in h["tags"]] == ["dog"] for h in tagged)
+    assert all([t["label"] for t in h["tags"]] != ["dog"] for h in others)
+    unknown = clap("search", "metal", "impact", "--tag", "dgo", "--index", INDEX, ok=False)
+    assert error_text(answers["unknown_tag"]) == str(unknown.exception) and "dog" in str(unknown.exception)
 
 
 def test_similar_ranks_the_other_files_as_a_search_by_that_file(answers, sounds, in_home):

@@ -56,17 +56,25 @@ class Library:
 
     # -- tools ------------------------------------------------------------------------------------------------
 
-    def search(self, query: str, negative: list[str] | None = None, k: int = 10,
-               min_score: float | None = None) -> list[dict]:
+    def search(self, query: str, negative: list[str] | None = None, k: int = 10, min_score: float | None = None,
+               tag: list[str] | None = None, not_tag: list[str] | None = None,
+               tag_set: str | None = None) -> list[dict]:
         """`clap search QUERY --json`: the words as the search box reads them (` + ` adds a query, ` - ` pushes one
-        away, an existing audio file searches by example)."""
+        away, an existing audio file searches by example); `tag`/`not_tag`/`tag_set` as `--tag`/`--not-tag`/
+        `--tag-set` (tags stored by `clap tag --index`), and each hit's stored `tags` where the index holds some."""
+        from ..index.tag_store import choose_tag_sets, tag_filter
+
         read = read_query(query.split(), list(negative or []), [])
         if not read.text and not read.audio:
             raise UsageError("nothing to search for: give a text query")
         searcher = self._open()
+        sets = choose_tag_sets(searcher.store, tag_set)
+        keep = tag_filter(searcher.store, tag or [], not_tag or [], sets)  # before the model loads
         model = self._query_model(audio=bool(read.audio))
         q = query_vector(model, read.text, read.negative, read.audio, cache=True)
-        return [{**h.to_dict(), "query": read.to_dict()} for h in searcher.search(q, k=k, min_score=min_score)]
+        searcher.keep = keep  # this call's filter: the searcher (and its graph) is shared by every call
+        hits = searcher.search(q, k=k, min_score=min_score)
+        return [{**h, "query": read.to_dict()} for h in _with_tags(searcher.store, hits, sets)]
 
     def similar(self, path: str, k: int = 10, min_score: float | None = None) -> list[dict]:
         """The files most like an indexed file, itself left out (`clap search --audio PATH --json`'s keys). An
@@ -87,6 +95,7 @@ class Library:
             if not os.path.isfile(own):
                 raise ClapError(f"{path}: no such file (it was indexed, and has gone since)")
             q = query_vector(self._whole_model(), audio=[own])
+        searcher.keep = None
         hits = [h for h in searcher.search(q, k=k + 1, min_score=min_score) if h.path != own][:k]
         query = Query(audio=[own]).to_dict()
         return [{**_ranked(h, rank).to_dict(), "query": query} for rank, h in enumerate(hits, 1)]
@@ -231,6 +240,18 @@ class Library:
                                                                                 given=False))
 
 
+def _with_tags(store, hits: list[Hit], sets) -> list[dict]:
+    """The hits' `--json` objects; with `sets` (the index holds tags), each with its "tags": label, score and set
+    (its name), as `clap search --json` writes them (cli/search.py `_with_tags`)."""
+    from ..index.tag_store import tags_by_path
+
+    if not sets:
+        return [h.to_dict() for h in hits]
+    found = tags_by_path(store, [h.path for h in hits], sets)
+    return [{**h.to_dict(), "tags": [{"label": label, "score": round(score, 6), "set": name}
+                                     for label, score, name in found.get(h.path, [])]} for h in hits]
+
+
 def _ranked(hit: Hit, rank: int) -> Hit:
     return Hit(rank, hit.score, hit.path, hit.start, hit.end, hit.duration)
 
@@ -342,10 +363,18 @@ def build_server(library: Library, worker: ThreadPoolExecutor):
                                                     "`clap search --not`).")] = None,
         k: K = 10,
         min_score: MIN_SCORE = None,
+        tag: Annotated[list[str] | None, Field(description="Only files tagged with every one of these labels "
+                                               "(tags stored by `clap tag --index`).")] = None,
+        not_tag: Annotated[list[str] | None, Field(description="Leave out files tagged with any of these "
+                                                   "labels.")] = None,
+        tag_set: Annotated[str | None, Field(description="The tag set (id or name, see indexes) that tag, not_tag "
+                                             "and the results' tags read (default: every set).")] = None,
     ) -> list[dict[str, Any]]:
         """Search the index: the best-matching files, each with rank, score (cosine), path, start and end (seconds:
-        the best 10 s window of a long file), duration and query (how the query was read: text, not, audio)."""
-        return await call(library.search, query=query, negative=negative, k=k, min_score=min_score)
+        the best 10 s window of a long file), duration, tags (where the index stores tags) and query (how the query
+        was read: text, not, audio)."""
+        return await call(library.search, query=query, negative=negative, k=k, min_score=min_score, tag=tag,
+                          not_tag=not_tag, tag_set=tag_set)
 
     @server.tool(annotations=read_only)
     async def similar(
