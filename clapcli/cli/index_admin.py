@@ -144,71 +144,25 @@ def human_size(size: int | None) -> str:
 
 
 def named_indexes() -> list[Path]:
-    from ..index.paths import indexes_dir
-    from ..index.schema import DB_FILENAME
+    from ..index.listing import named_indexes
 
-    root = indexes_dir()
-    if not root.is_dir():
-        return []
-    return sorted(d for d in root.iterdir() if d.is_dir() and (d / DB_FILENAME).is_file())
+    return named_indexes()
 
 
 def _describe(index_dir: Path) -> dict:
-    """One row of `clap index list` (stable keys; `error` says why files/model are unknown)."""
-    from ..errors import ClapError
-    from ..index.exclusions import remembered_excludes
-    from ..index.store import IndexStore
-    from ..index.tag_store import tag_sets, tagged_counts
+    from ..index.listing import describe_index
 
-    row = {"name": index_dir.name, "path": str(index_dir), "files": None, "size_bytes": _disk_size(index_dir),
-           "model": None, "roots": None, "excludes": None, "tag_sets": None, "error": None}
-    if not IndexStore.exists(index_dir):
-        row["error"] = "no database"
-        return row
-    try:
-        with IndexStore.open(index_dir, readonly=True) as store:
-            row["files"] = store.counts().ok_files
-            row["model"] = (store.model_identity or {}).get("model")
-            row["roots"] = store.roots()
-            row["excludes"] = remembered_excludes(store)
-            tagged = tagged_counts(store)
-            row["tag_sets"] = [{**s.to_dict(), "files": tagged.get(s.id, 0)} for s in tag_sets(store)]
-    except ClapError as e:
-        row["error"] = str(e)
-    return row
+    return describe_index(index_dir)
 
 
 def _count(info: dict) -> str:
     return "unreadable" if info["files"] is None else output.plural(info["files"], "file")
 
 
-def _disk_size(directory: Path) -> int:
-    """Bytes of the index's own files (not of anything else in its folder)."""
-    total = 0
-    for entry in _own_entries(directory) if directory.is_dir() else []:
-        if entry.is_dir() and not entry.is_symlink():
-            paths = [os.path.join(base, f) for base, _dirs, files in os.walk(entry) for f in files]
-        else:
-            paths = [entry]
-        for path in paths:
-            try:
-                total += os.lstat(path).st_size
-            except OSError:
-                pass
-    return total
-
-
 def _own_entries(index_dir: Path) -> list[Path]:
-    """What clap itself keeps in an index directory (see index/store.py): nothing else is touched."""
-    from ..index.ann import ANN_FILENAME, SIDECAR_FILENAME
-    from ..index.indexer import REBUILD_DIR
-    from ..index.lock import GRAPH_LOCK_FILE, LOCK_FILE, LOCK_PID_FILE
-    from ..index.schema import DB_FILENAME, PARTITIONS_DIR
+    from ..index.listing import own_entries
 
-    names = {ANN_FILENAME, SIDECAR_FILENAME, LOCK_PID_FILE, REBUILD_DIR, LOCK_FILE, GRAPH_LOCK_FILE, PARTITIONS_DIR}
-    temps = tuple(f"{n}." for n in names)  # atomic.temp_path names beside them, left by a killed writer
-    return [p for p in index_dir.iterdir() if p.name in names or p.name.startswith(DB_FILENAME)
-            or (p.name.startswith(temps) and p.name.endswith(".tmp"))]
+    return own_entries(index_dir)
 
 
 def _remove(index_dir: Path, whole: bool) -> list[Path]:

@@ -12,7 +12,7 @@ import sys
 import typer
 from typer.core import TyperGroup
 
-from . import dedupe, embed, eval, finetune, index, models, output, search, serve, shards, tag, train
+from . import dedupe, embed, eval, finetune, index, mcp, models, output, search, serve, shards, tag, train
 
 
 class _ClapGroup(TyperGroup):
@@ -83,7 +83,7 @@ def _root(
         log.setLevel(logging.DEBUG)
 
 
-for _command in (index, search, tag, embed, models, shards, train, finetune, eval, dedupe, serve):
+for _command in (index, search, tag, embed, models, shards, train, finetune, eval, dedupe, serve, mcp):
     _command.register(app)
 
 
