@@ -69,10 +69,12 @@ def search_command(
 ) -> None:
     """Search an index with text (and/or --audio FILE); results are files ranked by their best segment."""
     from ..errors import UsageError
+    from ..index.listing import open_searchable
     from ..index.lookup import stored_path
     from ..index.paths import resolve_index
     from ..index.query import read_query
     from ..index.search import Searcher, query_vector
+    from ..index.tag_store import hits_json
 
     read = read_query(query or [], negative or [], [str(a) for a in audio or []], [str(a) for a in not_audio or []])
     for path in read.audio[len(audio or []):]:
@@ -96,7 +98,7 @@ def search_command(
     if not query and not read.audio and not stdin:
         raise UsageError("nothing to search for: give a text query and/or --audio FILE")
     index_dir = resolve_index(index)
-    with _open_index(index, index_dir) as store:
+    with open_searchable(index, index_dir) as store:
         models = QueryModels(store, index, index_dir, model, device, precision, tokenizer, engine)
         sets, keep = _tag_choice(store, tag or [], not_tag or [], tag_set)
         searcher = Searcher(store, keep=keep)
@@ -115,7 +117,7 @@ def search_command(
         hits = searcher.search(q, k=k, min_score=min_score, per_file=per_file, exclude=exclude, skip_missing=paths)
         note = _precision_note(store.precisions, getattr(m, "precision", None))  # None: stored vectors alone
         roots = store.roots()
-        results = _with_tags(store, hits, sets)
+        results = hits_json(store, hits, sets)
     if paths:
         _print_paths([h.path for h in hits], null)
         _note_missing(searcher.missing_left_out)
@@ -188,46 +190,12 @@ class QueryModels:
         return m
 
 
-def _open_index(index: str | None, index_dir: Path):
-    """The index opened for searching; a missing named (or the default) index is refused with the names there
-    are, and the close one first."""
-    from ..errors import IndexStoreError
-    from ..index.paths import indexes_dir
-    from ..index.search import open_for_search
-    from ..index.store import IndexStore
-
-    if not IndexStore.exists(index_dir) and index_dir.parent == indexes_dir():
-        import difflib
-
-        from .index_admin import named_indexes
-
-        names = [d.name for d in named_indexes()]
-        if names:
-            close = difflib.get_close_matches(index_dir.name, names, n=1, cutoff=0.6) if index else []
-            guess = f"; did you mean {close[0]}?" if close else ";"
-            raise IndexStoreError(f"no index at {index_dir}{guess} the indexes are: {', '.join(names)} "
-                                  "(`clap index list` shows them)")
-    return open_for_search(index_dir)
-
-
 def _tag_choice(store, tags: list[str], not_tags: list[str], choice: str | None):
     """(the tag sets in use, the `keep` test of --tag/--not-tag or None) for this index."""
     from ..index.tag_store import choose_tag_sets, tag_filter
 
     sets = choose_tag_sets(store, choice)
     return sets, tag_filter(store, tags, not_tags, sets)
-
-
-def _with_tags(store, hits, sets) -> list[dict]:
-    """The hits' --json objects; with `sets` (the index holds tags), each with its "tags": label, score (the
-    probability stored by `clap tag --index`) and set (its name), by set and best first."""
-    from ..index.tag_store import tags_by_path
-
-    if not sets:
-        return [h.to_dict() for h in hits]
-    found = tags_by_path(store, [h.path for h in hits], sets)
-    return [{**h.to_dict(), "tags": [{"label": label, "score": round(score, 6), "set": name}
-                                     for label, score, name in found.get(h.path, [])]} for h in hits]
 
 
 def _answer_stdin(models, searcher, given, k, min_score, per_file, include_self, as_json, paths, null,
@@ -243,6 +211,7 @@ def _answer_stdin(models, searcher, given, k, min_score, per_file, include_self,
     from ..errors import ClapError, UsageError
     from ..index.lookup import stored_path
     from ..index.search import query_vector
+    from ..index.tag_store import hits_json
 
     failed = 0
     as_json = as_json or (not paths and not output.is_terminal())
@@ -276,7 +245,7 @@ def _answer_stdin(models, searcher, given, k, min_score, per_file, include_self,
         hits = searcher.search(q, k=top, min_score=min_score, per_file=per_file, exclude=exclude, skip_missing=paths)
         if as_json:
             output.json_line({"query": " + ".join(read.text) or None, "audio": read.audio, "not": read.negative,
-                              "not_audio": read.not_audio, "k": top, "results": _with_tags(searcher.store, hits, sets)})
+                              "not_audio": read.not_audio, "k": top, "results": hits_json(searcher.store, hits, sets)})
         elif paths:
             _print_paths([h.path for h in hits] + [""], null)
             _note_missing(searcher.missing_left_out)

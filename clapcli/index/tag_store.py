@@ -252,3 +252,14 @@ def tag_filter(store: IndexStore, tags: Sequence[str], not_tags: Sequence[str],
     for label in dict.fromkeys(not_tags):
         unwanted |= paths_with_tags(store, [label], sets)
     return lambda path: (wanted is None or path in wanted) and path not in unwanted
+
+
+def hits_json(store: IndexStore, hits, sets: Sequence[TagSet]) -> list[dict]:
+    """Search hits as `--json` objects (`clap search`, `clap mcp`); where the index holds tags (`sets`), each with
+    its "tags": label, score (the probability stored by `clap tag --index`) and set (its name), by set and best
+    first."""
+    if not sets:
+        return [h.to_dict() for h in hits]
+    found = tags_by_path(store, [h.path for h in hits], sets)
+    return [{**h.to_dict(), "tags": [{"label": label, "score": round(score, 6), "set": name}
+                                     for label, score, name in found.get(h.path, [])]} for h in hits]

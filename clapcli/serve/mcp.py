@@ -31,6 +31,7 @@ from ..index.paths import check_remembered_model, resolve_index
 from ..index.query import Query, read_query, torch_free_query
 from ..index.schema import DB_FILENAME
 from ..index.search import Hit, Searcher, model_mismatch_advice, query_vector
+from ..index.tag_store import hits_json
 from ..version import __version__
 
 SDK_HINT = "pip install 'clapcli[mcp]'"
@@ -74,7 +75,7 @@ class Library:
         q = query_vector(model, read.text, read.negative, read.audio, cache=True)
         searcher.keep = keep  # this call's filter: the searcher (and its graph) is shared by every call
         hits = searcher.search(q, k=k, min_score=min_score)
-        return [{**h, "query": read.to_dict()} for h in _with_tags(searcher.store, hits, sets)]
+        return [{**h, "query": read.to_dict()} for h in hits_json(searcher.store, hits, sets)]
 
     def similar(self, path: str, k: int = 10, min_score: float | None = None) -> list[dict]:
         """The files most like an indexed file, itself left out (`clap search --audio PATH --json`'s keys). An
@@ -238,18 +239,6 @@ class Library:
             with IndexStore.open(self.index_dir, readonly=True) as store:
                 store.check_model_identity(wanted, advice=model_mismatch_advice(self.index, wanted.get("model"),
                                                                                 given=False))
-
-
-def _with_tags(store, hits: list[Hit], sets) -> list[dict]:
-    """The hits' `--json` objects; with `sets` (the index holds tags), each with its "tags": label, score and set
-    (its name), as `clap search --json` writes them (cli/search.py `_with_tags`)."""
-    from ..index.tag_store import tags_by_path
-
-    if not sets:
-        return [h.to_dict() for h in hits]
-    found = tags_by_path(store, [h.path for h in hits], sets)
-    return [{**h.to_dict(), "tags": [{"label": label, "score": round(score, 6), "set": name}
-                                     for label, score, name in found.get(h.path, [])]} for h in hits]
 
 
 def _ranked(hit: Hit, rank: int) -> Hit:
