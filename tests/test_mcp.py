@@ -173,7 +173,7 @@ def test_search_answers_as_clap_search_json(answers, in_home):
     expected = json_lines(clap("search", "metal", "impact", "--index", INDEX, "--json", "-k", 10).stdout)
     got = rows(answers["search"])
     assert len(got) == INDEXED and got == expected
-    assert got[0]["query"] == {"text": ["metal impact"], "not": [], "audio": []}
+    assert got[0]["query"] == {"text": ["metal impact"], "not": [], "audio": [], "not_audio": []}
     windowed = [h["path"] for h in got if h["start"] is not None]
     assert windowed == [h["path"] for h in got if h["path"].endswith("long.wav")]  # the only file with windows
 
@@ -183,7 +183,8 @@ def test_search_reads_plus_and_minus_as_the_search_box_does(answers, in_home):
                                "-k", 3).stdout)
     got = rows(answers["search_plus_minus"])
     assert got == expected and len(got) == 3
-    assert got[0]["query"] == {"text": ["metal impact", "glass"], "not": ["rain"], "audio": []}
+    assert got[0]["query"] == {"text": ["metal impact", "glass"], "not": ["rain"], "audio": [],
+                                "not_audio": []}
 
 
 def test_search_filters_by_stored_tags_as_clap_search_does(answers, in_home):
@@ -208,7 +209,7 @@ def test_similar_ranks_the_other_files_as_a_search_by_that_file(answers, sounds,
     got = rows(answers["similar"])
     assert own not in {h["path"] for h in got}
     assert [h["rank"] for h in got] == list(range(1, INDEXED))
-    assert all(h["query"] == {"text": [], "not": [], "audio": [own]} for h in got)
+    assert all(h["query"] == {"text": [], "not": [], "audio": [own], "not_audio": []} for h in got)
     expected = json_lines(clap("search", "--audio", own, "--index", INDEX, "--json", "-k", 10).stdout)
     by_path = {h["path"]: h for h in expected if h["path"] != own}
     assert set(by_path) == {h["path"] for h in got}

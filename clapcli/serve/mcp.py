@@ -30,7 +30,7 @@ from ..index.lookup import stored_file, stored_path
 from ..index.paths import check_remembered_model, resolve_index
 from ..index.query import Query, read_query, torch_free_query
 from ..index.schema import DB_FILENAME
-from ..index.search import Hit, Searcher, model_mismatch_advice, query_vector
+from ..index.search import Searcher, model_mismatch_advice, query_vector
 from ..index.tag_store import hits_json
 from ..version import __version__
 
@@ -97,9 +97,9 @@ class Library:
                 raise ClapError(f"{path}: no such file (it was indexed, and has gone since)")
             q = query_vector(self._whole_model(), audio=[own])
         searcher.keep = None
-        hits = [h for h in searcher.search(q, k=k + 1, min_score=min_score) if h.path != own][:k]
+        hits = searcher.search(q, k=k, min_score=min_score, exclude=(own,))
         query = Query(audio=[own]).to_dict()
-        return [{**_ranked(h, rank).to_dict(), "query": query} for rank, h in enumerate(hits, 1)]
+        return [{**h.to_dict(), "query": query} for h in hits]
 
     def tag(self, paths: list[str], labels: str | None = None, classifier: str | None = None, top: int | None = None,
             multi_label: bool = False, threshold: float | None = None, templates: list[str] | None = None,
@@ -239,10 +239,6 @@ class Library:
             with IndexStore.open(self.index_dir, readonly=True) as store:
                 store.check_model_identity(wanted, advice=model_mismatch_advice(self.index, wanted.get("model"),
                                                                                 given=False))
-
-
-def _ranked(hit: Hit, rank: int) -> Hit:
-    return Hit(rank, hit.score, hit.path, hit.start, hit.end, hit.duration)
 
 
 def _moved_model_advice(index: str | None) -> str:
