@@ -151,31 +151,12 @@ def tag_command(
 
 
 def expand_paths(paths: list[str]) -> tuple[list[str], int]:
-    """The files to tag: each file as given, each folder walked as `clap index` walks it (audio extensions,
-    symbolic links followed, sorted), its files named under the folder as given. A path that does not exist, or
-    a folder without audio files, is a usage error; folders that cannot be read are reported on stderr.
-    Returns (files, how many paths could not be read)."""
-    import os
-    from pathlib import Path
+    """The files to tag (`index.scan.audio_files`); folders that cannot be read are reported on stderr. Returns
+    (files, how many paths could not be read)."""
+    from ..index.scan import audio_files
 
-    from ..index.scan import scan
-
-    files, problems = [], []
-    for given in paths:
-        if not os.path.lexists(given):
-            raise UsageError(f"{output.display_path(given)}: no such file or directory")
-        if not os.path.isdir(given):
-            files.append(given)
-            continue
-        base = Path(given).resolve()
-        found = list(scan([given], problems=problems))
-        if not found:
-            raise UsageError(f"{output.display_path(given)}: no audio files in this folder")
-        for entry in found:
-            try:
-                files.append(os.path.join(given, entry.path.relative_to(base)))
-            except ValueError:  # reached through a symbolic link that leads out of the folder
-                files.append(str(entry.path))
+    problems: list = []
+    files = audio_files(paths, problems, shown=output.display_path)
     for problem in problems:
         output.stderr_console().print(f"[red]skipped:[/] {output.literal(problem.path)}: "
                                       f"{output.literal(problem.reason)}", highlight=False, soft_wrap=True)

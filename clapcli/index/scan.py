@@ -19,7 +19,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 # Extensions worth handing to the decoder (lower case, without the dot). m4a is included although
 # libsndfile cannot read it: such files are then reported as skipped with the reason instead of being
@@ -178,3 +178,30 @@ def _reason(error: OSError) -> str:
     if isinstance(error, PermissionError):
         return "permission denied"
     return error.strerror or str(error)
+
+
+def audio_files(paths: Iterable[str], problems: list | None = None,
+                shown: Callable[[str], str] = str) -> list[str]:
+    """The files named by `paths` (`clap tag`, the MCP `tag` tool): each file as given, each folder walked as `clap
+    index` walks it (audio extensions, symbolic links followed, sorted), its files named under the folder as given.
+    A path that does not exist, or a folder without audio files, is a UsageError naming it through `shown`;
+    folders that cannot be read go to `problems` (when given)."""
+    from ..errors import UsageError
+
+    files: list[str] = []
+    for given in paths:
+        if not os.path.lexists(given):
+            raise UsageError(f"{shown(given)}: no such file or directory")
+        if not os.path.isdir(given):
+            files.append(given)
+            continue
+        base = Path(given).resolve()
+        found = list(scan([given], problems=problems))
+        if not found:
+            raise UsageError(f"{shown(given)}: no audio files in this folder")
+        for entry in found:
+            try:
+                files.append(os.path.join(given, entry.path.relative_to(base)))
+            except ValueError:  # reached through a symbolic link that leads out of the folder
+                files.append(str(entry.path))
+    return files

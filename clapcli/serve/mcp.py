@@ -20,7 +20,6 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ClapError, UsageError, first_line
@@ -29,6 +28,7 @@ from ..index.listing import describe_index, named_indexes, open_searchable
 from ..index.lookup import stored_file, stored_path
 from ..index.paths import check_remembered_model, resolve_index
 from ..index.query import Query, read_query, torch_free_query
+from ..index.scan import audio_files
 from ..index.schema import DB_FILENAME
 from ..index.search import Searcher, model_mismatch_advice, query_vector
 from ..index.tag_store import hits_json
@@ -128,7 +128,7 @@ class Library:
         top_k = top if top is not None else (None if multi_label else 5)
         labelset = resolve_labels(labels) if labels is not None else None  # before any model loads
         checked = check_templates(templates) if classifier is None else None
-        files = _audio_files(paths)
+        files = audio_files(paths)
         if classifier is not None:
             scorer = self._classifier(classifier)
             model = scorer.model
@@ -244,30 +244,6 @@ class Library:
 def _moved_model_advice(index: str | None) -> str:
     where = f" --index {index}" if index else ""
     return f"record its new place in the index with `clap index DIR…{where} --model NEW_PATH`"
-
-
-def _audio_files(paths: list[str]) -> list[str]:
-    """The files to tag: each file as given, each folder walked as `clap index` walks it (`clap tag`'s rule); a
-    path that does not exist, or a folder without audio files, is refused before any model loads."""
-    from ..index.scan import scan
-
-    files: list[str] = []
-    for given in paths:
-        if not os.path.lexists(given):
-            raise UsageError(f"{given}: no such file or directory")
-        if not os.path.isdir(given):
-            files.append(given)
-            continue
-        base = Path(given).resolve()
-        found = list(scan([given]))
-        if not found:
-            raise UsageError(f"{given}: no audio files in this folder")
-        for entry in found:
-            try:
-                files.append(os.path.join(given, entry.path.relative_to(base)))
-            except ValueError:  # reached through a symbolic link that leads out of the folder
-                files.append(str(entry.path))
-    return files
 
 
 # -- the MCP server -------------------------------------------------------------------------------------------------
