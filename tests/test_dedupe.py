@@ -9,9 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from audio_synth import tone_noise, write_audio
@@ -173,3 +176,26 @@ def test_keeper_order_is_lossless_then_rate_then_depth_then_length():
     why = why_keeper(ranked[0], ranked[1:])
     assert "lossless" in why and "MP3" in why and "sample rate" in why and "bit depth" in why and "longer" in why
     assert "first by path" in why_keeper(wav_44k_24, [facts("f.wav", "WAV", 44_100, 24, 3.0)])
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("sox") is None,
+                    reason="needs espeak-ng and sox (Debian packages; .ci/run installs them)")
+def test_two_spoken_takes_of_one_line_stay_apart_and_a_processed_copy_of_one_joins_it(tmp_path, tiny_model_dir):
+    """Speech: the same sentence spoken twice (another rate and pitch) is two recordings; one take converted by sox
+    (Ogg Vorbis at 16 kHz, 6 dB quieter, half a second of silence added) is the same recording."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    line = "the glass shattered on the kitchen floor"
+    subprocess.run(["espeak-ng", "-w", str(lib / "take_1.wav"), "-s", "150", line], check=True)
+    subprocess.run(["espeak-ng", "-w", str(lib / "take_2.wav"), "-s", "170", "-p", "65", line], check=True)
+    subprocess.run(["sox", str(lib / "take_1.wav"), "-r", "16000", str(lib / "take_1_copy.ogg"),
+                    "gain", "-6", "pad", "0.5", "0.5"], check=True)
+    index = tmp_path / "idx"
+    clap("index", lib, "--index", index, "--model", tiny_model_dir)
+    groups = [json.loads(line) for line in
+              clap("dedupe", "--index", index, "--threshold", "-1", "--json").stdout.splitlines()]
+    assert len(groups) == 1, groups
+    members = {os.path.basename(groups[0]["keeper"]["path"])} | {os.path.basename(d["path"])
+                                                                  for d in groups[0]["duplicates"]}
+    assert members == {"take_1.wav", "take_1_copy.ogg"}
+    assert os.path.basename(groups[0]["keeper"]["path"]) == "take_1.wav"  # lossless before lossy
