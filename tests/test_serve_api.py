@@ -32,7 +32,7 @@ PICKED = [g for g in GOOD if g[0] in ("drums/kick_01.wav", "drums/snare_01.flac"
                                       "fx/impact_01.ogg", "ambience/city/street.wav", "voice/shout.aiff",
                                       "music/pad_c.wav")]
 HIT_KEYS = {"rank", "score", "path", "start", "end", "duration", "query", "id", "name", "folder", "format",
-            "sample_rate", "channels", "missing", "windows", "tags", "ranges"}
+            "sample_rate", "channels", "missing", "windows", "tags", "ranges", "mime", "transcoded"}
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +164,16 @@ def test_map_projects_every_file_into_the_unit_square(api):
         assert all(0 <= g < len(body["legend"]) for g in body["groups"])
     assert set(api.get("/api/map").json()["legend"]) == {"drums", "fx", "ambience", "voice", "music"}
     assert api.get("/api/map", params={"color": "mood"}).status_code == 400
+
+
+def test_each_hit_says_what_its_audio_is_sent_as(api, built):
+    """The page names a dragged file by this: the file itself where browsers play it, else a WAV made on the fly;
+    each hit's `mime` is the content type `/api/audio/N` answers with."""
+    hits = {h["name"]: h for h in api.get("/api/search", params={"q": "anything", "k": 50}).json()["hits"]}
+    assert (hits["shout.aiff"]["mime"], hits["shout.aiff"]["transcoded"]) == ("audio/wav", True)
+    assert (hits["impact_01.ogg"]["mime"], hits["impact_01.ogg"]["transcoded"]) == ("audio/ogg", False)
+    for hit in hits.values():
+        assert api.get(f"/api/audio/{hit['id']}", headers={"Range": "bytes=0-3"}).headers["content-type"] == hit["mime"]
 
 
 def test_audio_is_sent_with_range_and_aiff_as_wav(api, built):

@@ -20,10 +20,8 @@ from starlette.responses import StreamingResponse
 
 from ..errors import ClapError
 from ..index.rows import FileRecord
-from .reader import NotFound
+from .reader import BROWSER_TYPES, NotFound
 
-BROWSER_TYPES = {"wav": "audio/wav", "wave": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg",
-                 "ogg": "audio/ogg", "oga": "audio/ogg", "opus": "audio/ogg", "m4a": "audio/mp4"}
 BLOCK_FRAMES = 1 << 16
 
 

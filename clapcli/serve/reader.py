@@ -37,6 +37,11 @@ TAGS_PER_HIT = 5
 SEARCHABLE = ("ok", "partial")
 
 
+# What browsers play as they are (served as the file itself); `/api/audio/N` sends any other format as a WAV made
+# on the fly (playback.py), and each hit says which (`mime`, `transcoded`), so the page names a dragged file right.
+BROWSER_TYPES = {"wav": "audio/wav", "wave": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg",
+                 "ogg": "audio/ogg", "oga": "audio/ogg", "opus": "audio/ogg", "m4a": "audio/mp4"}
+
 class NotFound(UsageError):
     """A file id (or another thing a request names) that the index does not hold: HTTP 404."""
 
@@ -187,9 +192,10 @@ class IndexReader:
         record = self.store.file_record(hit.path)
         stored = None if record is None else stored_file(self.store, file_id=record.id, require_unchanged=False)
         name = os.path.basename(hit.path)
+        ext = os.path.splitext(name)[1][1:].lower()
         out.update({
             "id": None if record is None else record.id, "name": name, "folder": folder_in_index(hit.path, roots),
-            "format": os.path.splitext(name)[1][1:].lower(),
+            "format": ext, "mime": BROWSER_TYPES.get(ext, "audio/wav"), "transcoded": ext not in BROWSER_TYPES,
             "sample_rate": None if record is None else record.sample_rate,
             "channels": None if record is None else record.channels,
             "missing": not os.path.isfile(hit.path),

@@ -7,9 +7,6 @@ import { drawWaveform, loadPeaks, timeAt } from "./waveform.js";
 import { copyText, fileUrl, formatChannels, formatDuration, formatRate, toast } from "./util.js";
 
 const PEAK_BUCKETS = 800;
-// What browsers play as they are; the server sends anything else as a WAV made on the fly.
-const BROWSER_FORMATS = { wav: "audio/wav", wave: "audio/wav", mp3: "audio/mpeg", ogg: "audio/ogg",
-  oga: "audio/ogg", opus: "audio/ogg", flac: "audio/flac", m4a: "audio/mp4", aac: "audio/aac", webm: "audio/webm" };
 
 function element(tag, className, text) {
   const node = document.createElement(tag);
@@ -230,12 +227,12 @@ export class Results {
     const row = this.rowOf(event);
     if (!row) return;
     const { hit } = row;
-    const mime = BROWSER_FORMATS[hit.format];
-    const name = mime ? hit.name : `${hit.name.replace(/\.[^.]*$/, "")}.wav`;
+    // the server says what /api/audio sends: the file itself, or a WAV made on the fly (AIFF, CAF, ...)
+    const name = hit.transcoded ? `${hit.name.replace(/\.[^.]*$/, "")}.wav` : hit.name;
     const data = event.dataTransfer;
     data.effectAllowed = "copy";
     // Chromium saves a DownloadURL drop as a file (DAWs, file managers); others take the file:// URL
-    data.setData("DownloadURL", `${mime || "audio/wav"}:${name}:${audioUrl(hit.id)}`);
+    data.setData("DownloadURL", `${hit.mime}:${name}:${audioUrl(hit.id)}`);
     data.setData("text/uri-list", fileUrl(hit.path));
     data.setData("text/plain", hit.path);
   }
