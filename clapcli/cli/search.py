@@ -169,9 +169,8 @@ class QueryModels:
         return (self.text_model() if read.text or read.negative else None), stored
 
     def _load(self, whole: bool):
-        from ..identity import same_model
         from ..index.paths import check_remembered_model
-        from ..index.query import torch_free_query
+        from ..index.query import text_query_model
         from ..index.search import model_mismatch_advice, moved_model_advice
 
         identity = self.store.model_identity or {}
@@ -179,11 +178,10 @@ class QueryModels:
             check_remembered_model(identity.get("model"), self.index_dir, moved_model_advice(self.index))
         ref = self.model or identity.get("model")
         device, precision, tokenizer, engine = self.settings
-        m = None if whole else torch_free_query(ref, [], device, precision, tokenizer, engine)
-        if m is not None and identity and not same_model(identity, m.identity_dict):
-            m = None  # a graph saved under other settings: the model decides (and explains a real mismatch)
-        if m is None:
-            m = options.load(ref, device, precision, tokenizer, text_only=not whole, engine=engine)
+        if whole:
+            m = options.load(ref, device, precision, tokenizer, text_only=False, engine=engine)
+        else:
+            m = text_query_model(ref, identity, device, precision, tokenizer, engine, load=options.load)
         wanted = m.identity_dict
         self.store.check_model_identity(wanted, advice=model_mismatch_advice(self.index, wanted.get("model"),
                                                                              self.model is not None))

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
+from ..identity import same_model
 from ..models.onnx_text import load_text_query
 from .scan import AUDIO_EXTENSIONS
 
@@ -72,3 +73,19 @@ def torch_free_query(ref, audio, device, precision, tokenizer, engine):
     if not (plain_text and fp32_cpu) or (engine or "auto").lower() not in ("auto", "onnx"):  # --engine/$CLAP_ENGINE
         return None
     return load_text_query(ref)
+
+
+def text_query_model(ref, identity: dict | None, device: str | None = "auto", precision: str | None = "auto",
+                     tokenizer: str | None = None, engine: str | None = None, load=None):
+    """The model that embeds text queries for an index built with `identity` (`clap search`, `clap serve`, `clap
+    mcp`): the saved torch-free graph where it answers exactly as that model, else the model's text half, loaded
+    by `load` (`engine.load.load_model`'s signature; the CLI passes its own). A graph saved under other settings is
+    passed over: the loaded model decides (and a caller's identity check explains a real mismatch)."""
+    model = torch_free_query(ref, [], device, precision, tokenizer, engine)
+    if model is not None and identity and not same_model(identity, model.identity_dict):
+        model = None
+    if model is None:
+        if load is None:
+            from ..engine.load import load_model as load
+        model = load(ref, device or "auto", precision or "auto", tokenizer, text_only=True, engine=engine)
+    return model

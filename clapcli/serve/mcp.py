@@ -23,11 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from ..errors import ClapError, UsageError, first_line
-from ..identity import same_model
 from ..index.listing import describe_index, named_indexes, open_searchable
 from ..index.lookup import stored_file, stored_path
 from ..index.paths import check_remembered_model, resolve_index
-from ..index.query import Query, read_query, torch_free_query
+from ..index.query import Query, read_query, text_query_model
 from ..index.scan import audio_files
 from ..index.schema import DB_FILENAME
 from ..index.search import Searcher, model_mismatch_advice, query_vector
@@ -199,11 +198,7 @@ class Library:
             return self._whole_model()
         if self._text_model is None:
             ref, identity = self._index_model()
-            model = torch_free_query(ref, [], self.device, self.precision, None, self.engine)
-            if model is not None and identity and not same_model(identity, model.identity_dict):
-                model = None  # a graph saved under other settings: the model decides (and explains a mismatch)
-            if model is None:
-                model = self._load(ref, text_only=True)
+            model = text_query_model(ref, identity, self.device, self.precision, None, self.engine)
             self._check(model)
             self._text_model = model
         return self._text_model

@@ -23,7 +23,7 @@ from ..identity import same_model
 from ..index.lock import lock_holder_pid
 from ..index.lookup import StoredFile, stored_file
 from ..index.paths import check_remembered_model, folder_in_index
-from ..index.query import Query, read_query, torch_free_query
+from ..index.query import Query, read_query, text_query_model
 from ..index.rows import FileRecord
 from ..index.search import Hit, Searcher, moved_model_advice, open_for_search, query_vector
 from ..index.store import IndexStore
@@ -41,6 +41,7 @@ SEARCHABLE = ("ok", "partial")
 # on the fly (playback.py), and each hit says which (`mime`, `transcoded`), so the page names a dragged file right.
 BROWSER_TYPES = {"wav": "audio/wav", "wave": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg",
                  "ogg": "audio/ogg", "oga": "audio/ogg", "opus": "audio/ogg", "m4a": "audio/mp4"}
+
 
 class NotFound(UsageError):
     """A file id (or another thing a request names) that the index does not hold: HTTP 404."""
@@ -85,13 +86,7 @@ class IndexReader:
             identity = self.store.model_identity or {}
             ref = identity.get("model")
             check_remembered_model(ref, self.index_dir, moved_model_advice(str(self.index_dir)))
-            model = torch_free_query(ref, [], "auto", "auto", None, None)
-            if model is not None and identity and not same_model(identity, model.identity_dict):
-                model = None
-            if model is None:
-                from ..engine.load import load_model
-
-                model = load_model(ref, text_only=True)
+            model = text_query_model(ref, identity)
             self._check(model)
             self._text_model = model
         return self._text_model
