@@ -193,7 +193,6 @@ class IndexReader:
             "format": ext, "mime": BROWSER_TYPES.get(ext, "audio/wav"), "transcoded": ext not in BROWSER_TYPES,
             "sample_rate": None if record is None else record.sample_rate,
             "channels": None if record is None else record.channels,
-            "missing": not os.path.isfile(hit.path),
             "windows": [] if stored is None else [
                 [round(w.start, 3), round(w.end, 3), round(float(c), 6)]
                 for w, c in zip(stored.windows, stored.window_vectors @ query)],
