@@ -325,15 +325,21 @@ def test_clap_serve_answers_over_http_and_stops_on_sigint(built):
     assert proc.returncode == 0, proc.stderr.read()
 
 
-def test_a_read_only_index_is_served_without_writing(tiny_model_dir, tmp_path):
-    from test_index_safety import _read_only_command
-
+def three_file_index(tmp_path, model_dir):
+    """An index of three 1 s clips, built by `clap index` with the tiny model."""
     root = tmp_path / "lib"
     root.mkdir()
     for i in range(3):
         write_audio(root / f"{i}.wav", tone_noise(1.0, seed=i), 48_000)
     index = tmp_path / "idx"
-    clap("index", root, "--index", index, "--model", tiny_model_dir, "--workers", "0")
+    clap("index", root, "--index", index, "--model", model_dir, "--workers", "0")
+    return index
+
+
+def test_a_read_only_index_is_served_without_writing(tiny_model_dir, tmp_path):
+    from test_index_safety import _read_only_command
+
+    index = three_file_index(tmp_path, tiny_model_dir)
     listing = sorted(os.listdir(index))
     script = ("import json, sys; from starlette.testclient import TestClient; "
               "from clapcli.serve.app import ServeConfig, create_app; "
@@ -389,12 +395,7 @@ def test_the_server_never_writes_the_graph_of_a_writable_index(tiny_model_dir, t
 
     from clapcli.serve.app import ServeConfig, create_app
 
-    root = tmp_path / "lib"
-    root.mkdir()
-    for i in range(3):
-        write_audio(root / f"{i}.wav", tone_noise(1.0, seed=i), 48_000)
-    index = tmp_path / "idx"
-    clap("index", root, "--index", index, "--model", tiny_model_dir, "--workers", "0")
+    index = three_file_index(tmp_path, tiny_model_dir)
     monkeypatch.setattr(ann, "EXACT_BELOW", 0)  # a graph even for three files
     for name in os.listdir(index):
         if name.startswith("vectors."):
